@@ -1,0 +1,62 @@
+"""rapiddiff: Diffusers-compatible diffusion pipelines, fast on PyTorch 2.
+
+Switch from Diffusers by changing one import: `from rapiddiff import StableDiffusionPipeline`.
+Names are imported lazily, so `import rapiddiff` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    # models
+    "ModelMixin": "models.modeling_utils",
+    "Attention": "models.attention_processor",
+    "AttnProcessor": "models.attention_processor",
+    "AttnProcessor2_0": "models.attention_processor",
+    "AttnAddedKVProcessor": "models.attention_processor",
+    "AttnAddedKVProcessor2_0": "models.attention_processor",
+    "UNet2DConditionModel": "models.unet_2d_condition",
+    "AutoencoderKL": "models.autoencoder_kl",
+    "ControlNetModel": "models.controlnet",
+    "MultiControlNetModel": "models.controlnet",
+    # schedulers
+    "SchedulerMixin": "schedulers.scheduling_utils",
+    "PNDMScheduler": "schedulers.scheduling_pndm",
+    "DDIMScheduler": "schedulers.scheduling_ddim",
+    "DDPMScheduler": "schedulers.scheduling_ddpm",
+    "EulerDiscreteScheduler": "schedulers.scheduling_euler_discrete",
+    "EulerAncestralDiscreteScheduler": "schedulers.scheduling_euler_ancestral_discrete",
+    "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
+    # pipelines
+    "DiffusionPipeline": "pipelines.pipeline_utils",
+    "StableDiffusionPipeline": "pipelines.stable_diffusion",
+    "StableDiffusionImg2ImgPipeline": "pipelines.stable_diffusion",
+    "StableDiffusionInpaintPipeline": "pipelines.stable_diffusion",
+    "StableDiffusionControlNetPipeline": "pipelines.controlnet",
+    "StableDiffusionSafetyChecker": "pipelines.safety_checker",
+    "IFPipeline": "pipelines.deepfloyd_if",
+    "IFSuperResolutionPipeline": "pipelines.deepfloyd_if",
+    "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
+    # torch.compile recipe
+    "compile_pipeline": "compile",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rapiddiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

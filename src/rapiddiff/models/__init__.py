@@ -1,0 +1,1 @@
+"""rapiddiff models: one module tree per architecture, Diffusers' state-dict keys."""

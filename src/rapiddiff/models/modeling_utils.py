@@ -1,0 +1,226 @@
+"""ModelMixin: Diffusers-compatible loading and saving for every rapiddiff model.
+
+Loading builds the module tree on the meta device (no memory, no random init), reads the state dict straight from the
+checkpoint in the requested dtype and attaches it with `load_state_dict(assign=True)`: the weights are held once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from ..configuration import ConfigMixin, read_json
+from ..hub import resolve_dir
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+M = TypeVar("M", bound="ModelMixin")
+
+
+def _weights_filename(base: str, ext: str, variant: str | None) -> str:
+    return f"{base}.{variant}.{ext}" if variant else f"{base}.{ext}"
+
+
+def find_weight_files(
+    folder: Path, *, variant: str | None = None, use_safetensors: bool | None = None, base: str = WEIGHTS_NAME
+) -> list[Path]:
+    """The weight files of one component: a single file or the shards listed in an index, safetensors first."""
+    exts = {None: ("safetensors", "bin"), True: ("safetensors",), False: ("bin", "safetensors")}[use_safetensors]
+    for ext in exts:
+        single = folder / _weights_filename(base, ext, variant)
+        if single.is_file():
+            return [single]
+        index = folder / _weights_filename(base, f"{ext}.index.json", variant)
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index}: shard(s) {missing} missing")
+            return [folder / s for s in shards]
+    tried = ", ".join(_weights_filename(base, ext, variant) for ext in exts)
+    present = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    raise FileNotFoundError(f"no weights in {folder}: looked for {tried}; the folder has {present}")
+
+
+def load_state_dict_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read one weight file on the CPU, casting floating tensors to `dtype`; a corrupt file names itself."""
+    try:
+        if path.name.endswith(".safetensors"):
+            import safetensors.torch
+
+            state = safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read weights file {path}: {type(e).__name__}: {e}") from e
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return state
+
+
+class ModelMixin(nn.Module, ConfigMixin):
+    """Base of every rapiddiff model: config handling, from_pretrained / save_pretrained, attention processors."""
+
+    # Old Diffusers checkpoints name some weights differently: {old substring: new substring}, applied on load.
+    _legacy_key_renames: ClassVar[dict[str, str]] = {}
+
+    # --- construction ---------------------------------------------------------------------------------------------
+    def _init_config(self, config: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> Any:
+        """Models are built as `Model(**diffusers_kwargs)` or `Model(config)`; returns the parsed config."""
+        self.config = self._parse_config(config, kwargs, source=type(self).__name__)
+        return self.config
+
+    @classmethod
+    def from_config(cls: type[M], config: Mapping[str, Any] | None = None, **kwargs: Any) -> M:
+        """A randomly initialised model from a config dict (as Diffusers' `Model.from_config`)."""
+        return cls(cls._parse_config(config, kwargs, source=cls.__name__))
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        local_files_only: bool = False,
+        **kwargs: Any,
+    ) -> M:
+        kwargs.pop("low_cpu_mem_usage", None)  # always the case here: weights are loaded onto a meta-built model
+        hub_keys = ("revision", "cache_dir", "token")
+        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
+        pattern = f"{subfolder}/*" if subfolder else None
+        folder = resolve_dir(
+            pretrained_model_name_or_path,
+            subfolder,
+            allow_patterns=[pattern] if pattern else None,
+            local_files_only=local_files_only,
+            **hub_kwargs,
+        )
+        config_path = folder / cls.config_name
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{cls.config_name} not found in {folder}")
+        config = cls._parse_config(read_json(config_path), kwargs, source=str(config_path))
+        files = find_weight_files(folder, variant=variant, use_safetensors=use_safetensors)
+        dtype = torch_dtype or torch.float32
+        with torch.device("meta"):
+            model = cls(config)
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_state_dict_file(f, dtype))
+        model.load_checkpoint_state(state, source=str(files[0]))
+        return model.eval()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Attach a checkpoint's tensors to a (meta-device) model; missing or unexpected keys are an error."""
+        state = self._rename_legacy_keys(state)
+        expected = set(self.state_dict().keys())
+        missing = sorted(expected - state.keys())
+        unexpected = sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not fit {type(self).__name__}: "
+                f"missing keys {_short(missing)}; unexpected keys {_short(unexpected)}"
+            )
+        own = self.state_dict()
+        bad = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if v.shape != own[k].shape
+        ]
+        if bad:
+            raise ValueError(f"{source}: tensor shapes do not fit {type(self).__name__}: {_short(bad)}")
+        self.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"{type(self).__name__}: tensors left uninitialised after loading: {_short(left)}")
+
+    def _rename_legacy_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self._legacy_key_renames:
+            return state
+        out = {}
+        for k, v in state.items():
+            for old, new in self._legacy_key_renames.items():
+                if old in k:
+                    k = k.replace(old, new)
+                    break
+            out[k] = v
+        return out
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, variant: str | None = None, safe_serialization: bool = True
+    ) -> None:
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file, expected a folder")
+        self.save_config(directory)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if safe_serialization:
+            import safetensors.torch
+
+            name = _weights_filename(WEIGHTS_NAME, "safetensors", variant)
+            safetensors.torch.save_file(state, str(directory / name), metadata={"format": "pt"})
+        else:
+            torch.save(state, directory / _weights_filename(WEIGHTS_NAME, "bin", variant))
+
+    # --- properties Diffusers users rely on -----------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- attention processors -------------------------------------------------------------------------------------
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        """Every attention layer's processor, keyed `<module path>.processor` as in Diffusers."""
+        from .attention_processor import Attention
+
+        return {f"{n}.processor": m.processor for n, m in self.named_modules() if isinstance(m, Attention)}
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """One processor for every attention layer, or a dict with one entry per layer (keys as `attn_processors`)."""
+        from .attention_processor import Attention
+
+        layers = {f"{n}.processor": m for n, m in self.named_modules() if isinstance(m, Attention)}
+        if isinstance(processor, Mapping):
+            if set(processor) != set(layers):
+                missing = sorted(set(layers) - set(processor))
+                extra = sorted(set(processor) - set(layers))
+                raise ValueError(
+                    f"set_attn_processor got a dict of {len(processor)} processors, but {type(self).__name__} has "
+                    f"{len(layers)} attention layers; missing {_short(missing)}, unknown {_short(extra)}"
+                )
+            for key, module in layers.items():
+                module.set_processor(processor[key])
+        else:
+            for module in layers.values():
+                module.set_processor(processor)
+
+    def set_default_attn_processor(self) -> None:
+        """Back to the vanilla (explicit matmul + softmax) processor of each layer's kind, as Diffusers does."""
+        from .attention_processor import Attention
+
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.set_processor(m.vanilla_processor())
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    if not items:
+        return "none"
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more

@@ -1,0 +1,1 @@
+"""rapiddiff pipelines: Diffusers' call signatures over one shared denoising loop."""

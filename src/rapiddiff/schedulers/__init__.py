@@ -1,0 +1,1 @@
+"""rapiddiff schedulers: Diffusers' config keys and methods on one shared base."""
