@@ -31,3 +31,73 @@ def save_diffusers(tmp_path):
         return path
 
     return _save
+
+
+# --- a tiny Stable Diffusion checkpoint (shared by the pipeline tests) -----------------------------------------------
+SD_TOKENIZER = os.path.join(
+    os.path.dirname(__file__), "..", "src", "rapiddiff", "presets", "stable-diffusion-v1-5", "tokenizer"
+)
+
+
+def tiny_sd_components(unet_in_channels: int = 4) -> dict:
+    """Seeded, random-weight diffusers SD components: UNet (32, 64) at sample_size 16 (cross_attention_dim 32), a
+    2-block VAE (vae_scale_factor 2), a 2-layer hidden-32 CLIP text encoder on SD1.5's real tokenizer, SD's PNDM."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=unet_in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=16,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=16,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    text_config = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=49408,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=32,
+    )
+    scheduler = diffusers.PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(text_config).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(SD_TOKENIZER),
+        scheduler=scheduler,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A diffusers StableDiffusionPipeline of `tiny_sd_components()` saved with save_pretrained (no safety checker)."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline(
+        **tiny_sd_components(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    path = tmp_path_factory.mktemp("tiny-sd") / "checkpoint"
+    pipe.save_pretrained(path)
+    return path

@@ -39,6 +39,7 @@ _EXPORTS = {
     "StableDiffusionInpaintPipeline": "pipelines.stable_diffusion",
     "StableDiffusionControlNetPipeline": "pipelines.controlnet",
     "StableDiffusionSafetyChecker": "pipelines.safety_checker",
+    "VaeImageProcessor": "pipelines.image_processor",
     "IFPipeline": "pipelines.deepfloyd_if",
     "IFSuperResolutionPipeline": "pipelines.deepfloyd_if",
     "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",

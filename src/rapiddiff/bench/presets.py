@@ -1,0 +1,169 @@
+"""Benchmark presets: image sizes, step counts and the model configs each workload is built from.
+
+Every preset starts from the real checkpoints' configs shipped in `rapiddiff/presets/`. `gpu` uses them as they are
+(the seed's workloads); `cpu` and `tiny` shrink widths and depths through `overrides` so the same architectures (block
+types, attention layout, IF's text projection) run in minutes on two cores, or in seconds in the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+# Checkpoint key (as in `--model KEY=PATH`) -> folder of its configs under PRESETS_DIR.
+CHECKPOINTS = {
+    "sd": "stable-diffusion-v1-5",
+    "sd_inpaint": "stable-diffusion-inpainting",
+    "controlnet": "sd-controlnet-canny",
+    "if_stage_1": "IF-I-M-v1.0",
+    "if_stage_2": "IF-II-M-v1.0",
+    "if_stage_3": "stable-diffusion-x4-upscaler",
+}
+
+# The seed's default step counts (the pipelines' own defaults).
+SEED_STEPS = {
+    "sd_txt2img": 50,
+    "sd_img2img": 50,
+    "sd_inpaint": 50,
+    "sd_controlnet": 50,
+    "if_stage_1": 100,
+    "if_stage_2": 50,
+    "if_stage_3": 75,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What one `--preset` runs: sizes, steps, the default matrix and the config overrides."""
+
+    name: str
+    description: str
+    dtype: str  # "float16" | "float32"
+    sd_size: int  # SD height = width (txt2img, img2img, inpaint, controlnet)
+    if_sizes: tuple[int, int]  # IF stage I and stage II output size; stage III upscales the stage-I image x4
+    steps: Mapping[str, int]  # figure -> steps of the long (timed, end-to-end) call
+    batch_sizes: tuple[int, ...]
+    modes: tuple[str, ...]
+    repeats: int  # timed (short, long) pairs per cell; the median is reported
+    warmup: int  # untimed calls before timing; the first one's time is reported (it compiles)
+    # "<checkpoint>/<subfolder>" (or "<checkpoint>" for single-model checkpoints) -> config keys to replace
+    overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def _same_for(keys: tuple[str, ...], values: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return dict.fromkeys(keys, values)
+
+
+_SD_DENOISERS = ("sd/unet", "sd_inpaint/unet", "controlnet")
+_SD_VAES = ("sd/vae", "sd_inpaint/vae")
+_SD_TEXT = ("sd/text_encoder", "sd_inpaint/text_encoder")
+
+
+def _clip(width: int, layers: int, heads: int) -> dict[str, Any]:
+    # vocab_size and max_position_embeddings stay: the real CLIP tokenizer feeds these encoders
+    return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, projection_dim=width)  # fmt: skip
+
+
+CPU_OVERRIDES: dict[str, Mapping[str, Any]] = {
+    **_same_for(
+        _SD_DENOISERS, dict(block_out_channels=[64, 128, 256, 256], layers_per_block=1, cross_attention_dim=256)
+    ),
+    **_same_for(_SD_VAES, dict(block_out_channels=[32, 64, 128, 128], layers_per_block=1)),
+    **_same_for(_SD_TEXT, _clip(256, 4, 4)),
+    "if_stage_1/unet": dict(block_out_channels=[64, 128, 192, 256], layers_per_block=1, cross_attention_dim=256),
+    "if_stage_2/unet": dict(
+        block_out_channels=[32, 64, 128, 256, 256],
+        layers_per_block=[1, 1, 1, 2, 1],
+        cross_attention_dim=256,
+        time_embedding_dim=256,
+    ),
+    "if_stage_3/unet": dict(block_out_channels=[64, 128, 128, 256], layers_per_block=1, cross_attention_dim=256),
+    "if_stage_3/vae": dict(block_out_channels=[32, 64, 64], layers_per_block=1),
+    "if_stage_3/text_encoder": _clip(256, 4, 4),
+}
+
+TINY_OVERRIDES: dict[str, Mapping[str, Any]] = {
+    **_same_for(_SD_DENOISERS, dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=32)),
+    **_same_for(_SD_VAES, dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1)),
+    **_same_for(_SD_TEXT, _clip(32, 1, 2)),
+    "if_stage_1/unet": dict(
+        block_out_channels=[32, 32, 64, 64], layers_per_block=1, attention_head_dim=16, cross_attention_dim=64
+    ),
+    "if_stage_2/unet": dict(
+        block_out_channels=[32, 32, 32, 64, 64],
+        layers_per_block=1,
+        attention_head_dim=16,
+        cross_attention_dim=64,
+        time_embedding_dim=64,
+    ),
+    "if_stage_3/unet": dict(block_out_channels=[32, 32, 32, 64], layers_per_block=1, cross_attention_dim=32),
+    "if_stage_3/vae": dict(block_out_channels=[32, 32, 32], layers_per_block=1),
+    "if_stage_3/text_encoder": _clip(32, 1, 2),
+}
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset(
+            name="gpu",
+            description="the seed's matrix: real architectures, fp16, SD 512x512, default steps",
+            dtype="float16",
+            sd_size=512,
+            if_sizes=(64, 256),
+            steps=SEED_STEPS,
+            batch_sizes=(1, 4, 16),
+            modes=("eager-sdpa", "compiled"),
+            repeats=3,
+            warmup=2,
+        ),
+        Preset(
+            name="cpu",
+            description="scaled-down architectures, fp32, SD 128x128, IF 16 -> 64, 8 steps: minutes on two cores",
+            dtype="float32",
+            sd_size=128,
+            if_sizes=(16, 64),
+            steps=dict.fromkeys(SEED_STEPS, 8),
+            batch_sizes=(1,),
+            modes=("eager-sdpa",),
+            repeats=2,
+            warmup=1,
+            overrides=CPU_OVERRIDES,
+        ),
+        Preset(
+            name="tiny",
+            description="tiny architectures, fp32, SD 64x64, 6 steps: seconds, for tests",
+            dtype="float32",
+            sd_size=64,
+            if_sizes=(16, 32),
+            steps=dict.fromkeys(SEED_STEPS, 6),
+            batch_sizes=(1, 2),
+            modes=("eager-sdpa", "eager-vanilla"),
+            repeats=1,
+            warmup=1,
+            overrides=TINY_OVERRIDES,
+        ),
+    )
+}
+
+
+def resolve_preset(name: str, cuda_available: bool) -> Preset:
+    """`auto` is `gpu` where CUDA is available, else `cpu`."""
+    if name == "auto":
+        name = "gpu" if cuda_available else "cpu"
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not known; allowed: auto, {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_config(checkpoint: str, subfolder: str, filename: str, preset: Preset) -> dict[str, Any]:
+    """A shipped config with the preset's overrides applied."""
+    path = PRESETS_DIR / CHECKPOINTS[checkpoint] / subfolder / filename
+    config = json.loads(path.read_text())
+    key = f"{checkpoint}/{subfolder}" if subfolder else checkpoint
+    return {**config, **preset.overrides.get(key, {})}

@@ -1,0 +1,296 @@
+"""Results: the JSON document, its CSV rows, the Markdown report laid out like the seed's tables, and PNG charts.
+
+A document is {"format", "runs": [{"env", "settings"}], "cells": [...]}; each cell names its run. Split runs merge by
+concatenating runs and cells (a later run's cell replaces an earlier one of the same key), and the report is drawn from
+the cells alone in a fixed order, so a merged report reads exactly like one run's.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .backends import BACKENDS
+from .env import COMPARABLE_KEYS
+from .measure import Cell, short_steps
+from .modes import MODES
+from .settings import Settings
+from .workloads import FIGURES, FIGURES_BY_NAME
+
+FORMAT = "rapiddiff-bench/1"
+CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
+ENV_COLUMNS = ("device_name", "dtype", "torch", "rapiddiff", "diffusers", "git_revision")
+FILES = {"json": "results.json", "csv": "results.csv", "markdown": "report.md"}
+
+
+# --- the document ------------------------------------------------------------------------------------------------
+def settings_dict(settings: Settings) -> dict[str, Any]:
+    p = settings.preset
+    return {
+        "preset": p.name,
+        "device": str(settings.device),
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "sizes": {"sd": p.sd_size, "if_stage_1": p.if_sizes[0], "if_stage_2": p.if_sizes[1]},
+        "steps": {f: {"long": n, "short": short_steps(n)} for f, n in settings.steps.items()},
+        "repeats": settings.repeats,
+        "warmup": settings.warmup,
+        "pipelines": list(settings.pipelines),
+        "batch_sizes": list(settings.batch_sizes),
+        "modes": list(settings.modes),
+        "backends": list(settings.backends),
+        "models": {k: str(v) for k, v in settings.models.items()},
+    }
+
+
+def make_document(settings: Settings, env: dict[str, Any], cells: Iterable[Cell]) -> dict[str, Any]:
+    rows = [dataclasses.asdict(c) for c in cells]
+    return {"format": FORMAT, "runs": [{"env": env, "settings": settings_dict(settings)}], "cells": _ordered(rows)}
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a rapiddiff bench result (expected format {FORMAT!r})")
+    return doc
+
+
+def merge_documents(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One document from split runs; a cell measured twice keeps the later run's result."""
+    runs: list[dict[str, Any]] = []
+    cells: dict[tuple, dict[str, Any]] = {}
+    for doc in docs:
+        for cell in doc["cells"]:
+            cell = {**cell, "run": cell["run"] + len(runs)}
+            cells[_key(cell)] = cell
+        runs += doc["runs"]
+    return {"format": FORMAT, "runs": runs, "cells": _ordered(list(cells.values()))}
+
+
+def _key(cell: dict[str, Any]) -> tuple:
+    return (cell["figure"], cell["batch_size"], cell["mode"], cell["backend"])
+
+
+def _rank(order: Sequence[str], name: str) -> int:
+    return order.index(name) if name in order else len(order)
+
+
+def _ordered(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's fixed order: the seed's figures, batch size, mode, backend."""
+    figures = [f.name for f in FIGURES]
+
+    def order(c: dict[str, Any]) -> tuple:
+        return (
+            _rank(figures, c["figure"]),
+            c["batch_size"],
+            _rank(list(MODES), c["mode"]),
+            _rank(BACKENDS, c["backend"]),
+        )
+
+    return sorted(cells, key=order)
+
+
+def _axis(cells: list[dict[str, Any]], field: str) -> list:
+    return list(dict.fromkeys(c[field] for c in cells))  # cells are ordered, so this is too
+
+
+# --- text --------------------------------------------------------------------------------------------------------
+def _label(figure: str) -> str:
+    return FIGURES_BY_NAME[figure].label if figure in FIGURES_BY_NAME else figure
+
+
+def _value(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return ""
+    return f"{cell['it_per_s']:.2f}" if cell["status"] == "ok" else cell["summary"]
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    if a and b and a["status"] == b["status"] == "ok":
+        return a["it_per_s"] / b["it_per_s"]
+    return None
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def batch_tables(doc: dict[str, Any]) -> str:
+    """Per batch size: rows = figures, columns = modes x backends, plus rapiddiff/diffusers per mode (it/s)."""
+    cells = doc["cells"]
+    by_key = {_key(c): c for c in cells}
+    modes, backends = _axis(cells, "mode"), _axis(cells, "backend")
+    both = {"rapiddiff", "diffusers"} <= set(backends)
+    header = ["Pipeline"]
+    for mode in modes:
+        header += [f"{mode}: {b}" for b in backends] + (["speed-up"] if both else [])
+    parts = []
+    for batch in sorted(_axis(cells, "batch_size")):
+        rows = []
+        for figure in _axis(cells, "figure"):
+            row = [_label(figure)]
+            for mode in modes:
+                found = {b: by_key.get((figure, batch, mode, b)) for b in backends}
+                row += [_value(found[b]) for b in backends]
+                if both:
+                    ratio = _ratio(found["rapiddiff"], found["diffusers"])
+                    row.append("–" if ratio is None else f"{ratio:.2f}x")
+            rows.append(row)
+        parts.append(f"### Batch size {batch} (iterations/s)\n\n" + _table(header, rows))
+    return "\n\n".join(parts)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _details(doc: dict[str, Any]) -> str:
+    header = ["figure", "batch", "mode", "backend", "it/s", "runs", "s/image", "fixed s", "first call s", "peak GiB",
+              "iterations"]  # fmt: skip
+    rows = [
+        [c["figure"], str(c["batch_size"]), c["mode"], c["backend"], _value(c),
+         " ".join(f"{r:.2f}" for r in c["it_per_s_runs"]), _fmt(c["s_per_image"], 3), _fmt(c["fixed_s"], 3),
+         _fmt(c["first_call_s"]), _fmt(c["peak_mem_gb"]), "/".join(map(str, c["iterations"]))]
+        for c in doc["cells"]
+        if c["status"] != "skipped"
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def _environment(doc: dict[str, Any]) -> list[str]:
+    runs = doc["runs"]
+    lines = []
+    for i, run in enumerate(runs):
+        env, s = run["env"], run["settings"]
+        name = f"Run {i + 1}: " if len(runs) > 1 else ""
+        lines.append(
+            f"- {name}**{env['device_name']}** ({env['device']}), {env['dtype']}, torch {env['torch']}, "
+            f"rapiddiff {env['rapiddiff']} (git {env['git_revision']}), diffusers {env['diffusers']}, "
+            f"transformers {env['transformers']}, CPU {env['cpu']} x {env['cpu_count']}, {env['started']}"
+        )
+        sizes, steps = s["sizes"], {f: v["long"] for f, v in s["steps"].items()}
+        lines.append(
+            f"  preset `{s['preset']}`: SD {sizes['sd']}x{sizes['sd']}, IF {sizes['if_stage_1']} -> "
+            f"{sizes['if_stage_2']} (x4 upscaler on the stage-I image), steps {_steps_text(steps)}, "
+            f"{s['warmup']} warm-up call(s), median of {s['repeats']} repeat(s)"
+            + (f", checkpoints {s['models']}" if s["models"] else ", random weights")
+        )
+    differing = [k for k in COMPARABLE_KEYS if len({str(r["env"].get(k)) for r in runs}) > 1]
+    if differing:
+        lines.append(f"- **Warning**: the merged runs differ in {', '.join(differing)}: compare across them with care.")
+    return lines
+
+
+def _steps_text(steps: dict[str, int]) -> str:
+    values = set(steps.values())
+    return str(values.pop()) if len(values) == 1 else ", ".join(f"{f} {n}" for f, n in steps.items())
+
+
+def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note: str | None = None) -> str:
+    failures = [c for c in doc["cells"] if c["status"] in ("failed", "unavailable")]
+    parts = [
+        "# rapiddiff bench",
+        "\n".join(_environment(doc)),
+        "Iterations/s of the denoising loop (higher is better), text encoding and VAE decoding excluded: "
+        "(N - n) / (T_long - T_short) over a long and a short call. *speed-up* is rapiddiff / diffusers in the same "
+        "mode. IF stages II and III run at batch 1 only, as in the seed.",
+        "## Iterations per second",
+        batch_tables(doc),
+    ]
+    if charts or chart_note:
+        parts += ["## Charts", "\n\n".join(f"![{Path(c).stem}]({c})" for c in charts) or chart_note]
+    parts += ["## Details", "*s/image*: the long call end to end, per image. *fixed s*: its time outside the loop. "
+              "*first call s*: the first warm-up call (includes compilation). *iterations*: short/long loop lengths.",
+              _details(doc)]  # fmt: skip
+    if failures:
+        parts += ["## Failures", "\n".join(f"- `{c['figure']}/{c['batch_size']}/{c['mode']}/{c['backend']}`: "
+                                           f"{c['summary']}: {c['error']}" for c in failures)]  # fmt: skip
+    return "\n\n".join(parts) + "\n"
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+def write_csv(doc: dict[str, Any], path: Path) -> None:
+    columns = [f for f in CELL_FIELDS if f != "iterations"] + ["iterations_short", "iterations_long", "preset"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*columns, *ENV_COLUMNS])
+        writer.writeheader()
+        for c in doc["cells"]:
+            run = doc["runs"][c["run"]]
+            iterations = c["iterations"] or [None, None]
+            row = {k: v for k, v in c.items() if k != "iterations"}
+            row["it_per_s_runs"] = ";".join(f"{r:.4f}" for r in c["it_per_s_runs"])
+            row |= {"iterations_short": iterations[0], "iterations_long": iterations[1]}
+            row |= {"preset": run["settings"]["preset"], **{k: run["env"].get(k) for k in ENV_COLUMNS}}
+            writer.writerow(row)
+
+
+def chart_specs(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, str], tuple[str, str]]]:
+    """(file name, title, numerator (mode, backend), denominator (mode, backend)) of each speed-up chart."""
+    cells = doc["cells"]
+    modes, backends = _axis(cells, "mode"), _axis(cells, "backend")
+    specs = []
+    if {"rapiddiff", "diffusers"} <= set(backends):
+        for mode in modes:
+            specs.append((f"speedup_rapiddiff_vs_diffusers_{mode}.png", f"rapiddiff / diffusers, {mode}",
+                          (mode, "rapiddiff"), (mode, "diffusers")))  # fmt: skip
+    if "eager-sdpa" in modes:
+        for mode in (m for m in modes if m != "eager-sdpa"):
+            for backend in backends:
+                specs.append((f"speedup_{mode}_vs_eager-sdpa_{backend}.png", f"{backend}: {mode} / eager-sdpa",
+                              (mode, backend), ("eager-sdpa", backend)))  # fmt: skip
+    return specs
+
+
+def write_charts(doc: dict[str, Any], out_dir: Path) -> tuple[list[str], str | None]:
+    """Speed-up bar charts (figures x batch sizes), as the seed's; (file names, note when skipped)."""
+    specs = chart_specs(doc)
+    if not specs:
+        return [], None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "Charts skipped: matplotlib is not installed (`pip install 'rapiddiff[bench]'`)."
+    by_key = {_key(c): c for c in doc["cells"]}
+    figures, batches = _axis(doc["cells"], "figure"), sorted(_axis(doc["cells"], "batch_size"))
+    width = 0.8 / len(batches)
+    written = []
+    for filename, title, (num_mode, num_backend), (den_mode, den_backend) in specs:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(figures)), 4.0))
+        for i, batch in enumerate(batches):
+            ratios = [
+                _ratio(by_key.get((f, batch, num_mode, num_backend)), by_key.get((f, batch, den_mode, den_backend)))
+                for f in figures
+            ]
+            xs = [j + (i - (len(batches) - 1) / 2) * width for j in range(len(figures))]
+            ax.bar(xs, [math.nan if r is None else r for r in ratios], width, label=f"batch {batch}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(figures)), [_label(f) for f in figures], rotation=20, ha="right")
+        ax.set_ylabel("speed-up (iterations/s ratio)")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=100)
+        plt.close(fig)
+        written.append(filename)
+    return written, None
+
+
+def write_outputs(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """results.json, results.csv, the charts and report.md in `out_dir`; returns the paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out / name for kind, name in FILES.items()}
+    paths["json"].write_text(json.dumps(doc, indent=1) + "\n")
+    write_csv(doc, paths["csv"])
+    charts, note = write_charts(doc, out)
+    paths["markdown"].write_text(render_markdown(doc, charts, note))
+    return paths | {Path(c).stem: out / c for c in charts}

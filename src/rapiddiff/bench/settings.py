@@ -1,0 +1,99 @@
+"""What one benchmark run measures: the preset, the device and the matrix (pipelines x batch sizes x modes x backends)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .backends import BACKENDS
+from .modes import MODES
+from .presets import CHECKPOINTS, Preset
+
+PIPELINES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# Fault injection for tests: "CELL@PHASE[,CELL@PHASE...]", CELL as `figure/batch/mode/backend` (fnmatch wildcards),
+# PHASE one of build, warm-up, timed:N. The cell raises torch.OutOfMemoryError there.
+FAULT_ENV = "RAPIDDIFF_BENCH_FAULT"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    preset: Preset
+    device: torch.device
+    dtype: torch.dtype
+    pipelines: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    modes: tuple[str, ...]
+    backends: tuple[str, ...]
+    steps: Mapping[str, int]  # figure -> steps of the long call
+    repeats: int
+    warmup: int
+    models: Mapping[str, Path] = dataclasses.field(default_factory=dict)  # checkpoint key -> real checkpoint folder
+    fault: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_names("pipelines", self.pipelines, PIPELINES)
+        _check_names("modes", self.modes, tuple(MODES))
+        _check_names("backends", self.backends, BACKENDS)
+        _check_names("models", tuple(self.models), tuple(CHECKPOINTS))
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes={self.batch_sizes!r}: give one or more positive integers")
+        if self.repeats < 1 or self.warmup < 1:
+            raise ValueError(f"repeats={self.repeats}, warmup={self.warmup}: both must be at least 1")
+        short = {f: n for f, n in self.steps.items() if n < 3}
+        if short:
+            raise ValueError(
+                f"steps {short}: the long call needs at least 3 steps (the short one runs max(2, steps // 10))"
+            )
+        for key, path in self.models.items():
+            if not Path(path).is_dir():
+                raise ValueError(f"models: {key}={str(path)!r} is not a folder")
+
+    @classmethod
+    def create(
+        cls,
+        preset: Preset,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | None = None,
+        pipelines: tuple[str, ...] = PIPELINES,
+        batch_sizes: tuple[int, ...] | None = None,
+        modes: tuple[str, ...] | None = None,
+        backends: tuple[str, ...] = BACKENDS,
+        steps: int | None = None,
+        repeats: int | None = None,
+        warmup: int | None = None,
+        models: Mapping[str, str | Path] | None = None,
+        fault: str | None = None,
+        progress: bool = True,
+    ) -> Settings:
+        """Settings from a preset; every argument left as None takes the preset's (or the machine's) default."""
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+        return cls(
+            preset=preset,
+            device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            dtype=DTYPES[dtype or preset.dtype],
+            pipelines=tuple(pipelines),
+            batch_sizes=tuple(batch_sizes or preset.batch_sizes),
+            modes=tuple(modes or preset.modes),
+            backends=tuple(backends),
+            steps=dict(preset.steps) if steps is None else dict.fromkeys(preset.steps, steps),
+            repeats=repeats or preset.repeats,
+            warmup=warmup or preset.warmup,
+            models={k: Path(v) for k, v in (models or {}).items()},
+            fault=fault if fault is not None else os.environ.get(FAULT_ENV) or None,
+            progress=progress,
+        )
+
+
+def _check_names(argument: str, given: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    unknown = [name for name in given if name not in allowed]
+    if unknown or (argument != "models" and not given):
+        raise ValueError(f"{argument}={list(given)!r}: unknown {unknown}; allowed: {', '.join(allowed)}")

@@ -1,0 +1,75 @@
+"""The sweep: every selected figure x backend x mode x batch size, one cell each, failures recorded in place.
+
+Order: for each figure, each backend builds its pipeline once (only that pipeline is in memory), then runs its modes
+and batch sizes. Both backends of a figure run back to back, so their ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .backends import Backend
+from .measure import Cell, Measurement, StepCounter, free_memory, inject_fault
+from .modes import MODES
+from .settings import Settings
+from .workloads import Figure, build_pipeline, figures_of
+
+
+def run_sweep(settings: Settings) -> list[Cell]:
+    figures = figures_of(settings.pipelines)
+    total = len(figures) * len(settings.backends) * len(settings.modes) * len(settings.batch_sizes)
+    cells: list[Cell] = []
+    with tqdm(total=total, unit="cell", disable=not settings.progress, dynamic_ncols=True) as bar:
+        for figure in figures:
+            for name in settings.backends:
+                cells += _run_figure(figure, Backend(name), settings, bar)
+                free_memory()
+    return cells
+
+
+def _run_figure(figure: Figure, backend: Backend, settings: Settings, bar: Any) -> list[Cell]:
+    cells = [Cell(figure.name, b, m, backend.name) for m in settings.modes for b in settings.batch_sizes]
+    bar.set_description(f"{figure.name}/{backend.name}: building")
+    try:
+        for cell in cells:
+            inject_fault(settings.fault, cell.id, "build")
+        pipe = build_pipeline(figure, backend, settings)
+        counter = StepCounter(pipe.scheduler)
+    except Exception as e:
+        for cell in cells:
+            cell.fail(e, "while building the pipeline")
+        bar.update(len(cells))
+        return cells
+    for cell in cells:
+        bar.set_description(cell.id)
+        if cell.batch_size > 1 and not figure.batched:
+            cell.status, cell.summary = "skipped", "batch 1 only"
+        else:
+            _run_cell(cell, pipe, counter, figure, backend, settings)
+        bar.update(1)
+    return cells
+
+
+def _run_cell(
+    cell: Cell, pipe: Any, counter: StepCounter, figure: Figure, backend: Backend, settings: Settings
+) -> None:
+    measurement = Measurement(cell, settings.device, settings.fault)
+    inputs = figure.inputs(settings, cell.batch_size)
+
+    def call(steps: int) -> None:
+        pipe(num_inference_steps=steps, **inputs)
+
+    try:
+        undo = MODES[cell.mode](pipe, figure, backend)
+        try:
+            with torch.inference_mode():
+                measurement.run(call, counter, settings.steps[figure.name], settings.warmup, settings.repeats)
+        finally:
+            undo()
+    except Exception as e:
+        cell.fail(e, measurement.where)
+    if cell.status != "ok":
+        free_memory()

@@ -1,0 +1,155 @@
+"""`rapiddiff generate "PROMPT" --model PATH_OR_ID`: images from a Diffusers-layout checkpoint, written as PNGs.
+
+rapiddiff generate "a castle at dusk" --model runwayml/stable-diffusion-v1-5 --steps 30 --seed 0 -o castle.png
+rapiddiff generate "a castle" --model ./sd15 --num-images 4 --scheduler euler_a --compile -o out/
+
+The pipeline follows from the inputs: a prompt alone runs the checkpoint's own pipeline (model_index.json); image
+inputs (--image, --mask, --control-image) select img2img / inpainting / ControlNet in `choose_pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCHEDULER_ALIASES = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _scheduler_name(text: str) -> str:
+    name = SCHEDULER_ALIASES.get(text.lower(), text)
+    if name not in SCHEDULER_ALIASES.values():
+        allowed = [*SCHEDULER_ALIASES, *SCHEDULER_ALIASES.values()]
+        raise argparse.ArgumentTypeError(f"unknown scheduler {text!r}; allowed: {', '.join(allowed)}")
+    return name
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images from a prompt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", help="the text prompt")
+    parser.add_argument("--model", required=True, help="a checkpoint folder in Diffusers' layout, or a Hub id")
+    parser.add_argument("--negative-prompt", help="what the image should not show")
+    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    parser.add_argument("--height", type=_positive_int, help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=_positive_int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--num-images", type=_positive_int, default=1, help="images to generate (default 1)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--attention", choices=["sdpa", "vanilla"], default="sdpa",
+                        help="sdpa: PyTorch's scaled_dot_product_attention (default); vanilla: matmul + softmax")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile the pipeline's models")
+    parser.add_argument("--scheduler", type=_scheduler_name, metavar="NAME",
+                        help=f"replace the checkpoint's scheduler: {', '.join(SCHEDULER_ALIASES)} or a class name")  # fmt: skip
+    parser.add_argument("-o", "--output", type=Path, default=Path("outputs"),
+                        help="a .png file, or a folder (default ./outputs)")  # fmt: skip
+    parser.set_defaults(func=run)
+    return parser
+
+
+def choose_pipeline(args: argparse.Namespace) -> str | None:
+    """The pipeline class the inputs call for; None: the checkpoint's own class (model_index.json).
+
+    Image inputs will pick their pipeline here: --image -> StableDiffusionImg2ImgPipeline, --image with --mask ->
+    StableDiffusionInpaintPipeline, --controlnet with --control-image -> StableDiffusionControlNetPipeline.
+    """
+    return None
+
+
+def call_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dict[str, Any]:
+    """Pipeline call arguments from the command line (image inputs add theirs here)."""
+    return dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+        output_type="pil",
+    )
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    import rapiddiff
+
+    name = choose_pipeline(args)
+    cls = getattr(rapiddiff, name) if name else rapiddiff.DiffusionPipeline
+    pipe = cls.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    if args.scheduler:
+        pipe.scheduler = getattr(rapiddiff, args.scheduler).from_config(pipe.scheduler.config)
+    set_attention(pipe, args.attention)
+    if args.compile:
+        try:
+            compile_module = importlib.import_module("rapiddiff.compile")
+        except ModuleNotFoundError as e:
+            raise ValueError(f"--compile: rapiddiff.compile is not available in this installation ({e})") from e
+        pipe = compile_module.compile_pipeline(pipe) or pipe
+    return pipe
+
+
+def set_attention(pipe: Any, kind: str) -> None:
+    """Every attention layer of the pipeline's rapiddiff models on SDPA or on the vanilla processor."""
+    from ..models.attention_processor import Attention
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for layer in component.modules():
+                if isinstance(layer, Attention):
+                    layer.set_processor(layer.default_processor() if kind == "sdpa" else layer.vanilla_processor())
+
+
+def output_paths(output: Path, count: int, seed: int) -> list[Path]:
+    """`output` itself for one image to a file; `<stem>-<i>.png` for several; `<folder>/<seed>-<i>.png` otherwise."""
+    if output.suffix.lower() in IMAGE_SUFFIXES:
+        if count == 1:
+            return [output]
+        return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+    return [output / f"{seed}-{i}.png" for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    try:
+        pipe = load_pipeline(args, device, dtype)
+        images = pipe(**call_kwargs(args, torch.Generator("cpu").manual_seed(seed))).images
+    except (ValueError, OSError) as e:
+        print(f"rapiddiff generate: error: {e}", file=sys.stderr)
+        return 2
+    paths = output_paths(args.output, len(images), seed)
+    for image, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(f"wrote {path}")
+    print(f"seed: {seed}")
+    return 0

@@ -1,0 +1,168 @@
+"""The one denoising loop every pipeline runs, and the timestep/guidance helpers around it.
+
+A pipeline builds `predict_noise(latents, t, i) -> noise_pred`, a closure holding its model call (classifier-free
+guidance batching, extra model inputs, ControlNet residuals, IF's learned-variance split), and hands it to `denoise`.
+The loop itself never reads tensor values: no host syncs, and `t` stays the scheduler's device tensor, so a compiled
+model sees the same graph at every step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .pipeline_utils import DiffusionPipeline
+
+PredictNoise = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+AfterStep = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+# --- timesteps -------------------------------------------------------------------------------------------------------
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def check_timesteps_args(
+    scheduler: Any, num_inference_steps: Any, timesteps: Sequence[int] | None, sigmas: Sequence[float] | None
+) -> None:
+    """Validate a call's schedule arguments up front (what `retrieve_timesteps` will do)."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass at most one of timesteps and sigmas (a custom schedule), got both")
+    for name, custom in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if custom is None:
+            continue
+        if len(custom) == 0:
+            raise ValueError(f"{name} must be a non-empty list, got {custom!r}")
+        if not _accepts(scheduler.set_timesteps, name):
+            raise ValueError(f"{type(scheduler).__name__}.set_timesteps does not accept custom {name}")
+        return
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+
+
+def retrieve_timesteps(
+    scheduler: Any,
+    num_inference_steps: int | None,
+    device: torch.device | str | None,
+    timesteps: Sequence[int] | None = None,
+    sigmas: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Set the scheduler's schedule (default spacing, or custom timesteps / sigmas); (timesteps, num_inference_steps)."""
+    check_timesteps_args(scheduler, num_inference_steps, timesteps, sigmas)
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+    elif sigmas is not None:
+        scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler.timesteps, num_inference_steps
+    return scheduler.timesteps, len(scheduler.timesteps)
+
+
+def truncate_timesteps(scheduler: Any, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
+    """img2img/inpainting: keep the last `strength` share of the schedule; (timesteps, steps actually run)."""
+    init = min(int(num_inference_steps * strength), num_inference_steps)
+    start = max(num_inference_steps - init, 0)
+    timesteps = scheduler.timesteps[start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return timesteps, num_inference_steps - start
+
+
+def extra_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:
+    """`eta` and `generator` for the schedulers whose `step` takes them (DDIM, ancestral samplers)."""
+    kwargs: dict[str, Any] = {}
+    if _accepts(scheduler.step, "eta"):
+        kwargs["eta"] = eta
+    if _accepts(scheduler.step, "generator"):
+        kwargs["generator"] = generator
+    return kwargs
+
+
+# --- classifier-free guidance ---------------------------------------------------------------------------------------
+def combine_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Section 3.4 of arXiv:2305.08891: match the guided prediction's std to the conditional one's, then blend."""
+    dims = list(range(1, cond.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def apply_guidance(noise_pred: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """Guide a model output batched as [unconditional; conditional]."""
+    uncond, cond = noise_pred.chunk(2)
+    guided = combine_guidance(uncond, cond, guidance_scale)
+    return rescale_guidance(guided, cond, guidance_rescale) if guidance_rescale > 0 else guided
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------------
+def denoise(
+    pipe: DiffusionPipeline,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    num_inference_steps: int,
+    predict_noise: PredictNoise,
+    *,
+    extra_step_kwargs: dict[str, Any] | None = None,
+    after_step: AfterStep | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    callback_on_step_end: StepEndCallback | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] = (),
+) -> torch.Tensor:
+    """Run `pipe.scheduler` over `timesteps` from `latents`; returns the final latents.
+
+    tensors: the conditioning tensors a step-end callback may read and replace (prompt_embeds...); `predict_noise`
+        reads them from this same dict, so a replacement takes effect at the next step.
+    after_step(latents, i, t): applied after each scheduler step (4-channel inpainting pastes the known region back).
+    """
+    scheduler = pipe.scheduler
+    step_kwargs = extra_step_kwargs or {}
+    tensors = tensors if tensors is not None else {}
+    pipe._num_timesteps = len(timesteps)
+    pipe._interrupt = False
+    warmup = len(timesteps) - num_inference_steps * scheduler.order
+    with pipe.progress_bar(total=num_inference_steps) as bar:
+        for i, t in enumerate(timesteps):
+            if pipe.interrupt:  # set by a callback to stop early, as in Diffusers
+                continue
+            noise_pred = predict_noise(latents, t, i)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(latents, i, t)
+            if callback_on_step_end is not None:
+                latents = _run_callback(
+                    pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, tensors
+                )
+            if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % scheduler.order == 0):
+                bar.update()
+    return latents
+
+
+def _run_callback(
+    pipe: DiffusionPipeline,
+    callback: StepEndCallback,
+    names: Sequence[str],
+    i: int,
+    t: torch.Tensor,
+    latents: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    inputs = {n: latents if n == "latents" else tensors[n] for n in names}
+    outputs = callback(pipe, i, t, inputs)
+    if not isinstance(outputs, dict):
+        raise TypeError(f"callback_on_step_end must return a dict of tensors (its callback_kwargs), got {outputs!r}")
+    unknown = [k for k in outputs if k != "latents" and k not in tensors]
+    if unknown:
+        raise ValueError(
+            f"callback_on_step_end returned unknown tensor(s) {unknown}; it may replace {['latents', *tensors]}"
+        )
+    tensors.update((k, v) for k, v in outputs.items() if k != "latents")
+    return outputs.get("latents", latents)

@@ -1,0 +1,555 @@
+"""DiffusionPipeline: Diffusers' pipeline container - loading a `model_index.json` checkpoint, saving, `.to()`.
+
+A pipeline's components are the parameters of its `__init__` without a default plus `_optional_components`
+(Diffusers' rule); the other keyword parameters (`requires_safety_checker`, `max_noise_level`...) are config values
+stored in model_index.json. Every class name in model_index.json resolves through one table, `rapiddiff._EXPORTS`:
+pipelines (`_class_name`) and components of the libraries "diffusers", "stable_diffusion" and "deepfloyd_if".
+Registering a new pipeline class is adding it to that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from ..configuration import read_json
+from ..hub import IGNORED_REPO_PATTERNS, _is_local, resolve_dir, resolve_file
+from .image_processor import OUTPUT_TYPES
+
+logger = logging.getLogger(__name__)
+
+P = TypeVar("P", bound="DiffusionPipeline")
+
+MODEL_INDEX = "model_index.json"
+DIFFUSERS_VERSION = "0.42.1"  # written into saved model_index.json files: Diffusers can load what we save
+
+# model_index.json library names that resolve to rapiddiff classes. Diffusers names its pipeline-specific components
+# (safety checkers, watermarker) after the pipeline sub-package that defines them.
+RAPIDDIFF_LIBRARIES = ("diffusers", "stable_diffusion", "deepfloyd_if")
+PIPELINE_COMPONENT_LIBRARY = {
+    "StableDiffusionSafetyChecker": "stable_diffusion",
+    "IFSafetyChecker": "deepfloyd_if",
+    "IFWatermarker": "deepfloyd_if",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+# --- outputs -------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BaseOutput:
+    """Diffusers' output convention: fields by name, `out[0]` / `out["images"]`, and `to_tuple()`."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __getitem__(self, key: int | str) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.to_tuple())
+
+
+# --- class lookup --------------------------------------------------------------------------------------------------
+def rapiddiff_class(name: str, what: str) -> type:
+    """The rapiddiff class exported as `name` (a pipeline or a component); `what` names the asker in errors."""
+    import rapiddiff
+
+    if name not in rapiddiff._EXPORTS:
+        known = sorted(n for n in rapiddiff._EXPORTS if n[0].isupper())
+        raise ValueError(f"{what}: rapiddiff has no class {name!r}. Known classes: {', '.join(known)}.")
+    try:
+        return getattr(rapiddiff, name)
+    except ImportError as e:
+        raise ValueError(f"{what}: rapiddiff's {name} is not available in this installation ({e}).") from e
+
+
+def _component_class(library: str, class_name: str, what: str) -> type:
+    if library in RAPIDDIFF_LIBRARIES:
+        return rapiddiff_class(class_name, what)
+    if library == "transformers":
+        import transformers
+
+        try:
+            return getattr(transformers, class_name)
+        except AttributeError as e:
+            raise ValueError(f"{what}: transformers has no class {class_name!r}") from e
+    raise ValueError(
+        f"{what}: unknown library {library!r}; rapiddiff loads components of "
+        f"{', '.join(repr(x) for x in (*RAPIDDIFF_LIBRARIES, 'transformers'))}."
+    )
+
+
+def _unwrap(module: Any) -> Any:
+    """The module under a `torch.compile` wrapper (its config, class and weights are the original's)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def library_entry(component: Any) -> tuple[str | None, str | None]:
+    """The `[library, class]` pair that model_index.json records for a component."""
+    if component is None:
+        return (None, None)
+    cls = type(_unwrap(component))
+    root = cls.__module__.split(".")[0]
+    if root == "rapiddiff":
+        return (PIPELINE_COMPONENT_LIBRARY.get(cls.__name__, "diffusers"), cls.__name__)
+    return (root, cls.__name__)
+
+
+def _is_transformers_model(obj: Any) -> bool:
+    import transformers
+
+    cls = obj if isinstance(obj, type) else type(obj)
+    return issubclass(cls, transformers.PreTrainedModel)
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# --- which files a component needs ------------------------------------------------------------------------------------
+def file_variant(filename: str) -> str | None:
+    """`diffusion_pytorch_model.fp16.safetensors` / `model.fp16-00001-of-00002.safetensors` -> "fp16"; plain -> None."""
+    stem = filename
+    for suffix in WEIGHT_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    parts = stem.split(".")
+    return parts[-1].split("-")[0] if len(parts) > 1 else None
+
+
+def _is_weight(filename: str) -> bool:
+    return filename.endswith(WEIGHT_SUFFIXES)
+
+
+def pick_weight_files(names: Sequence[str], variant: str | None, use_safetensors: bool | None) -> list[str]:
+    """The weight files of one component to use: the variant's if it has them, else the plain ones (as Diffusers)."""
+    suffixes = {None: (".safetensors", ".bin"), True: (".safetensors",), False: (".bin", ".safetensors")}
+    for suffix in suffixes[use_safetensors]:
+        files = [n for n in names if n.endswith(suffix)]
+        wanted = [n for n in files if variant is not None and file_variant(n) == variant]
+        plain = [n for n in files if file_variant(n) is None]
+        if wanted or plain:
+            return wanted or plain
+    return []
+
+
+def _folder_has_variant(folder: Path, variant: str | None) -> bool:
+    return variant is not None and any(_is_weight(p.name) and file_variant(p.name) == variant for p in folder.iterdir())
+
+
+# --- the pipeline config (model_index.json) ---------------------------------------------------------------------------
+class PipelineConfig(Mapping):
+    """Read-only view of a pipeline's model_index.json entries; keys also read as attributes (`config.foo`)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"pipeline config has no key {key!r}") from None
+
+    def __repr__(self) -> str:
+        return f"PipelineConfig({self._values!r})"
+
+
+class DiffusionPipeline:
+    """Base of every rapiddiff pipeline: holds the components, loads, saves and moves them."""
+
+    config_name: ClassVar[str] = MODEL_INDEX
+    _optional_components: ClassVar[tuple[str, ...]] = ()
+    # names a `callback_on_step_end` may ask for; each pipeline lists its own
+    _callback_tensor_inputs: ClassVar[tuple[str, ...]] = ("latents",)
+
+    _name_or_path: str | None = None
+    _interrupt: bool = False
+    _num_timesteps: int | None = None
+
+    # --- components and config --------------------------------------------------------------------------------------
+    @classmethod
+    def _init_parameters(cls) -> dict[str, inspect.Parameter]:
+        params = inspect.signature(cls.__init__).parameters
+        return {n: p for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+    @classmethod
+    def component_names(cls) -> tuple[str, ...]:
+        """Components in `__init__` order: parameters without a default, plus the optional components."""
+        params = cls._init_parameters()
+        return tuple(n for n, p in params.items() if p.default is p.empty or n in cls._optional_components)
+
+    @classmethod
+    def config_names(cls) -> tuple[str, ...]:
+        """Non-component `__init__` parameters, stored in model_index.json (`requires_safety_checker`...)."""
+        components = set(cls.component_names())
+        return tuple(n for n in cls._init_parameters() if n not in components)
+
+    def register_modules(self, **modules: Any) -> None:
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+    def register_to_config(self, **values: Any) -> None:
+        self.__dict__.setdefault("_config_values", {}).update(values)
+
+    @property
+    def config(self) -> PipelineConfig:
+        values: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION}
+        if self._name_or_path is not None:
+            values["_name_or_path"] = self._name_or_path
+        values.update({n: library_entry(getattr(self, n, None)) for n in self.component_names()})
+        values.update(self.__dict__.get("_config_values", {}))
+        return PipelineConfig(values)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """Name -> component, e.g. to build another pipeline on the same weights: `Img2Img(**pipe.components)`."""
+        return {n: getattr(self, n, None) for n in self.component_names()}
+
+    @property
+    def name_or_path(self) -> str | None:
+        return self._name_or_path
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+
+    def __repr__(self) -> str:
+        lines = [f"  {n}: {library_entry(c)[1]}" for n, c in self.components.items()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+    # --- device and dtype -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for m in self._modules():
+            return next(m.parameters()).device
+        return torch.device("cpu")
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for m in self._modules():
+            return next(m.parameters()).dtype
+        return torch.float32
+
+    def to(self: P, *args: Any, device: Any = None, dtype: torch.dtype | None = None) -> P:
+        """Move every torch module: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`."""
+        if len(args) > 2:
+            raise TypeError(f"to() takes at most a device and a dtype, got {len(args)} arguments: {args!r}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                if dtype is not None:
+                    raise TypeError(f"to(): dtype given twice ({dtype} and {arg})")
+                dtype = arg
+            else:
+                if device is not None:
+                    raise TypeError(f"to(): device given twice ({device!r} and {arg!r})")
+                device = arg
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"to(): dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        device = torch.device(device) if device is not None else None
+        for module in self._modules():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    # --- progress bar -----------------------------------------------------------------------------------------------
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm bar over the denoising steps, e.g. `disable=True`."""
+        self._progress_bar_config = kwargs
+
+    @torch.compiler.disable
+    def progress_bar(self, total: int) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
+
+    # --- state read by step-end callbacks (Diffusers' properties) ---------------------------------------------------
+    @property
+    def num_timesteps(self) -> int | None:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # --- loading ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls: type[P],
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> P:
+        """Load a pipeline saved in Diffusers' layout (a local folder or a Hub id).
+
+        `torch_dtype`: one dtype for every torch component, or {"unet": ..., "default": ...}; float32 if not given.
+        Keyword arguments named after components replace them (`safety_checker=None`, `controlnet=...`); those named
+        after config values (`requires_safety_checker=False`) replace model_index.json's.
+        """
+        kwargs.pop("low_cpu_mem_usage", None)  # always the case: models are built on the meta device
+        _check_dtype_arg(torch_dtype)
+        hub = dict(local_files_only=local_files_only, revision=revision, cache_dir=cache_dir, token=token)
+        source = str(pretrained_model_name_or_path)
+        index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
+        index = read_json(index_path)
+        pipeline_cls = cls._pipeline_class(index, source)
+
+        overrides, config = pipeline_cls._split_kwargs(kwargs)
+        entries = pipeline_cls._index_entries(index, overrides, source)
+        config = {k: v for k, v in index.items() if k in pipeline_cls.config_names()} | config
+
+        to_load = {n: e for n, e in entries.items() if e != (None, None)}
+        if _is_local(pretrained_model_name_or_path):
+            root = index_path.parent
+        else:
+            root = _fetch_components(source, list(to_load), variant, use_safetensors, hub)
+        _check_variant_present(root, list(to_load), variant, source)
+        loaded: dict[str, Any] = {n: None for n in entries}
+        for name, (library, class_name) in to_load.items():
+            dtype = (
+                torch_dtype.get(name, torch_dtype.get("default")) if isinstance(torch_dtype, Mapping) else torch_dtype
+            )
+            loaded[name] = _load_component(root, name, library, class_name, dtype, variant, use_safetensors)
+        pipe = pipeline_cls(**loaded, **overrides, **config)
+        pipe._name_or_path = source
+        return pipe
+
+    @classmethod
+    def _split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """from_pretrained's extra keyword arguments: (component overrides, config overrides); others are an error."""
+        components, config_names = cls.component_names(), cls.config_names()
+        unknown = sorted(k for k in kwargs if k not in components and k not in config_names)
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) {unknown}; "
+                f"components: {list(components)}; config values: {list(config_names)}"
+            )
+        overrides = {k: v for k, v in kwargs.items() if k in components}
+        return overrides, {k: v for k, v in kwargs.items() if k in config_names}
+
+    @classmethod
+    def _pipeline_class(cls, index: Mapping[str, Any], source: str) -> type[DiffusionPipeline]:
+        if cls is not DiffusionPipeline:
+            return cls
+        name = index.get("_class_name")
+        if not isinstance(name, str):
+            raise ValueError(f"{source}/{MODEL_INDEX} has no '_class_name' naming the pipeline class")
+        pipeline_cls = rapiddiff_class(name, f"{source}/{MODEL_INDEX} _class_name")
+        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
+            raise ValueError(f"{source}/{MODEL_INDEX}: _class_name {name!r} is not a pipeline class")
+        return pipeline_cls
+
+    @classmethod
+    def _index_entries(
+        cls, index: Mapping[str, Any], overrides: Mapping[str, Any], source: str
+    ) -> dict[str, tuple[str | None, str | None]]:
+        """The `[library, class]` entry of each component to load; checks the index fits this class."""
+        where = f"{source}/{MODEL_INDEX}"
+        components, config_names = cls.component_names(), cls.config_names()
+        entries, foreign = {}, []
+        for key, value in index.items():
+            if key.startswith("_") or key in config_names:
+                continue
+            if key not in components:
+                foreign.append(key)
+            elif key not in overrides:
+                if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                    raise ValueError(f"{where}: entry {key!r} must be [library, class name], got {value!r}")
+                entries[key] = tuple(value)
+        if foreign:
+            raise ValueError(
+                f"{where} (written for {index.get('_class_name')}) has entries {foreign} that {cls.__name__} does not "
+                f"take; its components are {list(components)} and its config values {list(config_names)}"
+            )
+        missing = [n for n in components if n not in entries and n not in overrides]
+        required = [n for n in missing if n not in cls._optional_components]
+        if required:
+            raise ValueError(
+                f"{where} (written for {index.get('_class_name')}) has no component(s) {required} needed by "
+                f"{cls.__name__}; pass them to from_pretrained, e.g. {required[0]}=..."
+            )
+        return entries | {n: (None, None) for n in missing}
+
+    # --- saving -----------------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
+    ) -> None:
+        """Write Diffusers' layout: model_index.json and one folder per component (Diffusers can load it)."""
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file, expected a folder")
+        directory.mkdir(parents=True, exist_ok=True)
+        index = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items() if k != "_name_or_path"}
+        (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for name, component in self.components.items():
+            if component is not None:
+                _save_component(_unwrap(component), directory / name, safe_serialization, variant)
+
+
+def _check_dtype_arg(torch_dtype: Any) -> None:
+    values = torch_dtype.values() if isinstance(torch_dtype, Mapping) else [torch_dtype]
+    if any(v is not None and not isinstance(v, torch.dtype) for v in values):
+        raise TypeError(
+            "torch_dtype must be a torch.dtype (e.g. torch.float16) or a dict of them per component "
+            f"({{'unet': torch.float16, 'default': torch.float32}}), got {torch_dtype!r}"
+        )
+
+
+def _check_variant_present(root: Path, names: list[str], variant: str | None, source: str) -> None:
+    """Components without the variant load their plain weights, but a variant that no component has is a mistake."""
+    if variant is None:
+        return
+    weighted = [n for n in names if (root / n).is_dir() and any(_is_weight(p.name) for p in (root / n).iterdir())]
+    if weighted and not any(_folder_has_variant(root / n, variant) for n in weighted):
+        raise ValueError(f"{source}: none of the components {weighted} has weight files of variant={variant!r}")
+
+
+def _load_component(
+    root: Path,
+    name: str,
+    library: str | None,
+    class_name: str | None,
+    dtype: torch.dtype | None,
+    variant: str | None,
+    use_safetensors: bool | None,
+) -> Any:
+    what = f"component {name!r} ([{library!r}, {class_name!r}])"
+    if not isinstance(library, str) or not isinstance(class_name, str):
+        raise ValueError(f"{root}/{MODEL_INDEX}: {what} must name a library and a class, or be [null, null]")
+    cls = _component_class(library, class_name, what)
+    folder = root / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{root}: missing folder {name!r} for {what}")
+    kwargs: dict[str, Any] = {}
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        # transformers renamed `torch_dtype` to `dtype` in 4.56
+        new_name = _is_transformers_model(cls) and _transformers_version() >= (4, 56)
+        dtype_key = "dtype" if new_name else "torch_dtype"
+        kwargs[dtype_key] = dtype if dtype is not None else torch.float32
+        kwargs["use_safetensors"] = use_safetensors
+        if _folder_has_variant(folder, variant):  # else the plain weights, as Diffusers does
+            kwargs["variant"] = variant
+    return cls.from_pretrained(folder, **kwargs)
+
+
+def _save_component(component: Any, folder: Path, safe_serialization: bool, variant: str | None) -> None:
+    if not hasattr(component, "save_pretrained"):
+        raise TypeError(f"cannot save component {type(component).__name__} to {folder}: it has no save_pretrained")
+    kwargs: dict[str, Any] = {}
+    if isinstance(component, torch.nn.Module):
+        kwargs["variant"] = variant
+        if not _is_transformers_model(component) or _transformers_version() < (5, 0):
+            kwargs["safe_serialization"] = safe_serialization
+        elif not safe_serialization:
+            raise ValueError(f"transformers >= 5 saves {type(component).__name__} as safetensors only")
+    component.save_pretrained(folder, **kwargs)
+
+
+def _fetch_components(
+    repo_id: str, names: list[str], variant: str | None, use_safetensors: bool | None, hub: dict[str, Any]
+) -> Path:
+    """Download (or find in the cache) model_index.json and the files of the components to load; the snapshot root.
+
+    Online, the repo's file list picks exactly the needed weights (one variant, one format); offline, the cached
+    snapshot is used as it is.
+    """
+    offline = hub["local_files_only"] or _hub_offline()
+    files = None if offline else _list_repo_files(repo_id, hub)
+    if files is None:
+        patterns = [MODEL_INDEX, *(f"{n}/*" for n in names)]
+        return resolve_dir(repo_id, allow_patterns=patterns, **{**hub, "local_files_only": True})
+    wanted = [MODEL_INDEX]
+    for name in names:
+        inside = [f for f in files if f.startswith(f"{name}/") and f.count("/") == 1]
+        wanted += [f for f in inside if not _is_weight(f) and not any(f.endswith(p[1:]) for p in IGNORED_REPO_PATTERNS)]
+        wanted += pick_weight_files(inside, variant, use_safetensors)
+    return resolve_dir(repo_id, allow_patterns=wanted, **hub)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _list_repo_files(repo_id: str, hub: dict[str, Any]) -> list[str] | None:
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.list_repo_files(repo_id, revision=hub["revision"], token=hub["token"])
+    except Exception as e:  # no network: fall back to the local cache, which names itself if empty
+        logger.warning("could not list the files of %r on the Hub (%s); using the local cache", repo_id, e)
+        return None
+
+
+# --- argument checks shared by every pipeline's __call__ ----------------------------------------------------------
+def check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_output_type(output_type: Any, allowed: Sequence[str] = OUTPUT_TYPES) -> None:
+    if output_type not in allowed:
+        raise ValueError(f"output_type={output_type!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+def check_generator(generator: Any, batch_size: int) -> None:
+    """One torch.Generator, or a list of one per image (batch_size = prompts x num_images_per_prompt)."""
+    if isinstance(generator, list):
+        if len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators, but the effective batch size (prompts x "
+                f"num_images_per_prompt) is {batch_size}: pass one generator, or a list of {batch_size}"
+            )
+        bad = [g for g in generator if not isinstance(g, torch.Generator)]
+    else:
+        bad = [generator] if generator is not None and not isinstance(generator, torch.Generator) else []
+    if bad:
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {bad[0]!r}")
+
+
+def callback_tensor_names(callback: Any, names: Sequence[str] | None, allowed: Sequence[str]) -> list[str]:
+    """Validate a step-end callback and the tensor names it asks for; Diffusers' callback objects name their own."""
+    if callback is None:
+        return []
+    if not callable(callback):
+        raise TypeError(f"callback_on_step_end must be callable(pipe, i, t, callback_kwargs), got {callback!r}")
+    names = list(getattr(callback, "tensor_inputs", None) or names or [])
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs has unknown name(s) {unknown}; allowed: {list(allowed)}")
+    return names
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """A real number (not a bool, not a tensor: reading a tensor's value would sync with the device), within bounds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")

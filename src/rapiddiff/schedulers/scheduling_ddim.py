@@ -1,0 +1,81 @@
+"""DDIM (Song et al., arXiv:2010.02502): deterministic for eta = 0, DDPM-like noise for eta = 1."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..utils.torch_utils import Generator, randn_tensor
+from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, spaced_timesteps
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMSchedulerConfig(SchedulerConfig):
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+    rescale_betas_zero_snr: bool = False
+
+
+class DDIMScheduler(SchedulerMixin):
+    config_class: ClassVar[type[DDIMSchedulerConfig]] = DDIMSchedulerConfig
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        if not self.config.set_alpha_to_one:
+            self.final_alpha_cumprod = self.alphas_cumprod[0]
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        n = self._check_num_inference_steps(num_inference_steps)
+        cfg = self.config
+        timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
+        self._set_schedule(timesteps.astype(np.int64), device, n)
+
+    def _variance(self, t: int, prev_t: int) -> torch.Tensor:
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
+        return ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        """x_{t-1} from x_t: formula (12) of the DDIM paper, with sigma_t = eta * sqrt(variance)."""
+        self._require_schedule()
+        if variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise to DDIMScheduler.step, not both")
+        t = self._timestep_values[self._index(timestep)]
+        # Diffusers' DDIM always steps back by num_train // num_inference, whatever the spacing.
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
+
+        x0 = self._predict_x0(model_output, sample, alpha_prod_t)
+        eps = self._predict_eps(model_output, sample, alpha_prod_t)
+        x0 = self._clip_x0(x0)
+        if use_clipped_model_output:
+            eps = (sample - alpha_prod_t**0.5 * x0) / (1 - alpha_prod_t) ** 0.5
+
+        std_dev_t = eta * self._variance(t, prev_t) ** 0.5
+        direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * eps
+        prev_sample = alpha_prod_t_prev**0.5 * x0 + direction
+        if eta > 0:
+            if variance_noise is None:
+                variance_noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            prev_sample = prev_sample + std_dev_t * variance_noise
+        self._step_index += 1
+        return self._output(prev_sample, x0, return_dict)

@@ -1,0 +1,106 @@
+"""DDPM (Ho et al., arXiv:2006.11239) ancestral sampling, with the learned variances of improved DDPM (DeepFloyd IF)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..utils.torch_utils import Generator, randn_tensor
+from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, spaced_timesteps
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMSchedulerConfig(SchedulerConfig):
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+    rescale_betas_zero_snr: bool = False
+
+    choices: ClassVar = {
+        **SchedulerConfig.choices,
+        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"),
+    }
+
+
+class DDPMScheduler(SchedulerMixin):
+    config_class: ClassVar[type[DDPMSchedulerConfig]] = DDPMSchedulerConfig
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
+        """Evenly spaced timesteps per `timestep_spacing`, or the custom descending `timesteps`."""
+        n = self._resolve_steps(num_inference_steps, timesteps)
+        cfg = self.config
+        if timesteps is None:
+            timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
+        timesteps = np.asarray(timesteps).astype(np.int64)
+        self._set_schedule(timesteps, device, len(timesteps))
+
+    def _variance(self, t: int, prev_t: int, predicted_variance: torch.Tensor | None) -> torch.Tensor:
+        """The posterior variance (its log for learned_range, its std for fixed_small_log) per `variance_type`."""
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
+        beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
+        variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * beta_t, min=1e-20)
+        kind = self.config.variance_type
+        if kind == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(variance))
+        if kind == "fixed_large":
+            return beta_t
+        if kind == "learned":
+            return predicted_variance
+        if kind == "learned_range":  # the model interpolates log-variance between beta~_t and beta_t
+            frac = (predicted_variance + 1) / 2
+            return frac * torch.log(beta_t) + (1 - frac) * torch.log(variance)
+        return variance
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        """x_{t-1} ~ q(x_{t-1} | x_t, x0): the posterior mean (formula 7) plus noise of the chosen variance."""
+        i = self._index(timestep)
+        t = self._timestep_values[i]
+        prev_t = self._timestep_values[i + 1] if i + 1 < len(self._timestep_values) else -1
+        predicted_variance = None
+        learned = self.config.variance_type in ("learned", "learned_range")
+        if learned and model_output.shape[1] == sample.shape[1] * 2:
+            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
+        beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+        current_beta_t = 1 - current_alpha_t
+
+        x0 = self._clip_x0(self._predict_x0(model_output, sample, alpha_prod_t))
+        x0_coeff = (alpha_prod_t_prev**0.5 * current_beta_t) / beta_prod_t
+        sample_coeff = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t
+        prev_sample = x0_coeff * x0 + sample_coeff * sample
+
+        if t > 0:
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+            variance = self._variance(t, prev_t, predicted_variance)
+            if self.config.variance_type == "fixed_small_log":
+                std = variance
+            elif self.config.variance_type == "learned_range":
+                std = torch.exp(0.5 * variance)
+            else:
+                std = variance**0.5
+            prev_sample = prev_sample + std * noise
+        self._step_index += 1
+        return self._output(prev_sample, x0, return_dict)

@@ -1,0 +1,55 @@
+"""Euler ancestral sampling: an Euler step down to sigma_down, then fresh noise back up to sigma_{i+1}."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..utils.torch_utils import Generator, randn_tensor
+from .scheduling_euler_discrete import EulerSchedulerMixin
+from .scheduling_utils import SchedulerConfig, SchedulerOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerAncestralDiscreteSchedulerConfig(SchedulerConfig):
+    timestep_spacing: str = "linspace"
+    rescale_betas_zero_snr: bool = False
+
+    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+
+
+class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
+    config_class: ClassVar[type[EulerAncestralDiscreteSchedulerConfig]] = EulerAncestralDiscreteSchedulerConfig
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        timesteps = self._spaced_timesteps(self._check_num_inference_steps(num_inference_steps))
+        self._set_schedule(timesteps, device, len(timesteps))
+        self._set_sigmas(np.concatenate([self._spaced_sigmas(timesteps), [0.0]]).astype(np.float32))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        self._check_timestep(timestep)
+        i = self._index(timestep)
+        sigma, sigma_to = self.sigmas[i], self.sigmas[i + 1]
+        sample = sample.to(torch.float32)
+        x0 = self._predict_x0_ve(model_output, sample, sigma, sigma)
+        # split the step to sigma_to into a deterministic part (down) and injected noise (up)
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        derivative = (sample - x0) / sigma
+        prev_sample = sample + derivative * (sigma_down - sigma)
+        noise = randn_tensor(
+            model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+        )
+        prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
+        self._step_index += 1
+        return self._output(prev_sample, x0, return_dict)

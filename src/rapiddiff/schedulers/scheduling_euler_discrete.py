@@ -1,0 +1,168 @@
+"""Euler's method on the probability-flow ODE in sigma space (Karras et al., arXiv:2206.00364, Algorithm 2).
+
+`EulerSchedulerMixin` holds what both Euler schedulers share: the variance-exploding view x = x0 + sigma * noise
+(inputs scaled by 1 / sqrt(sigma^2 + 1), noise added as sigma * noise) and the interpolated sigma schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..utils.torch_utils import Generator, randn_tensor
+from .scheduling_utils import (
+    SchedulerConfig,
+    SchedulerMixin,
+    SchedulerOutput,
+    karras_sigmas,
+    sigma_to_t,
+    spaced_timesteps,
+)
+
+
+class EulerSchedulerMixin(SchedulerMixin):
+    """Sigma tables and the scaled-input convention of the Euler schedulers."""
+
+    _pin_zero_snr: ClassVar[bool] = True
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        n = self.config.num_train_timesteps
+        self._set_schedule(np.linspace(0, n - 1, n, dtype=np.float32)[::-1], None, None)
+        self._set_sigmas(np.concatenate([self._train_sigmas()[::-1], [0.0]]))
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Std of the initial noise: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" spacing (as Diffusers)."""
+        max_sigma = self.sigmas.max()
+        return max_sigma if self.config.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+
+    def _spaced_sigmas(self, timesteps: np.ndarray) -> np.ndarray:
+        """The training sigmas interpolated at (fractional) `timesteps`, float64."""
+        train_sigmas = self._train_sigmas()
+        return np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+
+    def _spaced_timesteps(self, n: int) -> np.ndarray:
+        cfg = self.config
+        timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, False)
+        return timesteps.astype(np.float32)
+
+    def _check_timestep(self, timestep: float | torch.Tensor) -> None:
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            raise ValueError(
+                f"{type(self).__name__}: timestep must be one of scheduler.timesteps (floats), got the integer "
+                f"{timestep!r}; pass `t` from `for t in scheduler.timesteps`, not an index from enumerate()"
+            )
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """sample / sqrt(sigma^2 + 1): the model sees unit-variance inputs."""
+        sigma = self.sigmas[self._index(timestep)]
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def _predict_x0_ve(
+        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_hat: torch.Tensor
+    ) -> torch.Tensor:
+        if self.config.prediction_type == "epsilon":
+            return sample - sigma_hat * model_output
+        if self.config.prediction_type == "v_prediction":  # v is defined on the scaled input
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        return model_output
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """original + sigma * noise, sigma of the current (or begin) step; see `_sigma_for_noise`."""
+        return original_samples + noise * self._sigma_for_noise(timesteps, original_samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerDiscreteSchedulerConfig(SchedulerConfig):
+    interpolation_type: str = "linear"
+    use_karras_sigmas: bool | None = False
+    use_exponential_sigmas: bool | None = False
+    use_beta_sigmas: bool | None = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    timestep_spacing: str = "linspace"
+    timestep_type: str = "discrete"
+    rescale_betas_zero_snr: bool = False
+    final_sigmas_type: str = "zero"
+
+    choices: ClassVar = {
+        **SchedulerConfig.choices,
+        "interpolation_type": ("linear",),
+        "use_exponential_sigmas": (False, None),
+        "use_beta_sigmas": (False, None),
+        "timestep_type": ("discrete",),
+        "final_sigmas_type": ("zero", "sigma_min"),
+    }
+
+
+class EulerDiscreteScheduler(EulerSchedulerMixin):
+    config_class: ClassVar[type[EulerDiscreteSchedulerConfig]] = EulerDiscreteSchedulerConfig
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> None:
+        """Spaced timesteps, custom descending `timesteps`, or custom `sigmas` (n + 1 values, the last one final)."""
+        cfg = self.config
+        if timesteps is not None and cfg.use_karras_sigmas:
+            raise ValueError("EulerDiscreteScheduler: custom timesteps cannot be combined with use_karras_sigmas=True")
+        if sigmas is not None:
+            if num_inference_steps is not None or timesteps is not None:
+                raise ValueError("pass only one of num_inference_steps, timesteps or sigmas to set_timesteps")
+            sigmas = np.array(sigmas).astype(np.float32)
+            if sigmas.ndim != 1 or len(sigmas) < 2:
+                raise ValueError(f"sigmas must list at least 2 noise levels, got {sigmas.tolist()}")
+            timesteps = sigma_to_t(sigmas[:-1], np.log(self._train_sigmas()))
+        else:
+            n = self._resolve_steps(num_inference_steps, timesteps)
+            timesteps = self._spaced_timesteps(n) if timesteps is None else np.array(timesteps).astype(np.float32)
+            sigmas = self._spaced_sigmas(timesteps)
+            if cfg.use_karras_sigmas:
+                sigma_min = cfg.sigma_min if cfg.sigma_min is not None else sigmas[-1].item()
+                sigma_max = cfg.sigma_max if cfg.sigma_max is not None else sigmas[0].item()
+                sigmas = karras_sigmas(sigma_min, sigma_max, n)
+                timesteps = sigma_to_t(sigmas, np.log(self._train_sigmas()))
+            last = self._train_sigmas()[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
+            sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        self._set_schedule(timesteps.astype(np.float32), device, len(timesteps))
+        self._set_sigmas(sigmas)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        """One Euler step from sigma_i to sigma_{i+1}, optionally "churned" up to sigma_hat with fresh noise."""
+        self._check_timestep(timestep)
+        i = self._index(timestep)
+        sample = sample.to(torch.float32)
+        sigma = self.sigmas[i]
+        churn = s_tmin <= self._sigma_values[i] <= s_tmax
+        gamma = min(s_churn / (len(self._sigma_values) - 1), 2**0.5 - 1) if churn else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+
+        x0 = self._predict_x0_ve(model_output, sample, sigma, sigma_hat)
+        derivative = (sample - x0) / sigma_hat
+        prev_sample = (sample + derivative * (self.sigmas[i + 1] - sigma_hat)).to(model_output.dtype)
+        self._step_index += 1
+        return self._output(prev_sample, x0, return_dict)

@@ -1,0 +1,124 @@
+"""PNDM (Liu et al., arXiv:2202.09778): Runge-Kutta warm-up steps, then a 4th-order linear multistep (PLMS).
+
+Stable Diffusion 1.x uses `skip_prk_steps=True`: PLMS from the start, warmed up with lower-order formulas
+(crowsonkb's PLMS sampler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, spaced_timesteps
+
+
+@dataclasses.dataclass(frozen=True)
+class PNDMSchedulerConfig(SchedulerConfig):
+    skip_prk_steps: bool = False
+    set_alpha_to_one: bool = False
+
+    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+
+
+class PNDMScheduler(SchedulerMixin):
+    config_class: ClassVar[type[PNDMSchedulerConfig]] = PNDMSchedulerConfig
+    pndm_order: ClassVar[int] = 4
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        if not self.config.set_alpha_to_one:
+            self.final_alpha_cumprod = self.alphas_cumprod[0]
+        self.timesteps = None
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self.counter = 0  # steps taken since set_timesteps: selects the PRK / PLMS formula
+        self.ets: list[torch.Tensor] = []  # past model outputs (copies), newest last
+        self.cur_model_output: float | torch.Tensor = 0  # PRK: weighted sum of the 4 evaluations
+        self.cur_sample: torch.Tensor | None = None  # sample at the start of the current multi-evaluation step
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        n = self._check_num_inference_steps(num_inference_steps)
+        cfg = self.config
+        ascending = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)[::-1]
+        if cfg.skip_prk_steps:
+            # the second-to-last timestep is repeated: PLMS's second step re-evaluates it (see _step_plms)
+            self.prk_timesteps = np.array([])
+            self.plms_timesteps = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1].copy()
+        else:
+            half_step = np.tile(np.array([0, cfg.num_train_timesteps // n // 2]), self.pndm_order)
+            prk = np.array(ascending[-self.pndm_order :]).repeat(2) + half_step
+            self.prk_timesteps = prk[:-1].repeat(2)[1:-1][::-1].copy()
+            self.plms_timesteps = ascending[:-3][::-1].copy()
+        self._set_schedule(np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64), device, n)
+        self._reset_history()
+
+    def step(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        self._require_schedule()
+        t = self._timestep_values[self._index(timestep)]
+        if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
+            prev_sample = self._step_prk(model_output, t, sample)
+        else:
+            prev_sample = self._step_plms(model_output, t, sample)
+        self.counter += 1
+        self._step_index += 1
+        return self._output(prev_sample, None, return_dict)
+
+    def _step_prk(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """One of the 4 Runge-Kutta evaluations: weights 1/6, 1/3, 1/3, 1/6 over full and half steps."""
+        half = self.config.num_train_timesteps // self.num_inference_steps // 2
+        prev_t = t - (0 if self.counter % 2 else half)
+        t = int(self.prk_timesteps[self.counter // 4 * 4])
+        stage = self.counter % 4
+        if stage == 0:
+            self.cur_model_output = self.cur_model_output + 1 / 6 * model_output
+            self.ets.append(model_output.clone())
+            self.cur_sample = sample.clone()
+        elif stage in (1, 2):
+            self.cur_model_output = self.cur_model_output + 1 / 3 * model_output
+        else:
+            model_output = self.cur_model_output + 1 / 6 * model_output
+            self.cur_model_output = 0
+        cur_sample = self.cur_sample if self.cur_sample is not None else sample
+        return self._prev_sample(cur_sample, t, prev_t, model_output)
+
+    def _step_plms(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """Adams-Bashforth over the stored outputs, of order 1 to 4 as the history fills."""
+        if not self.config.skip_prk_steps and len(self.ets) < 3:
+            raise ValueError("PNDMScheduler: PLMS steps need the 12 Runge-Kutta steps first (skip_prk_steps=False)")
+        step = self.config.num_train_timesteps // self.num_inference_steps
+        prev_t = t - step
+        if self.counter == 1:
+            # second step: redo the first interval with the average of both outputs (a Heun step)
+            prev_t, t = t, t + step
+        else:
+            self.ets = [*self.ets[-3:], model_output.clone()]
+
+        ets = self.ets
+        if len(ets) == 1 and self.counter == 0:
+            self.cur_sample = sample.clone()
+        elif len(ets) == 1 and self.counter == 1:
+            model_output = (model_output + ets[-1]) / 2
+            sample, self.cur_sample = self.cur_sample, None
+        elif len(ets) == 2:
+            model_output = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            model_output = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            model_output = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
+        return self._prev_sample(sample, t, prev_t, model_output)
+
+    def _prev_sample(self, sample: torch.Tensor, t: int, prev_t: int, model_output: torch.Tensor) -> torch.Tensor:
+        """x_{t-delta} from x_t and an epsilon estimate: formula (9) of the PNDM paper."""
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
+        eps = self._predict_eps(model_output, sample, alpha_prod_t)
+        sample_coeff = (alpha_prod_t_prev / alpha_prod_t) ** 0.5
+        beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+        eps_denom = alpha_prod_t * beta_prod_t_prev**0.5 + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** 0.5
+        return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * eps / eps_denom

@@ -1,0 +1,512 @@
+"""SchedulerMixin: everything rapiddiff's schedulers share; each scheduler file holds only its update rule.
+
+Shared here: config parsing (Diffusers' keys, swapping between schedulers), the beta / alpha tables, timestep spacing,
+Karras sigmas, x0 prediction, clipping and dynamic thresholding, add_noise, the step-index bookkeeping, the output.
+
+GPU rules, kept by every scheduler (no step ever waits for the device):
+- Tables (betas, alphas_cumprod, sigmas) live on the CPU in float32, as Diffusers computes them. A step reads its
+  scalars from them as 0-dim CPU tensors, which multiply device tensors without a sync; Python branches only look at
+  Python values (`_timestep_values`, `_sigma_values`, converted once in `set_timesteps`).
+- The position in the schedule is a Python int, `step_index`, advanced by every `step`. A timestep passed as a device
+  tensor is never read. The index starts at `begin_index` when one is set (pipelines that start mid-schedule call
+  `set_begin_index(t_start * scheduler.order)` after `set_timesteps`, as Diffusers' img2img does); otherwise it is
+  looked up from the first timestep when that is a Python number or a CPU tensor, and is 0 for a device tensor.
+- `add_noise`: the alpha schedulers (DDPM, DDIM, PNDM) gather `alphas_cumprod[timesteps]` on the samples' device; the
+  sigma schedulers (Euler, DPM-Solver) use the step index, else the begin index, else match the timesteps against the
+  schedule with tensor ops on the timesteps' device (an unknown timestep maps to the last step).
+- Stored model outputs (PNDM, DPM-Solver history) are copies: with CUDA graphs the model's output buffer is
+  overwritten by its next call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+
+from ..configuration import Config, ConfigError, ConfigMixin
+from ..utils.torch_utils import to_device
+
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+
+# Every config key of Diffusers' Stable-Diffusion-compatible schedulers. A scheduler keeps the ones it does not use
+# aside ("hidden", as Diffusers does), so that a later swap to another scheduler still sees them; any other key is an
+# error.
+DIFFUSERS_SCHEDULER_KEYS = frozenset(
+    """algorithm_type beta_end beta_schedule beta_start clip_sample clip_sample_range disable_corrector
+    dynamic_thresholding_ratio euler_at_final final_sigmas_type flow_shift interpolation_type lambda_min_clipped
+    lower_order_final num_train_timesteps predict_x0 prediction_type rescale_betas_zero_snr rho sample_max_value
+    set_alpha_to_one shift_terminal sigma_data sigma_max sigma_min sigma_schedule skip_prk_steps solver_order solver_p
+    solver_type steps_offset thresholding time_shift_type timestep_spacing timestep_type trained_betas use_beta_sigmas
+    use_dynamic_shifting use_exponential_sigmas use_flow_sigmas use_karras_sigmas use_lu_lambdas variance_type""".split()
+)
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
+
+S = TypeVar("S", bound="SchedulerMixin")
+SC = TypeVar("SC", bound="SchedulerConfig")
+
+
+# --- config --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig(Config):
+    """Keys every scheduler has. Subclasses add theirs and list allowed values in `choices`.
+
+    Besides its fields a scheduler config carries two things Diffusers' does: `hidden`, the keys of other schedulers
+    it was given (kept for later swaps, and saved), and `defaulted`, the fields not given (`_use_default_values`:
+    on a swap the new scheduler's own defaults win for those, e.g. Euler keeps "linspace" spacing when built from
+    SD 1.5's PNDM config).
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+
+    # key -> allowed values. Keys of newer Diffusers versions that rapiddiff does not implement allow only "off".
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        "prediction_type": ("epsilon", "sample", "v_prediction"),
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+    }
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int):
+            raise ConfigError(f"{name}: num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"{name}: num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            raise ConfigError(
+                f"{name}: trained_betas has {len(self.trained_betas)} values, "
+                f"num_train_timesteps is {self.num_train_timesteps}"
+            )
+        for key, allowed in self.choices.items():
+            self.check_choice(key, allowed)
+
+    @property
+    def hidden(self) -> dict[str, Any]:
+        return self.__dict__.get("_hidden", {})
+
+    @property
+    def defaulted(self) -> tuple[str, ...]:
+        return self.__dict__.get("_defaulted", ())
+
+    def with_extras(self: SC, hidden: Mapping[str, Any], defaulted: Sequence[str]) -> SC:
+        object.__setattr__(self, "_hidden", dict(hidden))
+        object.__setattr__(self, "_defaulted", tuple(defaulted))
+        return self
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
+        hidden = self.__dict__.get("_hidden", {})
+        if name in hidden:  # e.g. `config.variance_type` of an Euler scheduler built from IF's DDPM config
+            return hidden[name]
+        raise AttributeError(f"{type(self).__name__} has no key {name!r}")
+
+    # Mapping view as Diffusers shows it: fields, then `_use_default_values`, then the hidden keys.
+    def __getitem__(self, key: str) -> Any:
+        if key == "_use_default_values" and self.defaulted:
+            return list(self.defaulted)
+        if key in self.hidden:
+            return self.hidden[key]
+        return super().__getitem__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from super().__iter__()
+        if self.defaulted:
+            yield "_use_default_values"
+        yield from self.hidden
+
+    def __len__(self) -> int:
+        return super().__len__() + bool(self.defaulted) + len(self.hidden)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.hidden, **super().to_dict()}
+
+    def replace(self: SC, **changes: Any) -> SC:
+        return super().replace(**changes).with_extras(self.hidden, [k for k in self.defaulted if k not in changes])
+
+
+# --- tables --------------------------------------------------------------------------------------------------------
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """GLIDE's squaredcos_cap_v2 schedule: betas from alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2)."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alphas_cumprod) so the last timestep has zero SNR (arXiv:2305.08891, Algorithm 1)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alphas_bar = sqrt_ab**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def make_betas(config: SchedulerConfig) -> torch.Tensor:
+    """The training betas (float32 on the CPU, as Diffusers computes them)."""
+    n = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":  # latent diffusion's schedule
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
+    else:
+        betas = _cosine_betas(n)
+    if getattr(config, "rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def spaced_timesteps(
+    spacing: str, num_train: int, n: int, steps_offset: int, round_linspace: bool = True
+) -> np.ndarray:
+    """`n` of the `num_train` training timesteps, descending, spaced as Table 2 of arXiv:2305.08891 (float64)."""
+    if spacing == "trailing":
+        return np.round(np.arange(num_train, 0, -num_train / n)) - 1
+    if spacing == "leading":
+        timesteps = (np.arange(0, n) * (num_train // n)).round() + steps_offset
+    else:
+        timesteps = np.linspace(0, num_train - 1, n)
+        timesteps = timesteps.round() if round_linspace else timesteps
+    return timesteps[::-1].copy()
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) noise levels: `n` sigmas from sigma_max to sigma_min, uniform in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of `sigmas`: linear interpolation of log-sigma over the training table."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]  # (num_train, n)
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(sigmas.shape)
+
+
+def match_timesteps(schedule: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Index in `schedule` of each of `timesteps`, with tensor ops only (no sync on any device).
+
+    A timestep found twice maps to its second occurrence, as Diffusers' `index_for_timestep`; one not found maps to
+    the last index.
+    """
+    matches = schedule.reshape(1, -1) == timesteps.reshape(-1, 1)  # (B, N)
+    count = matches.sum(dim=1, keepdim=True)
+    wanted = matches & (matches.cumsum(dim=1) == torch.where(count > 1, 2, 1))
+    last = torch.full_like(count[:, 0], schedule.numel() - 1)
+    return torch.where(count[:, 0] > 0, wanted.int().argmax(dim=1), last)
+
+
+def _broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) or () per-sample values as (B, 1, ..., 1) to multiply a batch shaped like `like`."""
+    return values.flatten().reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SchedulerOutput:
+    """What `step` returns: the sample at the previous timestep and, where Diffusers gives it, the predicted x0."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+
+    def __getitem__(self, key: int | str) -> torch.Tensor:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+# --- base ----------------------------------------------------------------------------------------------------------
+class SchedulerMixin(ConfigMixin):
+    """Base of every rapiddiff scheduler (see the module docstring for the rules a step follows)."""
+
+    config_class: ClassVar[type[SchedulerConfig]]
+    config_name: ClassVar[str] = SCHEDULER_CONFIG_NAME
+    config: SchedulerConfig
+    order: ClassVar[int] = 1
+    init_noise_sigma: ClassVar[float] = 1.0  # std of the initial noise (the Euler schedulers compute theirs)
+    # Sigma schedulers pin the last alphas_cumprod at 2**-24 under rescale_betas_zero_snr (a zero gives sigma = inf).
+    _pin_zero_snr: ClassVar[bool] = False
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        self.config = self._parse_config(config, kwargs, source=type(self).__name__)
+        self.betas = make_betas(self.config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if self._pin_zero_snr and getattr(self.config, "rescale_betas_zero_snr", False):
+            self.alphas_cumprod[-1] = 2**-24
+        self.final_alpha_cumprod = torch.tensor(1.0)  # alphas_cumprod "before" timestep 0
+        self.sigmas: torch.Tensor | None = None
+        n = self.config.num_train_timesteps
+        self._set_schedule(np.arange(n - 1, -1, -1), None, None)
+
+    # --- config -------------------------------------------------------------------------------------------------
+    @classmethod
+    def _accepts_config_of(cls, class_name: str) -> bool:
+        return class_name.endswith("Scheduler")
+
+    @classmethod
+    def _parse_config(cls, config: Mapping[str, Any] | None, overrides: Mapping[str, Any], source: str) -> Config:
+        """Diffusers' rules: own keys are used, keys of other schedulers kept aside, `_use_default_values` dropped.
+
+        Keys no Diffusers scheduler has are an error in a config written for this class (and in `overrides`); a
+        config of another scheduler class (a swap) keeps them aside too, as Diffusers does.
+        """
+        values = dict(config or {})
+        name = values.get("_class_name")
+        foreign = name is not None and name != cls.__name__
+        if foreign and not (isinstance(name, str) and cls._accepts_config_of(name)):
+            raise ConfigError(f"{source}: is a config for {name!r}, not for a scheduler like {cls.__name__}")
+        defaulted = set(values.get("_use_default_values") or ())
+        fields = set(cls.config_class._field_names())
+        own: dict[str, Any] = {}
+        hidden: dict[str, Any] = {}
+        unknown = [f"{k}={v!r}" for k, v in overrides.items() if k not in fields]
+        for key, value in values.items():
+            if key.startswith("_") or key in defaulted:
+                continue
+            if key in fields:
+                own[key] = value
+            elif foreign or key in DIFFUSERS_SCHEDULER_KEYS:
+                hidden[key] = value
+            else:
+                unknown.append(f"{key}={value!r}")
+        if unknown:
+            raise ConfigError(
+                f"{source}: key(s) not supported by rapiddiff's {cls.__name__}: {', '.join(unknown)}. "
+                f"Supported keys: {', '.join(sorted(fields))}."
+            )
+        own.update(overrides)
+        parsed = cls.config_class.from_dict(own, source=source).with_owner(cls.__name__)
+        return parsed.with_extras(hidden, sorted(fields - own.keys()))
+
+    @classmethod
+    def from_config(cls: type[S], config: Mapping[str, Any] | None = None, **kwargs: Any) -> S:
+        """A scheduler from any scheduler's config (ours or Diffusers'), with `kwargs` overriding its keys."""
+        return cls(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[S], pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> S:
+        """Load `scheduler_config.json` from a local folder or a Hub repo; other kwargs override config keys."""
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        values = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        where = "/".join(str(p) for p in (pretrained_model_name_or_path, subfolder, cls.config_name) if p)
+        return cls(cls._parse_config(values, kwargs, source=where))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `scheduler_config.json` (readable by Diffusers) into `save_directory`."""
+        self.save_config(save_directory)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config.to_dict()})"
+
+    # --- schedule -----------------------------------------------------------------------------------------------
+    def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
+        try:
+            n = operator.index(num_inference_steps)
+        except TypeError:
+            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}") from None
+        limit = self.config.num_train_timesteps
+        if not 1 <= n <= limit:
+            raise ValueError(f"num_inference_steps={n} must be between 1 and num_train_timesteps={limit}")
+        return n
+
+    def _resolve_steps(self, num_inference_steps: int | None, timesteps: Sequence[float] | None) -> int | None:
+        """Validate `set_timesteps(num_inference_steps, timesteps=...)`: exactly one of the two, within range."""
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
+        if timesteps is None:
+            return self._check_num_inference_steps(num_inference_steps)
+        values = [float(t) for t in timesteps]
+        limit = self.config.num_train_timesteps
+        if not values or any(b >= a for a, b in zip(values, values[1:])) or values[0] >= limit or values[-1] < 0:
+            raise ValueError(
+                f"timesteps must be a non-empty, strictly descending list within [0, {limit}), got {list(timesteps)}"
+            )
+        return None
+
+    def _set_schedule(
+        self, timesteps: np.ndarray, device: str | torch.device | None, num_inference_steps: int | None
+    ) -> None:
+        """Install a schedule: `timesteps` on `device` (int64, or float32 for the Euler schedulers), its Python
+        values for the step, and a fresh step index."""
+        dtype = torch.float32 if np.issubdtype(timesteps.dtype, np.floating) else torch.int64
+        timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(dtype)
+        self._timestep_values: list[float] = timesteps.tolist()
+        self.timesteps = to_device(timesteps, device)
+        self.num_inference_steps = num_inference_steps
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    def _set_sigmas(self, sigmas: np.ndarray | torch.Tensor) -> None:
+        """Install the noise levels of the schedule (one more than timesteps, the last one after the final step)."""
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+        self._sigma_values: list[float] = self.sigmas.tolist()
+
+    def _train_sigmas(self) -> np.ndarray:
+        """sigma of every training timestep, sqrt((1 - alphas_cumprod) / alphas_cumprod), float32 ascending."""
+        return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The model input at this step: the sample itself, except for the Euler schedulers."""
+        return sample
+
+    # --- step index ---------------------------------------------------------------------------------------------
+    @property
+    def step_index(self) -> int | None:
+        """Position in `timesteps` of the next step (None until the first step or scale_model_input)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Position of the first step, set by pipelines that start mid-schedule (None: not set)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at `timesteps[begin_index]`; call after `set_timesteps` (which clears it)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of `timestep` in the schedule (the second one of a repeated timestep); reads its value."""
+        values = self._timestep_values if schedule_timesteps is None else schedule_timesteps.tolist()
+        t = float(timestep)
+        found = [i for i, v in enumerate(values) if v == t]
+        if not found:
+            raise ValueError(f"timestep {t:g} is not one of the scheduler's timesteps {values}")
+        return found[1] if len(found) > 1 else found[0]
+
+    def _index(self, timestep: float | torch.Tensor) -> int:
+        """The schedule position of the current step (see the module docstring for the rule)."""
+        if self._step_index is None:
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            elif isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+                self._step_index = 0  # reading a device timestep would sync: pipelines set a begin index instead
+            else:
+                self._step_index = self.index_for_timestep(timestep)
+        if self._step_index >= len(self._timestep_values):
+            raise ValueError(
+                f"{type(self).__name__}: all {len(self._timestep_values)} steps are done; call set_timesteps again"
+            )
+        return self._step_index
+
+    def _require_schedule(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
+
+    # --- shared math --------------------------------------------------------------------------------------------
+    def _alpha_prod(self, t: int) -> torch.Tensor:
+        """alphas_cumprod at training timestep t (a 0-dim CPU tensor); t < 0 means "before the first"."""
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
+
+    def _predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor) -> torch.Tensor:
+        """x0 from the model output under `prediction_type` (alpha_prod_t = alphas_cumprod at this timestep)."""
+        beta_prod_t = 1 - alpha_prod_t
+        if self.config.prediction_type == "epsilon":
+            return (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+        if self.config.prediction_type == "sample":
+            return model_output
+        return (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output  # v_prediction
+
+    def _predict_eps(
+        self, model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor
+    ) -> torch.Tensor:
+        """The noise epsilon from the model output under `prediction_type`."""
+        beta_prod_t = 1 - alpha_prod_t
+        if self.config.prediction_type == "epsilon":
+            return model_output
+        if self.config.prediction_type == "sample":
+            return (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
+        return (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample  # v_prediction
+
+    def _clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding when enabled, else clipping to +-clip_sample_range when enabled."""
+        if self.config.thresholding:
+            return self._threshold_sample(x0)
+        if self.config.clip_sample:
+            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """Imagen's dynamic thresholding (arXiv:2205.11487): per sample, s = the dynamic_thresholding_ratio quantile
+        of |x0| clamped to [1, sample_max_value]; x0 is clipped to [-s, s] and divided by s."""
+        dtype = sample.dtype
+        batch, *rest = sample.shape
+        flat = sample.float() if dtype not in (torch.float32, torch.float64) else sample
+        flat = flat.reshape(batch, math.prod(rest))
+        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
+
+    def _alpha_scales(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alphas_cumprod[t]) and sqrt(1 - alphas_cumprod[t]) per sample, gathered on `like`'s device."""
+        alphas_cumprod = to_device(self.alphas_cumprod, like.device).to(like.dtype)
+        alpha_prod = alphas_cumprod[to_device(torch.as_tensor(timesteps), like.device)]
+        return _broadcast_to(alpha_prod**0.5, like), _broadcast_to((1 - alpha_prod) ** 0.5, like)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion to training timesteps `timesteps` (one per sample, or one for all)."""
+        sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._alpha_scales(timesteps, original_samples)
+        return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target sqrt(a) * noise - sqrt(1 - a) * sample at training timesteps `timesteps`."""
+        sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._alpha_scales(timesteps, sample)
+        return sqrt_alpha_prod * noise - sqrt_one_minus_alpha_prod * sample
+
+    def _sigma_for_noise(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The schedule sigma that `add_noise` uses for each sample, broadcastable against `like`.
+
+        Diffusers' rule: the current step once stepping began (inpainting re-noises after each step), else the begin
+        index (img2img noises before the first step), else the timesteps' own positions in the schedule.
+        """
+        if self._begin_index is not None:
+            index = self._step_index if self._step_index is not None else self._begin_index
+            return self.sigmas[index].to(like.dtype)  # 0-dim CPU tensor: no device traffic
+        timesteps = torch.as_tensor(timesteps)
+        indices = match_timesteps(to_device(self.timesteps, timesteps.device), timesteps)
+        sigmas = to_device(self.sigmas, like.device).to(like.dtype)
+        return _broadcast_to(sigmas[to_device(indices, like.device)], like)
+
+    def _output(
+        self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        out = SchedulerOutput(prev_sample, pred_original_sample)
+        return out if return_dict else out.to_tuple()
+
+
+def owned(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied when it shares memory with `source` (a model output, overwritten by the next call when
+    the model runs as a CUDA graph) so that it can be kept across steps."""
+    if tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return tensor.clone()
+    return tensor

@@ -1,0 +1,62 @@
+"""Random tensors with Diffusers' seeding rules, and host-to-device moves that never block.
+
+Same seed => same noise as Diffusers' `randn_tensor`: a CPU generator draws on the CPU and the result is moved to the
+device, a list of generators draws one batch entry per generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Generator = torch.Generator | Sequence[torch.Generator]
+
+
+def to_device(tensor: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    """`tensor` on `device` (unchanged for None), copied without a host sync.
+
+    A plain `.to("cuda")` of a CPU tensor waits for the copy (a sync that `torch.cuda.set_sync_debug_mode` reports);
+    non_blocking staging of pageable memory is safe because CUDA copies the source out before returning.
+    """
+    if device is None:
+        return tensor
+    return tensor.to(device, non_blocking=True)
+
+
+def randn_tensor(
+    shape: Sequence[int],
+    generator: Generator | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    layout: torch.layout | None = None,
+) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`, drawn exactly as Diffusers' `randn_tensor` draws it.
+
+    - generator on the CPU, device elsewhere: drawn on the CPU, then moved (so a CPU seed gives the same noise on
+      every device);
+    - generator on another accelerator than `device`: ValueError;
+    - a list of generators: one per batch entry (its length must be shape[0]), each drawing a (1, *shape[1:]) slice.
+    """
+    shape = tuple(shape)
+    device = torch.device(device) if device is not None else None
+    target = device or torch.device("cpu")
+    generators = list(generator) if isinstance(generator, (list, tuple)) else None
+    if generators is not None and len(generators) == 1:
+        generator, generators = generators[0], None
+    if generators is not None and len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}: pass one per batch entry")
+
+    draw_device = device
+    first = generators[0] if generators else generator
+    if first is not None and first.device.type != target.type:
+        if first.device.type != "cpu":
+            raise ValueError(f"cannot draw a {target} tensor from a generator on {first.device}")
+        draw_device = torch.device("cpu")
+
+    kwargs = dict(device=draw_device, dtype=dtype, layout=layout or torch.strided)
+    if generators is None:
+        noise = torch.randn(shape, generator=generator, **kwargs)
+    else:
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, **kwargs) for g in generators])
+    return to_device(noise, target)

@@ -1,0 +1,494 @@
+"""Schedulers against diffusers 0.42.1: full denoising loops, img2img starts, config handling, no syncs in step."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from conftest import assert_close_rel
+from diffusers.utils.torch_utils import randn_tensor as diffusers_randn_tensor
+
+import rapiddiff
+from rapiddiff.configuration import ConfigError
+from rapiddiff.utils.torch_utils import randn_tensor
+
+CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+IF_DDPM = dict(
+    beta_schedule="squaredcos_cap_v2",
+    variance_type="learned_range",
+    thresholding=True,
+    dynamic_thresholding_ratio=0.95,
+    sample_max_value=1.5,
+)
+
+# (scheduler, config, step kwargs, num_inference_steps): every supported feature at least once.
+CASES = [
+    ("DDIMScheduler", {}, {}, 10),
+    ("DDIMScheduler", dict(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), {}, 12),
+    (
+        "DDIMScheduler",
+        dict(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
+        {},
+        10,
+    ),
+    ("DDIMScheduler", dict(prediction_type="sample", timestep_spacing="linspace", clip_sample_range=0.5), {}, 11),
+    ("DDIMScheduler", dict(clip_sample_range=0.8), dict(eta=0.7, use_clipped_model_output=True), 10),
+    ("DDIMScheduler", dict(beta_schedule="squaredcos_cap_v2", thresholding=True), dict(eta=1.0), 10),
+    ("DDIMScheduler", dict(num_train_timesteps=50, trained_betas=[0.001 * (i + 1) for i in range(50)]), {}, 10),
+    ("DDPMScheduler", {}, {}, 10),
+    ("DDPMScheduler", IF_DDPM, {}, 12),
+    ("DDPMScheduler", dict(variance_type="fixed_small_log", prediction_type="v_prediction"), {}, 10),
+    ("DDPMScheduler", dict(variance_type="learned", prediction_type="sample", timestep_spacing="linspace"), {}, 10),
+    (
+        "DDPMScheduler",
+        dict(
+            variance_type="fixed_large",
+            rescale_betas_zero_snr=True,
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+            clip_sample=False,
+        ),
+        {},
+        10,
+    ),
+    ("PNDMScheduler", dict(**SD, skip_prk_steps=True, steps_offset=1), {}, 15),
+    ("PNDMScheduler", {}, {}, 10),
+    ("PNDMScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True), {}, 10),
+    ("PNDMScheduler", dict(skip_prk_steps=True, timestep_spacing="linspace"), {}, 10),
+    ("EulerDiscreteScheduler", {}, {}, 25),
+    ("EulerDiscreteScheduler", dict(**SD, timestep_spacing="leading", steps_offset=1), {}, 10),
+    (
+        "EulerDiscreteScheduler",
+        dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", prediction_type="v_prediction"),
+        {},
+        10,
+    ),
+    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0), {}, 10),
+    (
+        "EulerDiscreteScheduler",
+        dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="sample"),
+        dict(s_churn=1.0, s_tmin=0.5, s_tmax=20.0),
+        10,
+    ),
+    ("EulerAncestralDiscreteScheduler", {}, {}, 10),
+    ("EulerAncestralDiscreteScheduler", dict(**SD, timestep_spacing="leading", steps_offset=1), {}, 12),
+    (
+        "EulerAncestralDiscreteScheduler",
+        dict(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
+        {},
+        10,
+    ),
+    ("DPMSolverMultistepScheduler", {}, {}, 10),
+    ("DPMSolverMultistepScheduler", dict(**SD, solver_order=3, solver_type="heun", use_karras_sigmas=True), {}, 12),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", prediction_type="v_prediction"),
+        {},
+        10,
+    ),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(
+            algorithm_type="dpmsolver",
+            solver_type="heun",
+            solver_order=3,
+            final_sigmas_type="sigma_min",
+            prediction_type="sample",
+            thresholding=True,
+        ),
+        {},
+        10,
+    ),
+    ("DPMSolverMultistepScheduler", dict(**IF_DDPM, lambda_min_clipped=-5.1), {}, 10),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(solver_order=3, lower_order_final=False, timestep_spacing="trailing", rescale_betas_zero_snr=True),
+        {},
+        20,
+    ),
+    ("DPMSolverMultistepScheduler", dict(solver_order=1, timestep_spacing="leading", steps_offset=1), {}, 10),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(euler_at_final=True, lower_order_final=False, prediction_type="sample"),
+        {},
+        16,
+    ),
+]
+IDS = [f"{name[:-9]}-{i}" for i, (name, *_) in enumerate(CASES)]
+
+
+def pair(name: str, config: dict) -> tuple:
+    return getattr(diffusers, name)(**config), getattr(rapiddiff, name)(**config)
+
+
+def channels(config: dict) -> int:
+    return 3 if config.get("variance_type", "").startswith("learned") else 4  # IF is RGB
+
+
+def fake_model(x: torch.Tensor, t: float, learned_variance: bool) -> torch.Tensor:
+    """A deterministic stand-in for the UNet; IF's outputs a variance channel block too."""
+    out = 0.3 * x + torch.cos(0.7 * x + t / 1000)
+    return torch.cat([out, 0.5 + 0.4 * torch.tanh(x + t / 500)], dim=1) if learned_variance else out
+
+
+def step_kwargs(scheduler, kwargs: dict, seed: int) -> dict:
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return {**kwargs, "generator": torch.Generator().manual_seed(seed)}
+    return kwargs
+
+
+def assert_same_schedule(ref, ours) -> None:
+    assert ours.timesteps.dtype == ref.timesteps.dtype
+    assert torch.equal(ours.timesteps, ref.timesteps), (ours.timesteps, ref.timesteps)
+    if getattr(ref, "sigmas", None) is not None:
+        torch.testing.assert_close(ours.sigmas, ref.sigmas, atol=1e-6, rtol=1e-6)
+    assert float(ours.init_noise_sigma) == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+
+
+def run_loop(ref, ours, config: dict, kwargs: dict, sample: torch.Tensor, timesteps, tag: str) -> torch.Tensor:
+    """Denoise with both schedulers side by side, comparing every step's outputs."""
+    learned = config.get("variance_type", "").startswith("learned")
+    ref_kwargs, our_kwargs = step_kwargs(ref, kwargs, 7), step_kwargs(ours, kwargs, 7)
+    x_ref, x_ours = sample, sample.clone()
+    for i, t in enumerate(timesteps):
+        m_ref = fake_model(ref.scale_model_input(x_ref, t), float(t), learned)
+        m_ours = fake_model(ours.scale_model_input(x_ours, t), float(t), learned)
+        out_ref, out_ours = ref.step(m_ref, t, x_ref, **ref_kwargs), ours.step(m_ours, t, x_ours, **our_kwargs)
+        assert_close_rel(out_ours.prev_sample, out_ref.prev_sample, 1e-5, f"{tag} step {i} prev_sample")
+        if getattr(out_ref, "pred_original_sample", None) is not None:
+            assert_close_rel(out_ours.pred_original_sample, out_ref.pred_original_sample, 1e-5, f"{tag} step {i} x0")
+        x_ref, x_ours = out_ref.prev_sample, out_ours.prev_sample
+    return x_ours
+
+
+@pytest.mark.parametrize("name,config,kwargs,n", CASES, ids=IDS)
+def test_full_loop_matches_diffusers(name, config, kwargs, n):
+    ref, ours = pair(name, config)
+    ref.set_timesteps(n)
+    ours.set_timesteps(n)
+    assert_same_schedule(ref, ours)
+    assert ours.num_inference_steps == ref.num_inference_steps and ours.order == ref.order
+    sample = torch.randn(2, channels(config), 8, 6, generator=torch.Generator().manual_seed(0))
+    sample = sample * ours.init_noise_sigma
+    run_loop(ref, ours, config, kwargs, sample, ref.timesteps, name)
+    assert ours.step_index in (None, len(ours.timesteps))
+
+
+@pytest.mark.parametrize("name,config,kwargs,n", CASES, ids=IDS)
+def test_img2img_start_matches_diffusers(name, config, kwargs, n):
+    """Pipelines start mid-schedule: set_begin_index(t_start * order), add_noise at the first timestep, denoise."""
+    ref, ours = pair(name, config)
+    ref.set_timesteps(n)
+    ours.set_timesteps(n)
+    t_start = n // 3
+    if hasattr(ref, "set_begin_index"):  # as Diffusers' img2img pipeline does
+        ref.set_begin_index(t_start * ref.order)
+    ours.set_begin_index(t_start * ours.order)
+    timesteps = ref.timesteps[t_start * ref.order :]
+    gen = torch.Generator().manual_seed(1)
+    image, noise = (
+        torch.randn(2, channels(config), 8, 6, generator=gen),
+        torch.randn(2, channels(config), 8, 6, generator=gen),
+    )
+    start = timesteps[:1].repeat(2)
+    assert_close_rel(ours.add_noise(image, noise, start), ref.add_noise(image, noise, start), 1e-5, "add_noise")
+    sample = ref.add_noise(image, noise, start)
+    run_loop(ref, ours, config, kwargs, sample, timesteps, f"{name} img2img")
+    if len(timesteps) > 1:  # inpainting re-noises the image at the next timestep after each step
+        nxt = timesteps[1:2].repeat(2)
+        assert_close_rel(ours.add_noise(image, noise, nxt), ref.add_noise(image, noise, nxt), 1e-5, "add_noise after")
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler"])
+def test_add_noise_and_velocity_at_any_training_timestep(name):
+    """IF's super-resolution noises its input at a fixed noise level that is not in the schedule."""
+    ref, ours = pair(name, IF_DDPM if name == "DDPMScheduler" else SD)
+    x, noise = torch.randn(3, 3, 5, 4), torch.randn(3, 3, 5, 4)
+    levels = torch.tensor([250, 0, 999])
+    assert_close_rel(ours.add_noise(x, noise, levels), ref.add_noise(x, noise, levels), 1e-6, "add_noise")
+    if hasattr(ref, "get_velocity"):
+        assert_close_rel(ours.get_velocity(x, noise, levels), ref.get_velocity(x, noise, levels), 1e-6, "velocity")
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_add_noise_looks_up_timesteps_without_begin_index(name):
+    ref, ours = pair(name, SD)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    x, noise = torch.randn(3, 4, 5, 4), torch.randn(3, 4, 5, 4)
+    timesteps = ref.timesteps[[0, 4, 9]]
+    assert_close_rel(ours.add_noise(x, noise, timesteps), ref.add_noise(x, noise, timesteps), 1e-6, "add_noise")
+
+
+def test_custom_timesteps_and_sigmas_match_diffusers():
+    for name, custom in [
+        ("DDPMScheduler", dict(timesteps=[900, 700, 500, 300, 120, 40, 0])),
+        ("DPMSolverMultistepScheduler", dict(timesteps=[999, 800, 600, 400, 200, 50])),
+        ("EulerDiscreteScheduler", dict(timesteps=[999.0, 750.5, 500.0, 250.0, 10.0])),
+        ("EulerDiscreteScheduler", dict(sigmas=[14.6, 6.0, 2.5, 1.0, 0.3, 0.0])),
+    ]:
+        ref, ours = pair(name, SD)
+        ref.set_timesteps(**custom)
+        ours.set_timesteps(**custom)
+        assert_same_schedule(ref, ours)
+        sample = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3)) * ours.init_noise_sigma
+        run_loop(ref, ours, SD, {}, sample, ref.timesteps, f"{name} {custom}")
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DPMSolverMultistepScheduler"])
+def test_history_survives_an_overwritten_model_output_buffer(name):
+    """With CUDA graphs the model writes every output into the same buffer: stored outputs must be copies."""
+    config = dict(prediction_type="sample") if name.startswith("DPM") else dict(skip_prk_steps=False)
+    results = []
+    for reuse_buffer in (False, True):
+        scheduler = getattr(rapiddiff, name)(**config)
+        scheduler.set_timesteps(8)
+        x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        buffer = torch.empty_like(x)
+        for t in scheduler.timesteps:
+            out = fake_model(x, float(t), False)
+            if reuse_buffer:
+                out = buffer.copy_(out)
+            x = scheduler.step(out, t, x).prev_sample
+        results.append(x)
+    torch.testing.assert_close(results[1], results[0], atol=0, rtol=0)
+
+
+def test_step_never_reads_tensors_back(monkeypatch):
+    """A step must not sync with the device: no .item(), .tolist(), .cpu(), .numpy() or Python conversion."""
+    prepared = []
+    for name, config, kwargs, n in CASES:
+        scheduler = getattr(rapiddiff, name)(**config)
+        scheduler.set_timesteps(n)
+        scheduler.set_begin_index(0)
+        values = [float(t) for t in scheduler.timesteps]
+        sample = torch.randn(2, channels(config), 4, 4, generator=torch.Generator().manual_seed(0))
+        prepared.append((scheduler, config, step_kwargs(scheduler, kwargs, 0), values, sample))
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("a scheduler step read a tensor back to the host")
+
+    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, method, forbidden)
+    for scheduler, config, kwargs, values, x in prepared:
+        learned = config.get("variance_type", "").startswith("learned")
+        for t, value in zip(scheduler.timesteps, values):
+            model_output = fake_model(scheduler.scale_model_input(x, t), value, learned)
+            x = scheduler.step(model_output, t, x, **kwargs).prev_sample
+    monkeypatch.undo()
+    assert all(torch.isfinite(p[-1]).all() for p in prepared)
+
+
+def test_device_timesteps_are_never_read():
+    """A timestep on another device (meta here: reading it raises) is not looked up: the loop starts at index 0."""
+    ref, ours = pair("EulerDiscreteScheduler", SD)
+    ref.set_timesteps(6)
+    ours.set_timesteps(6)
+    sample = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * ours.init_noise_sigma
+    x_ref, x_ours = sample, sample.clone()
+    for t in ref.timesteps:
+        x_ref = ref.step(fake_model(ref.scale_model_input(x_ref, t), float(t), False), t, x_ref).prev_sample
+        t_dev = t.to("meta")
+        x_in = ours.scale_model_input(x_ours, t_dev)
+        x_ours = ours.step(fake_model(x_in, float(t), False), t_dev, x_ours).prev_sample
+    assert_close_rel(x_ours, x_ref, 1e-5, "loop with device timesteps")
+
+
+# --- configs -------------------------------------------------------------------------------------------------------
+SWAP_TARGETS = [
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DDIMScheduler",
+    "DDPMScheduler",
+]
+
+
+def sd15_scheduler_folder() -> Path:
+    folder = CONFIGS / "stable-diffusion-v1-5"
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        pytest.skip(f"shared configs not found at {folder}")
+    return folder
+
+
+def fields(scheduler) -> dict:
+    return {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("target", SWAP_TARGETS)
+def test_swap_from_sd15_pndm_config_matches_diffusers(target):
+    """`Target.from_config(pipe.scheduler.config)`: PNDM-only keys set aside, PNDM's defaults not carried over."""
+    folder = sd15_scheduler_folder()
+    ref_pndm = diffusers.PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
+    our_pndm = rapiddiff.PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
+    assert fields(our_pndm) == fields(ref_pndm)
+    ref = getattr(diffusers, target).from_config(ref_pndm.config)
+    ours = getattr(rapiddiff, target).from_config(our_pndm.config)
+    assert fields(ours) == fields(ref)  # e.g. Euler keeps its "linspace" spacing, gets steps_offset=1
+    assert dict(ours.config)["_use_default_values"] and ours.config["skip_prk_steps"] is True
+    # Diffusers reads our config the same way, and the chain PNDM -> target -> DDIM keeps clip_sample=False
+    assert fields(getattr(diffusers, target).from_config(dict(our_pndm.config))) == fields(ref)
+    chained_ref, chained = (
+        diffusers.DDIMScheduler.from_config(ref.config),
+        rapiddiff.DDIMScheduler.from_config(ours.config),
+    )
+    assert fields(chained) == fields(chained_ref) and chained.config.clip_sample is False
+    ref.set_timesteps(8)
+    ours.set_timesteps(8)
+    sample = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0)) * ours.init_noise_sigma
+    run_loop(ref, ours, {}, {}, sample, ref.timesteps, f"{target} from PNDM")
+
+
+def test_shipped_configs_load():
+    """Real configs carry other schedulers' keys (skip_prk_steps in DDIM, lambda_min_clipped in IF's DDPM)."""
+    for model, sub, cls in [
+        ("stable-diffusion-inpainting", "scheduler", "DDIMScheduler"),
+        ("stable-diffusion-x4-upscaler", "scheduler", "DDIMScheduler"),
+        ("stable-diffusion-x4-upscaler", "low_res_scheduler", "DDPMScheduler"),
+        ("IF-I-M-v1.0", "scheduler", "DDPMScheduler"),
+        ("IF-II-M-v1.0", "image_noising_scheduler", "DDPMScheduler"),
+    ]:
+        folder = Path(rapiddiff.__file__).parent / "presets" / model
+        ours = getattr(rapiddiff, cls).from_pretrained(folder, subfolder=sub)
+        ref = getattr(diffusers, cls).from_pretrained(folder, subfolder=sub)
+        assert fields(ours) == fields(ref), (model, sub)
+
+
+def test_swap_from_if_ddpm_config_matches_diffusers():
+    folder = Path(rapiddiff.__file__).parent / "presets" / "IF-I-M-v1.0"
+    ref_ddpm = diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    our_ddpm = rapiddiff.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    for target in ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler"):
+        ref = getattr(diffusers, target).from_config(ref_ddpm.config)
+        ours = getattr(rapiddiff, target).from_config(our_ddpm.config)
+        assert fields(ours) == fields(ref)
+        assert ours.config.variance_type == ref.config.variance_type == "learned_range"  # IF pipelines read it
+    assert ours.config["lambda_min_clipped"] == -5.1
+    with pytest.raises(AttributeError, match="no_such_key"):
+        _ = ours.config.no_such_key
+    clone = copy.deepcopy(ours)
+    assert clone.config == ours.config and clone.config.variance_type == "learned_range"
+
+
+@pytest.mark.parametrize("name", [case[0] for case in CASES[::4]])
+def test_save_and_load_roundtrip(name, tmp_path, save_diffusers):
+    config = dict(**SD, steps_offset=1, timestep_spacing="trailing")
+    ref, ours = pair(name, config)
+    ours.save_pretrained(tmp_path / "ours" / "scheduler")
+    saved = json.loads((tmp_path / "ours" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == name and saved["steps_offset"] == 1
+    again = getattr(rapiddiff, name).from_pretrained(tmp_path / "ours", subfolder="scheduler")
+    assert again.config == ours.config
+    assert fields(getattr(diffusers, name).from_pretrained(tmp_path / "ours", subfolder="scheduler")) == fields(ref)
+    from_diffusers = getattr(rapiddiff, name).from_pretrained(save_diffusers(ref, "ref"))
+    assert from_diffusers.config == ours.config
+    overridden = getattr(rapiddiff, name).from_pretrained(tmp_path / "ours", subfolder="scheduler", steps_offset=0)
+    assert overridden.config.steps_offset == 0 and overridden.config["beta_schedule"] == "scaled_linear"
+
+
+def test_unknown_and_unsupported_keys_raise(tmp_path):
+    with pytest.raises(ConfigError, match="foo_bar"):
+        rapiddiff.DDIMScheduler(foo_bar=1)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler", "warp": 2}))
+    with pytest.raises(ConfigError, match="warp"):
+        rapiddiff.EulerDiscreteScheduler.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="foo_bar"):  # overrides are checked even on a swap
+        rapiddiff.EulerDiscreteScheduler.from_config(rapiddiff.PNDMScheduler().config, foo_bar=1)
+    with pytest.raises(ConfigError, match="UNet2DConditionModel"):
+        rapiddiff.DDIMScheduler.from_config({"_class_name": "UNet2DConditionModel", "in_channels": 4})
+    for cls, key, value in [
+        ("EulerDiscreteScheduler", "use_exponential_sigmas", True),
+        ("EulerDiscreteScheduler", "timestep_type", "continuous"),
+        ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
+        ("DPMSolverMultistepScheduler", "use_lu_lambdas", True),
+        ("DDPMScheduler", "variance_type", "fixed_large_log"),
+        ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
+        ("PNDMScheduler", "prediction_type", "sample"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            getattr(rapiddiff, cls)(**{key: value})
+    with pytest.raises(ConfigError, match="final_sigmas_type"):
+        rapiddiff.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
+    # DEIS / UniPC names map onto DPM-Solver++ as in Diffusers
+    swapped = rapiddiff.DPMSolverMultistepScheduler.from_config(
+        {"_class_name": "UniPCMultistepScheduler", "solver_type": "bh2", "predict_x0": True}
+    )
+    assert swapped.config.solver_type == "midpoint" and swapped.config["predict_x0"] is True
+
+
+@pytest.mark.parametrize("name", sorted({case[0] for case in CASES}))
+def test_invalid_values_raise(name):
+    cls = getattr(rapiddiff, name)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        cls(beta_schedule="cosine")
+    with pytest.raises(ValueError, match="prediction_type"):
+        cls(prediction_type="noise")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        cls(timestep_spacing="uniform")
+    with pytest.raises(ValueError, match="trained_betas"):
+        cls(num_train_timesteps=10, trained_betas=[0.1] * 9)
+    scheduler = cls(num_train_timesteps=100)
+    for n in (0, 101):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            scheduler.set_timesteps(n)
+    with pytest.raises(TypeError, match="num_inference_steps"):
+        scheduler.set_timesteps(2.5)
+    if "timesteps" in inspect.signature(cls.set_timesteps).parameters:
+        with pytest.raises(ValueError, match="exactly one"):
+            scheduler.set_timesteps(5, timesteps=[50, 10])
+        with pytest.raises(ValueError, match="descending"):
+            scheduler.set_timesteps(timesteps=[10, 50])
+    with pytest.raises(ValueError, match="begin_index"):
+        scheduler.set_begin_index(-1)
+
+
+def test_euler_rejects_integer_timesteps_and_finished_loops():
+    scheduler = rapiddiff.EulerDiscreteScheduler()
+    scheduler.set_timesteps(2)
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="integer"):
+        scheduler.step(x, 0, x)
+    for t in scheduler.timesteps:
+        x = scheduler.step(x, t, scheduler.scale_model_input(x, t)).prev_sample
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(x, scheduler.timesteps[-1], x)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        rapiddiff.DDIMScheduler().step(x, 10, x)
+
+
+def test_outputs_and_config_access():
+    scheduler = rapiddiff.DDIMScheduler(**SD)
+    scheduler.set_timesteps(4)
+    x = torch.randn(1, 4, 2, 2)
+    prev, x0 = scheduler.step(x, scheduler.timesteps[0], x, return_dict=False)
+    assert prev.shape == x0.shape == x.shape
+    assert scheduler.config.num_train_timesteps == scheduler.config["num_train_timesteps"] == len(scheduler) == 1000
+    assert scheduler.config["_class_name"] == "DDIMScheduler"
+    dpm = rapiddiff.DPMSolverMultistepScheduler()
+    dpm.set_timesteps(4)
+    assert len(dpm.step(x, dpm.timesteps[0], x, return_dict=False)) == 1
+
+
+@pytest.mark.parametrize("seeds", [None, 0, [1, 2, 3]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_randn_tensor_matches_diffusers(seeds, dtype):
+    def generators():
+        if seeds is None:
+            torch.manual_seed(5)
+            return None
+        if isinstance(seeds, list):
+            return [torch.Generator().manual_seed(s) for s in seeds]
+        return torch.Generator().manual_seed(seeds)
+
+    shape = (3, 4, 5, 2)
+    ours = randn_tensor(shape, generator=generators(), device=torch.device("cpu"), dtype=dtype)
+    ref = diffusers_randn_tensor(shape, generator=generators(), device=torch.device("cpu"), dtype=dtype)
+    assert ours.dtype == dtype and torch.equal(ours, ref)
+    with pytest.raises(ValueError, match="generators"):
+        randn_tensor(shape, generator=[torch.Generator(), torch.Generator()])
