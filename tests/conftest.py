@@ -101,3 +101,60 @@ def tiny_sd_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd") / "checkpoint"
     pipe.save_pretrained(path)
     return path
+
+
+# --- a tiny x4 upscaler checkpoint (shared by the upscaler and DeepFloyd IF cascade tests) ----------------------------
+def tiny_upscaler_components() -> dict:
+    """Seeded, random-weight diffusers x4-upscaler components: a (32, 64) UNet taking 4 latent + 3 image channels
+    with a 1000-entry noise-level embedding, a 3-block VAE (vae_scale_factor 4, scaling_factor 0.08333), the tiny CLIP
+    text encoder and tokenizer of `tiny_sd_components`, and the real checkpoint's schedulers."""
+    import diffusers
+
+    from rapiddiff.configuration import read_json
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs", "stable-diffusion-x4-upscaler")
+    clip = tiny_sd_components()
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        only_cross_attention=(True, True),
+        attention_head_dim=4,
+        cross_attention_dim=32,
+        use_linear_projection=True,
+        num_class_embeds=1000,
+        norm_num_groups=16,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+        scaling_factor=0.08333,
+    )
+    schedulers = {
+        name: getattr(diffusers, cls).from_config(read_json(os.path.join(configs, name, "scheduler_config.json")))
+        for name, cls in (("low_res_scheduler", "DDPMScheduler"), ("scheduler", "DDIMScheduler"))
+    }
+    return dict(
+        unet=unet.eval(), vae=vae.eval(), text_encoder=clip["text_encoder"], tokenizer=clip["tokenizer"], **schedulers
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_dir(tmp_path_factory):
+    """A diffusers StableDiffusionUpscalePipeline of `tiny_upscaler_components()` (max_noise_level 350), saved."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionUpscalePipeline(**tiny_upscaler_components(), max_noise_level=350)
+    path = tmp_path_factory.mktemp("tiny-x4") / "checkpoint"
+    pipe.save_pretrained(path)
+    return path

@@ -327,3 +327,25 @@ def test_safety_checker_needs_feature_extractor(pipes):
     components = pipes[1].components | {"safety_checker": object(), "feature_extractor": None}
     with pytest.raises(ValueError, match="feature_extractor"):
         StableDiffusionPipeline(**components)
+
+
+@pytest.mark.compile
+def test_compiled_unet_traces_once_for_all_steps(pipes):
+    """The loop hands the UNet the timestep as a tensor, so one graph serves every step."""
+    ours = pipes[1]
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager = ours(PROMPT, num_inference_steps=3, output_type="np", generator=_seeded(0)).images
+    torch._dynamo.reset()
+    unet = ours.unet
+    ours.unet = torch.compile(unet, backend=counting_backend, fullgraph=True)
+    try:
+        compiled = ours(PROMPT, num_inference_steps=3, output_type="np", generator=_seeded(0)).images
+    finally:
+        ours.unet = unet
+    assert len(graphs) == 1
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)

@@ -35,6 +35,7 @@ _EXPORTS = {
     # pipelines
     "DiffusionPipeline": "pipelines.pipeline_utils",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",
+    "StableDiffusionPipelineOutput": "pipelines.stable_diffusion",
     "StableDiffusionImg2ImgPipeline": "pipelines.stable_diffusion",
     "StableDiffusionInpaintPipeline": "pipelines.stable_diffusion",
     "StableDiffusionControlNetPipeline": "pipelines.controlnet",
@@ -42,6 +43,9 @@ _EXPORTS = {
     "VaeImageProcessor": "pipelines.image_processor",
     "IFPipeline": "pipelines.deepfloyd_if",
     "IFSuperResolutionPipeline": "pipelines.deepfloyd_if",
+    "IFPipelineOutput": "pipelines.deepfloyd_if",
+    "IFSafetyChecker": "pipelines.deepfloyd_if",
+    "IFWatermarker": "pipelines.deepfloyd_if",
     "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
     # torch.compile recipe
     "compile_pipeline": "compile",

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 PredictNoise = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 AfterStep = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 # --- timesteps -------------------------------------------------------------------------------------------------------
@@ -101,6 +102,25 @@ def apply_guidance(noise_pred: torch.Tensor, guidance_scale: float, guidance_res
     uncond, cond = noise_pred.chunk(2)
     guided = combine_guidance(uncond, cond, guidance_scale)
     return rescale_guidance(guided, cond, guidance_rescale) if guidance_rescale > 0 else guided
+
+
+# --- Diffusers' older per-step callback (DeepFloyd IF, x4 upscaler) -----------------------------------------------------
+def step_callback(callback: StepCallback | None, callback_steps: Any, order: int = 1) -> StepEndCallback | None:
+    """`callback(step, t, latents)` every `callback_steps` steps, as a step-end callback for `denoise` (it reads the
+    latents and changes nothing). step is `i // order`, as the x4 upscaler counts; IF pipelines count steps (order 1)."""
+    if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps < 1:
+        raise ValueError(f"callback_steps must be a positive int, got {callback_steps!r}")
+    if callback is None:
+        return None
+    if not callable(callback):
+        raise TypeError(f"callback must be callable(step, timestep, latents), got {callback!r}")
+
+    def on_step_end(pipe: Any, i: int, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if i % callback_steps == 0:
+            callback(i // order, t, tensors["latents"])
+        return {}
+
+    return on_step_end
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def rapiddiff_class(name: str, what: str) -> type:
         raise ValueError(f"{what}: rapiddiff has no class {name!r}. Known classes: {', '.join(known)}.")
     try:
         return getattr(rapiddiff, name)
-    except ImportError as e:
+    except (ImportError, AttributeError) as e:  # listed, but its module is missing or does not define it yet
         raise ValueError(f"{what}: rapiddiff's {name} is not available in this installation ({e}).") from e
 
 

@@ -97,13 +97,20 @@ def encode_text(
     *,
     max_length: int | None = None,
     clip_skip: int | None = None,
+    attention_mask: bool | None = None,
 ) -> torch.Tensor:
-    """Token embeddings (batch, max_length, hidden) of `texts`, padded to max_length (tokenizer.model_max_length)."""
+    """Token embeddings (batch, max_length, hidden) of `texts`, padded to max_length (tokenizer.model_max_length).
+
+    attention_mask: whether the encoder sees the padding mask; None reads the config's `use_attention_mask` (CLIP).
+    DeepFloyd IF's T5 always gets it.
+    """
     max_length = max_length or tokenizer.model_max_length
     tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids = tokens.input_ids
     _warn_if_truncated(tokenizer, texts, ids)
-    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    if attention_mask is None:
+        attention_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    mask = tokens.attention_mask.to(device) if attention_mask else None
     if clip_skip is None:
         return text_encoder(ids.to(device), attention_mask=mask)[0]
     # Diffusers' clip_skip: the hidden state `clip_skip` layers before the last, through the final layer norm
@@ -136,11 +143,14 @@ def encode_prompt(
     negative_prompt_embeds: torch.Tensor | None = None,
     clip_skip: int | None = None,
     dtype: torch.dtype | None = None,
+    max_length: int | None = None,
+    attention_mask: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt_embeds, negative_prompt_embeds), each repeated `num_images_per_prompt` times per prompt.
 
     negative_prompt_embeds is None without classifier-free guidance; when guiding without a negative prompt it embeds
-    "". Embeddings come in the text encoder's dtype (`dtype` when there is no text encoder).
+    "". Embeddings come in the text encoder's dtype (`dtype` when there is no text encoder). max_length and
+    attention_mask go to `encode_text` for the prompt (DeepFloyd IF: 77 tokens, masked T5).
     """
     batch = check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
     check_positive_int("num_images_per_prompt", num_images_per_prompt)
@@ -151,7 +161,15 @@ def encode_prompt(
         raise ValueError("this pipeline has no tokenizer/text_encoder: pass prompt_embeds (and negative_prompt_embeds)")
     if prompt_embeds is None:
         texts = [prompt] if isinstance(prompt, str) else prompt
-        prompt_embeds = encode_text(tokenizer, text_encoder, texts, device, clip_skip=clip_skip)
+        prompt_embeds = encode_text(
+            tokenizer,
+            text_encoder,
+            texts,
+            device,
+            max_length=max_length,
+            clip_skip=clip_skip,
+            attention_mask=attention_mask,
+        )
     dtype = text_encoder.dtype if text_encoder is not None else dtype or prompt_embeds.dtype
     prompt_embeds = _per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
     if not do_classifier_free_guidance:
@@ -159,7 +177,7 @@ def encode_prompt(
     if negative_prompt_embeds is None:
         negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
         negative_prompt_embeds = encode_text(
-            tokenizer, text_encoder, negatives, device, max_length=prompt_embeds.shape[1]
+            tokenizer, text_encoder, negatives, device, max_length=prompt_embeds.shape[1], attention_mask=attention_mask
         )
     negative_prompt_embeds = _per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
     return prompt_embeds, negative_prompt_embeds

@@ -105,3 +105,26 @@ def run_safety_checker(
         pil_images = VaeImageProcessor.numpy_to_pil(image)
     clip_input = feature_extractor(pil_images, return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
     return safety_checker(images=image, clip_input=clip_input)
+
+
+def check_safety_components(
+    owner: str,
+    safety_checker: object,
+    feature_extractor: object,
+    requires_safety_checker: bool,
+    license: str = "Stable Diffusion",
+) -> None:
+    """What a pipeline's `__init__` checks: a checker needs its feature extractor; running without one is warned about
+    when `requires_safety_checker` (the model's license asks for the checker in public-facing use)."""
+    if safety_checker is not None and feature_extractor is None:
+        raise ValueError(
+            f"{owner}: a safety_checker needs a feature_extractor (a CLIPImageProcessor); "
+            "pass safety_checker=None to turn the checker off"
+        )
+    if safety_checker is None and requires_safety_checker:
+        logger.warning(
+            "%s: the safety checker is off (safety_checker=None). Keep it on for anything shown to the public, as the "
+            "%s license asks; pass requires_safety_checker=False to silence this warning.",
+            owner,
+            license,
+        )

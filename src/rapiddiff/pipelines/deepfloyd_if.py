@@ -1,0 +1,641 @@
+"""DeepFloyd IF: stage I (text -> 64 px) and stage II (super-resolution to 256 px), as Diffusers' IFPipeline and
+IFSuperResolutionPipeline, with IF's safety checker and watermarker.
+
+IF denoises pixels directly with DDPM. Its UNet predicts the noise and a learned variance (6 channels: eps, then the
+"learned_range" interpolation); classifier-free guidance mixes the noise halves only and keeps the conditional
+branch's variance, as Diffusers does. Stage outputs chain as tensors in [-1, 1]: `output_type="pt"` returns the final
+sample unclamped, and stage II and the x4 upscaler take that tensor as `image`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPVisionModelWithProjection, PreTrainedModel
+
+from ..configuration import Config
+from ..models.modeling_utils import ModelMixin
+from ..utils.torch_utils import randn_tensor
+from .denoise import (
+    PredictNoise,
+    StepCallback,
+    check_timesteps_args,
+    combine_guidance,
+    denoise,
+    extra_step_kwargs,
+    retrieve_timesteps,
+    step_callback,
+)
+from .image_processor import VaeImageProcessor
+from .pipeline_utils import (
+    BaseOutput,
+    DiffusionPipeline,
+    check_generator,
+    check_number,
+    check_output_type,
+    check_positive_int,
+)
+from .prompt import PromptInput, check_prompt_inputs, encode_prompt
+from .safety_checker import NSFW_WARNING, black_out, check_safety_components, run_safety_checker
+
+logger = logging.getLogger(__name__)
+
+IF_MAX_TOKENS = 77  # IF's T5 was trained on 77 tokens
+IF_OUTPUT_TYPES = ("pil", "np", "pt")
+LEARNED_VARIANCES = ("learned", "learned_range")
+WATERMARK_WARNING = (
+    "Potential watermarked content was detected in one or more images. A black image will be returned instead."
+    " Try again with a different prompt and/or seed."
+)
+
+
+@dataclasses.dataclass
+class IFPipelineOutput(BaseOutput):
+    """images: PIL images, a (B, H, W, 3) array in [0, 1], or for "pt" the (B, 3, H, W) sample in [-1, 1]."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_detected: list[bool] | None
+    watermark_detected: list[bool] | None
+
+
+# --- safety checker and watermarker ----------------------------------------------------------------------------------
+class IFSafetyChecker(PreTrainedModel):
+    """CLIP image embeddings through two linear heads: NSFW (p_head) and watermark (w_head). Diffusers' keys."""
+
+    config_class = CLIPConfig
+    main_input_name = "clip_input"
+    _no_split_modules = ["CLIPEncoderLayer"]
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__(config)
+        self.vision_model = CLIPVisionModelWithProjection(config.vision_config)
+        self.p_head = nn.Linear(config.vision_config.projection_dim, 1)
+        self.w_head = nn.Linear(config.vision_config.projection_dim, 1)
+        self.post_init()
+
+    @torch.no_grad()
+    def detect(
+        self, clip_input: torch.Tensor, p_threshold: float = 0.5, w_threshold: float = 0.5
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """clip_input (B, 3, S, S) CLIP pixel values -> (nsfw, watermark), each (B,) bool on the device."""
+        image_embeds = self.vision_model(clip_input)[0]
+        return self.p_head(image_embeds).flatten() > p_threshold, self.w_head(image_embeds).flatten() > w_threshold
+
+    @torch.no_grad()
+    def forward(
+        self,
+        clip_input: torch.Tensor,
+        images: torch.Tensor | np.ndarray | list,
+        p_threshold: float = 0.5,
+        w_threshold: float = 0.5,
+    ) -> tuple[torch.Tensor | np.ndarray | list, list[bool], list[bool]]:
+        """-> (images with flagged ones black, nsfw flags, watermark flags). `images` itself is not modified."""
+        nsfw, watermark = (flags.tolist() for flags in self.detect(clip_input, p_threshold, w_threshold))
+        if any(nsfw):
+            logger.warning(NSFW_WARNING)
+        if any(watermark):
+            logger.warning(WATERMARK_WARNING)
+        return black_out(images, [n or w for n, w in zip(nsfw, watermark)]), nsfw, watermark
+
+
+@dataclasses.dataclass(frozen=True)
+class IFWatermarkerConfig(Config):
+    """No keys: the mark is the (62, 62, 4) RGBA image stored with the weights."""
+
+
+class IFWatermarker(ModelMixin):
+    """DeepFloyd's visible watermark, pasted into the bottom-right corner of PIL outputs."""
+
+    config_class = IFWatermarkerConfig
+
+    def __init__(self, config: IFWatermarkerConfig | dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__()
+        self._init_config(config, kwargs)
+        self.register_buffer("watermark_image", torch.zeros((62, 62, 4)))
+
+    def apply_watermark(self, images: list[PIL.Image.Image], sample_size: int | None = None) -> list[PIL.Image.Image]:
+        """Paste the mark into each image (in place, as Diffusers; the list is returned too).
+
+        DeepFloyd's rule: the mark is 62 px at 1024x1024 scaled with the square root of the area, 14 px (scaled) from
+        the right and bottom edges; an image smaller than `sample_size` is measured as if resized up to it.
+        """
+        h, w = images[0].height, images[0].width
+        sample_size = sample_size or h
+        coef = min(h / sample_size, w / sample_size)
+        img_h, img_w = (int(h / coef), int(w / coef)) if coef < 1 else (h, w)
+        k = (img_w * img_h / 1024**2) ** 0.5
+        size, right, bottom = int(k * 62), img_w - int(14 * k), img_h - int(14 * k)
+        if size < 1:  # below ~17 px a side the mark has no pixels (PIL cannot resize to 0 x 0)
+            return images
+        mark = PIL.Image.fromarray(self.watermark_image.to(torch.uint8).cpu().numpy(), mode="RGBA")
+        mark = mark.resize((size, size), PIL.Image.Resampling.BICUBIC, reducing_gap=None)
+        for image in images:
+            image.paste(mark, box=(right - size, bottom - size, right, bottom), mask=mark.split()[-1])
+        return images
+
+
+# --- the pipelines -------------------------------------------------------------------------------------------------
+class IFPipelineBase(DiffusionPipeline):
+    """What both IF stages share: T5 prompt encoding, argument checks, the guided noise predictor and the outputs."""
+
+    _optional_components = ("tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker")
+
+    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
+        check_safety_components(
+            type(self).__name__,
+            components["safety_checker"],
+            components["feature_extractor"],
+            requires_safety_checker,
+            license="DeepFloyd IF",
+        )
+        self.register_modules(**components)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+
+    # --- prompt -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: PromptInput,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        device: torch.device | str | None = None,
+        negative_prompt: PromptInput = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clean_caption: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Diffusers' IF method: T5 embeddings of (prompt, negative_prompt), 77 tokens, lower-cased and stripped."""
+        check_clean_caption(clean_caption, prompt, negative_prompt if do_classifier_free_guidance else None)
+        return encode_prompt(
+            self.tokenizer,
+            self.text_encoder,
+            _lower_strip(prompt),
+            device if device is not None else self._execution_device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            _lower_strip(negative_prompt),
+            prompt_embeds,
+            negative_prompt_embeds,
+            dtype=self.unet.dtype,
+            max_length=IF_MAX_TOKENS,
+            attention_mask=True,
+        )
+
+    # --- argument checks --------------------------------------------------------------------------------------------
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        default_h, default_w = (size, size) if isinstance(size, int) else size
+        return height or default_h, width or default_w
+
+    def check_size(self, height: Any, width: Any) -> None:
+        """IF's UNets halve and double the maps with no size correction: sides must divide by the total factor."""
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            check_positive_int(name, value)
+            if value % factor:
+                raise ValueError(f"{name} must be a multiple of {factor} for this UNet, got {value}")
+
+    def check_common_inputs(
+        self,
+        *,
+        prompt: PromptInput,
+        negative_prompt: PromptInput,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        num_inference_steps: int,
+        timesteps: Sequence[int] | None,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        eta: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        output_type: str,
+        callback: StepCallback | None,
+        callback_steps: int,
+        clean_caption: bool,
+        cross_attention_kwargs: dict[str, Any] | None,
+    ) -> int:
+        """The checks both stages share, before any heavy work; returns the number of prompts."""
+        prompts = check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_timesteps_args(self.scheduler, num_inference_steps, timesteps, None)
+        check_number("guidance_scale", guidance_scale)
+        check_number("eta", eta, 0.0)
+        check_generator(generator, prompts * num_images_per_prompt)
+        check_output_type(output_type, IF_OUTPUT_TYPES)
+        step_callback(callback, callback_steps)
+        check_clean_caption(clean_caption, prompt, negative_prompt if guidance_scale > 1 else None)
+        if cross_attention_kwargs is not None:
+            raise ValueError(
+                f"cross_attention_kwargs={cross_attention_kwargs!r} is not supported by rapiddiff (no LoRA scale or "
+                "custom attention arguments); pass None"
+            )
+        return prompts
+
+    # --- denoising --------------------------------------------------------------------------------------------------
+    def prepare_intermediate_images(
+        self,
+        batch_size: int,
+        num_channels: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> torch.Tensor:
+        """The initial noise, drawn as Diffusers draws it (same seed -> same image)."""
+        check_generator(generator, batch_size)
+        noise = randn_tensor((batch_size, num_channels, height, width), generator=generator, device=device, dtype=dtype)
+        return noise * self.scheduler.init_noise_sigma
+
+    def noise_predictor(
+        self,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        upscaled: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> PredictNoise:
+        """predict_noise(images, t, i) for `denoise`: one UNet pass over [unconditional; conditional] when guiding.
+
+        Stage II feeds the noised, upscaled stage-I image beside the sample (`upscaled`, with its noise level as
+        `class_labels`). The UNet's learned variance channels are kept for the scheduler when it uses them.
+        """
+        guided = guidance_scale > 1
+        learned = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
+
+        def predict_noise(images: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            c = images.shape[1]
+            x = images if upscaled is None else torch.cat([images, upscaled], dim=1)
+            x = torch.cat([x] * 2) if guided else x
+            x = self.scheduler.scale_model_input(x, t)
+            out = self.unet(x, t, encoder_hidden_states=prompt_embeds, class_labels=class_labels, return_dict=False)[0]
+            if guided:  # guide the noise; the variance is the conditional branch's
+                uncond, cond = out.chunk(2)
+                out = torch.cat([combine_guidance(uncond[:, :c], cond[:, :c], guidance_scale), cond[:, c:]], dim=1)
+            return out if learned else out[:, :c]
+
+        return predict_noise
+
+    def run_denoising(
+        self,
+        images: torch.Tensor,
+        timesteps: torch.Tensor,
+        num_inference_steps: int,
+        predict_noise: PredictNoise,
+        generator: torch.Generator | list[torch.Generator] | None,
+        eta: float,
+        callback: StepCallback | None,
+        callback_steps: int,
+    ) -> torch.Tensor:
+        return denoise(
+            self,
+            images,
+            timesteps,
+            num_inference_steps,
+            predict_noise,
+            extra_step_kwargs=extra_step_kwargs(self.scheduler, generator, eta),
+            callback_on_step_end=step_callback(callback, callback_steps),
+            callback_on_step_end_tensor_inputs=("latents",),
+        )
+
+    def set_timesteps(
+        self, num_inference_steps: int, timesteps: Sequence[int] | None, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        self.scheduler.set_begin_index(0)
+        return timesteps, num_inference_steps
+
+    # --- outputs ----------------------------------------------------------------------------------------------------
+    def to_output(
+        self, images: torch.Tensor, output_type: str, return_dict: bool, dtype: torch.dtype
+    ) -> IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]:
+        """ "pt": the sample as is. "np"/"pil": [0, 1], safety-checked (flagged images black); "pil" watermarked."""
+        nsfw = watermark = None
+        if output_type != "pt":
+            images = VaeImageProcessor.pt_to_numpy(VaeImageProcessor.denormalize(images))
+            if self.safety_checker is not None:
+                images, nsfw, watermark = run_safety_checker(
+                    self.safety_checker, self.feature_extractor, images, self._execution_device, dtype
+                )
+            if output_type == "pil":
+                images = VaeImageProcessor.numpy_to_pil(images)
+                if self.watermarker is not None:
+                    images = self.watermarker.apply_watermark(images, self.unet.config.sample_size)
+        return IFPipelineOutput(images, nsfw, watermark) if return_dict else (images, nsfw, watermark)
+
+
+class IFPipeline(IFPipelineBase):
+    """DeepFloyd IF stage I: text to a 64x64 image. Diffusers' `IFPipeline`."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        unet: Any,
+        scheduler: Any,
+        safety_checker: IFSafetyChecker | None,
+        feature_extractor: Any,
+        watermarker: IFWatermarker | None,
+        requires_safety_checker: bool = True,
+    ):
+        self._register(
+            requires_safety_checker,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            watermarker=watermarker,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: PromptInput = None,
+        num_inference_steps: int = 100,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 7.0,
+        negative_prompt: PromptInput = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        clean_caption: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ) -> IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]:
+        """Generate 64x64 images from `prompt` or T5 `prompt_embeds` (B, tokens, 4096); arguments as Diffusers.
+
+        guidance_scale <= 1 turns classifier-free guidance off. output_type "pt" gives the (B, 3, H, W) sample in
+        [-1, 1] for stage II / the x4 upscaler; "np" and "pil" are in [0, 1] and safety-checked. clean_caption=True
+        (Diffusers' default) needs caption cleaning that rapiddiff does not implement: pass clean_caption=False with
+        text prompts. Returns IFPipelineOutput(images, nsfw_detected, watermark_detected), or that tuple.
+        """
+        height, width = self.default_size(height, width)
+        self.check_size(height, width)
+        prompts = self.check_common_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            output_type=output_type,
+            callback=callback,
+            callback_steps=callback_steps,
+            clean_caption=clean_caption,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        device = self._execution_device
+        guided = guidance_scale > 1
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, guided, num_images_per_prompt, device, negative_prompt, prompt_embeds, negative_prompt_embeds
+        )
+        if guided:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        timesteps, num_inference_steps = self.set_timesteps(num_inference_steps, timesteps, device)
+        images = self.prepare_intermediate_images(
+            prompts * num_images_per_prompt,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+        )
+        predict_noise = self.noise_predictor(prompt_embeds, guidance_scale)
+        images = self.run_denoising(
+            images, timesteps, num_inference_steps, predict_noise, generator, eta, callback, callback_steps
+        )
+        return self.to_output(images, output_type, return_dict, prompt_embeds.dtype)
+
+
+class IFSuperResolutionPipeline(IFPipelineBase):
+    """DeepFloyd IF stage II: a stage-I image upscaled (bilinear), noised to `noise_level`, and denoised at 256 px.
+    Diffusers' `IFSuperResolutionPipeline`."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        unet: Any,
+        scheduler: Any,
+        image_noising_scheduler: Any,
+        safety_checker: IFSafetyChecker | None,
+        feature_extractor: Any,
+        watermarker: IFWatermarker | None,
+        requires_safety_checker: bool = True,
+    ):
+        if unet is not None and unet.config.in_channels != 6:
+            logger.warning(
+                "IFSuperResolutionPipeline: the unet has in_channels=%d; IF's super-resolution UNets take 6 (the "
+                "sample and the upscaled image). Is this a stage-I UNet?",
+                unet.config.in_channels,
+            )
+        self._register(
+            requires_safety_checker,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            image_noising_scheduler=image_noising_scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            watermarker=watermarker,
+        )
+
+    def check_noise_level(self, noise_level: Any) -> None:
+        limit = self.image_noising_scheduler.config.num_train_timesteps
+        if not isinstance(noise_level, int) or isinstance(noise_level, bool) or not 0 <= noise_level < limit:
+            raise ValueError(
+                f"noise_level must be an int timestep of the image_noising_scheduler, in [0, {limit}), "
+                f"got {noise_level!r}"
+            )
+
+    def check_image(self, image: torch.Tensor, prompts: int, height: int, width: int) -> None:
+        """The stage-I image (already a tensor) must fit the prompts, the UNet and the output size."""
+        channels = self.unet.config.in_channels // 2
+        b, c, h, w = image.shape
+        if c != channels:
+            raise ValueError(
+                f"image has {c} channels, this UNet (in_channels={self.unet.config.in_channels}) takes {channels}-channel "
+                f"images: pass the stage-I output (B, {channels}, H, W)"
+            )
+        if b != prompts:
+            raise ValueError(f"image has batch size {b} but there are {prompts} prompts: pass one image per prompt")
+        if h > height or w > width:
+            raise ValueError(
+                f"image is {h}x{w}, larger than the output height x width {height}x{width}: stage II upscales; pass "
+                "the stage-I image, or a larger height/width"
+            )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: PromptInput = None,
+        height: int | None = None,
+        width: int | None = None,
+        image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 4.0,
+        negative_prompt: PromptInput = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        noise_level: int = 250,
+        clean_caption: bool = True,
+    ) -> IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]:
+        """Upscale stage-I `image` (one per prompt) to height x width (default: the UNet's sample_size).
+
+        image: stage I's output_type="pt" tensor (B, 3, h, w) in [-1, 1]; numpy arrays (B, h, w, 3) are taken as
+        they are too, PIL images are mapped from [0, 255] to [-1, 1] (Diffusers' rules). noise_level: the timestep
+        of `image_noising_scheduler` the upscaled image is noised to, in [0, num_train_timesteps). Other arguments,
+        outputs and clean_caption as `IFPipeline`.
+        """
+        height, width = self.default_size(height, width)
+        self.check_size(height, width)
+        prompts = self.check_common_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            output_type=output_type,
+            callback=callback,
+            callback_steps=callback_steps,
+            clean_caption=clean_caption,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        self.check_noise_level(noise_level)
+        image = if_image_to_tensor(image)
+        self.check_image(image, prompts, height, width)
+        device = self._execution_device
+        guided = guidance_scale > 1
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, guided, num_images_per_prompt, device, negative_prompt, prompt_embeds, negative_prompt_embeds
+        )
+        if guided:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        timesteps, num_inference_steps = self.set_timesteps(num_inference_steps, timesteps, device)
+        images = self.prepare_intermediate_images(
+            prompts * num_images_per_prompt,
+            self.unet.config.in_channels // 2,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+        )
+        upscaled, class_labels = self.noised_upscale(
+            image, num_images_per_prompt, height, width, noise_level, generator
+        )
+        if guided:
+            class_labels = torch.cat([class_labels] * 2)
+        predict_noise = self.noise_predictor(prompt_embeds, guidance_scale, upscaled, class_labels)
+        images = self.run_denoising(
+            images, timesteps, num_inference_steps, predict_noise, generator, eta, callback, callback_steps
+        )
+        return self.to_output(images, output_type, return_dict, prompt_embeds.dtype)
+
+    def noised_upscale(
+        self,
+        image: torch.Tensor,
+        num_images_per_prompt: int,
+        height: int,
+        width: int,
+        noise_level: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(upscaled image noised to `noise_level`, the (B,) noise levels); the noise is drawn after the initial
+        sample's, as in Diffusers."""
+        device = self._execution_device
+        image = image.to(device=device, dtype=self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        upscaled = F.interpolate(image, (height, width), mode="bilinear", align_corners=True)
+        levels = torch.full((upscaled.shape[0],), noise_level, dtype=torch.int64, device=device)
+        noise = randn_tensor(upscaled.shape, generator=generator, device=device, dtype=upscaled.dtype)
+        return self.image_noising_scheduler.add_noise(upscaled, noise, levels), levels
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+def _lower_strip(text: PromptInput) -> PromptInput:
+    """IF's caption preprocessing without clean_caption (Diffusers' too)."""
+    if text is None:
+        return None
+    return text.lower().strip() if isinstance(text, str) else [t.lower().strip() for t in text]
+
+
+def check_clean_caption(clean_caption: Any, *texts: PromptInput) -> None:
+    """clean_caption=True is only an error when there is text to clean (with embeddings alone there is none)."""
+    if not isinstance(clean_caption, bool):
+        raise TypeError(f"clean_caption must be a bool, got {clean_caption!r}")
+    given = [t for t in texts if t]
+    if clean_caption and given:
+        raise ValueError(
+            "clean_caption=True (Diffusers' default) is not supported by rapiddiff: Diffusers cleans captions with "
+            "beautifulsoup4 and ftfy, and falls back to clean_caption=False without them. Pass clean_caption=False "
+            "(text is lower-cased and stripped) or prompt_embeds / negative_prompt_embeds."
+        )
+
+
+def if_image_to_tensor(image: Any) -> torch.Tensor:
+    """Stage II's `image` -> (B, C, H, W) float tensor, by Diffusers' IF rules: PIL images from [0, 255] to [-1, 1];
+    numpy arrays (H, W, C) / (B, H, W, C) and tensors (C, H, W) / (B, C, H, W), or lists of them, as they are."""
+    images = image if isinstance(image, list) else [image]
+    if not images or not all(isinstance(i, (PIL.Image.Image, np.ndarray, torch.Tensor)) for i in images):
+        raise TypeError(
+            "image must be a torch.Tensor (stage I's output_type='pt'), a numpy array, a PIL image, or a list of "
+            f"one kind of these; got {image!r:.200}"
+        )
+    if len({type(i) for i in images}) > 1:
+        raise TypeError(f"image: a list mixing {sorted({type(i).__name__ for i in images})}")
+    first = images[0]
+    if isinstance(first, PIL.Image.Image):
+        arrays = [np.asarray(i).astype(np.float32) / 127.5 - 1.0 for i in images]
+        if {a.ndim for a in arrays} != {3}:
+            raise ValueError("image: PIL images must have color channels (e.g. mode 'RGB'), got a grayscale image")
+        batch = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))
+    elif isinstance(first, np.ndarray):
+        arrays = np.stack(images) if first.ndim == 3 else np.concatenate(images)
+        if arrays.ndim != 4:
+            raise ValueError(f"image: numpy arrays must be (H, W, C) or (B, H, W, C), got shape {first.shape}")
+        batch = torch.from_numpy(arrays.transpose(0, 3, 1, 2))
+    else:
+        batch = torch.stack(images) if first.ndim == 3 else torch.cat(images)
+        if batch.ndim != 4:
+            raise ValueError(f"image: tensors must be (C, H, W) or (B, C, H, W), got shape {tuple(first.shape)}")
+    if not batch.is_floating_point():
+        raise TypeError(f"image: arrays and tensors must be floating point in [-1, 1], got dtype {batch.dtype}")
+    return batch

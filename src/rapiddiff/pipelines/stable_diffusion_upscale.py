@@ -1,0 +1,217 @@
+"""Stable Diffusion x4 upscaler: Diffusers' `StableDiffusionUpscalePipeline`.
+
+The low-resolution image is noised to `noise_level` by `low_res_scheduler` and concatenated to the latents at every
+step (UNet in_channels 7 = 4 latents + 3 image), with the noise level as the UNet's class label. The latents have the
+input's size; the VAE (scaling factor 0.08333, two upsamplings) decodes them at 4x. It accepts DeepFloyd IF's stage-I
+`output_type="pt"` tensor as `image`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..utils.torch_utils import randn_tensor
+from .denoise import StepCallback, denoise, retrieve_timesteps, step_callback
+from .image_processor import PipelineImageInput, VaeImageProcessor
+from .prompt import PromptInput
+from .safety_checker import check_safety_components, run_safety_checker
+from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
+
+logger = logging.getLogger(__name__)
+
+X4_SCALING_FACTOR = 0.08333
+
+
+class StableDiffusionUpscalePipeline(StableDiffusionBase):
+    """Text-guided 4x super-resolution. The optional safety checker and watermarker have IF's interfaces
+    (`IFSafetyChecker`, `IFWatermarker`), as in Diffusers."""
+
+    _optional_components = ("watermarker", "safety_checker", "feature_extractor")
+
+    def __init__(
+        self,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        unet: Any,
+        low_res_scheduler: Any,
+        scheduler: Any,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        watermarker: Any = None,
+        max_noise_level: int = 350,
+    ):
+        check_safety_components(type(self).__name__, safety_checker, feature_extractor, requires_safety_checker=False)
+        if vae is not None and vae.config.scaling_factor != X4_SCALING_FACTOR:
+            # Diffusers rewrites the VAE config the same way: the x4 VAE is only ever used at 0.08333.
+            logger.warning(
+                "the x4 upscaler's vae has scaling_factor=%s; using %s as Diffusers does. Please update vae/config.json",
+                vae.config.scaling_factor,
+                X4_SCALING_FACTOR,
+            )
+            vae.config = vae.config.replace(scaling_factor=X4_SCALING_FACTOR)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            low_res_scheduler=low_res_scheduler,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            watermarker=watermarker,
+        )
+        self.register_to_config(max_noise_level=max_noise_level)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, resample="bicubic")
+
+    # --- argument checks --------------------------------------------------------------------------------------------
+    def check_noise_level(self, noise_level: Any) -> None:
+        high = self.config.max_noise_level
+        classes = self.unet.config.num_class_embeds
+        if classes is not None:  # the noise level indexes the UNet's class embedding
+            high = min(high, classes - 1)
+        if not isinstance(noise_level, int) or isinstance(noise_level, bool) or not 0 <= noise_level <= high:
+            raise ValueError(
+                f"noise_level must be an int in [0, {high}] (max_noise_level={self.config.max_noise_level}), "
+                f"got {noise_level!r}"
+            )
+
+    def check_image(self, image: torch.Tensor, prompts: int) -> None:
+        """The preprocessed (B, C, h, w) image must fit the prompts and the UNet's image channels."""
+        channels = self.unet.config.in_channels - self.vae.config.latent_channels
+        if image.shape[1] != channels:
+            raise ValueError(
+                f"image has {image.shape[1]} channels, this UNet (in_channels={self.unet.config.in_channels}, "
+                f"{self.vae.config.latent_channels} of them latents) takes {channels}-channel images"
+            )
+        if image.shape[0] != prompts:
+            raise ValueError(
+                f"image has batch size {image.shape[0]} but there are {prompts} prompts: pass one image per prompt"
+            )
+
+    # --- the call ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: PromptInput = None,
+        image: PipelineImageInput | None = None,
+        num_inference_steps: int = 75,
+        guidance_scale: float = 9.0,
+        noise_level: int = 20,
+        negative_prompt: PromptInput = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+        """Upscale `image` 4x, guided by `prompt` (or `prompt_embeds`); arguments and defaults as in Diffusers.
+
+        image: PIL images / arrays in [0, 1] / tensors in [0, 1] or [-1, 1] (e.g. IF stage I's "pt" output), one
+        per prompt. noise_level: how much noise `low_res_scheduler` adds to it, in [0, max_noise_level].
+        output_type: "pil", "np", "pt" or "latent". Returns StableDiffusionPipelineOutput(images,
+        nsfw_content_detected), or that tuple.
+        """
+        if image is None:
+            raise ValueError("image is required: the low-resolution image(s) to upscale")
+        batch_size, _ = self.check_common_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            timesteps=None,
+            sigmas=None,
+            guidance_scale=guidance_scale,
+            guidance_rescale=0.0,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            output_type=output_type,
+            cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip,
+            callback_on_step_end=None,
+            callback_on_step_end_tensor_inputs=(),
+        )
+        on_step_end = step_callback(callback, callback_steps, order=self.scheduler.order)
+        self.check_noise_level(noise_level)
+        image = self.image_processor.preprocess(image)
+        prompts = batch_size // num_images_per_prompt
+        self.check_image(image, prompts)
+        height, width = (s * self.vae_scale_factor for s in image.shape[2:])  # the output size
+        channels = self.vae.config.latent_channels
+        self.check_latents(latents, self.latent_shape(batch_size, channels, height, width))
+        self._start_call(guidance_scale, 0.0, clip_skip)
+        device = self._execution_device
+
+        tensors = self.encode_conditioning(
+            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+        )
+        dtype = tensors["prompt_embeds"].dtype
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        image, levels = self.noised_image(image.to(device=device, dtype=dtype), noise_level, generator)
+        # Diffusers tiles the whole batch (not per prompt) for the guidance halves and the images per prompt.
+        copies = (2 if self.do_classifier_free_guidance else 1) * num_images_per_prompt
+        image = image.repeat(copies, 1, 1, 1)
+        levels = levels.repeat(image.shape[0])
+        latents = self.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
+
+        def with_image(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+            return torch.cat([x, image], dim=1), {"class_labels": levels}
+
+        latents = denoise(
+            self,
+            latents,
+            timesteps,
+            num_inference_steps,
+            self.unet_noise_predictor(tensors, with_image),
+            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            tensors=tensors,
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=("latents",),
+        )
+        return self.decode_to_output(latents, output_type, return_dict, dtype)
+
+    def noised_image(
+        self, image: torch.Tensor, noise_level: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image noised by low_res_scheduler to `noise_level`, the (1,) level). Drawn before the latents; with a list
+        of generators Diffusers draws from the first ones, one per image."""
+        if isinstance(generator, list):
+            generator = generator[: image.shape[0]]
+        levels = torch.tensor([noise_level], dtype=torch.int64, device=image.device)
+        noise = randn_tensor(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+        return self.low_res_scheduler.add_noise(image, noise, levels), levels
+
+    def decode_to_output(
+        self, latents: torch.Tensor, output_type: str, return_dict: bool, dtype: torch.dtype
+    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+        """VAE decode (in float32 for a float16 VAE with force_upcast, as Diffusers), safety check, post-process,
+        watermark PIL outputs."""
+        nsfw = None
+        if output_type == "latent":
+            images = latents
+        else:
+            # Cast before scaling, in the dtype the VAE decodes in: Diffusers' order, so float16 rounds the same.
+            decode_dtype = torch.float32 if self.vae.needs_upcasting else self.vae.dtype
+            images = self.vae.decode_upcast(latents.to(decode_dtype) / self.vae.config.scaling_factor)
+            if self.safety_checker is not None:
+                images, nsfw, _ = run_safety_checker(
+                    self.safety_checker, self.feature_extractor, images, self._execution_device, dtype
+                )
+        denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
+        images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
+        if output_type == "pil" and self.watermarker is not None:
+            images = self.watermarker.apply_watermark(images)
+        return StableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
