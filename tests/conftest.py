@@ -158,3 +158,50 @@ def tiny_upscaler_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-x4") / "checkpoint"
     pipe.save_pretrained(path)
     return path
+
+
+# --- parity helpers for the image-conditioned pipelines (img2img, inpainting, ControlNet) ----------------------------
+PIPELINE_ATOL = 2e-3
+
+
+def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB"):
+    """A seeded random-pixel PIL image ("RGB", or "L" for a mask)."""
+    import numpy as np
+    import PIL.Image
+
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    return PIL.Image.fromarray(np.random.RandomState(seed).randint(0, 256, shape, dtype=np.uint8), mode)
+
+
+def seeded(seed: int | list[int]):
+    """A fresh CPU generator for a seed, or one per seed of a list."""
+    if isinstance(seed, list):
+        return [torch.Generator().manual_seed(s) for s in seed]
+    return torch.Generator().manual_seed(seed)
+
+
+def use_scheduler(pipes, name: str, checkpoint) -> None:
+    """Give (diffusers, rapiddiff) pipelines fresh schedulers of class `name` built from the checkpoint's config."""
+    import diffusers
+
+    import rapiddiff
+
+    folder = checkpoint / "scheduler"
+    for library, pipe in zip((diffusers, rapiddiff), pipes):
+        pipe.scheduler = getattr(library, name).from_config(library.PNDMScheduler.load_config(folder))
+
+
+def run_both(pipes, prompt="a red cube on a table", seed: int | list[int] = 0, **kwargs) -> list:
+    """Call (diffusers, rapiddiff) pipelines with the same arguments and fresh generators of the same seed(s)."""
+    args = dict(prompt=prompt, num_inference_steps=2, output_type="np") | kwargs
+    return [pipe(generator=seeded(seed), **args) for pipe in pipes]
+
+
+def assert_same_images(ref_out, our_out, atol: float = PIPELINE_ATOL) -> None:
+    """Same images (within `atol` on "np" output) and the same safety-checker flags."""
+    import numpy as np
+
+    expected, actual = ref_out.images, our_out.images
+    assert isinstance(actual, np.ndarray) and actual.shape == expected.shape and actual.dtype == np.float32
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
+    assert our_out.nsfw_content_detected == ref_out.nsfw_content_detected

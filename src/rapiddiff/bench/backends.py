@@ -16,6 +16,10 @@ BACKENDS = ("rapiddiff", "diffusers")
 class Unavailable(Exception):
     """A backend, or one of its classes, that this install does not have; recorded in the cell, never fatal."""
 
+    def __init__(self, summary: str, detail: str = "") -> None:
+        super().__init__(f"{summary} ({detail})" if detail else summary)
+        self.summary = summary  # short, for the report's table
+
 
 class Backend:
     """One library that provides the pipelines, models and schedulers by their Diffusers names."""
@@ -54,7 +58,7 @@ class Backend:
             # rapiddiff's lazy exports name modules that other work may not have written yet
             if not (e.name or "").startswith(f"{self.name}."):
                 raise
-            raise Unavailable(f"not available in {self.name}: {name} (module {e.name} missing)") from e
+            raise Unavailable(f"not available in {self.name}: {name}", f"module {e.name} missing") from e
 
     def has(self, name: str) -> bool:
         try:

@@ -52,6 +52,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, help="timed (short, long) pairs per cell; the median is reported")
     parser.add_argument("--warmup", type=int, help="untimed calls per cell before timing")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the preset's")
     parser.add_argument("--model", action="append", type=_model_arg, default=[], metavar="NAME=PATH",
                         help=f"a real Diffusers checkpoint instead of random weights; NAME: {', '.join(CHECKPOINTS)}")  # fmt: skip
@@ -68,6 +69,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads}: give a positive number")
+        torch.set_num_threads(args.threads)
     settings = Settings.create(
         resolve_preset(args.preset, torch.cuda.is_available()),
         device=args.device,

@@ -67,7 +67,9 @@ def random_model(factory: Callable[[], nn.Module], device: torch.device, dtype: 
             model = factory()
     else:
         model = model.to_empty(device=device)
-    model = nn.Module.to(model, dtype)  # nn.Module's own: diffusers' override only adds a warning for from_config models
+    model = nn.Module.to(
+        model, dtype
+    )  # nn.Module's own: diffusers' override only adds a warning for from_config models
     random_init_(model)
     return model.eval()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import gc
 import statistics
 import time
@@ -69,6 +70,7 @@ class StepCounter:
         self.count = 0
         step = scheduler.step
 
+        @functools.wraps(step)  # keeps the signature: pipelines inspect it for `eta` and `generator`
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.count += 1
             return step(*args, **kwargs)
@@ -90,7 +92,7 @@ def describe_failure(error: BaseException, where: str) -> tuple[str, str, str]:
     """(status, short summary for the table, full message)."""
     message = f"{type(error).__name__}: {error}".strip()[:2000]
     if isinstance(error, Unavailable):
-        return "unavailable", str(error), message
+        return "unavailable", error.summary, message
     if is_out_of_memory(error):
         return "failed", f"OOM {where}", message
     if type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):

@@ -32,23 +32,27 @@ def run_sweep(settings: Settings) -> list[Cell]:
 
 def _run_figure(figure: Figure, backend: Backend, settings: Settings, bar: Any) -> list[Cell]:
     cells = [Cell(figure.name, b, m, backend.name) for m in settings.modes for b in settings.batch_sizes]
+    for cell in cells:
+        if cell.batch_size > 1 and not figure.batched:
+            cell.status, cell.summary = "skipped", "batch 1 only"
+    todo = [c for c in cells if c.status != "skipped"]
+    bar.update(len(cells) - len(todo))
+    if not todo:
+        return cells
     bar.set_description(f"{figure.name}/{backend.name}: building")
     try:
-        for cell in cells:
+        for cell in todo:
             inject_fault(settings.fault, cell.id, "build")
         pipe = build_pipeline(figure, backend, settings)
         counter = StepCounter(pipe.scheduler)
     except Exception as e:
-        for cell in cells:
+        for cell in todo:
             cell.fail(e, "while building the pipeline")
-        bar.update(len(cells))
+        bar.update(len(todo))
         return cells
-    for cell in cells:
+    for cell in todo:
         bar.set_description(cell.id)
-        if cell.batch_size > 1 and not figure.batched:
-            cell.status, cell.summary = "skipped", "batch 1 only"
-        else:
-            _run_cell(cell, pipe, counter, figure, backend, settings)
+        _run_cell(cell, pipe, counter, figure, backend, settings)
         bar.update(1)
     return cells
 

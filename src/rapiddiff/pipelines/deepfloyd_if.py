@@ -305,7 +305,7 @@ class IFPipelineBase(DiffusionPipeline):
             callback_on_step_end_tensor_inputs=("latents",),
         )
 
-    def set_timesteps(
+    def prepare_timesteps(
         self, num_inference_steps: int, timesteps: Sequence[int] | None, device: torch.device
     ) -> tuple[torch.Tensor, int]:
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
@@ -412,7 +412,7 @@ class IFPipeline(IFPipelineBase):
         )
         if guided:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        timesteps, num_inference_steps = self.set_timesteps(num_inference_steps, timesteps, device)
+        timesteps, num_inference_steps = self.prepare_timesteps(num_inference_steps, timesteps, device)
         images = self.prepare_intermediate_images(
             prompts * num_images_per_prompt,
             self.unet.config.in_channels,
@@ -549,7 +549,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         )
         if guided:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        timesteps, num_inference_steps = self.set_timesteps(num_inference_steps, timesteps, device)
+        timesteps, num_inference_steps = self.prepare_timesteps(num_inference_steps, timesteps, device)
         images = self.prepare_intermediate_images(
             prompts * num_images_per_prompt,
             self.unet.config.in_channels // 2,

@@ -8,6 +8,7 @@ model sees the same graph at every step.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,30 @@ def step_callback(callback: StepCallback | None, callback_steps: Any, order: int
     return on_step_end
 
 
+# --- one step ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What every step of one loop runs: the pipeline's model call, its scheduler and their fixed arguments."""
+
+    scheduler: Any
+    predict_noise: PredictNoise
+    step_kwargs: dict[str, Any]
+    after_step: AfterStep | None = None
+
+
+# runner(parts, latents, t, i) -> latents: how `denoise` runs a step. `run_step` unless the pipeline sets its
+# `_step_runner` (rapiddiff.compile: a whole step compiled as one graph, or a step checked for host syncs).
+StepRunner = Callable[[StepParts, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def run_step(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+    """Model, scheduler, after_step. The model gets `t` as float32 whatever the scheduler's dtype (int64 or float32):
+    a compiled model keeps one graph across a scheduler swap, and the timestep embedding casts to float32 anyway."""
+    noise_pred = parts.predict_noise(latents, t.to(torch.float32), i)
+    latents = parts.scheduler.step(noise_pred, t, latents, **parts.step_kwargs, return_dict=False)[0]
+    return parts.after_step(latents, i, t) if parts.after_step is not None else latents
+
+
 # --- the loop ----------------------------------------------------------------------------------------------------------
 def denoise(
     pipe: DiffusionPipeline,
@@ -144,7 +169,8 @@ def denoise(
     after_step(latents, i, t): applied after each scheduler step (4-channel inpainting pastes the known region back).
     """
     scheduler = pipe.scheduler
-    step_kwargs = extra_step_kwargs or {}
+    parts = StepParts(scheduler, predict_noise, extra_step_kwargs or {}, after_step)
+    run = pipe._step_runner or run_step
     tensors = tensors if tensors is not None else {}
     pipe._num_timesteps = len(timesteps)
     pipe._interrupt = False
@@ -153,10 +179,7 @@ def denoise(
         for i, t in enumerate(timesteps):
             if pipe.interrupt:  # set by a callback to stop early, as in Diffusers
                 continue
-            noise_pred = predict_noise(latents, t, i)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if after_step is not None:
-                latents = after_step(latents, i, t)
+            latents = run(parts, latents, t, i)
             if callback_on_step_end is not None:
                 latents = _run_callback(
                     pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, tensors

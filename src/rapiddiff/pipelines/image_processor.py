@@ -144,6 +144,16 @@ class VaeImageProcessor:
         f = self.config.vae_scale_factor
         return height - height % f, width - width % f
 
+    def input_size(self, image: PipelineImageInput) -> tuple[int, int]:
+        """(height, width) of the first image of an input as given, before any resizing (e.g. to check that an
+        inpainting mask has the size of its image). Arrays are (N)HW(C), tensors (N)(C)HW, as `preprocess` reads them."""
+        first = self._as_list(image)[0]
+        if isinstance(first, PIL.Image.Image):
+            return first.height, first.width
+        if isinstance(first, np.ndarray):
+            return tuple(first.shape[:2] if first.ndim in (2, 3) else first.shape[1:3])
+        return tuple(first.shape[-2:])
+
     def resize(
         self,
         image: PIL.Image.Image | np.ndarray | torch.Tensor,

@@ -184,6 +184,8 @@ class DiffusionPipeline:
     _name_or_path: str | None = None
     _interrupt: bool = False
     _num_timesteps: int | None = None
+    # How `denoise` runs one step (None: `denoise.run_step`); set by rapiddiff.compile (whole-step graphs, sync checks).
+    _step_runner: Any = None
 
     # --- components and config --------------------------------------------------------------------------------------
     @classmethod

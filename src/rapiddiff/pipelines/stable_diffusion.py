@@ -25,8 +25,9 @@ from .denoise import (
     denoise,
     extra_step_kwargs,
     retrieve_timesteps,
+    truncate_timesteps,
 )
-from .image_processor import VaeImageProcessor
+from .image_processor import PipelineImageInput, VaeImageProcessor
 from .pipeline_utils import (
     BaseOutput,
     DiffusionPipeline,
@@ -243,14 +244,28 @@ class StableDiffusionBase(DiffusionPipeline):
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Initial noise drawn as Diffusers draws it (so a seed gives its image), scaled by `init_noise_sigma`."""
+        noise = self.draw_noise(batch_size, num_channels_latents, height, width, dtype, device, generator, latents)
+        return noise * self.scheduler.init_noise_sigma
+
+    def draw_noise(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The unscaled initial noise: `latents` if given, else drawn as Diffusers draws it (inpainting keeps it to
+        re-noise the known region)."""
         shape = self.latent_shape(batch_size, num_channels_latents, height, width)
         check_generator(generator, batch_size)
         self.check_latents(latents, shape)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents.to(device=device, dtype=dtype)
 
     def prepare_extra_step_kwargs(self, generator: Any, eta: float) -> dict[str, Any]:
         return extra_step_kwargs(self.scheduler, generator, eta)
@@ -415,3 +430,362 @@ class StableDiffusionPipeline(StableDiffusionBase):
             callback_on_step_end_tensor_inputs=callback_names,
         )
         return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+
+
+# --- image-conditioned pipelines: img2img and inpainting ------------------------------------------------------------
+def required(name: str, value: Any) -> Any:
+    if value is None:
+        raise ValueError(f"{name} is required: pass a PIL image, a numpy array, a torch tensor or a list of them")
+    return value
+
+
+def check_unet_in_channels(unet: Any, allowed: dict[int, str]) -> None:
+    """The pipeline's UNet input fits: `allowed` maps each accepted in_channels to what it means."""
+    channels = unet.config.in_channels
+    if channels not in allowed:
+        fits = "; ".join(f"{c} ({what})" for c, what in allowed.items())
+        raise ValueError(f"unet.config.in_channels={channels} does not fit this pipeline; allowed: {fits}")
+
+
+def batch_repeats(name: str, n: int, batch_size: int) -> int:
+    """How often a batch of `n` images (or masks) is repeated to `batch_size` (prompts x num_images_per_prompt).
+
+    Diffusers' rule: one image per prompt, or a batch that divides the prompts' batch and is duplicated.
+    """
+    if n < 1 or batch_size % n:
+        raise ValueError(
+            f"{name} has a batch of {n}, which does not fit the {batch_size} images to generate (prompts x "
+            f"num_images_per_prompt); allowed: a batch that divides {batch_size}, e.g. 1 or {batch_size}"
+        )
+    return batch_size // n
+
+
+def encode_image_latents(
+    vae: Any, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
+) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> latents scaled by `scaling_factor`, the VAE posterior sampled as Diffusers'
+    `retrieve_latents` does: with the one generator, or with generator i for image i."""
+    if isinstance(generator, list):
+        generator = generator[: image.shape[0]]
+    return vae.encode(image).latent_dist.sample(generator) * vae.config.scaling_factor
+
+
+def strength_timesteps(
+    scheduler: Any,
+    num_inference_steps: int,
+    device: torch.device,
+    timesteps: Sequence[int] | None,
+    sigmas: Sequence[float] | None,
+    strength: float,
+) -> tuple[torch.Tensor, int]:
+    """Set the schedule and keep its last `strength` share, starting the scheduler there; (timesteps, steps run)."""
+    _, steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
+    timesteps, steps_run = truncate_timesteps(scheduler, steps, strength)
+    if steps_run < 1:
+        raise ValueError(
+            f"strength={strength} runs no denoising step of num_inference_steps={steps}: int(steps x strength) is 0; "
+            f"allowed: strength >= {1 / steps:g}, or more steps"
+        )
+    return timesteps, steps_run
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+    """Image-to-image with Stable Diffusion: Diffusers' `StableDiffusionImg2ImgPipeline`.
+
+    The image is encoded, noised to the timestep where the last `strength` share of the schedule starts, and denoised
+    from there: strength 1 ignores the image's content, strength 0.3 keeps most of it.
+    """
+
+    __init__ = StableDiffusionPipeline.__init__
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: PipelineImageInput | None = None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+        """Transform `image` (PIL, array or tensor in [0, 1], or (B, 4, h, w) latents) following `prompt`.
+
+        strength in [0, 1]: the share of the `num_inference_steps` schedule that runs. Other arguments as
+        text-to-image (no height/width: the image's size, rounded down to a multiple of the VAE factor).
+        """
+        batch_size, callback_names = self.check_common_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_rescale=0.0,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            output_type=output_type,
+            cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        check_number("strength", strength, 0.0, 1.0)
+        check_unet_in_channels(self.unet, {self.vae.config.latent_channels: "the VAE's latent channels"})
+        image = self.image_processor.preprocess(required("image", image))
+        batch_repeats("image", image.shape[0], batch_size)
+        self._start_call(guidance_scale, 0.0, clip_skip)
+        device = self._execution_device
+
+        timesteps, num_inference_steps = strength_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas, strength
+        )
+        tensors = self.encode_conditioning(
+            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+        )
+        dtype = tensors["prompt_embeds"].dtype
+        start = timesteps[:1].repeat(batch_size)
+        latents = self.prepare_image_latents(image, start, batch_size, dtype, device, generator)
+        latents = denoise(
+            self,
+            latents,
+            timesteps,
+            num_inference_steps,
+            self.unet_noise_predictor(tensors),
+            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            tensors=tensors,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_names,
+        )
+        return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+
+    def prepare_image_latents(
+        self,
+        image: torch.Tensor,
+        timestep: torch.Tensor,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> torch.Tensor:
+        """The image's latents (encoded unless `image` already is latents), repeated to the batch, noised to
+        `timestep` with `scheduler.add_noise`. Generators are consumed in Diffusers' order: the same seed, the same
+        image."""
+        image = image.to(device=device, dtype=dtype)
+        if image.shape[1] == self.vae.config.latent_channels:
+            latents = image
+        else:
+            if isinstance(generator, list):  # one generator per output image: duplicate the images first
+                image = image.repeat(batch_repeats("image", image.shape[0], batch_size), 1, 1, 1)
+            latents = encode_image_latents(self.vae, image, generator)
+        latents = latents.repeat(batch_repeats("image", latents.shape[0], batch_size), 1, 1, 1)
+        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.add_noise(latents, noise, timestep)
+
+
+class StableDiffusionInpaintPipeline(StableDiffusionBase):
+    """Inpainting with Stable Diffusion: Diffusers' `StableDiffusionInpaintPipeline`.
+
+    White mask pixels are repainted, black ones kept. A 9-channel inpainting UNet sees the mask and the masked image's
+    latents next to the noisy latents; a plain 4-channel UNet is used by pasting the (re-noised) known region back
+    after every step.
+    """
+
+    __init__ = StableDiffusionPipeline.__init__
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+
+    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
+        super()._register(requires_safety_checker, **components)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        masked_image_latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+        """Repaint the white region of `mask_image` in `image` (both resized to height x width, the UNet's size by
+        default) following `prompt`.
+
+        strength < 1 starts from the noised image instead of pure noise. masked_image_latents: (B, 4, h, w) latents of
+        the masked image, instead of encoding it. padding_mask_crop is not supported (must be None).
+        """
+        height, width = self.default_size(height, width)
+        self.check_size(height, width)
+        batch_size, callback_names = self.check_common_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_rescale=0.0,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            output_type=output_type,
+            cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        check_number("strength", strength, 0.0, 1.0)
+        if padding_mask_crop is not None:
+            raise ValueError(f"padding_mask_crop={padding_mask_crop!r} is not supported by rapiddiff; pass None")
+        channels = self.vae.config.latent_channels
+        check_unet_in_channels(
+            self.unet,
+            {channels: "a plain UNet", 2 * channels + 1: "an inpainting UNet: latents + mask + masked image latents"},
+        )
+        latent_shape = self.latent_shape(batch_size, channels, height, width)
+        self.check_latents(latents, latent_shape)
+        init_image, mask = self.preprocess_image_and_mask(
+            required("image", image), required("mask_image", mask_image), height, width, batch_size
+        )
+        self.check_masked_image_latents(masked_image_latents, latent_shape)
+        self._start_call(guidance_scale, 0.0, clip_skip)
+        device = self._execution_device
+
+        timesteps, num_inference_steps = strength_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas, strength
+        )
+        tensors = self.encode_conditioning(
+            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+        )
+        dtype = tensors["prompt_embeds"].dtype
+        plain_unet = self.unet.config.in_channels == channels
+        # Generators are consumed in Diffusers' order: image latents, noise, masked image latents.
+        image_latents = None
+        if plain_unet or (latents is None and strength < 1):
+            image_latents = encode_image_latents(self.vae, init_image.to(device=device, dtype=dtype), generator)
+            image_latents = image_latents.repeat(batch_repeats("image", image_latents.shape[0], batch_size), 1, 1, 1)
+        noise = self.draw_noise(batch_size, channels, height, width, dtype, device, generator, latents)
+        if latents is None and strength < 1:
+            latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch_size))
+        else:  # pure noise, or the given latents taken as the noise (Diffusers' rule)
+            latents = noise * self.scheduler.init_noise_sigma
+        if masked_image_latents is None:
+            masked_image = (init_image * (mask < 0.5)).to(device=device, dtype=dtype)
+            masked_image_latents = encode_image_latents(self.vae, masked_image, generator)
+        tensors.update(self.prepare_mask_latents(mask, masked_image_latents, batch_size, dtype, device))
+
+        def with_mask_channels(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+            return torch.cat([x, tensors["mask"], tensors["masked_image_latents"]], dim=1), {}
+
+        def paste_known_region(latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+            mask = tensors["mask"].chunk(2)[0] if self.do_classifier_free_guidance else tensors["mask"]
+            known = image_latents
+            if i < len(timesteps) - 1:  # noised to the level the next step starts from
+                known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+            return (1 - mask) * known + mask * latents
+
+        latents = denoise(
+            self,
+            latents,
+            timesteps,
+            num_inference_steps,
+            self.unet_noise_predictor(tensors, None if plain_unet else with_mask_channels),
+            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            after_step=paste_known_region if plain_unet else None,
+            tensors=tensors,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_names,
+        )
+        return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+
+    def preprocess_image_and_mask(
+        self, image: PipelineImageInput, mask_image: PipelineImageInput, height: int, width: int, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image in [-1, 1], binary mask), both (B, C, height, width) float32; sizes and batches checked."""
+        init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        if init_image.shape[1] == self.vae.config.latent_channels:
+            raise ValueError(
+                f"image: got latents {tuple(init_image.shape)}; inpainting needs the image in pixels (it is masked "
+                "before encoding); pass precomputed latents of the masked image as masked_image_latents"
+            )
+        image_size, mask_size = self.image_processor.input_size(image), self.mask_processor.input_size(mask_image)
+        if image_size != mask_size:
+            raise ValueError(
+                f"mask_image is {mask_size[0]}x{mask_size[1]} (height x width) but image is "
+                f"{image_size[0]}x{image_size[1]}: the mask must have the image's size"
+            )
+        mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        n_image, n_mask = init_image.shape[0], mask.shape[0]
+        if n_image != n_mask and 1 not in (n_image, n_mask):
+            raise ValueError(
+                f"mask_image has a batch of {n_mask} masks for {n_image} images; allowed: one mask, or one per image"
+            )
+        batch_repeats("image", n_image, batch_size)
+        batch_repeats("mask_image", n_mask, batch_size)
+        return init_image, mask
+
+    def check_masked_image_latents(self, masked_image_latents: torch.Tensor | None, latent_shape: tuple) -> None:
+        if masked_image_latents is None:
+            return
+        if not isinstance(masked_image_latents, torch.Tensor) or masked_image_latents.shape[1:] != latent_shape[1:]:
+            got = getattr(masked_image_latents, "shape", type(masked_image_latents).__name__)
+            raise ValueError(
+                f"masked_image_latents must have shape (batch, {', '.join(map(str, latent_shape[1:]))}), got {got}"
+            )
+        batch_repeats("masked_image_latents", masked_image_latents.shape[0], latent_shape[0])
+
+    def prepare_mask_latents(
+        self,
+        mask: torch.Tensor,
+        masked_image_latents: torch.Tensor,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """The mask at latent size and the masked image's latents, repeated to the batch (and doubled with guidance,
+        as the UNet input is), by callback name."""
+        mask = torch.nn.functional.interpolate(mask, size=masked_image_latents.shape[-2:]).to(
+            device=device, dtype=dtype
+        )
+        mask = mask.repeat(batch_repeats("mask_image", mask.shape[0], batch_size), 1, 1, 1)
+        masked = masked_image_latents.to(device=device, dtype=dtype)
+        masked = masked.repeat(batch_repeats("masked_image_latents", masked.shape[0], batch_size), 1, 1, 1)
+        copies = 2 if self.do_classifier_free_guidance else 1
+        return {"mask": torch.cat([mask] * copies), "masked_image_latents": torch.cat([masked] * copies)}

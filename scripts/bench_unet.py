@@ -1,0 +1,95 @@
+"""The SD 1.5 UNet alone, eager: rapiddiff vs diffusers on the same weights and inputs; prints steps/s and the ratio.
+
+Full SD 1.5 architecture (rapiddiff/presets), random weights built once with diffusers and loaded into rapiddiff's
+model, classifier-free guidance batch (2 x --batch). Rounds alternate between the backends so that a machine's
+drift hits both. On the CPU the defaults shrink the latent and the repeat count so it runs in a minute or two.
+
+    python scripts/bench_unet.py                              # CUDA: fp16, 64x64 latents; CPU: fp32, 16x16
+    python scripts/bench_unet.py --batch 4 --attn vanilla --iters 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from rapiddiff.bench.components import random_model
+from rapiddiff.bench.measure import synchronize
+from rapiddiff.bench.presets import PRESETS, preset_config
+
+
+def parse_args() -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16" if cuda else "float32")
+    p.add_argument("--batch", type=int, default=1, help="images; the UNet sees twice as many (guidance)")
+    p.add_argument("--latent", type=int, default=64 if cuda else 16, help="latent height = width (512 px: 64)")
+    p.add_argument("--iters", type=int, default=20 if cuda else 4, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend; the median is reported")
+    p.add_argument("--attn", choices=["sdpa", "vanilla"], default="sdpa")
+    p.add_argument("--no-channels-last", action="store_true", help="keep the default memory format")
+    return p.parse_args()
+
+
+def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    import diffusers
+
+    import rapiddiff
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = preset_config("sd", "unet", "config.json", PRESETS["gpu"])
+    theirs = random_model(lambda: diffusers.UNet2DConditionModel.from_config(config), device, dtype)
+    with torch.device("meta"):
+        ours = rapiddiff.UNet2DConditionModel.from_config(config)
+    ours.load_checkpoint_state(dict(theirs.state_dict()), source="diffusers' UNet")  # the very same tensors
+    models = {"rapiddiff": ours.eval(), "diffusers": theirs}
+    for model in models.values():
+        if args.attn == "vanilla":
+            model.set_default_attn_processor()
+        if not args.no_channels_last:
+            model.to(memory_format=torch.channels_last)
+    return models
+
+
+def main() -> None:
+    args = parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    models = build(args)
+    g = torch.Generator(device).manual_seed(0)
+    n = 2 * args.batch
+    sample = torch.randn(n, 4, args.latent, args.latent, generator=g, device=device, dtype=dtype)
+    context = torch.randn(n, 77, 768, generator=g, device=device, dtype=dtype)
+    timestep = torch.tensor(999, device=device)
+
+    def step(model: torch.nn.Module) -> torch.Tensor:
+        return model(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        outputs = {name: step(model) for name, model in models.items()}  # warm-up, and the parity check
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    step(model)
+                synchronize(device)
+                seconds[name].append((time.perf_counter() - start) / args.iters)
+
+    print(f"SD 1.5 UNet, {args.device} {args.dtype}, batch {args.batch} (UNet batch {n}), latent {args.latent}, "
+          f"attention {args.attn}, channels_last {not args.no_channels_last}, torch threads {torch.get_num_threads()}")  # fmt: skip
+    rate = {name: 1.0 / statistics.median(s) for name, s in seconds.items()}
+    for name, r in rate.items():
+        print(f"  {name:9s} {r:8.2f} steps/s  (rounds: {' '.join(f'{1 / s:.2f}' for s in seconds[name])})")
+    print(f"  rapiddiff / diffusers: {rate['rapiddiff'] / rate['diffusers']:.3f}x")
+    diff = (outputs["rapiddiff"].float() - outputs["diffusers"].float()).abs().max().item()
+    scale = outputs["diffusers"].float().abs().max().item()
+    print(f"  outputs: max abs difference {diff:.3e} (output scale {scale:.3e})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""torch.compile that just works: the seed's recipe applied to any pipeline, and the checks that keep it fast.
+
+    pipe = rapiddiff.compile_pipeline(pipe)   # channels_last + torch.compile(mode="reduce-overhead", fullgraph=True)
+    images = pipe(prompt, num_inference_steps=steps).images
+
+- Every model compiles as one graph (fullgraph=True) and is compiled in place (`nn.Module.compile`): `pipe.unet` stays
+  a UNet2DConditionModel with its config, `.to()` and `save_pretrained`.
+- One graph per shape: the loop hands models device tensors of fixed dtypes (timesteps as float32, ControlNet scales
+  as tensors), so a new prompt, seed, guidance scale, strength, step count or scheduler never recompiles.
+  `dynamic=True` makes height, width and batch symbolic: a new image size reuses the graph (CUDA graphs are still
+  recorded per shape, which is cheap).
+- CUDA-graph safe: the loop keeps no reference to a model output past the next call and never syncs with the device;
+  `forbid_host_syncs` / `forbid_host_syncs_in_loop` check the latter.
+- `whole_step=True` compiles model call, guidance and scheduler update of a step as one graph (`WholeStep`).
+- Warm start: inductor's FX-graph and AOTAutograd caches are on by default, so a second process compiling the same
+  pipeline loads its kernels from disk; `save_compile_cache` / `load_compile_cache` carry them to another machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx.experimental._config
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .pipelines.denoise import StepParts, run_step
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MEMORY_FORMATS = (None, torch.channels_last, torch.contiguous_format)
+# Compiled by default when the pipeline has them. Dotted names reach into a component.
+DEFAULT_COMPONENTS = ("unet", "controlnet", "vae.decoder")
+# Called once or more per denoising step: the modules CUDA graphs are for. Others (the VAE decoder, called once per
+# image on large activations) compile without them: nothing to amortise, and no static output buffer to pin.
+DENOISERS = ("unet", "controlnet")
+_WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+# --- the recipe ------------------------------------------------------------------------------------------------------
+def compile_pipeline(
+    pipe: Any,
+    *,
+    mode: str | None = "reduce-overhead",
+    fullgraph: bool = True,
+    memory_format: torch.memory_format | None = torch.channels_last,
+    components: Sequence[str] | None = None,
+    dynamic: bool | None = False,
+    whole_step: bool = False,
+    backend: str = "inductor",
+) -> Any:
+    """Apply channels_last and torch.compile in place to the pipeline's models; returns `pipe`.
+
+    components: attribute paths of the modules to compile (default: "unet", "controlnet", "vae.decoder", each where the
+        pipeline has it); a name given explicitly must exist.
+    mode: torch.compile's mode for the denoisers (unet, controlnet); other modules get its variant without CUDA graphs.
+    dynamic: False: one graph per shape. True: height, width and batch symbolic from the first call, so a new image
+        size does not recompile (see docs/compile.md for its speed cost). None: torch's default (static, then dynamic
+        after the first recompile).
+    whole_step: compile each denoising step (model call, guidance, scheduler update) as one graph instead of the
+        denoisers alone; see `WholeStep` for the schedulers it supports.
+    backend: torch.compile's backend; "eager" / "aot_eager" check graph capture without code generation.
+    """
+    _check_args(mode, memory_format, dynamic, backend)
+    targets = _targets(pipe, components)
+    compiles = []
+    for name, module in targets:
+        if memory_format is not None:
+            module.to(memory_format=memory_format)
+        # With whole_step the denoisers run inside the step's graph: compiling them alone too would only add guards.
+        if whole_step and name in DENOISERS:
+            continue
+        compiles.append((module, compile_kwargs(backend, mode if name in DENOISERS else _no_cudagraphs(mode))))
+    if whole_step:
+        pipe._step_runner = WholeStep(**compile_kwargs(backend, mode), fullgraph=fullgraph, dynamic=dynamic)
+    for module, kwargs in compiles:
+        module.compile(fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        if dynamic:
+            module._compiled_call_impl = without_duck_shapes(module._compiled_call_impl)
+    return pipe
+
+
+def compile_kwargs(backend: str, mode: str | None) -> dict[str, Any]:
+    """torch.compile's backend and mode arguments (a mode is inductor's alone)."""
+    return {"backend": backend, "mode": mode} if backend == "inductor" else {"backend": backend}
+
+
+def without_duck_shapes(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled`, tracing without duck shaping: by default torch gives equal dynamic sizes one symbol, so a square
+    first image would tie height to width and a non-square one would recompile."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
+def _no_cudagraphs(mode: str | None) -> str | None:
+    return _WITHOUT_CUDAGRAPHS.get(mode, mode)
+
+
+def _check_args(mode: Any, memory_format: Any, dynamic: Any, backend: Any) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a torch.compile mode; allowed: {', '.join(map(repr, MODES))}")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(
+            f"memory_format={memory_format!r}; allowed: torch.channels_last, torch.contiguous_format or None (as is)"
+        )
+    if dynamic not in (True, False, None):
+        raise ValueError(f"dynamic={dynamic!r}; allowed: True, False or None")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be the name of a torch.compile backend, got {backend!r}")
+
+
+def _targets(pipe: Any, components: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    """(name, module) for each component to compile; the defaults are skipped where the pipeline lacks them."""
+    if isinstance(components, str) or (components is not None and not all(isinstance(c, str) for c in components)):
+        raise TypeError(f"components must be a list of attribute names such as ['unet', 'vae.decoder'], got {components!r}")
+    names = DEFAULT_COMPONENTS if components is None else tuple(components)
+    targets = []
+    for name in names:
+        module = _resolve(pipe, name)
+        if module is None and components is None:
+            continue
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"components: {type(pipe).__name__} has no torch module {name!r} (found {type(module).__name__}); "
+                f"its components are {list(getattr(pipe, 'components', {}))}"
+            )
+        targets.append((name, module))
+    return targets
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+# --- host syncs ------------------------------------------------------------------------------------------------------
+class HostSyncError(RuntimeError):
+    """A tensor's value was read on the host inside `forbid_host_syncs`: a device sync on an accelerator."""
+
+
+aten = torch.ops.aten
+# Ops whose result the host must see before it can go on: each waits for the device.
+_VALUE_READS = {
+    aten._local_scalar_dense: ".item(), float(), int() or bool() of a tensor (a Python branch on a tensor value)",
+    aten.nonzero: "nonzero (output size depends on the values)",
+    aten.masked_select: "masked_select (output size depends on the values)",
+    aten.unique_dim: "unique",
+    aten._unique2: "unique",
+    aten.unique_consecutive: "unique_consecutive",
+    aten.repeat_interleave: "repeat_interleave with tensor repeats",
+    aten.equal: "torch.equal (a Python bool from tensor values)",
+}
+_INDEXING = (aten.index, aten.index_put, aten.index_put_)
+
+
+def host_read(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """Why running aten `func` on these arguments reads tensor values on the host; None if it does not."""
+    packet = func.overloadpacket
+    if packet in _VALUE_READS:
+        return _VALUE_READS[packet]
+    if packet in _INDEXING:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
+            return "boolean-mask indexing (output size depends on the mask)"
+    if packet in (aten._to_copy, aten.copy_):
+        src = args[1] if packet is aten.copy_ else args[0]
+        dst = args[0].device if packet is aten.copy_ else kwargs.get("device") or src.device
+        if isinstance(src, torch.Tensor) and src.device.type != "cpu" and torch.device(dst).type == "cpu":
+            return "a copy from the device to the host (.cpu(), .numpy(), .tolist())"
+    return None
+
+
+class _RejectHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        reason = host_read(func, args, kwargs)
+        if reason is not None:
+            raise HostSyncError(f"host sync inside forbid_host_syncs(): {reason} [{func}]")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def forbid_host_syncs(device: str | torch.device | None = None) -> Iterator[None]:
+    """Inside this block any read of a tensor's value by the host is an error.
+
+    CUDA `device`: `torch.cuda.set_sync_debug_mode("error")`: every real synchronisation raises, compiled code included.
+    Any other device (the CPU in tests): a dispatch mode raises HostSyncError on the ops that read values - `.item()`,
+    `float()`/`bool()` of a tensor, nonzero, boolean masks, unique, device-to-host copies. It sees eager ops: a
+    torch.compile'd function with fullgraph=True refuses to run under it, and `.tolist()` / `.numpy()` of a CPU tensor
+    dispatch no op at all (on an accelerator they are copies to the host, and caught).
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    else:
+        with _RejectHostReads():
+            yield
+
+
+@contextlib.contextmanager
+def forbid_host_syncs_in_loop(pipe: Any) -> Iterator[Any]:
+    """Run every denoising step of `pipe` (model, guidance, scheduler) under `forbid_host_syncs(pipe.device)`.
+
+    Prompt encoding, VAE decoding and step-end callbacks stay free to read values. Yields the pipeline.
+    """
+    inner = pipe._step_runner or run_step
+    device = pipe.device
+
+    def guarded(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        with forbid_host_syncs(device):
+            return inner(parts, latents, t, i)
+
+    before = pipe.__dict__.get("_step_runner", _UNSET)
+    pipe._step_runner = guarded
+    try:
+        yield pipe
+    finally:
+        if before is _UNSET:
+            del pipe._step_runner
+        else:
+            pipe._step_runner = before
+
+
+_UNSET = object()
+
+
+# --- warm start ------------------------------------------------------------------------------------------------------
+def save_compile_cache(path: str | os.PathLike) -> Path:
+    """Write the compiled artifacts of this process (inductor kernels, AOTAutograd graphs) to one file.
+
+    Another process - or machine with the same GPU and software - calls `load_compile_cache(path)` before its first
+    compiled call and skips code generation. Raises RuntimeError if nothing was compiled yet.
+    """
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        raise RuntimeError("save_compile_cache: nothing was compiled in this process yet; run the pipeline once first")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(artifacts[0])
+    return path
+
+
+def load_compile_cache(path: str | os.PathLike) -> None:
+    """Load what `save_compile_cache` wrote into this process's compile caches (call before the first compile)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_compile_cache: no cache file at {path}")
+    if torch.compiler.load_cache_artifacts(path.read_bytes()) is None:
+        raise ValueError(f"load_compile_cache: {path} holds no compile artifacts this torch version can read")

@@ -1,0 +1,283 @@
+"""`rapiddiff bench`: the matrix, the documented JSON fields, failures recorded in their cell, split runs merged.
+
+The sweeps here run the real tiny pipelines but read a fake clock (1 s + 0.1 s per requested step) so that the
+assertions do not depend on a shared machine's load; the timing arithmetic is tested on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rapiddiff.bench import cli, measure, report
+from rapiddiff.bench.backends import Backend, Unavailable
+from rapiddiff.bench.env import collect
+from rapiddiff.bench.measure import Cell
+from rapiddiff.bench.presets import PRESETS
+from rapiddiff.bench.settings import FAULT_ENV, PIPELINES, Settings
+from rapiddiff.bench.sweep import run_sweep
+from rapiddiff.bench.workloads import FIGURES
+
+pytest.importorskip("diffusers")
+
+TINY = PRESETS["tiny"]
+MODES = ("eager-sdpa", "eager-vanilla")
+BATCHES = (1, 2)
+FAULT = "sd_inpaint/2/eager-vanilla/diffusers@timed:2,if_stage_1/*/*/diffusers@build"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a loaded machine two threads spin-wait: 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fake_timed(call, steps, device):
+    call(steps)
+    return 1.0 + 0.1 * steps
+
+
+@pytest.fixture(scope="module")
+def fake_clock():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(measure, "timed", fake_timed)
+        yield
+
+
+def sweep(**kwargs):
+    kwargs = dict(device="cpu", steps=3, repeats=1, warmup=1, backends=("diffusers",), progress=False) | kwargs
+    settings = Settings.create(TINY, **kwargs)
+    return report.make_document(settings, collect(settings.device, settings.dtype), run_sweep(settings))
+
+
+@pytest.fixture(scope="module")
+def full(fake_clock, tmp_path_factory):
+    """All five pipelines x batch 1, 2 x two modes, with an injected OOM at run time and one at build time."""
+    doc = sweep(batch_sizes=BATCHES, modes=MODES, fault=FAULT)
+    out = tmp_path_factory.mktemp("bench")
+    return doc, report.write_outputs(doc, out)
+
+
+def cells_by_id(doc):
+    return {"{figure}/{batch_size}/{mode}/{backend}".format(**c): c for c in doc["cells"]}
+
+
+def table_rows(markdown: str, batch: int) -> dict[str, list[str]]:
+    section = markdown.split(f"### Batch size {batch} (iterations/s)")[1].split("###")[0].split("##")[0]
+    lines = [line for line in section.strip().splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_report_has_every_cell(full):
+    doc, paths = full
+    cells = cells_by_id(doc)
+    assert len(cells) == len(FIGURES) * len(BATCHES) * len(MODES)
+    for f in FIGURES:
+        for b in BATCHES:
+            for m in MODES:
+                cell = cells[f"{f.name}/{b}/{m}/diffusers"]
+                expected = "skipped" if (b > 1 and not f.batched) else cell["status"]
+                assert cell["status"] == expected
+    markdown = paths["markdown"].read_text()
+    for b in BATCHES:
+        rows = table_rows(markdown, b)
+        assert rows["Pipeline"] == [f"{m}: diffusers" for m in MODES]
+        assert set(rows) == {"Pipeline", ":---:"} | {f.label for f in FIGURES}
+        for f in FIGURES:
+            assert all(rows[f.label]), f"empty cell in row {f.label}, batch {b}"
+    ok = [c for c in doc["cells"] if c["status"] == "ok"]
+    assert len(ok) == len(doc["cells"]) - 2 * 2 - 4 - 1  # IF II/III at batch 2, stage I build fault, the OOM
+    assert cells["sd_txt2img/1/eager-sdpa/diffusers"]["it_per_s"] == pytest.approx(10.0)  # PNDM: n + 1 both calls
+    assert table_rows(markdown, 1)["SD - txt2img"][0] == "10.00"
+
+
+def test_injected_oom_lands_in_its_cell(full):
+    doc, paths = full
+    cells = cells_by_id(doc)
+    oom = cells["sd_inpaint/2/eager-vanilla/diffusers"]
+    assert oom["status"] == "failed"
+    assert oom["summary"] == "OOM after warm-up (timed call 2 of 2)"
+    assert "OutOfMemoryError" in oom["error"] and oom["it_per_s"] is None
+    for b in BATCHES:
+        for m in MODES:
+            built = cells[f"if_stage_1/{b}/{m}/diffusers"]
+            assert (built["status"], built["summary"]) == ("failed", "OOM while building the pipeline")
+    # the sweep went on: the cells after both faults were measured, and the eager-sdpa mode was restored
+    assert cells["sd_controlnet/1/eager-sdpa/diffusers"]["status"] == "ok"
+    assert cells["if_stage_2/1/eager-vanilla/diffusers"]["status"] == "ok"
+    markdown = paths["markdown"].read_text()
+    assert table_rows(markdown, 2)["SD - inpaint"][1] == "OOM after warm-up (timed call 2 of 2)"
+    assert "## Failures" in markdown and "`sd_inpaint/2/eager-vanilla/diffusers`" in markdown
+
+
+def test_json_and_csv_have_the_documented_fields(full):
+    doc, paths = full
+    assert json.loads(paths["json"].read_text()) == doc
+    assert doc["format"] == "rapiddiff-bench/1" and len(doc["runs"]) == 1
+    env, settings = doc["runs"][0]["env"], doc["runs"][0]["settings"]
+    for key in ("device", "device_name", "dtype", "torch", "cuda", "rapiddiff", "diffusers", "transformers",
+                "python", "cpu", "cpu_count", "git_revision", "started"):  # fmt: skip
+        assert key in env, key
+    assert env["dtype"] == "float32" and env["device"] == "cpu" and env["diffusers"]
+    assert settings["preset"] == "tiny" and settings["modes"] == list(MODES) and settings["batch_sizes"] == [1, 2]
+    assert settings["steps"]["sd_txt2img"] == {"long": 3, "short": 2}
+    assert settings["pipelines"] == list(PIPELINES)
+    fields = {f.name for f in dataclasses.fields(Cell)}
+    for cell in doc["cells"]:
+        assert set(cell) == fields
+        if cell["status"] == "ok":
+            assert cell["it_per_s"] > 0 and cell["s_per_image"] > 0 and cell["first_call_s"] > 0
+            assert len(cell["iterations"]) == 2 and cell["iterations"][1] > cell["iterations"][0] > 0
+            assert cell["it_per_s_runs"] == [cell["it_per_s"]] and cell["peak_mem_gb"] is None  # no CUDA here
+    with paths["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(doc["cells"])
+    assert rows[0]["figure"] == "sd_txt2img" and rows[0]["device_name"] == env["device_name"]
+    assert {r["status"] for r in rows} == {"ok", "failed", "skipped"}
+
+
+def test_charts_or_a_note(full):
+    doc, paths = full
+    markdown = paths["markdown"].read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "Charts skipped: matplotlib is not installed" in markdown
+    else:
+        chart = paths["speedup_eager-vanilla_vs_eager-sdpa_diffusers"]
+        assert chart.read_bytes().startswith(b"\x89PNG")
+        assert f"]({chart.name})" in markdown
+
+
+def mask_numbers(text: str) -> str:
+    return re.sub(r"\d+\.\d+x?", "#", text)
+
+
+def test_split_runs_merge_into_one_report(fake_clock, tmp_path):
+    kw = dict(pipelines=("sd_txt2img",), modes=("eager-sdpa",))
+    one = sweep(batch_sizes=(1, 2), **kw)
+    first, second = sweep(batch_sizes=(2,), **kw), sweep(batch_sizes=(1,), **kw)
+    for name, doc in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(doc))
+    assert cli.main(["merge", str(tmp_path / "a/results.json"), str(tmp_path / "b/results.json"), "-o",
+                     str(tmp_path / "merged")]) == 0  # fmt: skip
+    merged = report.load_document(tmp_path / "merged" / "results.json")
+    assert [report._key(c) for c in merged["cells"]] == [report._key(c) for c in one["cells"]]
+    assert [c["run"] for c in merged["cells"]] == [1, 0]  # batch 1 came from the second run
+    assert mask_numbers(report.batch_tables(merged)) == mask_numbers(report.batch_tables(one))
+    markdown = (tmp_path / "merged" / "report.md").read_text()
+    assert "Run 1:" in markdown and "Run 2:" in markdown and "Warning" not in markdown
+    # a cell measured again in a later run replaces the earlier one
+    again = report.merge_documents([merged, second])
+    assert len(again["cells"]) == 2 and again["cells"][0]["run"] == 2
+
+
+def test_rapiddiff_backend_side_by_side(fake_clock):
+    doc = sweep(pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("eager-sdpa",), backends=("rapiddiff", "diffusers"))
+    cells = cells_by_id(doc)
+    rapid = cells["sd_txt2img/1/eager-sdpa/rapiddiff"]
+    assert rapid["status"] == "ok", rapid["error"]
+    assert rapid["iterations"] == cells["sd_txt2img/1/eager-sdpa/diffusers"]["iterations"]
+    row = table_rows(report.batch_tables(doc), 1)
+    assert row["Pipeline"] == ["eager-sdpa: rapiddiff", "eager-sdpa: diffusers", "speed-up"]
+    assert row["SD - txt2img"] == ["10.00", "10.00", "1.00x"]
+
+
+def test_real_checkpoint(fake_clock, tmp_path):
+    """--model sd=PATH loads a Diffusers checkpoint instead of building random weights."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from rapiddiff.bench.presets import PRESETS_DIR, preset_config
+
+    def config(sub):
+        return preset_config("sd", sub, "config.json", TINY)
+
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_config(config("vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))),
+        tokenizer=CLIPTokenizer.from_pretrained(PRESETS_DIR / "stable-diffusion-v1-5" / "tokenizer"),
+        unet=diffusers.UNet2DConditionModel.from_config(config("unet")),
+        scheduler=diffusers.DDIMScheduler(),  # not the preset's PNDM: the checkpoint's own must be used
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp_path / "sd")
+    backends = ("rapiddiff", "diffusers")
+    kw = dict(pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("eager-sdpa",), backends=backends)
+    doc = sweep(models={"sd": tmp_path / "sd"}, **kw)
+    for cell in doc["cells"]:
+        assert cell["status"] == "ok", cell["error"]
+        assert cell["iterations"] == [2, 3]  # DDIM: as many iterations as steps (the preset's PNDM would add one)
+    assert doc["runs"][0]["settings"]["models"] == {"sd": str(tmp_path / "sd")}
+
+
+def test_timing_arithmetic():
+    cell = Cell("sd_txt2img", 2, "eager-sdpa", "diffusers")
+    # (iterations, seconds) of the short and long call per repeat: 1 s fixed, 0.1 s per iteration, one noisy repeat
+    measure._summarise(cell, [[(6, 1.6), (51, 6.1)], [(6, 1.6), (51, 6.1)], [(6, 1.6), (51, 9.1)]])
+    assert cell.it_per_s == pytest.approx(10.0)
+    assert cell.s_per_image == pytest.approx(6.1 / 2)
+    assert cell.fixed_s == pytest.approx(1.0)
+    assert cell.iterations == [6, 51]
+    with pytest.raises(RuntimeError, match="not slower"):
+        measure._summarise(cell, [[(6, 2.0), (51, 1.0)]])
+
+
+def test_real_clock_smoke(tmp_path, capsys):
+    code = cli.main(["--preset", "tiny", "--pipelines", "sd_txt2img", "--batch-sizes", "1", "--modes", "eager-sdpa",
+                     "--backends", "diffusers", "-o", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert "| SD - txt2img |" in capsys.readouterr().out
+    cell = report.load_document(tmp_path / "results.json")["cells"][0]
+    assert cell["first_call_s"] > 0
+    assert cell["status"] == "ok" or "not slower" in cell["error"]  # a loaded shared machine can swamp tiny loops
+
+
+def test_failure_classification():
+    assert measure.describe_failure(measure.torch.cuda.OutOfMemoryError("x"), "in warm-up")[1] == "OOM in warm-up"
+    status, summary, _ = measure.describe_failure(Unavailable("not available in rapiddiff: X", "detail"), "")
+    assert (status, summary) == ("unavailable", "not available in rapiddiff: X")
+    assert measure.describe_failure(ValueError("bad"), "in warm-up")[1] == "ValueError in warm-up"
+
+
+def test_backend_resolution():
+    with pytest.raises(Unavailable, match="not available in rapiddiff: NoSuchPipeline"):
+        Backend("rapiddiff").get("NoSuchPipeline")
+    with pytest.raises(ValueError, match="backend='onnx'"):
+        Backend("onnx")
+
+
+def test_settings_validation(monkeypatch):
+    with pytest.raises(ValueError, match="unknown \\['sdxl'\\]"):
+        Settings.create(TINY, pipelines=("sdxl",))
+    with pytest.raises(ValueError, match="batch_sizes"):
+        Settings.create(TINY, batch_sizes=(0,))
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        Settings.create(TINY, steps=2)
+    monkeypatch.setenv(FAULT_ENV, "sd_txt2img/*@warm-up")
+    assert Settings.create(TINY).fault == "sd_txt2img/*@warm-up"
+
+
+def test_cli_registration_and_no_diffusers_import():
+    from rapiddiff.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--preset", "tiny", "--modes", "compiled"])
+    assert args.func is cli.run_command and args.modes == ["compiled"]
+    args = build_parser().parse_args(["bench", "merge", "a.json", "-o", "out"])
+    assert args.func is cli.merge_command
+    code = "import sys, rapiddiff.bench.cli, rapiddiff.bench.sweep; assert 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

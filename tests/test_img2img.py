@@ -1,0 +1,138 @@
+"""StableDiffusionImg2ImgPipeline against diffusers' on the tiny SD checkpoint: same seed -> same image (2e-3)."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_images, random_image, run_both, use_scheduler
+
+import rapiddiff
+from rapiddiff import DiffusionPipeline, StableDiffusionImg2ImgPipeline
+
+IMAGE = random_image(32, 48)  # non-square; the tiny VAE's factor is 2
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_sd_dir):
+    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd_dir)
+    ours = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd_dir)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+@pytest.fixture
+def pipes(loaded, tiny_sd_dir):
+    """(diffusers, rapiddiff) pipelines, each test starting from the checkpoint's PNDM scheduler."""
+    use_scheduler(loaded, "PNDMScheduler", tiny_sd_dir)
+    return loaded
+
+
+# --- parity ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strength", [0.5, 0.75, 1.0])
+def test_strengths_match_diffusers(pipes, strength):
+    ref, ours = run_both(pipes, image=IMAGE, strength=strength, num_inference_steps=4)
+    assert ours.images.shape == (1, 32, 48, 3)
+    assert_same_images(ref, ours)
+    assert pipes[1].num_timesteps == pipes[0].num_timesteps
+
+
+@pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_other_schedulers(pipes, tiny_sd_dir, scheduler):
+    use_scheduler(pipes, scheduler, tiny_sd_dir)  # Euler ancestral also draws step noise from the generator
+    assert_same_images(*run_both(pipes, image=IMAGE, strength=0.6, num_inference_steps=4))
+
+
+def test_one_image_for_several_prompts_and_generators(pipes):
+    ref, ours = run_both(
+        pipes,
+        prompt=["a red cube", "a blue sphere"],
+        negative_prompt=["blurry", "dark"],
+        num_images_per_prompt=2,
+        image=IMAGE,
+        seed=[3, 4, 5, 6],  # one generator per image: the image is duplicated before encoding, as in Diffusers
+    )
+    assert ours.images.shape == (4, 32, 48, 3)
+    assert_same_images(ref, ours)
+
+
+def test_image_batch_as_tensor_and_array(pipes):
+    batch = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cube", "a blue sphere"]
+    assert_same_images(*run_both(pipes, prompt=prompts, image=batch, guidance_scale=1.0))
+    array = batch.permute(0, 2, 3, 1).numpy()
+    assert_same_images(*run_both(pipes, prompt=prompts, image=array, strength=0.9))
+
+
+def test_image_given_as_latents(pipes):
+    latents = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(2))
+    ref, ours = run_both(pipes, image=latents, strength=0.7)
+    assert ours.images.shape == (1, 32, 48, 3)
+    assert_same_images(ref, ours)
+
+
+def test_callback_sees_each_step(pipes):
+    seen = []
+
+    def on_step_end(pipe, i, t, kwargs):
+        seen.append((i, tuple(kwargs["latents"].shape), tuple(kwargs["prompt_embeds"].shape)))
+        return {}
+
+    out = pipes[1](
+        "a cube",
+        image=IMAGE,
+        strength=0.5,
+        num_inference_steps=4,
+        output_type="latent",
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    )
+    # PNDM (order 1 after its warm-up) runs 2 of the 4 steps plus its extra first model call
+    assert [i for i, _, _ in seen] == list(range(pipes[1].num_timesteps)) and len(seen) == 3
+    assert seen[0][1:] == ((1, 4, 16, 24), (2, 77, 32))
+    assert out.images.shape == (1, 4, 16, 24)
+
+
+def test_loads_through_diffusion_pipeline_and_shares_components(pipes, tmp_path):
+    pipes[0].save_pretrained(tmp_path / "img2img")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "img2img")
+    assert type(loaded) is StableDiffusionImg2ImgPipeline
+    text2img = rapiddiff.StableDiffusionPipeline(**pipes[1].components)
+    assert text2img.unet is pipes[1].unet
+    assert type(StableDiffusionImg2ImgPipeline(**text2img.components)) is StableDiffusionImg2ImgPipeline
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(strength=-0.1), "strength must be >= 0.0, got -0.1"),
+        (dict(strength=1.5), "strength must be <= 1.0, got 1.5"),
+        (dict(strength=0.1, num_inference_steps=4), "strength=0.1 runs no denoising step of num_inference_steps=4"),
+        (dict(image=None), "image is required"),
+        (dict(prompt=["a", "b"], image=[IMAGE] * 3), "image has a batch of 3, which does not fit the 2 images"),
+        (dict(prompt=["a", "b"], num_images_per_prompt=2, image=[IMAGE] * 3), "allowed: a batch that divides 4"),
+    ],
+)
+def test_bad_input(pipes, kwargs, message):
+    args = dict(prompt="a cube", image=IMAGE, num_inference_steps=2) | kwargs
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        pipes[1](**args)
+
+
+def test_unet_that_does_not_fit(pipes):
+    with torch.device("meta"):
+        unet = rapiddiff.UNet2DConditionModel.from_config({**pipes[1].unet.config, "in_channels": 9})
+    pipe = StableDiffusionImg2ImgPipeline(**{**pipes[1].components, "unet": unet})
+    with pytest.raises(ValueError, match="unet.config.in_channels=9 does not fit this pipeline; allowed: 4"):
+        pipe("a cube", image=IMAGE)
+
+
+def test_image_is_not_modified(pipes):
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    before = image.clone()
+    pipes[1]("a cube", image=image, num_inference_steps=2, output_type="latent")
+    assert torch.equal(image, before)
+    assert np.array_equal(np.asarray(IMAGE), np.asarray(random_image(32, 48)))
