@@ -28,10 +28,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16" if cuda else "float32")
     p.add_argument("--batch", type=int, default=1, help="images; the UNet sees twice as many (guidance)")
     p.add_argument("--latent", type=int, default=64 if cuda else 16, help="latent height = width (512 px: 64)")
-    p.add_argument("--iters", type=int, default=20 if cuda else 4, help="timed steps per round")
+    p.add_argument("--iters", type=int, default=20 if cuda else 2, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend; the median is reported")
     p.add_argument("--attn", choices=["sdpa", "vanilla"], default="sdpa")
     p.add_argument("--no-channels-last", action="store_true", help="keep the default memory format")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (a loaded machine: 1)")
     return p.parse_args()
 
 
@@ -57,6 +58,8 @@ def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     models = build(args)
     g = torch.Generator(device).manual_seed(0)

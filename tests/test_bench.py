@@ -227,9 +227,10 @@ def test_real_checkpoint(fake_clock, tmp_path):
 
 def test_timing_arithmetic():
     cell = Cell("sd_txt2img", 2, "eager-sdpa", "diffusers")
-    # (iterations, seconds) of the short and long call per repeat: 1 s fixed, 0.1 s per iteration, one noisy repeat
-    measure._summarise(cell, [[(6, 1.6), (51, 6.1)], [(6, 1.6), (51, 6.1)], [(6, 1.6), (51, 9.1)]])
-    assert cell.it_per_s == pytest.approx(10.0)
+    # (iterations, seconds) of the short and long call per repeat: 1 s fixed, 0.1 s per iteration, two noisy calls
+    measure._summarise(cell, [[(6, 1.6), (51, 6.1)], [(6, 4.6), (51, 6.1)], [(6, 1.6), (51, 9.1)]])
+    assert cell.it_per_s == pytest.approx(10.0)  # medians: 1.6 s and 6.1 s
+    assert cell.it_per_s_runs == pytest.approx([10.0, 45 / 1.5, 45 / 7.5])
     assert cell.s_per_image == pytest.approx(6.1 / 2)
     assert cell.fixed_s == pytest.approx(1.0)
     assert cell.iterations == [6, 51]
@@ -281,3 +282,33 @@ def test_cli_registration_and_no_diffusers_import():
     assert args.func is cli.merge_command
     code = "import sys, rapiddiff.bench.cli, rapiddiff.bench.sweep; assert 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_modes_apply_and_undo():
+    from rapiddiff.bench.modes import MODES
+    from rapiddiff.bench.workloads import FIGURES_BY_NAME, build_pipeline
+
+    settings = Settings.create(TINY, device="cpu", backends=("diffusers",), progress=False)
+    figure = FIGURES_BY_NAME["sd_controlnet"]
+    pipe = build_pipeline(figure, Backend("diffusers"), settings)
+
+    def processors():
+        return {type(p).__name__ for name in figure.denoisers for p in getattr(pipe, name).attn_processors.values()}
+
+    assert processors() == {"AttnProcessor2_0"}
+    undo = MODES["eager-vanilla"](pipe, figure, Backend("diffusers"))
+    assert processors() == {"AttnProcessor"}
+    undo()
+    assert processors() == {"AttnProcessor2_0"}
+    unet = pipe.unet
+    undo = MODES["compiled"](pipe, figure, Backend("diffusers"))
+    assert pipe.unet is not unet and pipe.controlnet._orig_mod is not None  # torch.compile wrappers
+    undo()
+    assert pipe.unet is unet
+
+
+@pytest.mark.compile
+def test_compiled_mode_both_backends(fake_clock):
+    doc = sweep(pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("compiled",), backends=("rapiddiff", "diffusers"))
+    for cell in doc["cells"]:
+        assert cell["status"] == "ok", cell["error"]

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import diffusers
 import numpy as np
+import PIL.Image
 import pytest
 import torch
-from conftest import assert_close_rel, assert_same_images, random_image, run_both, use_scheduler
+from conftest import assert_close_rel, assert_same_images, random_image, run_both, seeded, use_scheduler
 
 import rapiddiff
-from rapiddiff import ControlNetModel, DiffusionPipeline, MultiControlNetModel, StableDiffusionControlNetPipeline
+from rapiddiff import ControlNetModel, DiffusionPipeline, MultiControlNetModel, StableDiffusionControlNetPipeline, cli
 from rapiddiff.configuration import ConfigError
 
 CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
@@ -93,19 +94,18 @@ def test_controlnet_model_matches_diffusers(save_diffusers, config, call):
         actual = ours(**inputs, **call, return_dict=False)
         # the scale as a 0-d tensor (what the pipeline passes) gives the same residuals
         tensor_scale = {**call, "conditioning_scale": torch.tensor(call.get("conditioning_scale", 1.0))}
-        as_tensor = ours(**inputs, **tensor_scale)
+        as_tensor = ours(**inputs, **tensor_scale)  # a ControlNetOutput
+
     assert_same_residuals(actual, expected)
-    assert_same_residuals(as_tensor, expected)
+    assert_same_residuals((as_tensor.down_block_res_samples, as_tensor[1]), expected)
 
 
-def test_attention_mask_and_odd_size(save_diffusers):
+def test_odd_size(save_diffusers):
     ref = tiny_controlnet(4)
     ours = ControlNetModel.from_pretrained(save_diffusers(ref))
-    inputs = model_inputs(batch=1, h=10, w=14, seed=1)
-    mask = torch.ones(1, 7)
-    mask[:, 5:] = 0
+    inputs = model_inputs(batch=1, h=10, w=14, seed=1)  # the downsampler halves 5x7 maps after the first level
     with torch.no_grad():
-        assert_same_residuals(ours(**inputs, attention_mask=mask), ref(**inputs, attention_mask=mask))
+        assert_same_residuals(ours(**inputs, return_dict=False), ref(**inputs, return_dict=False))
 
 
 def test_from_unet_copies_the_encoder_half(tiny_sd_dir):
@@ -187,7 +187,9 @@ def test_unsupported_config(key, value):
 def test_control_image_of_the_wrong_size(controlnet_dirs):
     net = ControlNetModel.from_pretrained(controlnet_dirs[0])
     inputs = model_inputs() | {"controlnet_cond": torch.rand(2, 3, 16, 24)}
-    with pytest.raises(ValueError, match=r"controlnet_cond must be a \(batch, 3, 32, 48\) tensor.*got \(2, 3, 16, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"controlnet_cond must be a \(batch, 3, 32, 48\) tensor.*got \(2, 3, 16, 24\)"
+    ):
         net(**inputs)
 
 
@@ -255,7 +257,9 @@ def test_prompt_batch_with_control_batch_and_euler(single, tiny_sd_dir):
     "kwargs",
     [
         dict(controlnet_conditioning_scale=[0.6, 1.4]),
-        dict(guess_mode=True, control_guidance_start=[0.0, 0.5], control_guidance_end=[0.5, 1.0], num_inference_steps=4),
+        dict(
+            guess_mode=True, control_guidance_start=[0.0, 0.5], control_guidance_end=[0.5, 1.0], num_inference_steps=4
+        ),
     ],
     ids=["scales", "guess_mode_windows"],
 )
@@ -292,7 +296,9 @@ def test_loading_and_saving(multi, tmp_path, tiny_sd_dir, controlnet_dirs):
     multi[0].save_pretrained(tmp_path / "theirs")
     theirs = DiffusionPipeline.from_pretrained(tmp_path / "theirs")
     assert isinstance(theirs.controlnet, MultiControlNetModel)
-    single = DiffusionPipeline.from_pretrained(tiny_sd_dir, controlnet=ControlNetModel.from_pretrained(controlnet_dirs[0]))
+    single = DiffusionPipeline.from_pretrained(
+        tiny_sd_dir, controlnet=ControlNetModel.from_pretrained(controlnet_dirs[0])
+    )
     assert type(single) is StableDiffusionControlNetPipeline
 
 
@@ -332,3 +338,15 @@ def test_models_that_do_not_fit(single):
     pipe = StableDiffusionControlNetPipeline(**{**ours.components, "unet": unet})
     with pytest.raises(ValueError, match="unet.config.in_channels=9 does not fit this pipeline"):
         pipe("a cube", image=CONTROL[0])
+
+
+def test_cli_controlnets_with_control_images(multi, tiny_sd_dir, controlnet_dirs, tmp_path):
+    for i, image in enumerate(CONTROL):
+        image.save(tmp_path / f"c{i}.png")
+    argv = ["generate", "a cube", "--model", str(tiny_sd_dir), "--steps", "2", "--seed", "7"]
+    for d, i in zip(controlnet_dirs, range(2)):
+        argv += ["--controlnet", str(d), "--control-image", str(tmp_path / f"c{i}.png")]
+    assert cli.main([*argv, "--controlnet", "x"]) == 2  # one control image per ControlNet
+    assert cli.main([*argv, "-o", str(tmp_path / "out.png")]) == 0
+    expected = multi[1]("a cube", image=CONTROL, num_inference_steps=2, generator=seeded(7)).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out.png")), np.asarray(expected))

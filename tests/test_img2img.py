@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import diffusers
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import assert_same_images, random_image, run_both, use_scheduler
 
 import rapiddiff
+import rapiddiff.cli
 from rapiddiff import DiffusionPipeline, StableDiffusionImg2ImgPipeline
 
 IMAGE = random_image(32, 48)  # non-square; the tiny VAE's factor is 2
@@ -136,3 +138,36 @@ def test_image_is_not_modified(pipes):
     pipes[1]("a cube", image=image, num_inference_steps=2, output_type="latent")
     assert torch.equal(image, before)
     assert np.array_equal(np.asarray(IMAGE), np.asarray(random_image(32, 48)))
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+def test_cli_image_runs_img2img(pipes, tiny_sd_dir, tmp_path):
+    IMAGE.save(tmp_path / "in.png")
+    argv = ["generate", "a cube", "--model", str(tiny_sd_dir), "--image", str(tmp_path / "in.png")]
+    assert (
+        rapiddiff.cli.main([*argv, "--strength", "0.5", "--steps", "4", "--seed", "7", "-o", str(tmp_path / "out.png")])
+        == 0
+    )
+    expected = pipes[1](
+        "a cube", image=IMAGE, strength=0.5, num_inference_steps=4, generator=torch.Generator().manual_seed(7)
+    )
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out.png")), np.asarray(expected.images[0]))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mask", "m.png"], "--mask needs --image"),
+        (["--strength", "0.5"], "--strength 0.5 applies to --image"),
+        (["--image", "in.png", "--height", "32"], "--height / --width do not apply to img2img"),
+        (["--controlnet", "cn"], "got 1 --controlnet and 0 --control-image"),
+        (["--image", "in.png", "--controlnet", "cn", "--control-image", "c.png"], "--controlnet does not combine"),
+        (["--image", "missing.png"], "missing.png"),
+    ],
+)
+def test_cli_rejects_bad_image_inputs(tiny_sd_dir, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    for name in ("in.png", "m.png", "c.png"):
+        IMAGE.save(tmp_path / name)
+    assert rapiddiff.cli.main(["generate", "a cube", "--model", str(tiny_sd_dir), *extra]) == 2
+    assert message in capsys.readouterr().err

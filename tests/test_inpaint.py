@@ -11,10 +11,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import assert_same_images, random_image, run_both, tiny_sd_components, use_scheduler
+from conftest import assert_same_images, random_image, run_both, seeded, tiny_sd_components, use_scheduler
 
 import rapiddiff
-from rapiddiff import DiffusionPipeline, StableDiffusionInpaintPipeline
+from rapiddiff import DiffusionPipeline, StableDiffusionInpaintPipeline, cli
 
 CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
 IMAGE = random_image(32, 48)  # non-square; the tiny VAE's factor is 2
@@ -190,3 +190,13 @@ def test_unet_that_does_not_fit(pipes9):
     pipe = StableDiffusionInpaintPipeline(**{**pipes9[1].components, "unet": unet})
     with pytest.raises(ValueError, match=r"in_channels=5 does not fit this pipeline; allowed: 4 \(a plain UNet\); 9"):
         pipe("a cube", image=IMAGE, mask_image=MASK)
+
+
+def test_cli_image_and_mask_run_inpainting(pipes9, inpaint_dir, tmp_path):
+    IMAGE.save(tmp_path / "in.png")
+    MASK.save(tmp_path / "mask.png")
+    argv = ["generate", "a cube", "--model", str(inpaint_dir), "--image", str(tmp_path / "in.png"), "--mask"]
+    argv += [str(tmp_path / "mask.png"), "--height", "32", "--width", "48", "--steps", "2", "--seed", "7"]
+    assert cli.main([*argv, "-o", str(tmp_path / "out.png")]) == 0
+    expected = pipes9[1]("a cube", image=IMAGE, mask_image=MASK, **SIZE, num_inference_steps=2, generator=seeded(7))
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out.png")), np.asarray(expected.images[0]))

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .pipelines.denoise import StepParts, run_step
+from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MEMORY_FORMATS = (None, torch.channels_last, torch.contiguous_format)
@@ -38,6 +39,7 @@ DEFAULT_COMPONENTS = ("unet", "controlnet", "vae.decoder")
 # Called once or more per denoising step: the modules CUDA graphs are for. Others (the VAE decoder, called once per
 # image on large activations) compile without them: nothing to amortise, and no static output buffer to pin.
 DENOISERS = ("unet", "controlnet")
+WHOLE_STEP_GRAPHS = 64  # how many graphs (see `WholeStep`) the whole step may compile before it is an error
 _WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
@@ -76,7 +78,12 @@ def compile_pipeline(
             continue
         compiles.append((module, compile_kwargs(backend, mode if name in DENOISERS else _no_cudagraphs(mode))))
     if whole_step:
-        pipe._step_runner = WholeStep(**compile_kwargs(backend, mode), fullgraph=fullgraph, dynamic=dynamic)
+        if getattr(pipe, "controlnet", None) is not None:
+            raise ValueError(
+                "whole_step=True does not support ControlNet pipelines: which ControlNets run at a step "
+                "(control_guidance_start/end) is host state the step's graph would bake in; use whole_step=False"
+            )
+        pipe._step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
     for module, kwargs in compiles:
         module.compile(fullgraph=fullgraph, dynamic=dynamic, **kwargs)
         if dynamic:
@@ -140,6 +147,55 @@ def _resolve(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part, None)
     return obj
+
+
+# --- whole step ------------------------------------------------------------------------------------------------------
+class WholeStep:
+    """A `denoise` step runner that compiles model call, guidance and scheduler update as one graph.
+
+    Per step, on the host: the scheduler's `plan_step` (position in the schedule, per-step coefficients, noise drawn
+    with the call's generator, as the eager step draws it), one compiled call, `commit_plan`. The graph takes the
+    plan's tensors as inputs, so every step of a loop and every later call with the same shapes, scheduler class and
+    guidance scale run one graph. The guidance scale is a constant of the graph: a new value compiles anew (kept:
+    going back to an earlier value is free). Schedulers: rapiddiff's DDIM, DDPM, Euler, Euler ancestral,
+    DPM-Solver(++) multistep and PNDM with skip_prk_steps=True.
+    """
+
+    def __init__(self, *, fullgraph: bool = True, dynamic: bool | None = False, **compile_kwargs: Any):
+        compiled = torch.compile(_whole_step, fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs)
+        self._compiled = without_duck_shapes(compiled) if dynamic else compiled
+
+    def __call__(self, parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        scheduler = parts.scheduler
+        if not isinstance(scheduler, SchedulerMixin):
+            raise TypeError(
+                f"whole_step=True needs one of rapiddiff's schedulers (DDIM, DDPM, Euler, EulerAncestral, "
+                f"DPMSolverMultistep, PNDM with skip_prk_steps=True), got {type(scheduler).__name__}"
+            )
+        plan = scheduler.plan_step(t, latents, **parts.step_kwargs).to(latents.device)
+        scheduler._active_plan = plan
+        try:
+            # one graph per scheduler class, step options, guidance scale and shape: more than torch's default 8
+            with torch._dynamo.config.patch(recompile_limit=WHOLE_STEP_GRAPHS):
+                latents, stored = self._compiled(parts, plan, latents, t, i)
+        finally:
+            scheduler._active_plan = None
+        # With CUDA graphs the outputs live in buffers the graph's next run overwrites: keep copies, contiguous
+        # (a channels_last model returns channels_last) so that the next step's inputs have the strides of this one's.
+        scheduler.commit_plan(plan, tuple(_copy(s) for s in stored))
+        return parts.finish(_copy(latents), t, i)
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _whole_step(
+    parts: StepParts, plan: StepPlan, latents: torch.Tensor, t: torch.Tensor, i: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """What the graph holds: the model's prediction (guidance included) and the scheduler's update."""
+    latents, _, stored = parts.scheduler.apply_plan(parts.predict(latents, t, i), latents, plan)
+    return latents, stored
 
 
 # --- host syncs ------------------------------------------------------------------------------------------------------

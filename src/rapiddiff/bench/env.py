@@ -23,7 +23,9 @@ def _version(package: str) -> str | None:
 
 
 def git_revision() -> str | None:
-    """Short commit of the checkout rapiddiff runs from, "+dirty" with uncommitted changes; None outside git."""
+    """Short commit of the checkout rapiddiff runs from, "+dirty" with uncommitted changes; None when installed."""
+    if not (REPO_DIR / "src" / "rapiddiff" / "bench").is_dir():
+        return None  # not a source checkout: any repository around site-packages says nothing about rapiddiff
 
     def git(*args: str) -> str:
         out = subprocess.run(["git", "-C", str(REPO_DIR), *args], capture_output=True, text=True, timeout=10)

@@ -7,7 +7,8 @@ costs (text encoding, VAE decoding, image conversion) are the same in both calls
     iterations/s = (N - n) / (T_long - T_short)
 
 is the loop alone, with no synchronisation inside it. The first `warmup` calls are not timed (the first one's time is
-reported: it includes compilation); `repeats` (short, long) pairs follow and the median is reported.
+reported: it includes compilation); `repeats` (short, long) pairs follow, and the medians of T_short and T_long give
+the reported rate (each pair's own rate is kept too, to show the spread).
 
 A failure is recorded in its cell with where it happened ("OOM after warm-up (timed call 2 of 6)", "compile error in
 warm-up") and the sweep goes on.
@@ -28,8 +29,6 @@ import torch
 
 from .backends import Unavailable
 
-STATUSES = ("ok", "failed", "unavailable", "skipped")
-
 
 @dataclasses.dataclass
 class Cell:
@@ -39,9 +38,9 @@ class Cell:
     batch_size: int
     mode: str
     backend: str
-    status: str = "ok"
-    it_per_s: float | None = None  # median over the repeats
-    it_per_s_runs: list[float] = dataclasses.field(default_factory=list)
+    status: str = "ok"  # ok | failed | unavailable (the backend lacks a class) | skipped (IF II/III at batch > 1)
+    it_per_s: float | None = None  # from the median short and long times
+    it_per_s_runs: list[float] = dataclasses.field(default_factory=list)  # each repeat's own (short, long) pair
     s_per_image: float | None = None  # median long call / batch size: end to end, fixed costs included
     fixed_s: float | None = None  # long call minus its loop: text encoding, VAE decoding, ...
     first_call_s: float | None = None  # the first (short) call: includes torch.compile
@@ -54,10 +53,6 @@ class Cell:
     @property
     def id(self) -> str:
         return f"{self.figure}/{self.batch_size}/{self.mode}/{self.backend}"
-
-    @property
-    def key(self) -> tuple[str, int, str, str]:
-        return (self.figure, self.batch_size, self.mode, self.backend)
 
     def fail(self, error: BaseException, where: str) -> None:
         self.status, self.summary, self.error = describe_failure(error, where)
@@ -148,8 +143,9 @@ class Measurement:
             torch.cuda.reset_peak_memory_stats(device)
         for i in range(warmup):
             self.enter("warm-up", "in warm-up")
-            t = timed(call, short, device)
-            cell.first_call_s = cell.first_call_s if i else t
+            seconds = timed(call, short, device)
+            if i == 0:
+                cell.first_call_s = seconds
         pairs = []  # [(iterations, seconds) of the short call, of the long call] per repeat
         for r in range(repeats):
             pair = []
@@ -170,13 +166,14 @@ class Measurement:
 
 
 def _summarise(cell: Cell, pairs: list[list[tuple[int, float]]]) -> None:
-    rates = [(nl - ns) / (tl - ts) for (ns, ts), (nl, tl) in pairs if nl > ns and tl > ts]
-    if not rates:
-        raise RuntimeError(f"the long calls were not slower than the short ones: {pairs}; use more steps")
-    cell.it_per_s = statistics.median(rates)
-    cell.it_per_s_runs = rates
-    long_iterations = pairs[0][1][0]
-    long_seconds = statistics.median(tl for _, (_, tl) in pairs)
-    cell.iterations = [pairs[0][0][0], long_iterations]
-    cell.s_per_image = long_seconds / cell.batch_size
-    cell.fixed_s = long_seconds - long_iterations / cell.it_per_s
+    """it/s from the median short and long times; every repeat's own rate is kept to show the spread."""
+    (n_short, _), (n_long, _) = pairs[0]  # the loop lengths do not change between repeats
+    t_short = statistics.median(ts for (_, ts), _ in pairs)
+    t_long = statistics.median(tl for _, (_, tl) in pairs)
+    if n_long <= n_short or t_long <= t_short:
+        raise RuntimeError(f"the long calls were not slower than the short ones: {pairs}; use more steps or repeats")
+    cell.it_per_s = (n_long - n_short) / (t_long - t_short)
+    cell.it_per_s_runs = [(nl - ns) / (tl - ts) for (ns, ts), (nl, tl) in pairs]
+    cell.iterations = [n_short, n_long]
+    cell.s_per_image = t_long / cell.batch_size
+    cell.fixed_s = t_long - n_long / cell.it_per_s

@@ -40,7 +40,10 @@ def eager_vanilla(pipe: Any, figure: Figure, backend: Backend) -> Undo:
 def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
     """The seed's recipe: denoisers through torch.compile(mode="reduce-overhead", fullgraph=True).
 
-    rapiddiff's own `compile_pipeline` is used once it exists; until then the same torch.compile calls.
+    rapiddiff uses its own `compile_pipeline` (the same recipe, compiled in place, plus the VAE decoder, which runs
+    outside the timed loop); where that does not exist, the seed's torch.compile calls. A module compiled in place
+    stays compiled, which is why Settings runs this mode last; the undo drops the compiled graphs, so the next cell
+    compiles afresh and its first call's time is its compile time.
     """
     originals = {name: getattr(pipe, name) for name in figure.denoisers}
     if backend.has("compile_pipeline"):
@@ -52,7 +55,7 @@ def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
     def undo() -> None:
         for name, module in originals.items():
             setattr(pipe, name, module)
-        torch._dynamo.reset()  # the next cell compiles afresh, and its first call's time is its compile time
+        torch._dynamo.reset()
 
     return undo
 

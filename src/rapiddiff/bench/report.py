@@ -172,7 +172,8 @@ def _environment(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {name}**{env['device_name']}** ({env['device']}), {env['dtype']}, torch {env['torch']}, "
             f"rapiddiff {env['rapiddiff']} (git {env['git_revision']}), diffusers {env['diffusers']}, "
-            f"transformers {env['transformers']}, CPU {env['cpu']} x {env['cpu_count']}, {env['started']}"
+            f"transformers {env['transformers']}, CPU {env['cpu']} x {env['cpu_count']} ({env['torch_threads']} torch "
+            f"threads), {env['started']}"
         )
         sizes, steps = s["sizes"], {f: v["long"] for f, v in s["steps"].items()}
         lines.append(

@@ -81,8 +81,9 @@ class Settings:
             device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
             dtype=DTYPES[dtype or preset.dtype],
             pipelines=tuple(pipelines),
-            batch_sizes=tuple(batch_sizes or preset.batch_sizes),
-            modes=tuple(modes or preset.modes),
+            batch_sizes=tuple(sorted(set(batch_sizes or preset.batch_sizes))),
+            # compiled last: a pipeline compiled in place (rapiddiff's compile_pipeline) is not run eager again
+            modes=tuple(sorted(set(modes or preset.modes), key=_mode_rank)),
             backends=tuple(backends),
             steps=dict(preset.steps) if steps is None else dict.fromkeys(preset.steps, steps),
             repeats=repeats or preset.repeats,
@@ -91,6 +92,10 @@ class Settings:
             fault=fault if fault is not None else os.environ.get(FAULT_ENV) or None,
             progress=progress,
         )
+
+
+def _mode_rank(mode: str) -> int:
+    return list(MODES).index(mode) if mode in MODES else len(MODES)  # unknown names are refused by __post_init__
 
 
 def _check_names(argument: str, given: tuple[str, ...], allowed: tuple[str, ...]) -> None:

@@ -24,7 +24,7 @@ from .embeddings import TimestepEmbedding, Timesteps, batch_timesteps
 from .modeling_utils import ModelMixin
 from .resnet import ACTIVATIONS
 from .unet_2d_condition import level_options, mask_to_bias
-from .unet_blocks import get_down_block, get_mid_block
+from .unet_blocks import get_down_block, get_mid_block, run_down_blocks
 
 # The Stable Diffusion block types; Diffusers' other ControlNet variants (SDXL, class-conditioned) are not implemented.
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -122,9 +122,6 @@ class ControlNetOutput:
 
     def __getitem__(self, i: int) -> Any:
         return (self.down_block_res_samples, self.mid_block_res_sample)[i]
-
-    def __iter__(self):
-        return iter((self.down_block_res_samples, self.mid_block_res_sample))
 
 
 def zero_conv(channels: int) -> nn.Conv2d:
@@ -251,10 +248,7 @@ class ControlNetModel(ModelMixin):
         emb = self.time_embedding(t_emb)
 
         hidden = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
-        skips: tuple[torch.Tensor, ...] = (hidden,)
-        for block in self.down_blocks:
-            hidden, block_skips = block(hidden, emb, **attn_kwargs)
-            skips += block_skips
+        hidden, skips = run_down_blocks(self.down_blocks, hidden, emb, **attn_kwargs)
         hidden = self.mid_block(hidden, emb, **attn_kwargs)
 
         down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]

@@ -25,6 +25,7 @@ from .unet_blocks import (
     get_down_block,
     get_mid_block,
     get_up_block,
+    run_down_blocks,
 )
 
 
@@ -354,11 +355,7 @@ class UNet2DConditionModel(ModelMixin):
         if self.encoder_hid_proj is not None:
             attn_kwargs["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
 
-        hidden = self.conv_in(sample)
-        skips: tuple[torch.Tensor, ...] = (hidden,)
-        for block in self.down_blocks:
-            hidden, block_skips = block(hidden, emb, **attn_kwargs)
-            skips += block_skips
+        hidden, skips = run_down_blocks(self.down_blocks, self.conv_in(sample), emb, **attn_kwargs)
         if down_block_additional_residuals is not None:
             skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
 

@@ -228,6 +228,18 @@ def resample(
     return layer(hidden_states)
 
 
+def run_down_blocks(
+    blocks: nn.ModuleList, hidden_states: torch.Tensor, temb: torch.Tensor, **attn_kwargs: Any
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The encoder half shared by the UNet and the ControlNet: (last output, skips), the skips starting with
+    `hidden_states` (the conv_in output) and holding every intermediate map of every down block."""
+    skips = (hidden_states,)
+    for block in blocks:
+        hidden_states, block_skips = block(hidden_states, temb, **attn_kwargs)
+        skips += block_skips
+    return hidden_states, skips
+
+
 class _Block(nn.Module):
     def __init__(self, block_type: str, resnets: list[nn.Module], attentions: list[nn.Module] | None):
         super().__init__()

@@ -2,6 +2,9 @@
 
 rapiddiff generate "a castle at dusk" --model runwayml/stable-diffusion-v1-5 --steps 30 --seed 0 -o castle.png
 rapiddiff generate "a castle" --model ./sd15 --num-images 4 --scheduler euler_a --compile -o out/
+rapiddiff generate "a castle in winter" --model ./sd15 --image castle.png --strength 0.6
+rapiddiff generate "a red door" --model ./sd-inpainting --image house.png --mask door-mask.png
+rapiddiff generate "a dancer" --model ./sd15 --controlnet ./sd-controlnet-openpose --control-image pose.png
 
 The pipeline follows from the inputs: a prompt alone runs the checkpoint's own pipeline (model_index.json); image
 inputs (--image, --mask, --control-image) select img2img / inpainting / ControlNet in `choose_pipeline`.
@@ -70,6 +73,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"replace the checkpoint's scheduler: {', '.join(SCHEDULER_ALIASES)} or a class name")  # fmt: skip
     parser.add_argument("-o", "--output", type=Path, default=Path("outputs"),
                         help="a .png file, or a folder (default ./outputs)")  # fmt: skip
+    images = parser.add_argument_group("image inputs (they choose the pipeline)")
+    images.add_argument("--image", type=Path, help="img2img: the image to transform; with --mask: the image to inpaint")
+    images.add_argument("--mask", type=Path, help="inpainting: white pixels are repainted, black ones kept")
+    images.add_argument("--strength", type=float,
+                        help="img2img / inpainting: share of the schedule that runs, in [0, 1] (default 0.8 / 1.0)")  # fmt: skip
+    images.add_argument("--controlnet", action="append", metavar="PATH_OR_ID",
+                        help="a ControlNet checkpoint; repeat for several (one --control-image each)")  # fmt: skip
+    images.add_argument("--control-image", action="append", type=Path, metavar="PATH",
+                        help="the control image of each --controlnet, in the same order")  # fmt: skip
     parser.set_defaults(func=run)
     return parser
 
@@ -77,15 +89,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def choose_pipeline(args: argparse.Namespace) -> str | None:
     """The pipeline class the inputs call for; None: the checkpoint's own class (model_index.json).
 
-    Image inputs will pick their pipeline here: --image -> StableDiffusionImg2ImgPipeline, --image with --mask ->
-    StableDiffusionInpaintPipeline, --controlnet with --control-image -> StableDiffusionControlNetPipeline.
+    --image -> StableDiffusionImg2ImgPipeline, --image with --mask -> StableDiffusionInpaintPipeline, --controlnet with
+    --control-image -> StableDiffusionControlNetPipeline. Combinations that no pipeline takes are an error.
     """
-    return None
+    controlnets, control_images = args.controlnet or [], args.control_image or []
+    if len(controlnets) != len(control_images):
+        raise ValueError(
+            f"got {len(controlnets)} --controlnet and {len(control_images)} --control-image: pass one control image "
+            "per ControlNet"
+        )
+    if controlnets and (args.image or args.mask):
+        raise ValueError("--controlnet does not combine with --image / --mask (no ControlNet img2img or inpainting)")
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image, the image to inpaint")
+    if args.strength is not None and not args.image:
+        raise ValueError(f"--strength {args.strength} applies to --image (img2img / inpainting) only")
+    if args.image and (args.height or args.width) and not args.mask:
+        raise ValueError("--height / --width do not apply to img2img: the output has the size of --image")
+    if controlnets:
+        return "StableDiffusionControlNetPipeline"
+    if args.mask:
+        return "StableDiffusionInpaintPipeline"
+    return "StableDiffusionImg2ImgPipeline" if args.image else None
 
 
 def call_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dict[str, Any]:
-    """Pipeline call arguments from the command line (image inputs add theirs here)."""
-    return dict(
+    """Pipeline call arguments from the command line; image files are opened here."""
+    kwargs = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -96,6 +126,25 @@ def call_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dict[st
         generator=generator,
         output_type="pil",
     )
+    if args.image:
+        kwargs["image"] = open_image(args.image, "RGB")
+        if not args.mask:  # img2img takes the image's size
+            del kwargs["height"], kwargs["width"]
+    if args.mask:
+        kwargs["mask_image"] = open_image(args.mask, "L")
+    if args.strength is not None:
+        kwargs["strength"] = args.strength
+    if args.control_image:
+        images = [open_image(path, "RGB") for path in args.control_image]
+        kwargs["image"] = images if len(images) > 1 else images[0]
+    return kwargs
+
+
+def open_image(path: Path, mode: str) -> Any:
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        return image.convert(mode)
 
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
@@ -103,7 +152,11 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
     name = choose_pipeline(args)
     cls = getattr(rapiddiff, name) if name else rapiddiff.DiffusionPipeline
-    pipe = cls.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    extra: dict[str, Any] = {}
+    if args.controlnet:
+        nets = [rapiddiff.ControlNetModel.from_pretrained(path, torch_dtype=dtype) for path in args.controlnet]
+        extra["controlnet"] = nets if len(nets) > 1 else nets[0]
+    pipe = cls.from_pretrained(args.model, torch_dtype=dtype, **extra).to(device)
     if args.scheduler:
         pipe.scheduler = getattr(rapiddiff, args.scheduler).from_config(pipe.scheduler.config)
     set_attention(pipe, args.attention)
@@ -141,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     try:
+        kwargs = call_kwargs(args, torch.Generator("cpu").manual_seed(seed))  # opens the image files before loading
         pipe = load_pipeline(args, device, dtype)
-        images = pipe(**call_kwargs(args, torch.Generator("cpu").manual_seed(seed))).images
+        images = pipe(**kwargs).images
     except (ValueError, OSError) as e:
         print(f"rapiddiff generate: error: {e}", file=sys.stderr)
         return 2

@@ -134,6 +134,14 @@ class StepParts:
     step_kwargs: dict[str, Any]
     after_step: AfterStep | None = None
 
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        """The model's prediction. The model gets `t` as float32 whatever the scheduler's dtype (int64 or float32): a
+        compiled model keeps one graph across a scheduler swap, and the timestep embedding casts to float32 anyway."""
+        return self.predict_noise(latents, t.to(torch.float32), i)
+
+    def finish(self, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        return self.after_step(latents, i, t) if self.after_step is not None else latents
+
 
 # runner(parts, latents, t, i) -> latents: how `denoise` runs a step. `run_step` unless the pipeline sets its
 # `_step_runner` (rapiddiff.compile: a whole step compiled as one graph, or a step checked for host syncs).
@@ -141,11 +149,10 @@ StepRunner = Callable[[StepParts, torch.Tensor, torch.Tensor, int], torch.Tensor
 
 
 def run_step(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-    """Model, scheduler, after_step. The model gets `t` as float32 whatever the scheduler's dtype (int64 or float32):
-    a compiled model keeps one graph across a scheduler swap, and the timestep embedding casts to float32 anyway."""
-    noise_pred = parts.predict_noise(latents, t.to(torch.float32), i)
+    """Model, scheduler, after_step."""
+    noise_pred = parts.predict(latents, t, i)
     latents = parts.scheduler.step(noise_pred, t, latents, **parts.step_kwargs, return_dict=False)[0]
-    return parts.after_step(latents, i, t) if parts.after_step is not None else latents
+    return parts.finish(latents, t, i)
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------------
@@ -169,6 +176,8 @@ def denoise(
     after_step(latents, i, t): applied after each scheduler step (4-channel inpainting pastes the known region back).
     """
     scheduler = pipe.scheduler
+    if scheduler.begin_index is None:  # the loop starts at the schedule's start: no need to look `t` up (a value read)
+        scheduler.set_begin_index(0)
     parts = StepParts(scheduler, predict_noise, extra_step_kwargs or {}, after_step)
     run = pipe._step_runner or run_step
     tensors = tensors if tensors is not None else {}

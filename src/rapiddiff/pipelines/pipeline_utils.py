@@ -40,6 +40,9 @@ PIPELINE_COMPONENT_LIBRARY = {
     "IFWatermarker": "deepfloyd_if",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# `DiffusionPipeline.from_pretrained(checkpoint, controlnet=...)` loads a text-to-image checkpoint into its ControlNet
+# pipeline (what Diffusers' AutoPipelineForText2Image does with a `controlnet` argument).
+CONTROLNET_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionControlNetPipeline"}
 
 
 # --- outputs -------------------------------------------------------------------------------------------------------
@@ -320,7 +323,7 @@ class DiffusionPipeline:
         source = str(pretrained_model_name_or_path)
         index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
         index = read_json(index_path)
-        pipeline_cls = cls._pipeline_class(index, source)
+        pipeline_cls = cls._pipeline_class(index, source, with_controlnet=kwargs.get("controlnet") is not None)
 
         overrides, config = pipeline_cls._split_kwargs(kwargs)
         entries = pipeline_cls._index_entries(index, overrides, source)
@@ -356,12 +359,16 @@ class DiffusionPipeline:
         return overrides, {k: v for k, v in kwargs.items() if k in config_names}
 
     @classmethod
-    def _pipeline_class(cls, index: Mapping[str, Any], source: str) -> type[DiffusionPipeline]:
+    def _pipeline_class(
+        cls, index: Mapping[str, Any], source: str, with_controlnet: bool = False
+    ) -> type[DiffusionPipeline]:
         if cls is not DiffusionPipeline:
             return cls
         name = index.get("_class_name")
         if not isinstance(name, str):
             raise ValueError(f"{source}/{MODEL_INDEX} has no '_class_name' naming the pipeline class")
+        if with_controlnet:
+            name = CONTROLNET_PIPELINES.get(name, name)
         pipeline_cls = rapiddiff_class(name, f"{source}/{MODEL_INDEX} _class_name")
         if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
             raise ValueError(f"{source}/{MODEL_INDEX}: _class_name {name!r} is not a pipeline class")

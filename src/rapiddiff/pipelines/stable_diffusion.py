@@ -450,7 +450,7 @@ def check_unet_in_channels(unet: Any, allowed: dict[int, str]) -> None:
 def batch_repeats(name: str, n: int, batch_size: int) -> int:
     """How often a batch of `n` images (or masks) is repeated to `batch_size` (prompts x num_images_per_prompt).
 
-    Diffusers' rule: one image per prompt, or a batch that divides the prompts' batch and is duplicated.
+    Diffusers' rule: one image for all, or a batch that divides batch_size and is repeated (tiled).
     """
     if n < 1 or batch_size % n:
         raise ValueError(
@@ -697,15 +697,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         dtype = tensors["prompt_embeds"].dtype
         plain_unet = self.unet.config.in_channels == channels
         # Generators are consumed in Diffusers' order: image latents, noise, masked image latents.
-        image_latents = None
-        if plain_unet or (latents is None and strength < 1):
-            image_latents = encode_image_latents(self.vae, init_image.to(device=device, dtype=dtype), generator)
-            image_latents = image_latents.repeat(batch_repeats("image", image_latents.shape[0], batch_size), 1, 1, 1)
-        noise = self.draw_noise(batch_size, channels, height, width, dtype, device, generator, latents)
-        if latents is None and strength < 1:
-            latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch_size))
-        else:  # pure noise, or the given latents taken as the noise (Diffusers' rule)
-            latents = noise * self.scheduler.init_noise_sigma
+        latents, noise, image_latents = self.prepare_inpaint_latents(
+            init_image, timesteps[:1].repeat(batch_size), strength, plain_unet, dtype, device, generator, latents
+        )
         if masked_image_latents is None:
             masked_image = (init_image * (mask < 0.5)).to(device=device, dtype=dtype)
             masked_image_latents = encode_image_latents(self.vae, masked_image, generator)
@@ -734,6 +728,31 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             callback_on_step_end_tensor_inputs=callback_names,
         )
         return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+
+    def prepare_inpaint_latents(
+        self,
+        image: torch.Tensor,
+        timestep: torch.Tensor,
+        strength: float,
+        need_image_latents: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(initial latents, noise, image latents or None). Strength 1: pure noise; below 1: the image's latents
+        noised to `timestep`; given `latents` are taken as the noise (Diffusers' rule, whatever the strength)."""
+        batch_size = timestep.shape[0]
+        image_latents = None
+        if need_image_latents or (latents is None and strength < 1):
+            image_latents = encode_image_latents(self.vae, image.to(device=device, dtype=dtype), generator)
+            image_latents = image_latents.repeat(batch_repeats("image", image_latents.shape[0], batch_size), 1, 1, 1)
+        height, width = image.shape[-2:]
+        channels = self.vae.config.latent_channels
+        noise = self.draw_noise(batch_size, channels, height, width, dtype, device, generator, latents)
+        if latents is None and strength < 1:
+            return self.scheduler.add_noise(image_latents, noise, timestep), noise, image_latents
+        return noise * self.scheduler.init_noise_sigma, noise, image_latents
 
     def preprocess_image_and_mask(
         self, image: PipelineImageInput, mask_image: PipelineImageInput, height: int, width: int, batch_size: int

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, spaced_timesteps
+from .scheduling_utils import (
+    SchedulerConfig,
+    SchedulerMixin,
+    SchedulerOutput,
+    StepPlan,
+    spaced_timesteps,
+    stack_scalars,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,27 +62,51 @@ class DDIMScheduler(SchedulerMixin):
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """x_{t-1} from x_t: formula (12) of the DDIM paper, with sigma_t = eta * sqrt(variance)."""
         self._require_schedule()
+        plan = self.plan_step(
+            timestep,
+            sample,
+            eta=eta,
+            use_clipped_model_output=use_clipped_model_output,
+            generator=generator,
+            variance_noise=variance_noise,
+        )
+        return self._run_plan(model_output, sample, plan, return_dict)
+
+    def _plan(
+        self,
+        i: int,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+    ) -> StepPlan:
+        """scalars: alphas_cumprod at t and at the previous timestep, sigma_t."""
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to DDIMScheduler.step, not both")
-        t = self._timestep_values[self._index(timestep)]
+        t = self._timestep_values[i]
         # Diffusers' DDIM always steps back by num_train // num_inference, whatever the spacing.
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
+        std_dev_t = eta * self._variance(t, prev_t) ** 0.5
+        noise = None
+        if eta > 0:
+            noise = variance_noise
+            if noise is None:
+                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        scalars = stack_scalars(self.alphas_cumprod[t], self._alpha_prod(prev_t), std_dev_t)
+        return StepPlan(i, scalars, noise, options={"use_clipped_model_output": use_clipped_model_output})
 
+    def apply_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        alpha_prod_t, alpha_prod_t_prev, std_dev_t = plan.scalars.unbind()
         x0 = self._predict_x0(model_output, sample, alpha_prod_t)
         eps = self._predict_eps(model_output, sample, alpha_prod_t)
         x0 = self._clip_x0(x0)
-        if use_clipped_model_output:
+        if plan.options["use_clipped_model_output"]:
             eps = (sample - alpha_prod_t**0.5 * x0) / (1 - alpha_prod_t) ** 0.5
-
-        std_dev_t = eta * self._variance(t, prev_t) ** 0.5
         direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * eps
         prev_sample = alpha_prod_t_prev**0.5 * x0 + direction
-        if eta > 0:
-            if variance_noise is None:
-                variance_noise = randn_tensor(
-                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-                )
-            prev_sample = prev_sample + std_dev_t * variance_noise
-        self._step_index += 1
-        return self._output(prev_sample, x0, return_dict)
+        if plan.noise is not None:
+            prev_sample = prev_sample + std_dev_t * plan.noise
+        return prev_sample, x0, ()

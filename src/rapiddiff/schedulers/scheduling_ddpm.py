@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, spaced_timesteps
+from .scheduling_utils import (
+    SchedulerConfig,
+    SchedulerMixin,
+    SchedulerOutput,
+    StepPlan,
+    spaced_timesteps,
+    stack_scalars,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +53,10 @@ class DDPMScheduler(SchedulerMixin):
         timesteps = np.asarray(timesteps).astype(np.int64)
         self._set_schedule(timesteps, device, len(timesteps))
 
-    def _variance(self, t: int, prev_t: int, predicted_variance: torch.Tensor | None) -> torch.Tensor:
+    def _variance(
+        self, alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, predicted_variance: torch.Tensor | None
+    ) -> torch.Tensor:
         """The posterior variance (its log for learned_range, its std for fixed_small_log) per `variance_type`."""
-        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
         beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
         variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * beta_t, min=1e-20)
         kind = self.config.variance_type
@@ -72,15 +80,29 @@ class DDPMScheduler(SchedulerMixin):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """x_{t-1} ~ q(x_{t-1} | x_t, x0): the posterior mean (formula 7) plus noise of the chosen variance."""
-        i = self._index(timestep)
+        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
+
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan:
+        """scalars: alphas_cumprod at t and at the previous timestep, 1 if this step adds noise (all but t = 0).
+
+        The last step gets zeros for noise, without drawing: the generator ends where Diffusers' does."""
         t = self._timestep_values[i]
         prev_t = self._timestep_values[i + 1] if i + 1 < len(self._timestep_values) else -1
+        if t > 0:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        else:
+            noise = torch.zeros_like(sample)
+        return StepPlan(i, stack_scalars(self.alphas_cumprod[t], self._alpha_prod(prev_t), float(t > 0)), noise)
+
+    def apply_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        alpha_prod_t, alpha_prod_t_prev, adds_noise = plan.scalars.unbind()
         predicted_variance = None
         learned = self.config.variance_type in ("learned", "learned_range")
         if learned and model_output.shape[1] == sample.shape[1] * 2:
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
 
-        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
         beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
@@ -90,17 +112,13 @@ class DDPMScheduler(SchedulerMixin):
         sample_coeff = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t
         prev_sample = x0_coeff * x0 + sample_coeff * sample
 
-        if t > 0:
-            noise = randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-            )
-            variance = self._variance(t, prev_t, predicted_variance)
-            if self.config.variance_type == "fixed_small_log":
-                std = variance
-            elif self.config.variance_type == "learned_range":
-                std = torch.exp(0.5 * variance)
-            else:
-                std = variance**0.5
-            prev_sample = prev_sample + std * noise
-        self._step_index += 1
-        return self._output(prev_sample, x0, return_dict)
+        variance = self._variance(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
+        if self.config.variance_type == "fixed_small_log":
+            std = variance
+        elif self.config.variance_type == "learned_range":
+            std = torch.exp(0.5 * variance)
+        else:
+            std = variance**0.5
+        # a select, not a product: a learned std may be NaN on the last step, where no noise is added
+        prev_sample = torch.where(adds_noise > 0, prev_sample + std * plan.noise, prev_sample)
+        return prev_sample, x0, ()

@@ -15,7 +15,15 @@ import torch
 
 from ..configuration import ConfigError
 from ..utils.torch_utils import Generator
-from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, karras_sigmas, owned, sigma_to_t
+from .scheduling_utils import (
+    SchedulerConfig,
+    SchedulerMixin,
+    SchedulerOutput,
+    StepPlan,
+    karras_sigmas,
+    sigma_to_t,
+    stack_scalars,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +144,15 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             return (np.arange(0, n + 1) * (last_timestep // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
         return np.arange(last_timestep, 0, -cfg.num_train_timesteps / n).round() - 1
 
-    def _convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        """The model output as the solver integrates it: x0 for dpmsolver++, epsilon for dpmsolver."""
+    def _convert_model_output(
+        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """The model output at noise level `sigma` as the solver integrates it: x0 for dpmsolver++, epsilon for
+        dpmsolver."""
         cfg = self.config
         if cfg.variance_type is not None:  # learned variance: the second half of the channels
             model_output = model_output[:, : sample.shape[1]]
-        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[i])
+        alpha_t, sigma_t = vp_alpha_sigma(sigma)
         kind = cfg.prediction_type
         if cfg.algorithm_type == "dpmsolver++":
             if kind == "epsilon":
@@ -170,54 +181,44 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             out.append((alpha, sigma, torch.log(alpha) - torch.log(sigma)))
         return tuple(out)
 
-    def _first_order(self, m0: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        """DDIM-equivalent step."""
-        (alpha_t, sigma_t, lambda_t), (alpha_s, sigma_s, lambda_s) = self._lambdas(i, 1)
-        h = lambda_t - lambda_s
-        if self.config.algorithm_type == "dpmsolver++":
-            return (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0
-        return (alpha_t / alpha_s) * sample - (sigma_t * (torch.exp(h) - 1.0)) * m0
+    def _order(self, i: int) -> int:
+        """The solver order of step i: lower at the start (too little history) and, as configured, at the end."""
+        cfg = self.config
+        n = len(self._timestep_values)
+        few_steps = cfg.lower_order_final and n < 15
+        final = i == n - 1 and (cfg.euler_at_final or few_steps or cfg.final_sigmas_type == "zero")
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or final:
+            return 1
+        if cfg.solver_order == 2 or self.lower_order_nums < 2 or (i == n - 2 and few_steps):
+            return 2
+        return 3
 
-    def _second_order(self, sample: torch.Tensor, i: int) -> torch.Tensor:
-        (alpha_t, sigma_t, lambda_t), (alpha_s0, sigma_s0, lambda_s0), (_, _, lambda_s1) = self._lambdas(i, 2)
-        m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
-        d0, d1 = m0, (1.0 / r0) * (m0 - m1)
-        midpoint = self.config.solver_type == "midpoint"
-        if self.config.algorithm_type == "dpmsolver++":
-            x_t = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * d0
-            if midpoint:
-                return x_t - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
-            return x_t + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
-        x_t = (alpha_t / alpha_s0) * sample - (sigma_t * (torch.exp(h) - 1.0)) * d0
-        if midpoint:
-            return x_t - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * d1
-        return x_t - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
-
-    def _third_order(self, sample: torch.Tensor, i: int) -> torch.Tensor:
-        lambdas = self._lambdas(i, 3)
+    def _coefficients(self, i: int, order: int) -> tuple[torch.Tensor | float, ...]:
+        """(c_x, c_0, c_1, c_2) of the update x_next = c_x x + c_0 m0 + c_1 (m0 - m1) + c_2 (m1 - m2), m0 the current
+        converted output, m1 and m2 the earlier ones: the first-, second- (midpoint or Heun) and third-order
+        multistep formulas of DPM-Solver(++) with their divided differences expanded."""
+        lambdas = self._lambdas(i, order)
         (alpha_t, sigma_t, lambda_t), (alpha_s0, sigma_s0, lambda_s0) = lambdas[:2]
-        lambda_s1, lambda_s2 = lambdas[2][2], lambdas[3][2]
-        m0, m1, m2 = self.model_outputs[-1], self.model_outputs[-2], self.model_outputs[-3]
-        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
-        r0, r1 = h_0 / h, h_1 / h
-        d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
-        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-        d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+        h = lambda_t - lambda_s0
         if self.config.algorithm_type == "dpmsolver++":
-            return (
-                (sigma_t / sigma_s0) * sample
-                - (alpha_t * (torch.exp(-h) - 1.0)) * m0
-                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
-                - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * d2
-            )
-        return (
-            (alpha_t / alpha_s0) * sample
-            - (sigma_t * (torch.exp(h) - 1.0)) * m0
-            - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
-            - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * d2
-        )
+            c_x, phi = sigma_t / sigma_s0, alpha_t * (torch.exp(-h) - 1.0)
+            d1_coeff = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+            d2_coeff = -(alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5))
+        else:
+            c_x, phi = alpha_t / alpha_s0, sigma_t * (torch.exp(h) - 1.0)
+            d1_coeff = -(sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))
+            d2_coeff = -(sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5))
+        if order == 1:
+            return c_x, -phi, 0.0, 0.0
+        r0 = (lambda_s0 - lambdas[2][2]) / h
+        if order == 2:  # D1 = (m0 - m1) / r0
+            midpoint = self.config.solver_type == "midpoint"
+            return c_x, -phi, (-0.5 * phi if midpoint else d1_coeff) / r0, 0.0
+        # D1 = (1 + r0 / (r0 + r1)) (m0 - m1) / r0 - r0 / (r0 + r1) (m1 - m2) / r1, D2 = ((m0 - m1) / r0 - (m1 - m2) / r1) / (r0 + r1)
+        r1 = (lambdas[2][2] - lambdas[3][2]) / h
+        c_1 = d1_coeff * (1 + r0 / (r0 + r1)) / r0 + d2_coeff / (r0 * (r0 + r1))
+        c_2 = -d1_coeff * r0 / ((r0 + r1) * r1) - d2_coeff / ((r0 + r1) * r1)
+        return c_x, -phi, c_1, c_2
 
     def step(
         self,
@@ -229,25 +230,30 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """One multistep update; the order drops near the end (lower_order_final, euler_at_final) as in Diffusers."""
         self._require_schedule()
-        cfg = self.config
-        i = self._index(timestep)
-        n = len(self._timestep_values)
-        few_steps = cfg.lower_order_final and n < 15
-        final = i == n - 1 and (cfg.euler_at_final or few_steps or cfg.final_sigmas_type == "zero")
-        second_to_final = i == n - 2 and few_steps
+        return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
 
-        converted = owned(self._convert_model_output(model_output, sample, i), model_output)
-        self.model_outputs = [*self.model_outputs[1:], converted]
-        sample = sample.to(torch.float32)
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or final:
-            prev_sample = self._first_order(converted, sample, i)
-        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or second_to_final:
-            prev_sample = self._second_order(sample, i)
-        else:
-            prev_sample = self._third_order(sample, i)
-        self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
-        self._step_index += 1
-        return self._output(prev_sample.to(converted.dtype), None, return_dict)
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan:
+        """scalars: sigma_i, c_x, c_0, c_1, c_2 (see `_coefficients`); history: the solver_order - 1 previous
+        converted outputs, newest first (zeros, with zero coefficients, before there are any)."""
+        history = tuple(m if m is not None else torch.zeros_like(sample) for m in self.model_outputs[:0:-1])
+        return StepPlan(i, stack_scalars(self.sigmas[i], *self._coefficients(i, self._order(i))), history=history)
+
+    def apply_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+        sigma, c_x, c_0, c_1, c_2 = plan.scalars.unbind()
+        m = (self._convert_model_output(model_output, sample, sigma), *plan.history)
+        prev_sample = c_x * sample.to(torch.float32) + c_0 * m[0]
+        if len(m) > 1:
+            prev_sample = prev_sample + c_1 * (m[0] - m[1])
+        if len(m) > 2:
+            prev_sample = prev_sample + c_2 * (m[1] - m[2])
+        return prev_sample.to(m[0].dtype), None, (m[0],)
+
+    def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
+        self.model_outputs = [*self.model_outputs[1:], stored[0]]
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        super().commit_plan(plan, stored)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """alpha_t * original + sigma_t * noise at the sigma `_sigma_for_noise` picks."""

@@ -10,7 +10,7 @@ import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig, SchedulerOutput
+from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, stack_scalars
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +37,17 @@ class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
         generator: Generator | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        self._check_timestep(timestep)
-        i = self._index(timestep)
-        sigma, sigma_to = self.sigmas[i], self.sigmas[i + 1]
+        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
+
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan:
+        """scalars: sigma_i, sigma_{i+1}; noise for every step."""
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        return StepPlan(i, stack_scalars(self.sigmas[i], self.sigmas[i + 1]), noise)
+
+    def apply_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        sigma, sigma_to = plan.scalars.unbind()
         sample = sample.to(torch.float32)
         x0 = self._predict_x0_ve(model_output, sample, sigma, sigma)
         # split the step to sigma_to into a deterministic part (down) and injected noise (up)
@@ -47,9 +55,5 @@ class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
-        noise = randn_tensor(
-            model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-        )
-        prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
-        self._step_index += 1
-        return self._output(prev_sample, x0, return_dict)
+        prev_sample = (prev_sample + plan.noise * sigma_up).to(model_output.dtype)
+        return prev_sample, x0, ()

@@ -18,9 +18,11 @@ from .scheduling_utils import (
     SchedulerConfig,
     SchedulerMixin,
     SchedulerOutput,
+    StepPlan,
     karras_sigmas,
     sigma_to_t,
     spaced_timesteps,
+    stack_scalars,
 )
 
 
@@ -60,8 +62,13 @@ class EulerSchedulerMixin(SchedulerMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1): the model sees unit-variance inputs."""
-        sigma = self.sigmas[self._index(timestep)]
+        plan = self._active_plan  # inside a compiled whole step: the plan's sigma (scalars[0]), a graph input
+        sigma = plan.scalars[0] if plan is not None else self.sigmas[self._index(timestep)]
         return sample / ((sigma**2 + 1) ** 0.5)
+
+    def plan_step(self, timestep: float | torch.Tensor, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
+        self._check_timestep(timestep)
+        return super().plan_step(timestep, sample, **step_kwargs)
 
     def _predict_x0_ve(
         self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_hat: torch.Tensor
@@ -148,21 +155,43 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """One Euler step from sigma_i to sigma_{i+1}, optionally "churned" up to sigma_hat with fresh noise."""
-        self._check_timestep(timestep)
-        i = self._index(timestep)
-        sample = sample.to(torch.float32)
+        plan = self.plan_step(
+            timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator
+        )
+        return self._run_plan(model_output, sample, plan, return_dict)
+
+    def _plan(
+        self,
+        i: int,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: Generator | None = None,
+    ) -> StepPlan:
+        """scalars: sigma, sigma_hat, sigma_{i+1}, the churn noise's std, s_noise. With s_churn > 0 every step gets a
+        noise tensor (zeros, not drawn, outside [s_tmin, s_tmax])."""
         sigma = self.sigmas[i]
         churn = s_tmin <= self._sigma_values[i] <= s_tmax
         gamma = min(s_churn / (len(self._sigma_values) - 1), 2**0.5 - 1) if churn else 0.0
         sigma_hat = sigma * (gamma + 1)
+        noise = None
         if gamma > 0:
-            noise = randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-            )
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        elif s_churn > 0:
+            noise = torch.zeros_like(sample)
+        churn_std = (sigma_hat**2 - sigma**2) ** 0.5
+        return StepPlan(i, stack_scalars(sigma, sigma_hat, self.sigmas[i + 1], churn_std, s_noise), noise)
 
+    def apply_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        sigma, sigma_hat, sigma_next, churn_std, s_noise = plan.scalars.unbind()
+        sample = sample.to(torch.float32)
+        if plan.noise is not None:
+            sample = sample + plan.noise * s_noise * churn_std
         x0 = self._predict_x0_ve(model_output, sample, sigma, sigma_hat)
         derivative = (sample - x0) / sigma_hat
-        prev_sample = (sample + derivative * (self.sigmas[i + 1] - sigma_hat)).to(model_output.dtype)
-        self._step_index += 1
-        return self._output(prev_sample, x0, return_dict)
+        prev_sample = (sample + derivative * (sigma_next - sigma_hat)).to(model_output.dtype)
+        return prev_sample, x0, ()

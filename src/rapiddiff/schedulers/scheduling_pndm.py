@@ -13,7 +13,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, spaced_timesteps
+from .scheduling_utils import (
+    SchedulerConfig,
+    SchedulerMixin,
+    SchedulerOutput,
+    StepPlan,
+    spaced_timesteps,
+    stack_scalars,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +68,16 @@ class PNDMScheduler(SchedulerMixin):
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         self._require_schedule()
+        if not self._in_prk_steps():
+            return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
         t = self._timestep_values[self._index(timestep)]
-        if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
-            prev_sample = self._step_prk(model_output, t, sample)
-        else:
-            prev_sample = self._step_plms(model_output, t, sample)
+        prev_sample = self._step_prk(model_output, t, sample)
         self.counter += 1
         self._step_index += 1
         return self._output(prev_sample, None, return_dict)
+
+    def _in_prk_steps(self) -> bool:
+        return self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps
 
     def _step_prk(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         """One of the 4 Runge-Kutta evaluations: weights 1/6, 1/3, 1/3, 1/6 over full and half steps."""
@@ -86,39 +95,75 @@ class PNDMScheduler(SchedulerMixin):
             model_output = self.cur_model_output + 1 / 6 * model_output
             self.cur_model_output = 0
         cur_sample = self.cur_sample if self.cur_sample is not None else sample
-        return self._prev_sample(cur_sample, t, prev_t, model_output)
+        return self._prev_sample(cur_sample, self.alphas_cumprod[t], self._alpha_prod(prev_t), model_output)
 
-    def _step_plms(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
-        """Adams-Bashforth over the stored outputs, of order 1 to 4 as the history fills."""
+    def _plan(self, i: int, sample: torch.Tensor) -> StepPlan:
+        """A PLMS step: Adams-Bashforth over the stored outputs, of order 1 to 4 as the history fills.
+
+        scalars: alphas_cumprod at t and at the previous timestep, the weights of the current output and of the
+        last three stored ones (newest first), 1 to start from the sample saved at the first step; history: those
+        three outputs and that sample (zeros, weighted 0, while missing)."""
+        if self._in_prk_steps():
+            raise ValueError(
+                "PNDMScheduler(skip_prk_steps=False): its Runge-Kutta warm-up steps keep Python state a compiled "
+                "step cannot take; use skip_prk_steps=True (Stable Diffusion's setting)"
+            )
         if not self.config.skip_prk_steps and len(self.ets) < 3:
             raise ValueError("PNDMScheduler: PLMS steps need the 12 Runge-Kutta steps first (skip_prk_steps=False)")
         step = self.config.num_train_timesteps // self.num_inference_steps
+        t = self._timestep_values[i]
         prev_t = t - step
         if self.counter == 1:
             # second step: redo the first interval with the average of both outputs (a Heun step)
             prev_t, t = t, t + step
+            weights = (0.5, 0.5, 0.0, 0.0)
         else:
-            self.ets = [*self.ets[-3:], model_output.clone()]
+            weights = PLMS_WEIGHTS[min(len(self.ets), 3)]
+        # distinct zero tensors: a compiled step guards on which of its inputs alias
+        stored = [*self.ets[::-1], *(torch.zeros_like(sample) for _ in range(3 - len(self.ets)))][:3]
+        cur_sample = self.cur_sample if self.cur_sample is not None else torch.zeros_like(sample)
+        scalars = stack_scalars(self.alphas_cumprod[t], self._alpha_prod(prev_t), *weights, float(self.counter == 1))
+        return StepPlan(i, scalars, history=(*stored, cur_sample))
 
-        ets = self.ets
-        if len(ets) == 1 and self.counter == 0:
-            self.cur_sample = sample.clone()
-        elif len(ets) == 1 and self.counter == 1:
-            model_output = (model_output + ets[-1]) / 2
-            sample, self.cur_sample = self.cur_sample, None
-        elif len(ets) == 2:
-            model_output = (3 * ets[-1] - ets[-2]) / 2
-        elif len(ets) == 3:
-            model_output = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
-        else:
-            model_output = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
-        return self._prev_sample(sample, t, prev_t, model_output)
+    def apply_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+        alpha_prod_t, alpha_prod_t_prev, w0, w1, w2, w3, from_saved = plan.scalars.unbind()
+        e1, e2, e3, saved_sample = plan.history
+        eps = w0 * model_output + w1 * e1 + w2 * e2 + w3 * e3
+        start = torch.where(from_saved > 0, saved_sample, sample)
+        return self._prev_sample(start, alpha_prod_t, alpha_prod_t_prev, eps), None, (model_output, sample)
 
-    def _prev_sample(self, sample: torch.Tensor, t: int, prev_t: int, model_output: torch.Tensor) -> torch.Tensor:
+    def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
+        model_output, sample = stored
+        if self.counter == 0:
+            self.cur_sample = sample
+        elif self.counter == 1:
+            self.cur_sample = None
+        if self.counter != 1:
+            self.ets = [*self.ets[-3:], model_output]
+        self.counter += 1
+        super().commit_plan(plan, stored)
+
+    def _prev_sample(
+        self,
+        sample: torch.Tensor,
+        alpha_prod_t: torch.Tensor,
+        alpha_prod_t_prev: torch.Tensor,
+        model_output: torch.Tensor,
+    ) -> torch.Tensor:
         """x_{t-delta} from x_t and an epsilon estimate: formula (9) of the PNDM paper."""
-        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
         eps = self._predict_eps(model_output, sample, alpha_prod_t)
         sample_coeff = (alpha_prod_t_prev / alpha_prod_t) ** 0.5
         beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
         eps_denom = alpha_prod_t * beta_prod_t_prev**0.5 + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** 0.5
         return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * eps / eps_denom
+
+
+# Adams-Bashforth weights of the current output and the last three stored ones (newest first), by how many are stored.
+PLMS_WEIGHTS = {
+    0: (1.0, 0.0, 0.0, 0.0),
+    1: (3 / 2, -1 / 2, 0.0, 0.0),
+    2: (23 / 12, -16 / 12, 5 / 12, 0.0),
+    3: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}

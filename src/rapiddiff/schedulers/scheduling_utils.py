@@ -16,6 +16,11 @@ GPU rules, kept by every scheduler (no step ever waits for the device):
   schedule with tensor ops on the timesteps' device (an unknown timestep maps to the last step).
 - Stored model outputs (PNDM, DPM-Solver history) are copies: with CUDA graphs the model's output buffer is
   overwritten by its next call.
+
+A step is three calls, so that a compiled whole step (rapiddiff.compile) can run the middle one in its graph:
+`plan_step` (host: the position in the schedule, every per-step value as a tensor, the noise drawn with the caller's
+generator) -> `apply_plan` (tensor math; branches on the config and the call's options only, so one graph serves every
+step) -> `commit_plan` (host: keep history, advance the index). `step` is the three in a row.
 """
 
 from __future__ import annotations
@@ -238,6 +243,26 @@ class SchedulerOutput:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
+@dataclasses.dataclass
+class StepPlan:
+    """One step prepared on the host. `apply_plan` reads the tensors and `options`, never `index`."""
+
+    index: int  # position in the schedule
+    scalars: torch.Tensor  # (k,) float32 per-step coefficients: CPU, or on the sample's device in a compiled step
+    noise: torch.Tensor | None = None  # this step's fresh noise (None: the call draws none on any step)
+    history: tuple[torch.Tensor, ...] = ()  # earlier outputs the update reads; a fixed count for a whole loop
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the call's constant options
+
+    def to(self, device: torch.device) -> StepPlan:
+        """The plan with its coefficients on `device` (noise and history are drawn and kept there already)."""
+        return dataclasses.replace(self, scalars=to_device(self.scalars, device))
+
+
+def stack_scalars(*values: torch.Tensor | float) -> torch.Tensor:
+    """0-dim tensors and numbers -> one (k,) float32 tensor: a plan's `scalars`."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])
+
+
 # --- base ----------------------------------------------------------------------------------------------------------
 class SchedulerMixin(ConfigMixin):
     """Base of every rapiddiff scheduler (see the module docstring for the rules a step follows)."""
@@ -249,6 +274,9 @@ class SchedulerMixin(ConfigMixin):
     init_noise_sigma: ClassVar[float] = 1.0  # std of the initial noise (the Euler schedulers compute theirs)
     # Sigma schedulers pin the last alphas_cumprod at 2**-24 under rescale_betas_zero_snr (a zero gives sigma = inf).
     _pin_zero_snr: ClassVar[bool] = False
+    # The plan of the step a compiled whole step is running: `scale_model_input` reads its sigma from it (not from the
+    # Python step index, which would be a constant of the graph).
+    _active_plan: StepPlan | None = None
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config = self._parse_config(config, kwargs, source=type(self).__name__)
@@ -496,6 +524,32 @@ class SchedulerMixin(ConfigMixin):
         indices = match_timesteps(to_device(self.timesteps, timesteps.device), timesteps)
         sigmas = to_device(self.sigmas, like.device).to(like.dtype)
         return _broadcast_to(sigmas[to_device(indices, like.device)], like)
+
+    # --- the step protocol (see the module docstring) -------------------------------------------------------------
+    def plan_step(self, timestep: float | torch.Tensor, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
+        """Prepare the next step on the host; `step_kwargs` are the scheduler's `step` options (eta, generator...)."""
+        return self._plan(self._index(timestep), sample, **step_kwargs)
+
+    def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
+        raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
+
+    def apply_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        """The update: (previous sample, predicted x0 or None, tensors `commit_plan` keeps for later steps)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
+
+    def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
+        """After the update: keep `stored` (copies where the caller needs them) and move on to the next step."""
+        self._step_index = plan.index + 1
+
+    def _run_plan(
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan, return_dict: bool
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        """apply + commit for an eager `step`."""
+        prev_sample, x0, stored = self.apply_plan(model_output, sample, plan)
+        self.commit_plan(plan, tuple(owned(s, model_output) for s in stored))
+        return self._output(prev_sample, x0, return_dict)
 
     def _output(
         self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool
