@@ -182,6 +182,10 @@ def test_split_runs_merge_into_one_report(fake_clock, tmp_path):
     # a cell measured again in a later run replaces the earlier one
     again = report.merge_documents([merged, second])
     assert len(again["cells"]) == 2 and again["cells"][0]["run"] == 2
+    # runs that are not comparable are flagged
+    other = json.loads(json.dumps(second))
+    other["runs"][0]["env"]["dtype"], other["runs"][0]["settings"]["preset"] = "float16", "gpu"
+    assert "differ in dtype, preset" in report.render_markdown(report.merge_documents([first, other]))
 
 
 def test_rapiddiff_backend_side_by_side(fake_clock):

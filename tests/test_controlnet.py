@@ -284,6 +284,13 @@ def test_controlnets_skipped_outside_their_window(single):
     assert len(calls) == 2 and single[1].num_timesteps == 5
 
 
+def test_loop_never_reads_tensor_values(multi):
+    """Per-step scales come from a device table: no host sync inside the denoising loop."""
+    compile_module = pytest.importorskip("rapiddiff.compile")
+    with compile_module.forbid_host_syncs_in_loop(multi[1]) as pipe:
+        pipe("a cube", image=CONTROL, control_guidance_end=[0.5, 1.0], num_inference_steps=3, output_type="latent")
+
+
 def test_loading_and_saving(multi, tmp_path, tiny_sd_dir, controlnet_dirs):
     ours = multi[1]
     assert isinstance(ours.controlnet, MultiControlNetModel) and len(ours.controlnets) == 2

@@ -130,6 +130,15 @@ def test_plain_unet_keeps_the_known_region(pipes4):
     assert inside[known].max() < inside[~known].max()  # kept region far closer to the image than the repainted one
 
 
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDIMScheduler"])
+def test_loop_never_reads_tensor_values(pipes4, tiny_sd_dir, scheduler):
+    """The re-noising of the known region stays on the device: no host sync inside the denoising loop."""
+    compile_module = pytest.importorskip("rapiddiff.compile")
+    use_scheduler(pipes4, scheduler, tiny_sd_dir)
+    with compile_module.forbid_host_syncs_in_loop(pipes4[1]) as pipe:
+        pipe("a cube", image=IMAGE, mask_image=MASK, **SIZE, strength=0.7, num_inference_steps=3, output_type="latent")
+
+
 def test_callback_reads_mask_tensors(pipes9):
     seen = {}
 

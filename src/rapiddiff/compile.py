@@ -53,7 +53,7 @@ def compile_pipeline(
     components: Sequence[str] | None = None,
     dynamic: bool | None = False,
     whole_step: bool = False,
-    backend: str = "inductor",
+    backend: str | Callable[..., Any] = "inductor",
 ) -> Any:
     """Apply channels_last and torch.compile in place to the pipeline's models; returns `pipe`.
 
@@ -65,7 +65,8 @@ def compile_pipeline(
         after the first recompile).
     whole_step: compile each denoising step (model call, guidance, scheduler update) as one graph instead of the
         denoisers alone; see `WholeStep` for the schedulers it supports.
-    backend: torch.compile's backend; "eager" / "aot_eager" check graph capture without code generation.
+    backend: torch.compile's backend (a name or a callable); "eager" / "aot_eager" check graph capture without
+        generating code.
     """
     _check_args(mode, memory_format, dynamic, backend)
     targets = _targets(pipe, components)
@@ -91,7 +92,7 @@ def compile_pipeline(
     return pipe
 
 
-def compile_kwargs(backend: str, mode: str | None) -> dict[str, Any]:
+def compile_kwargs(backend: str | Callable[..., Any], mode: str | None) -> dict[str, Any]:
     """torch.compile's backend and mode arguments (a mode is inductor's alone)."""
     return {"backend": backend, "mode": mode} if backend == "inductor" else {"backend": backend}
 
@@ -120,14 +121,16 @@ def _check_args(mode: Any, memory_format: Any, dynamic: Any, backend: Any) -> No
         )
     if dynamic not in (True, False, None):
         raise ValueError(f"dynamic={dynamic!r}; allowed: True, False or None")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be the name of a torch.compile backend, got {backend!r}")
+    if not (isinstance(backend, str) or callable(backend)):
+        raise TypeError(f"backend must be a torch.compile backend (a name or a callable), got {backend!r}")
 
 
 def _targets(pipe: Any, components: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
     """(name, module) for each component to compile; the defaults are skipped where the pipeline lacks them."""
     if isinstance(components, str) or (components is not None and not all(isinstance(c, str) for c in components)):
-        raise TypeError(f"components must be a list of attribute names such as ['unet', 'vae.decoder'], got {components!r}")
+        raise TypeError(
+            f"components must be a list of attribute names such as ['unet', 'vae.decoder'], got {components!r}"
+        )
     names = DEFAULT_COMPONENTS if components is None else tuple(components)
     targets = []
     for name in names:

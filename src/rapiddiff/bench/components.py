@@ -24,7 +24,7 @@ from .presets import CHECKPOINTS, PRESETS_DIR, preset_config
 if TYPE_CHECKING:
     from .settings import Settings
 
-# The text encoders and tokenizers come from transformers in both backends.
+# model and scheduler classes come from the backend; text encoders and tokenizers from transformers in both
 KINDS = ("model", "scheduler", "text_encoder", "tokenizer")
 
 
@@ -76,9 +76,7 @@ def random_model(factory: Callable[[], nn.Module], device: torch.device, dtype: 
 
 def build_component(component: Component, backend: Backend, settings: Settings) -> Any:
     """The component for `backend`: random weights from the preset's config, or the checkpoint in settings.models."""
-    real = settings.models.get(component.checkpoint)
-    build = {"model": _model, "scheduler": _scheduler, "text_encoder": _text_encoder, "tokenizer": _tokenizer}
-    return build[component.kind](component, backend, settings, real)
+    return _BUILDERS[component.kind](component, backend, settings, settings.models.get(component.checkpoint))
 
 
 def _config(component: Component, settings: Settings, real: Path | None, filename: str) -> dict[str, Any]:
@@ -122,3 +120,6 @@ def _tokenizer(component: Component, backend: Backend, settings: Settings, real:
     if real is not None:
         folders.insert(0, real / component.subfolder)
     return CLIPTokenizer.from_pretrained(next(f for f in folders if f.is_dir()))
+
+
+_BUILDERS = {"model": _model, "scheduler": _scheduler, "text_encoder": _text_encoder, "tokenizer": _tokenizer}

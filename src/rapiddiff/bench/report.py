@@ -182,7 +182,8 @@ def _environment(doc: dict[str, Any]) -> list[str]:
             f"{s['warmup']} warm-up call(s), median of {s['repeats']} repeat(s)"
             + (f", checkpoints {s['models']}" if s["models"] else ", random weights")
         )
-    differing = [k for k in COMPARABLE_KEYS if len({str(r["env"].get(k)) for r in runs}) > 1]
+    facts = [{**{k: r["env"].get(k) for k in COMPARABLE_KEYS}, "preset": r["settings"]["preset"]} for r in runs]
+    differing = [k for k in facts[0] if len({str(f[k]) for f in facts}) > 1]
     if differing:
         lines.append(f"- **Warning**: the merged runs differ in {', '.join(differing)}: compare across them with care.")
     return lines

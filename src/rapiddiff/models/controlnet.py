@@ -126,8 +126,7 @@ class ControlNetOutput:
 
 def zero_conv(channels: int) -> nn.Conv2d:
     """A 1x1 conv initialised to zero: a fresh ControlNet adds nothing to the UNet."""
-    conv = nn.Conv2d(channels, channels, kernel_size=1)
-    return zero_init(conv)
+    return zero_init(nn.Conv2d(channels, channels, kernel_size=1))
 
 
 def zero_init(module: nn.Module) -> nn.Module:
