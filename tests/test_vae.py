@@ -155,6 +155,22 @@ def test_force_upcast_decode(pair):
     assert_close_rel(out, expected.sample, 1e-6)
 
 
+def test_float16_overflow_decodes_again_in_float32(pair, caplog):
+    """SD pipelines decode in float16; a force_upcast VAE whose float16 decode overflows falls back to float32."""
+    _, _, path = pair
+    half = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float16)
+    z = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(2)).half()
+    with torch.no_grad():
+        fine = half.decode_finite(z)
+        assert fine.dtype == torch.float16 and torch.isfinite(fine).all()
+        half.decoder.conv_out.weight.fill_(2000.0)  # pixels now overflow float16 (max 65504), not float32
+        assert not torch.isfinite(half.decode(z).sample).all()
+        recovered = half.decode_finite(z)
+    assert torch.isfinite(recovered).all() and recovered.dtype == torch.float32
+    assert half.dtype == torch.float16  # weights back in float16 after the float32 decode
+    assert "decoding again in float32" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("name", "params", "sample"),
     [("stable-diffusion-v1-5", 83_653_863, 512), ("stable-diffusion-x4-upscaler", 55_325_927, 256)],

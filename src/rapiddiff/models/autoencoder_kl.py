@@ -6,6 +6,8 @@ giving the mean and log-variance of the latent. Decoder mirrors it with nearest-
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -20,6 +22,8 @@ from .modeling_utils import ModelMixin
 from .resnet import ACTIVATIONS, Downsample2D, ResnetBlock2D, Upsample2D
 
 EPS = 1e-6  # every norm of the VAE (resnets, attention, output norms)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +287,17 @@ class AutoencoderKL(ModelMixin):
             return self.decode(z.to(torch.float32), return_dict=False)[0]
         finally:
             self.to(torch.float16)
+
+    def decode_finite(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode in the VAE's own dtype (as Diffusers' SD pipelines do, at float16 speed); if a float16 VAE with
+        `force_upcast` overflows (inf/NaN pixels: black images), decode again in float32 and say so.
+
+        The finiteness check is one host sync after the denoising loop, never inside it."""
+        image = self.decode(z.to(self.dtype), return_dict=False)[0]
+        if self.needs_upcasting and not bool(torch.isfinite(image).all()):
+            logger.warning("AutoencoderKL: float16 decode overflowed (force_upcast=True); decoding again in float32")
+            image = self.decode_upcast(z)
+        return image
 
     def forward(
         self,

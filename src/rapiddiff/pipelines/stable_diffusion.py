@@ -38,7 +38,7 @@ from .pipeline_utils import (
     check_positive_int,
 )
 from .prompt import check_clip_skip, check_prompt_inputs, encode_prompt
-from .safety_checker import run_safety_checker
+from .safety_checker import check_safety_components, run_safety_checker
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +67,12 @@ class StableDiffusionBase(DiffusionPipeline):
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         """What every SD `__init__` does after naming its components."""
         components["scheduler"] = _fix_legacy_scheduler(components["scheduler"])
-        if components.get("safety_checker") is not None and components.get("feature_extractor") is None:
-            raise ValueError(
-                f"{type(self).__name__}: a safety_checker needs a feature_extractor (a CLIPImageProcessor); "
-                "pass safety_checker=None to turn the checker off"
-            )
-        if components.get("safety_checker") is None and requires_safety_checker:
-            logger.warning(
-                "%s: the safety checker is off (safety_checker=None). Keep it on for anything shown to the public, "
-                "as the Stable Diffusion license asks; pass requires_safety_checker=False to silence this warning.",
-                type(self).__name__,
-            )
+        check_safety_components(
+            type(self).__name__,
+            components.get("safety_checker"),
+            components.get("feature_extractor"),
+            requires_safety_checker,
+        )
         self.register_modules(**components)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         vae = components.get("vae")
@@ -303,9 +298,8 @@ class StableDiffusionBase(DiffusionPipeline):
         if output_type == "latent":
             image, nsfw = latents, None
         else:
-            # In the VAE's dtype, without upcasting: Diffusers' SD pipelines decode float16 VAEs in float16.
-            z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
-            image = self.vae.decode(z, return_dict=False)[0]
+            # In the VAE's dtype like Diffusers' SD pipelines; float32 again only if float16 overflowed (force_upcast).
+            image = self.vae.decode_finite((latents / self.vae.config.scaling_factor).to(self.vae.dtype))
             image, nsfw = self.run_safety_checker(image, latents.device, dtype)
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
