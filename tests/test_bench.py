@@ -14,15 +14,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from rapiddiff.bench import cli, measure, report
 from rapiddiff.bench.backends import Backend, Unavailable
-from rapiddiff.bench.env import collect
 from rapiddiff.bench.measure import Cell
 from rapiddiff.bench.presets import PRESETS
 from rapiddiff.bench.settings import FAULT_ENV, PIPELINES, Settings
-from rapiddiff.bench.sweep import run_sweep
+from rapiddiff.bench.sweep import run
 from rapiddiff.bench.workloads import FIGURES
 
 pytest.importorskip("diffusers")
@@ -31,15 +29,6 @@ TINY = PRESETS["tiny"]
 MODES = ("eager-sdpa", "eager-vanilla")
 BATCHES = (1, 2)
 FAULT = "sd_inpaint/2/eager-vanilla/diffusers@timed:2,if_stage_1/*/*/diffusers@build"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a loaded machine two threads spin-wait: 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fake_timed(call, steps, device):
@@ -56,8 +45,7 @@ def fake_clock():
 
 def sweep(**kwargs):
     kwargs = dict(device="cpu", steps=3, repeats=1, warmup=1, backends=("diffusers",), progress=False) | kwargs
-    settings = Settings.create(TINY, **kwargs)
-    return report.make_document(settings, collect(settings.device, settings.dtype), run_sweep(settings))
+    return run(Settings.create(TINY, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +118,7 @@ def test_json_and_csv_have_the_documented_fields(full):
                 "python", "cpu", "cpu_count", "git_revision", "started"):  # fmt: skip
         assert key in env, key
     assert env["dtype"] == "float32" and env["device"] == "cpu" and env["diffusers"]
+    assert settings["threads"] == env["torch_threads"] == 1  # the tiny preset's, applied during the run
     assert settings["preset"] == "tiny" and settings["modes"] == list(MODES) and settings["batch_sizes"] == [1, 2]
     assert settings["steps"]["sd_txt2img"] == {"long": 3, "short": 2}
     assert settings["pipelines"] == list(PIPELINES)
@@ -139,7 +128,7 @@ def test_json_and_csv_have_the_documented_fields(full):
         if cell["status"] == "ok":
             assert cell["it_per_s"] > 0 and cell["s_per_image"] > 0 and cell["first_call_s"] > 0
             assert len(cell["iterations"]) == 2 and cell["iterations"][1] > cell["iterations"][0] > 0
-            assert cell["it_per_s_runs"] == [cell["it_per_s"]] and cell["peak_mem_gb"] is None  # no CUDA here
+            assert cell["seconds"] == [[1.2, 1.3]] and cell["peak_mem_gb"] is None  # the fake clock; no CUDA here
     with paths["csv"].open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(doc["cells"])
@@ -234,7 +223,7 @@ def test_timing_arithmetic():
     # (iterations, seconds) of the short and long call per repeat: 1 s fixed, 0.1 s per iteration, two noisy calls
     measure._summarise(cell, [[(6, 1.6), (51, 6.1)], [(6, 4.6), (51, 6.1)], [(6, 1.6), (51, 9.1)]])
     assert cell.it_per_s == pytest.approx(10.0)  # medians: 1.6 s and 6.1 s
-    assert cell.it_per_s_runs == pytest.approx([10.0, 45 / 1.5, 45 / 7.5])
+    assert cell.seconds == [[1.6, 6.1], [4.6, 6.1], [1.6, 9.1]]
     assert cell.s_per_image == pytest.approx(6.1 / 2)
     assert cell.fixed_s == pytest.approx(1.0)
     assert cell.iterations == [6, 51]
@@ -271,6 +260,8 @@ def test_settings_validation(monkeypatch):
         Settings.create(TINY, pipelines=("sdxl",))
     with pytest.raises(ValueError, match="batch_sizes"):
         Settings.create(TINY, batch_sizes=(0,))
+    with pytest.raises(ValueError, match="repeats=0"):
+        Settings.create(TINY, repeats=0)
     with pytest.raises(ValueError, match="at least 3 steps"):
         Settings.create(TINY, steps=2)
     monkeypatch.setenv(FAULT_ENV, "sd_txt2img/*@warm-up")

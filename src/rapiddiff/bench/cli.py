@@ -15,12 +15,11 @@ from typing import Any
 import torch
 
 from .backends import BACKENDS
-from .env import collect
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
-from .report import batch_tables, load_document, make_document, merge_documents, write_outputs
+from .report import batch_tables, load_document, merge_documents, write_outputs
 from .settings import PIPELINES, Settings
-from .sweep import run_sweep
+from .sweep import run
 
 DEFAULT_OUT = "bench-out"
 
@@ -52,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, help="timed (short, long) pairs per cell; the median is reported")
     parser.add_argument("--warmup", type=int, help="untimed calls per cell before timing")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the preset's; gpu: torch's own)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the preset's")
     parser.add_argument("--model", action="append", type=_model_arg, default=[], metavar="NAME=PATH",
                         help=f"a real Diffusers checkpoint instead of random weights; NAME: {', '.join(CHECKPOINTS)}")  # fmt: skip
@@ -69,10 +68,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads={args.threads}: give a positive number")
-        torch.set_num_threads(args.threads)
     settings = Settings.create(
         resolve_preset(args.preset, torch.cuda.is_available()),
         device=args.device,
@@ -84,11 +79,11 @@ def run_command(args: argparse.Namespace) -> int:
         steps=args.steps,
         repeats=args.repeats,
         warmup=args.warmup,
+        threads=args.threads,
         models=dict(args.model),
         progress=not args.no_progress,
     )
-    env = collect(settings.device, settings.dtype)
-    doc = make_document(settings, env, run_sweep(settings))
+    doc = run(settings)
     paths = write_outputs(doc, args.output)
     print(batch_tables(doc))
     print(f"\nreport: {paths['markdown']}  (results: {paths['json']}, {paths['csv']})")

@@ -8,7 +8,7 @@ costs (text encoding, VAE decoding, image conversion) are the same in both calls
 
 is the loop alone, with no synchronisation inside it. The first `warmup` calls are not timed (the first one's time is
 reported: it includes compilation); `repeats` (short, long) pairs follow, and the medians of T_short and T_long give
-the reported rate (each pair's own rate is kept too, to show the spread).
+the reported rate (the raw times are kept, to show the spread).
 
 A failure is recorded in its cell with where it happened ("OOM after warm-up (timed call 2 of 6)", "compile error in
 warm-up") and the sweep goes on.
@@ -40,7 +40,7 @@ class Cell:
     backend: str
     status: str = "ok"  # ok | failed | unavailable (the backend lacks a class) | skipped (IF II/III at batch > 1)
     it_per_s: float | None = None  # from the median short and long times
-    it_per_s_runs: list[float] = dataclasses.field(default_factory=list)  # each repeat's own (short, long) pair
+    seconds: list[list[float]] = dataclasses.field(default_factory=list)  # [short, long] call times per repeat
     s_per_image: float | None = None  # median long call / batch size: end to end, fixed costs included
     fixed_s: float | None = None  # long call minus its loop: text encoding, VAE decoding, ...
     first_call_s: float | None = None  # the first (short) call: includes torch.compile
@@ -166,14 +166,14 @@ class Measurement:
 
 
 def _summarise(cell: Cell, pairs: list[list[tuple[int, float]]]) -> None:
-    """it/s from the median short and long times; every repeat's own rate is kept to show the spread."""
+    """it/s from the median short and long times, robust to one slowed call of each kind."""
     (n_short, _), (n_long, _) = pairs[0]  # the loop lengths do not change between repeats
     t_short = statistics.median(ts for (_, ts), _ in pairs)
     t_long = statistics.median(tl for _, (_, tl) in pairs)
     if n_long <= n_short or t_long <= t_short:
         raise RuntimeError(f"the long calls were not slower than the short ones: {pairs}; use more steps or repeats")
     cell.it_per_s = (n_long - n_short) / (t_long - t_short)
-    cell.it_per_s_runs = [(nl - ns) / (tl - ts) for (ns, ts), (nl, tl) in pairs]
+    cell.seconds = [[ts, tl] for (_, ts), (_, tl) in pairs]
     cell.iterations = [n_short, n_long]
     cell.s_per_image = t_long / cell.batch_size
     cell.fixed_s = t_long - n_long / cell.it_per_s

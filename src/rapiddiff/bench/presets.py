@@ -49,14 +49,13 @@ class Preset:
     steps: Mapping[str, int]  # figure -> steps of the long (timed, end-to-end) call
     batch_sizes: tuple[int, ...]
     modes: tuple[str, ...]
-    repeats: int  # timed (short, long) pairs per cell; the median is reported
+    repeats: int  # timed (short, long) pairs per cell; the medians give the rate
     warmup: int  # untimed calls before timing; the first one's time is reported (it compiles)
+    # torch's CPU threads; None leaves torch's default. One on the CPU presets: on a shared machine a second thread
+    # spin-waits for a busy core and small models slow down tenfold, drowning any difference between the backends.
+    threads: int | None
     # "<checkpoint>/<subfolder>" (or "<checkpoint>" for single-model checkpoints) -> config keys to replace
     overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-
-
-def _same_for(keys: tuple[str, ...], values: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    return dict.fromkeys(keys, values)
 
 
 _SD_DENOISERS = ("sd/unet", "sd_inpaint/unet", "controlnet")
@@ -71,11 +70,11 @@ def _clip(width: int, layers: int, heads: int) -> dict[str, Any]:
 
 
 CPU_OVERRIDES: dict[str, Mapping[str, Any]] = {
-    **_same_for(
+    **dict.fromkeys(
         _SD_DENOISERS, dict(block_out_channels=[64, 128, 256, 256], layers_per_block=1, cross_attention_dim=256)
     ),
-    **_same_for(_SD_VAES, dict(block_out_channels=[32, 64, 128, 128], layers_per_block=1)),
-    **_same_for(_SD_TEXT, _clip(256, 4, 4)),
+    **dict.fromkeys(_SD_VAES, dict(block_out_channels=[32, 64, 128, 128], layers_per_block=1)),
+    **dict.fromkeys(_SD_TEXT, _clip(256, 4, 4)),
     "if_stage_1/unet": dict(block_out_channels=[64, 128, 192, 256], layers_per_block=1, cross_attention_dim=256),
     "if_stage_2/unet": dict(
         block_out_channels=[32, 64, 128, 256, 256],
@@ -89,9 +88,11 @@ CPU_OVERRIDES: dict[str, Mapping[str, Any]] = {
 }
 
 TINY_OVERRIDES: dict[str, Mapping[str, Any]] = {
-    **_same_for(_SD_DENOISERS, dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=32)),
-    **_same_for(_SD_VAES, dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1)),
-    **_same_for(_SD_TEXT, _clip(32, 1, 2)),
+    **dict.fromkeys(
+        _SD_DENOISERS, dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=32)
+    ),
+    **dict.fromkeys(_SD_VAES, dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1)),
+    **dict.fromkeys(_SD_TEXT, _clip(32, 1, 2)),
     "if_stage_1/unet": dict(
         block_out_channels=[32, 32, 64, 64], layers_per_block=1, attention_head_dim=16, cross_attention_dim=64
     ),
@@ -121,6 +122,7 @@ PRESETS = {
             modes=("eager-sdpa", "compiled"),
             repeats=3,
             warmup=2,
+            threads=None,
         ),
         Preset(
             name="cpu",
@@ -129,10 +131,11 @@ PRESETS = {
             sd_size=128,
             if_sizes=(16, 64),
             steps=dict.fromkeys(SEED_STEPS, 8),
-            batch_sizes=(1,),
+            batch_sizes=(1, 2),
             modes=("eager-sdpa",),
             repeats=3,  # odd: the median drops one call slowed by a busy machine
             warmup=1,
+            threads=1,
             overrides=CPU_OVERRIDES,
         ),
         Preset(
@@ -146,6 +149,7 @@ PRESETS = {
             modes=("eager-sdpa", "eager-vanilla"),
             repeats=1,
             warmup=1,
+            threads=1,
             overrides=TINY_OVERRIDES,
         ),
     )

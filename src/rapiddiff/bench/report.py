@@ -39,6 +39,7 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
         "steps": {f: {"long": n, "short": short_steps(n)} for f, n in settings.steps.items()},
         "repeats": settings.repeats,
         "warmup": settings.warmup,
+        "threads": settings.threads,
         "pipelines": list(settings.pipelines),
         "batch_sizes": list(settings.batch_sizes),
         "modes": list(settings.modes),
@@ -146,6 +147,12 @@ def batch_tables(doc: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _rate(cell: dict[str, Any], t_short: float, t_long: float) -> float:
+    """One repeat's own iterations/s."""
+    n_short, n_long = cell["iterations"]
+    return (n_long - n_short) / (t_long - t_short)
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -155,7 +162,7 @@ def _details(doc: dict[str, Any]) -> str:
               "iterations"]  # fmt: skip
     rows = [
         [c["figure"], str(c["batch_size"]), c["mode"], c["backend"], _value(c),
-         " ".join(f"{r:.2f}" for r in c["it_per_s_runs"]), _fmt(c["s_per_image"], 3), _fmt(c["fixed_s"], 3),
+         " ".join(f"{_rate(c, ts, tl):.2f}" for ts, tl in c["seconds"]), _fmt(c["s_per_image"], 3), _fmt(c["fixed_s"], 3),
          _fmt(c["first_call_s"]), _fmt(c["peak_mem_gb"]), "/".join(map(str, c["iterations"]))]
         for c in doc["cells"]
         if c["status"] != "skipped"
@@ -172,8 +179,8 @@ def _environment(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {name}**{env['device_name']}** ({env['device']}), {env['dtype']}, torch {env['torch']}, "
             f"rapiddiff {env['rapiddiff']} (git {env['git_revision']}), diffusers {env['diffusers']}, "
-            f"transformers {env['transformers']}, CPU {env['cpu']} x {env['cpu_count']} ({env['torch_threads']} torch "
-            f"threads), {env['started']}"
+            f"transformers {env['transformers']}, CPU {env['cpu']} x {env['cpu_count']} (torch threads: "
+            f"{env['torch_threads']}), {env['started']}"
         )
         sizes, steps = s["sizes"], {f: v["long"] for f, v in s["steps"].items()}
         lines.append(
@@ -207,8 +214,9 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
     ]
     if charts or chart_note:
         parts += ["## Charts", "\n\n".join(f"![{Path(c).stem}]({c})" for c in charts) or chart_note]
-    parts += ["## Details", "*s/image*: the long call end to end, per image. *fixed s*: its time outside the loop. "
-              "*first call s*: the first warm-up call (includes compilation). *iterations*: short/long loop lengths.",
+    parts += ["## Details", "*runs*: each repeat's own iterations/s. *s/image*: the long call end to end, per image. "
+              "*fixed s*: its time outside the loop. *first call s*: the first warm-up call (includes compilation). "
+              "*iterations*: short/long loop lengths.",
               _details(doc)]  # fmt: skip
     if failures:
         parts += ["## Failures", "\n".join(f"- `{c['figure']}/{c['batch_size']}/{c['mode']}/{c['backend']}`: "
@@ -226,7 +234,7 @@ def write_csv(doc: dict[str, Any], path: Path) -> None:
             run = doc["runs"][c["run"]]
             iterations = c["iterations"] or [None, None]
             row = {k: v for k, v in c.items() if k != "iterations"}
-            row["it_per_s_runs"] = ";".join(f"{r:.4f}" for r in c["it_per_s_runs"])
+            row["seconds"] = ";".join(f"{ts:.6f}/{tl:.6f}" for ts, tl in c["seconds"])
             row |= {"iterations_short": iterations[0], "iterations_long": iterations[1]}
             row |= {"preset": run["settings"]["preset"], **{k: run["env"].get(k) for k in ENV_COLUMNS}}
             writer.writerow(row)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Settings:
     steps: Mapping[str, int]  # figure -> steps of the long call
     repeats: int
     warmup: int
+    threads: int | None  # torch's CPU threads during the run; None: as they are
     models: Mapping[str, Path] = dataclasses.field(default_factory=dict)  # checkpoint key -> real checkpoint folder
     fault: str | None = None
     progress: bool = True
@@ -44,8 +46,10 @@ class Settings:
         _check_names("models", tuple(self.models), tuple(CHECKPOINTS))
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes={self.batch_sizes!r}: give one or more positive integers")
-        if self.repeats < 1 or self.warmup < 1:
-            raise ValueError(f"repeats={self.repeats}, warmup={self.warmup}: both must be at least 1")
+        if self.repeats < 1 or self.warmup < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(
+                f"repeats={self.repeats}, warmup={self.warmup}, threads={self.threads}: each must be at least 1"
+            )
         short = {f: n for f, n in self.steps.items() if n < 3}
         if short:
             raise ValueError(
@@ -69,6 +73,7 @@ class Settings:
         steps: int | None = None,
         repeats: int | None = None,
         warmup: int | None = None,
+        threads: int | None = None,
         models: Mapping[str, str | Path] | None = None,
         fault: str | None = None,
         progress: bool = True,
@@ -81,17 +86,22 @@ class Settings:
             device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
             dtype=DTYPES[dtype or preset.dtype],
             pipelines=tuple(pipelines),
-            batch_sizes=tuple(sorted(set(batch_sizes or preset.batch_sizes))),
+            batch_sizes=tuple(sorted(set(_given(batch_sizes, preset.batch_sizes)))),
             # compiled last: a pipeline compiled in place (rapiddiff's compile_pipeline) is not run eager again
-            modes=tuple(sorted(set(modes or preset.modes), key=_mode_rank)),
+            modes=tuple(sorted(set(_given(modes, preset.modes)), key=_mode_rank)),
             backends=tuple(backends),
             steps=dict(preset.steps) if steps is None else dict.fromkeys(preset.steps, steps),
-            repeats=repeats or preset.repeats,
-            warmup=warmup or preset.warmup,
+            repeats=_given(repeats, preset.repeats),
+            warmup=_given(warmup, preset.warmup),
+            threads=_given(threads, preset.threads),
             models={k: Path(v) for k, v in (models or {}).items()},
             fault=fault if fault is not None else os.environ.get(FAULT_ENV) or None,
             progress=progress,
         )
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _mode_rank(mode: str) -> int:

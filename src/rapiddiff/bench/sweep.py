@@ -6,16 +6,37 @@ and batch sizes. Both backends of a figure run back to back, so their ratio comp
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from . import env
 from .backends import Backend
 from .measure import Cell, Measurement, StepCounter, free_memory, inject_fault
 from .modes import MODES
+from .report import make_document
 from .settings import Settings
 from .workloads import Figure, build_pipeline, figures_of
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """The whole benchmark: the results document (environment, settings, one cell per measurement)."""
+    with torch_threads(settings.threads):
+        environment = env.collect(settings.device, settings.dtype)
+        return make_document(settings, environment, run_sweep(settings))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_sweep(settings: Settings) -> list[Cell]:

@@ -176,7 +176,7 @@ def denoise(
     after_step(latents, i, t): applied after each scheduler step (4-channel inpainting pastes the known region back).
     """
     scheduler = pipe.scheduler
-    if scheduler.begin_index is None:  # the loop starts at the schedule's start: no need to look `t` up (a value read)
+    if getattr(scheduler, "begin_index", 0) is None:  # the loop starts the schedule: no lookup of `t` (a value read)
         scheduler.set_begin_index(0)
     parts = StepParts(scheduler, predict_noise, extra_step_kwargs or {}, after_step)
     run = pipe._step_runner or run_step
