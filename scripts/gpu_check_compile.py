@@ -236,27 +236,36 @@ def checked_loop(run: Run, pipe: Any, section: str, schedulers: list[str], recom
     run.record(section, check="no recompile", calls=len(recompiles), ok=True)
 
 
-def warm_start(run: Run, cold_s: float) -> None:
-    """A second process compiles the same UNet against this process's inductor cache."""
-    command = [sys.executable, __file__, "--warm-start-worker"] + (["--smoke"] if run.smoke else [])
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1])
-    run.record("warm start", cold_compile_s=cold_s, **json.loads(done.stdout.strip().splitlines()[-1]))
+def warm_start(run: Run, cold_s: float | None) -> None:
+    """Second processes compile the same UNet: against this process's inductor cache (warm), and against an empty one
+    primed with save_compile_cache's file (portable: the cache carried to another machine)."""
+    from rapiddiff.compile import save_compile_cache
+
+    artifacts = save_compile_cache(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "artifacts.bin")
+    for kind, cache in (("warm", os.environ["TORCHINDUCTOR_CACHE_DIR"]), ("portable", tempfile.mkdtemp())):
+        command = [sys.executable, __file__, "--warm-start-worker", str(artifacts if kind == "portable" else "")]
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        done = subprocess.run(command + (["--smoke"] if run.smoke else []), capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"{kind}: {done.stderr.strip().splitlines()[-1]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        run.record("warm start", kind=kind, cold_compile_s=cold_s, artifacts_bytes=artifacts.stat().st_size, **result)
 
 
-def warm_start_worker(run: Run) -> None:
+def warm_start_worker(run: Run, artifacts: str) -> None:
     from torch._dynamo.utils import counters
 
     import rapiddiff
-    from rapiddiff.compile import compile_pipeline
+    from rapiddiff.compile import compile_pipeline, load_compile_cache
 
+    if artifacts:
+        load_compile_cache(artifacts)
     unet = build(run, rapiddiff.UNet2DConditionModel, "unet")
     compile_pipeline(SimpleNamespace(unet=unet), components=["unet"], **run.compile)
     with torch.no_grad():
         ready = run.first_call(unet_step(unet, unet_inputs(run, run.latent, run.latent)))
     hits = {k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
-    print(json.dumps({"warm_compile_s": ready, **hits}))
+    print(json.dumps({"ready_s": ready, **hits}))
 
 
 def dynamic_sizes(run: Run, unet: torch.nn.Module, static_steps_s: float | None) -> None:
@@ -279,11 +288,12 @@ def dynamic_sizes(run: Run, unet: torch.nn.Module, static_steps_s: float | None)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: narrow model, backend='eager'")
-    parser.add_argument("--warm-start-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=480, help="seconds; later sections are skipped past it")
+    parser.add_argument("--warm-start-worker", metavar="ARTIFACTS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = Run(args.smoke)
-    if args.warm_start_worker:
-        warm_start_worker(run)
+    if args.warm_start_worker is not None:
+        warm_start_worker(run, args.warm_start_worker)
         return
 
     import rapiddiff
@@ -292,36 +302,45 @@ def main() -> None:
     start = time.perf_counter()
     run.record("env", **run.results["env"], inductor_cache=os.environ["TORCHINDUCTOR_CACHE_DIR"])
     unet = build(run, rapiddiff.UNet2DConditionModel, "unet")
-    with run.section("unet"):
-        unet_alone(run, unet)
-    with run.section("diffusers"):
-        diffusers_unet(run)
     pipe = pipeline(run, unet)
+    schedulers = ["PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"]
     recompiles = [
         dict(steps=8, seed=3, guidance_scale=4.0),
         dict(steps=5, scheduler="EulerDiscreteScheduler", guidance_scale=9.0),  # float32 timesteps
         dict(steps=7, scheduler="DPMSolverMultistepScheduler"),
     ]
-    schedulers = ["PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"]
-    with run.section("recipe loop"):
+
+    def recipe_value(key: str) -> float | None:
+        return next((r.get(key) for r in run.results["rows"] if r.get("variant") == "recipe"), None)
+
+    def recipe_loop() -> None:
         run.record("recipe loop", its=loop_its(run, pipe))
         checked_loop(run, pipe, "recipe loop", schedulers, recompiles)
-    cold = next((r.get("compile_s") for r in run.results["rows"] if r.get("variant") == "recipe"), None)
-    with run.section("warm start"):
-        warm_start(run, cold)
 
-    with run.section("whole step"):
+    def whole_step() -> None:
         torch._dynamo.reset()
         pipe.unet = build(run, rapiddiff.UNet2DConditionModel, "unet")  # uncompiled: the step's graph holds it
         compile_pipeline(pipe, components=["unet"], whole_step=True, **run.compile)
         run.record("whole step", compile_s=run.first_call(lambda: generate(run, pipe, 2)))
         run.record("whole step", its=loop_its(run, pipe))
-        # a graph per scheduler class (~1 min each on an H100): two of them
+        # a graph per scheduler class (about a minute each on an H100): two of them
         checked_loop(run, pipe, "whole step", schedulers[:2], [dict(steps=9, seed=5), dict(steps=4, seed=6)])
-        pipe._step_runner = None
-    with run.section("dynamic"):
-        static = next((r.get("steps_s") for r in run.results["rows"] if r.get("variant") == "recipe"), None)
-        dynamic_sizes(run, unet, static)
+
+    # In order of importance, each about a minute or two on an H100 (two compiles for "unet": ours and Diffusers').
+    sections = [
+        ("unet", lambda: unet_alone(run, unet)),
+        ("diffusers", lambda: diffusers_unet(run)),
+        ("recipe loop", recipe_loop),
+        ("warm start", lambda: warm_start(run, recipe_value("compile_s"))),
+        ("dynamic", lambda: dynamic_sizes(run, unet, recipe_value("steps_s"))),
+        ("whole step", whole_step),
+    ]
+    for name, body in sections:
+        if time.perf_counter() - start > args.budget - 120:
+            run.record(name, skipped=f"out of time ({args.budget:.0f} s budget)")
+            continue
+        with run.section(name):
+            body()
     run.record("done", total_s=time.perf_counter() - start)
     print_table(run.results["rows"])
 

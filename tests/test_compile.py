@@ -21,6 +21,7 @@ from test_unet import IF_I, IF_II, INPAINT, SD1, SD2, X4, inputs, single_thread 
 from torch._dynamo.testing import CompileCounter
 
 import rapiddiff
+import rapiddiff.cli
 from rapiddiff.compile import (
     HostSyncError,
     compile_pipeline,
@@ -157,28 +158,30 @@ def if_embeds(seed: int) -> dict:
     )
 
 
+# IF as the benchmark runs it: prompt embeddings given, no text encoder, safety checker or watermark
+IF_WITHOUT_TEXT = dict(
+    tokenizer=None,
+    text_encoder=None,
+    safety_checker=None,
+    feature_extractor=None,
+    watermarker=None,
+    requires_safety_checker=False,
+)
+
+
 def make_pipeline(family: str, tiny_sd_dir, tiny_upscaler_dir):
     """A fresh rapiddiff pipeline of `family` on tiny random weights (fresh: compiling changes its modules)."""
     if family == "upscale":
         return quiet(rapiddiff.DiffusionPipeline.from_pretrained(tiny_upscaler_dir))
     if family == "if-i":
-        no_text = dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None)
-        return quiet(
-            rapiddiff.IFPipeline(
-                **no_text, unet=if_unet(IF_I, 0), scheduler=if_scheduler("IF-I-M-v1.0"), requires_safety_checker=False
-            )
-        )
+        scheduler = if_scheduler("IF-I-M-v1.0")
+        return quiet(rapiddiff.IFPipeline(**IF_WITHOUT_TEXT, unet=if_unet(IF_I, 0), scheduler=scheduler))
     if family == "if-ii":
-        no_text = dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None)
-        return quiet(
-            rapiddiff.IFSuperResolutionPipeline(
-                **no_text,
-                unet=if_unet(IF_II, 1),
-                scheduler=if_scheduler("IF-II-M-v1.0"),
-                image_noising_scheduler=if_scheduler("IF-II-M-v1.0", "image_noising_scheduler"),
-                requires_safety_checker=False,
-            )
+        schedulers = dict(
+            scheduler=if_scheduler("IF-II-M-v1.0"),
+            image_noising_scheduler=if_scheduler("IF-II-M-v1.0", "image_noising_scheduler"),
         )
+        return quiet(rapiddiff.IFSuperResolutionPipeline(**IF_WITHOUT_TEXT, unet=if_unet(IF_II, 1), **schedulers))
     parts = txt2img(tiny_sd_dir).components
     if family == "txt2img":
         return quiet(rapiddiff.StableDiffusionPipeline(**parts))
@@ -303,6 +306,23 @@ def test_compile_pipeline_argument_errors(tiny_sd_dir):
     assert pipe.unet._compiled_call_impl is None  # nothing was touched
 
 
+def test_cli_compile_flag_compiles_the_pipeline(tiny_sd_dir, tmp_path, monkeypatch):
+    """`rapiddiff generate --compile` goes through compile_pipeline (here on the eager backend) and writes the image."""
+    import rapiddiff.compile
+
+    seen = []
+
+    def eager_compile(pipe, **kwargs):
+        seen.append(pipe)
+        return compile_pipeline(pipe, backend="eager", **kwargs)
+
+    monkeypatch.setattr(rapiddiff.compile, "compile_pipeline", eager_compile)
+    out = tmp_path / "x.png"
+    argv = ["generate", PROMPT, "--model", str(tiny_sd_dir), "-o", str(out), "--compile", "--steps", "2"]
+    assert rapiddiff.cli.main(argv) == 0
+    assert out.is_file() and len(seen) == 1 and seen[0].unet._compiled_call_impl is not None
+
+
 # --- inductor parity and the warm-start cache ----------------------------------------------------------------------------
 def test_recipe_with_inductor_matches_eager_and_saves_its_cache(tiny_sd_dir, tmp_path):
     """The default recipe (channels_last, reduce-overhead, fullgraph, inductor) on the UNet and the VAE decoder."""
@@ -383,6 +403,7 @@ def test_denoising_loops_make_no_host_syncs(family, tiny_sd_dir, tiny_upscaler_d
         options = dict(eta=0.5) if name == "DDIMScheduler" else {}  # DDIM's noisy variant
         with forbid_host_syncs_in_loop(pipe):
             call(pipe, family, spec | options | dict(scheduler=name))
+
     def read_back(module, args, out):  # a Python branch on a model output: a host sync on an accelerator
         if out[0].mean() > 100:
             raise AssertionError("unreachable")
@@ -394,7 +415,7 @@ def test_denoising_loops_make_no_host_syncs(family, tiny_sd_dir, tiny_upscaler_d
             call(pipe, family, spec)
     finally:
         hook.remove()
-    assert "_step_runner" not in pipe.__dict__  # the guard is gone
+    assert pipe._step_runner is None  # the guard is gone
 
 
 # --- the whole step as one graph -----------------------------------------------------------------------------------------

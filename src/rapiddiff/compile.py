@@ -69,26 +69,23 @@ def compile_pipeline(
         generating code.
     """
     _check_args(mode, memory_format, dynamic, backend)
-    targets = _targets(pipe, components)
-    compiles = []
-    for name, module in targets:
+    if whole_step and getattr(pipe, "controlnet", None) is not None:
+        raise ValueError(
+            "whole_step=True does not support ControlNet pipelines: which ControlNets run at a step "
+            "(control_guidance_start/end) is host state the step's graph would bake in; use whole_step=False"
+        )
+    for name, module in _targets(pipe, components):
         if memory_format is not None:
             module.to(memory_format=memory_format)
         # With whole_step the denoisers run inside the step's graph: compiling them alone too would only add guards.
         if whole_step and name in DENOISERS:
             continue
-        compiles.append((module, compile_kwargs(backend, mode if name in DENOISERS else _no_cudagraphs(mode))))
-    if whole_step:
-        if getattr(pipe, "controlnet", None) is not None:
-            raise ValueError(
-                "whole_step=True does not support ControlNet pipelines: which ControlNets run at a step "
-                "(control_guidance_start/end) is host state the step's graph would bake in; use whole_step=False"
-            )
-        pipe._step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
-    for module, kwargs in compiles:
-        module.compile(fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        module_mode = mode if name in DENOISERS else _WITHOUT_CUDAGRAPHS.get(mode, mode)
+        module.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, module_mode))
         if dynamic:
             module._compiled_call_impl = without_duck_shapes(module._compiled_call_impl)
+    if whole_step:
+        pipe._step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
     return pipe
 
 
@@ -106,10 +103,6 @@ def without_duck_shapes(compiled: Callable[..., Any]) -> Callable[..., Any]:
             return compiled(*args, **kwargs)
 
     return call
-
-
-def _no_cudagraphs(mode: str | None) -> str | None:
-    return _WITHOUT_CUDAGRAPHS.get(mode, mode)
 
 
 def _check_args(mode: Any, memory_format: Any, dynamic: Any, backend: Any) -> None:
@@ -275,25 +268,18 @@ def forbid_host_syncs_in_loop(pipe: Any) -> Iterator[Any]:
 
     Prompt encoding, VAE decoding and step-end callbacks stay free to read values. Yields the pipeline.
     """
-    inner = pipe._step_runner or run_step
-    device = pipe.device
+    inner, device = pipe._step_runner or run_step, pipe.device
 
     def guarded(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         with forbid_host_syncs(device):
             return inner(parts, latents, t, i)
 
-    before = pipe.__dict__.get("_step_runner", _UNSET)
+    before = pipe._step_runner
     pipe._step_runner = guarded
     try:
         yield pipe
     finally:
-        if before is _UNSET:
-            del pipe._step_runner
-        else:
-            pipe._step_runner = before
-
-
-_UNSET = object()
+        pipe._step_runner = before
 
 
 # --- warm start ------------------------------------------------------------------------------------------------------

@@ -6,9 +6,8 @@ giving the mean and log-variance of the latent. Decoder mirrors it with nearest-
 
 from __future__ import annotations
 
-import logging
-
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 

@@ -141,7 +141,6 @@ class Transformer2DModel(nn.Module):
             x = block(x, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs)
         if self.use_linear_projection:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        if not self.use_linear_projection:
-            x = self.proj_out(x.contiguous())
-        return x + residual
+        else:  # the 1x1 conv is a linear map of the channels: applied to the tokens, as the same matmul
+            x = F.linear(x, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x.reshape(b, h, w, -1).permute(0, 3, 1, 2) + residual

@@ -2,8 +2,8 @@
 
 A pipeline builds `predict_noise(latents, t, i) -> noise_pred`, a closure holding its model call (classifier-free
 guidance batching, extra model inputs, ControlNet residuals, IF's learned-variance split), and hands it to `denoise`.
-The loop itself never reads tensor values: no host syncs, and `t` stays the scheduler's device tensor, so a compiled
-model sees the same graph at every step.
+The loop itself never reads tensor values: no host syncs, and `t` stays a device tensor (the model gets it as float32
+whatever the scheduler's dtype), so a compiled model sees the same graph at every step and across schedulers.
 """
 
 from __future__ import annotations
