@@ -241,15 +241,19 @@ def warm_start(run: Run, cold_s: float | None) -> None:
     primed with save_compile_cache's file (portable: the cache carried to another machine)."""
     from rapiddiff.compile import save_compile_cache
 
-    artifacts = save_compile_cache(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "artifacts.bin")
-    for kind, cache in (("warm", os.environ["TORCHINDUCTOR_CACHE_DIR"]), ("portable", tempfile.mkdtemp())):
-        command = [sys.executable, __file__, "--warm-start-worker", str(artifacts if kind == "portable" else "")]
+    starts = [("warm", os.environ["TORCHINDUCTOR_CACHE_DIR"], "")]
+    if not run.smoke:  # the smoke run generates no code: nothing to carry
+        saved = save_compile_cache(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "artifacts.bin")
+        starts.append(("portable", tempfile.mkdtemp(), str(saved)))
+    for kind, cache, artifacts in starts:
+        command = [sys.executable, __file__, "--warm-start-worker", artifacts]
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
         done = subprocess.run(command + (["--smoke"] if run.smoke else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"{kind}: {done.stderr.strip().splitlines()[-1]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        run.record("warm start", kind=kind, cold_compile_s=cold_s, artifacts_bytes=artifacts.stat().st_size, **result)
+        size = Path(artifacts).stat().st_size if artifacts else None
+        run.record("warm start", kind=kind, cold_compile_s=cold_s, artifacts_bytes=size, **result)
 
 
 def warm_start_worker(run: Run, artifacts: str) -> None:
