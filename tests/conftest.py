@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from rapiddiff.presets import PRESETS_DIR
+
 # Tests never download: everything is written by the tests themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -112,7 +114,7 @@ def tiny_upscaler_components() -> dict:
 
     from rapiddiff.configuration import read_json
 
-    configs = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs", "stable-diffusion-x4-upscaler")
+    configs = os.path.join(PRESETS_DIR, "stable-diffusion-x4-upscaler")
     clip = tiny_sd_components()
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,10 +30,11 @@ from rapiddiff.compile import (
     save_compile_cache,
 )
 from rapiddiff.models.attention_processor import Attention
+from rapiddiff.presets import PRESETS_DIR
 
 pytestmark = pytest.mark.compile
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+CONFIGS = PRESETS_DIR
 PROMPT = "a red cube on a table"
 VAE = dict(
     block_out_channels=(16, 32),
@@ -141,8 +141,6 @@ def txt2img(tiny_sd_dir):
 
 def if_scheduler(name: str, subfolder: str = "scheduler"):
     path = CONFIGS / name / subfolder / "scheduler_config.json"
-    if not path.is_file():
-        pytest.skip(f"shared configs not found at {path.parent}")
     return rapiddiff.DDPMScheduler.from_config(json.loads(path.read_text()))
 
 

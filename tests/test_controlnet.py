@@ -6,7 +6,6 @@ The ControlNets' zero-initialised output layers are randomised, else they would 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -18,8 +17,9 @@ from conftest import assert_close_rel, assert_same_images, random_image, run_bot
 import rapiddiff
 from rapiddiff import ControlNetModel, DiffusionPipeline, MultiControlNetModel, StableDiffusionControlNetPipeline, cli
 from rapiddiff.configuration import ConfigError
+from rapiddiff.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+CONFIGS = PRESETS_DIR
 # Fits the tiny SD UNet of conftest; one stride-2 conv in the conditioning embedding = the tiny VAE's factor 2.
 TINY = dict(
     block_out_channels=(32, 64),

@@ -26,8 +26,9 @@ from rapiddiff import (
     IFWatermarker,
     StableDiffusionUpscalePipeline,
 )
+from rapiddiff.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+CONFIGS = PRESETS_DIR
 ATOL = 2e-3
 T5_DIM = 32
 WORDS = "a red fox on the table blue hulk cat".split()

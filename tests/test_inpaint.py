@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -15,8 +14,9 @@ from conftest import assert_same_images, random_image, run_both, seeded, tiny_sd
 
 import rapiddiff
 from rapiddiff import DiffusionPipeline, StableDiffusionInpaintPipeline, cli
+from rapiddiff.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+CONFIGS = PRESETS_DIR
 IMAGE = random_image(32, 48)  # non-square; the tiny VAE's factor is 2
 _mask = np.zeros((32, 48), np.uint8)
 _mask[8:24, 12:36] = 255

@@ -15,9 +15,10 @@ from diffusers.utils.torch_utils import randn_tensor as diffusers_randn_tensor
 
 import rapiddiff
 from rapiddiff.configuration import ConfigError
+from rapiddiff.presets import PRESETS_DIR
 from rapiddiff.utils.torch_utils import randn_tensor
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+CONFIGS = PRESETS_DIR
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 IF_DDPM = dict(
     beta_schedule="squaredcos_cap_v2",
@@ -312,8 +313,6 @@ SWAP_TARGETS = [
 
 def sd15_scheduler_folder() -> Path:
     folder = CONFIGS / "stable-diffusion-v1-5"
-    if not (folder / "scheduler" / "scheduler_config.json").is_file():
-        pytest.skip(f"shared configs not found at {folder}")
     return folder
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -15,8 +14,9 @@ from diffusers.models import attention_processor as dap
 from rapiddiff.configuration import ConfigError
 from rapiddiff.models import attention_processor as rap
 from rapiddiff.models.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from rapiddiff.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+CONFIGS = PRESETS_DIR
 
 SD1 = dict(
     sample_size=16,

@@ -1,7 +1,6 @@
 """AutoencoderKL against diffusers' AutoencoderKL: encode, posterior sampling, decode, legacy keys, real configs."""
 
 import json
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -12,8 +11,9 @@ from diffusers import AutoencoderKL as DAutoencoderKL
 from rapiddiff.configuration import ConfigError
 from rapiddiff.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from rapiddiff.models.autoencoder_kl import AutoencoderKL
+from rapiddiff.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "configs"
+CONFIGS = PRESETS_DIR
 TINY = dict(
     block_out_channels=(32, 64),
     down_block_types=("DownEncoderBlock2D",) * 2,

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+from ..presets import PRESETS_DIR
 
 # Checkpoint key (as in `--model KEY=PATH`) -> folder of its configs under PRESETS_DIR.
 CHECKPOINTS = {
