@@ -85,7 +85,7 @@ def compile_pipeline(
         if dynamic:
             module._compiled_call_impl = without_duck_shapes(module._compiled_call_impl)
     if whole_step:
-        pipe._step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
+        pipe.step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
     return pipe
 
 
@@ -268,18 +268,18 @@ def forbid_host_syncs_in_loop(pipe: Any) -> Iterator[Any]:
 
     Prompt encoding, VAE decoding and step-end callbacks stay free to read values. Yields the pipeline.
     """
-    inner, device = pipe._step_runner or run_step, pipe.device
+    inner, device = pipe.step_runner or run_step, pipe.device
 
     def guarded(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         with forbid_host_syncs(device):
             return inner(parts, latents, t, i)
 
-    before = pipe._step_runner
-    pipe._step_runner = guarded
+    before = pipe.step_runner
+    pipe.step_runner = guarded
     try:
         yield pipe
     finally:
-        pipe._step_runner = before
+        pipe.step_runner = before
 
 
 # --- warm start ------------------------------------------------------------------------------------------------------
