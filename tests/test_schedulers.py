@@ -491,3 +491,30 @@ def test_randn_tensor_matches_diffusers(seeds, dtype):
     assert ours.dtype == dtype and torch.equal(ours, ref)
     with pytest.raises(ValueError, match="generators"):
         randn_tensor(shape, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_swap_does_not_apply_keys_the_target_class_lacks():
+    """PNDM has no rescale_betas_zero_snr: a zero-SNR DDIM config swapped to PNDM keeps it aside, unused."""
+    ddim = dict(**SD, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ref = diffusers.PNDMScheduler.from_config(diffusers.DDIMScheduler(**ddim).config)
+    ours = rapiddiff.PNDMScheduler.from_config(rapiddiff.DDIMScheduler(**ddim).config)
+    assert ours.config["rescale_betas_zero_snr"] is True  # kept for later swaps, as Diffusers does
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, atol=0, rtol=0)
+    assert ours.alphas_cumprod[-1] > 4e-3
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    sample = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(run_loop(ref, ours, {}, {}, sample, ref.timesteps, "PNDM from zero-SNR DDIM")).all()
+
+
+def test_ddpm_variance_type_none_is_fixed_small(tmp_path):
+    """IF-II's image-noising scheduler config has "variance_type": null; Diffusers treats it as fixed_small."""
+    config = {"_class_name": "DDPMScheduler", "variance_type": None, "beta_schedule": "squaredcos_cap_v2"}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    ours = rapiddiff.DDPMScheduler.from_pretrained(tmp_path)
+    ref = diffusers.DDPMScheduler.from_pretrained(tmp_path)
+    assert ours.config.variance_type is None and fields(ours) == fields(ref)
+    ref.set_timesteps(8)
+    ours.set_timesteps(8)
+    sample = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    run_loop(ref, ours, {}, {}, sample, ref.timesteps, "DDPM variance_type=None")

@@ -111,6 +111,11 @@ class SchedulerConfig(Config):
         object.__setattr__(self, "_defaulted", tuple(defaulted))
         return self
 
+    def own(self, name: str, default: Any = None) -> Any:
+        """The class's own field `name`, or `default` when the class has no such field: never a hidden key (a PNDM
+        built from a zero-SNR DDIM config must not rescale its betas, as in Diffusers)."""
+        return getattr(self, name) if name in self._field_names() else default
+
     def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
         hidden = self.__dict__.get("_hidden", {})
         if name in hidden:  # e.g. `config.variance_type` of an Euler scheduler built from IF's DDPM config
@@ -174,7 +179,7 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
     else:
         betas = _cosine_betas(n)
-    if getattr(config, "rescale_betas_zero_snr", False):
+    if config.own("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas
 
@@ -283,7 +288,7 @@ class SchedulerMixin(ConfigMixin):
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if self._pin_zero_snr and getattr(self.config, "rescale_betas_zero_snr", False):
+        if self._pin_zero_snr and self.config.own("rescale_betas_zero_snr", False):
             self.alphas_cumprod[-1] = 2**-24
         self.final_alpha_cumprod = torch.tensor(1.0)  # alphas_cumprod "before" timestep 0
         self.sigmas: torch.Tensor | None = None
