@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import diffusers
@@ -77,6 +78,14 @@ CASES = [
         dict(s_churn=1.0, s_tmin=0.5, s_tmax=20.0),
         10,
     ),
+    ("EulerDiscreteScheduler", dict(**SD, use_exponential_sigmas=True, prediction_type="v_prediction"), {}, 10),
+    ("EulerDiscreteScheduler", dict(use_beta_sigmas=True, sigma_max=12.0, timestep_spacing="trailing"), {}, 9),
+    (
+        "EulerDiscreteScheduler",
+        dict(interpolation_type="log_linear", timestep_type="continuous", prediction_type="v_prediction"),
+        {},
+        10,
+    ),
     ("EulerAncestralDiscreteScheduler", {}, {}, 10),
     ("EulerAncestralDiscreteScheduler", dict(**SD, timestep_spacing="leading", steps_offset=1), {}, 12),
     (
@@ -120,6 +129,10 @@ CASES = [
         {},
         16,
     ),
+    ("DPMSolverMultistepScheduler", dict(**SD, use_exponential_sigmas=True, prediction_type="v_prediction"), {}, 10),
+    ("DPMSolverMultistepScheduler", dict(use_beta_sigmas=True, final_sigmas_type="sigma_min", solver_order=3), {}, 12),
+    ("DPMSolverMultistepScheduler", dict(**SD, use_lu_lambdas=True), {}, 10),
+    ("DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True), {}, 10),
 ]
 IDS = [f"{name[:-9]}-{i}" for i, (name, *_) in enumerate(CASES)]
 
@@ -402,10 +415,11 @@ def test_unknown_and_unsupported_keys_raise(tmp_path):
     with pytest.raises(ConfigError, match="UNet2DConditionModel"):
         rapiddiff.DDIMScheduler.from_config({"_class_name": "UNet2DConditionModel", "in_channels": 4})
     for cls, key, value in [
-        ("EulerDiscreteScheduler", "use_exponential_sigmas", True),
-        ("EulerDiscreteScheduler", "timestep_type", "continuous"),
+        ("EulerDiscreteScheduler", "timestep_type", "edm"),
+        ("EulerDiscreteScheduler", "interpolation_type", "cubic"),
+        ("EulerDiscreteScheduler", "final_sigmas_type", "one"),
         ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
-        ("DPMSolverMultistepScheduler", "use_lu_lambdas", True),
+        ("DPMSolverMultistepScheduler", "use_flow_sigmas", True),
         ("DDPMScheduler", "variance_type", "fixed_large_log"),
         ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
         ("PNDMScheduler", "prediction_type", "sample"),
@@ -518,3 +532,21 @@ def test_ddpm_variance_type_none_is_fixed_small(tmp_path):
     ours.set_timesteps(8)
     sample = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
     run_loop(ref, ours, {}, {}, sample, ref.timesteps, "DDPM variance_type=None")
+
+
+def test_sigma_spacing_options_raise_naming_the_key(monkeypatch):
+    with pytest.raises(ConfigError, match="use_karras_sigmas, use_beta_sigmas"):
+        rapiddiff.EulerDiscreteScheduler(use_karras_sigmas=True, use_beta_sigmas=True)
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        scheduler = getattr(rapiddiff, name)(use_exponential_sigmas=True)
+        with pytest.raises(ValueError, match="use_exponential_sigmas"):
+            scheduler.set_timesteps(timesteps=[900, 500, 100])
+    with pytest.raises(ValueError, match="use_lu_lambdas"):
+        rapiddiff.DPMSolverMultistepScheduler(use_lu_lambdas=True).set_timesteps(timesteps=[900, 500, 100])
+    with pytest.raises(ValueError, match="continuous"):
+        rapiddiff.EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction").set_timesteps(
+            timesteps=[900.0, 100.0]
+        )
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as if scipy were not installed
+    with pytest.raises(ImportError, match="use_beta_sigmas.*scipy"):
+        rapiddiff.DPMSolverMultistepScheduler(use_beta_sigmas=True)
