@@ -24,12 +24,12 @@ from ..configuration import Config
 from ..models.modeling_utils import ModelMixin
 from ..utils.torch_utils import randn_tensor
 from .checks import check_finite, check_generator, check_positive_int
-from .denoise import Scheduler, StepCallback, combine_guidance
+from .denoise import PredictNoise, Scheduler, StepCallback, combine_guidance
 from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, encode_prompt
 from .safety_checker import NSFW_WARNING, black_out, check_safety_components, run_safety_checker
-from .template import CallArgs, DenoisingPipeline, StepHooks
+from .template import CallArgs, DenoisingPipeline, ModelInputs, StepHooks
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class IFPipelineBase(DenoisingPipeline):
 
     _optional_components = ("tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker")
     output_types = IF_OUTPUT_TYPES
+    _keep_variance: bool = False  # call state: the scheduler uses the UNet's learned variance channels
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         check_safety_components(
@@ -222,8 +223,7 @@ class IFPipelineBase(DenoisingPipeline):
 
     def check_inputs(self, args: IFArgs) -> None:
         super().check_inputs(args)
-        args.height, args.width = self.default_size(args.height, args.width)
-        self.check_size(args.height, args.width)
+        self.resolve_size(args)
         check_clean_caption(args.clean_caption, args.prompt, args.negative_prompt if args.guidance_scale > 1 else None)
 
     # --- denoising --------------------------------------------------------------------------------------------------
@@ -248,10 +248,14 @@ class IFPipelineBase(DenoisingPipeline):
         guided = combine_guidance(uncond[:, :channels], cond[:, :channels], self._guidance_scale)
         return self.unguided(torch.cat([guided, cond[:, channels:]], dim=1), channels)
 
+    def noise_predictor(self, tensors: dict[str, Any], model_inputs: ModelInputs | None = None) -> PredictNoise:
+        # read once per call, outside the step (a compiled whole step sees a plain bool)
+        self._keep_variance = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
+        return super().noise_predictor(tensors, model_inputs)
+
     def unguided(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
         """The learned variance channels are kept for a scheduler that uses them, dropped otherwise."""
-        learned = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
-        return model_output if learned else model_output[:, :channels]
+        return model_output if self._keep_variance else model_output[:, :channels]
 
     # --- outputs ----------------------------------------------------------------------------------------------------
     def to_output(

@@ -21,7 +21,6 @@ from .checks import check_finite, check_generator, check_number, check_positive_
 from .denoise import (
     Scheduler,
     StepEndCallback,
-    apply_guidance,
     extra_step_kwargs,
     retrieve_timesteps,
     truncate_timesteps,
@@ -183,9 +182,6 @@ class StableDiffusionBase(DenoisingPipeline):
     def prepare_extra_step_kwargs(self, generator: Any, eta: float) -> dict[str, Any]:  # Diffusers' method
         return extra_step_kwargs(self.scheduler, generator, eta)
 
-    def guide(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        return apply_guidance(model_output, self._guidance_scale, self._guidance_rescale)
-
     # --- latents to images ------------------------------------------------------------------------------------------
     def run_safety_checker(
         self, image: torch.Tensor | np.ndarray, device: torch.device, dtype: torch.dtype
@@ -231,7 +227,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
         text_encoder: Any,
         tokenizer: Any,
         unet: Any,
-        scheduler: Any,
+        scheduler: Scheduler,
         safety_checker: Any,
         feature_extractor: Any,
         image_encoder: Any = None,
@@ -283,8 +279,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
     def check_inputs(self, args: CallArgs) -> None:
         super().check_inputs(args)
-        args.height, args.width = self.default_size(args.height, args.width)
-        self.check_size(args.height, args.width)
+        self.resolve_size(args)
         channels = self.unet.config.in_channels
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
 
@@ -523,8 +518,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
     def check_inputs(self, args: InpaintArgs) -> None:
         super().check_inputs(args)
-        args.height, args.width = self.default_size(args.height, args.width)
-        self.check_size(args.height, args.width)
+        self.resolve_size(args)
         channels = self.vae.config.latent_channels
         check_unet_in_channels(
             self.unet,

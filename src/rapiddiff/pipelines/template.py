@@ -39,6 +39,7 @@ from .denoise import (
     StepCallback,
     StepEndCallback,
     StepRunner,
+    apply_guidance,
     check_timesteps_args,
     denoise,
     extra_step_kwargs,
@@ -235,6 +236,17 @@ class DenoisingPipeline(DiffusionPipeline):
             args.callback_on_step_end, args.callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
 
+    def resolve_size(self, args: CallArgs) -> None:
+        """height/width: the family's default for whichever is None (`default_size`), then its `check_size`."""
+        args.height, args.width = self.default_size(args.height, args.width)
+        self.check_size(args.height, args.width)
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def check_size(self, height: Any, width: Any) -> None:
+        raise NotImplementedError
+
     def step_end_callback(self, args: CallArgs) -> tuple[StepEndCallback | None, Sequence[str]]:
         """The call's step-end callback for `denoise` and the tensors it reads; an older `callback` is wrapped."""
         if args.callback is not None:
@@ -262,8 +274,9 @@ class DenoisingPipeline(DiffusionPipeline):
         raise NotImplementedError
 
     def guide(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """The UNet's output over the [unconditional; conditional] batch -> the guided noise prediction."""
-        raise NotImplementedError
+        """The UNet's output over the [unconditional; conditional] batch -> the guided noise prediction (plain
+        classifier-free guidance with the optional rescale; IF guides its noise channels only)."""
+        return apply_guidance(model_output, self._guidance_scale, self._guidance_rescale)
 
     def to_output(self, latents: torch.Tensor, args: CallArgs, dtype: torch.dtype) -> Any:
         raise NotImplementedError
