@@ -149,6 +149,7 @@ class IFPipelineBase(DenoisingPipeline):
 
     _optional_components = ("tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker")
     output_types = IF_OUTPUT_TYPES
+    hook_before_scaling = True
     _keep_variance: bool = False  # call state: the scheduler uses the UNet's learned variance channels
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
@@ -446,7 +447,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         self, args: IFSuperResolutionArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
     ) -> tuple[torch.Tensor, StepHooks]:
         """The initial noise, then the upscaled stage-I image noised to `noise_level` (Diffusers' order), and the hook
-        appending it (scaled like the sample) to every model input with its noise level as class label."""
+        appending it to every model input (before scaling, as Diffusers) with its noise level as class label."""
         channels = self.unet.config.in_channels // 2
         dtype = tensors["prompt_embeds"].dtype
         images = self.prepare_intermediate_images(
@@ -459,7 +460,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
             upscaled, class_labels = torch.cat([upscaled] * 2), torch.cat([class_labels] * 2)
 
         def with_upscaled(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-            return torch.cat([x, self.scheduler.scale_model_input(upscaled, t)], dim=1), {"class_labels": class_labels}
+            return torch.cat([x, upscaled], dim=1), {"class_labels": class_labels}
 
         return images, StepHooks(model_inputs=with_upscaled)
 

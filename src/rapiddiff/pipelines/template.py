@@ -36,6 +36,7 @@ from .checks import (
 from .denoise import (
     AfterStep,
     PredictNoise,
+    ScaleModelInput,
     StepCallback,
     StepEndCallback,
     StepRunner,
@@ -54,8 +55,8 @@ logger = logging.getLogger(__name__)
 
 A = TypeVar("A", bound="CallArgs")
 
-# (x, t, i) -> (x, extra UNet kwargs): runs on the scaled, guidance-batched model input before the UNet (inpainting
-# appends the mask channels, ControlNet computes its residuals, the upscalers append the noised low-res image).
+# (x, t, i) -> (x, extra UNet kwargs): runs on the guidance-batched model input before the UNet (inpainting appends
+# the mask channels, ControlNet computes its residuals, the upscalers append the noised low-res image).
 ModelInputs = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, Any]]]
 
 
@@ -143,6 +144,9 @@ class DenoisingPipeline(DiffusionPipeline):
     step_runner: StepRunner | None = None
     # A generation that ends with nan/inf latents warns once after the loop; True makes it a FloatingPointError.
     strict_non_finite: bool = False
+    # Whether the `model_inputs` hook runs before the scheduler scales the model input (IF-II: its upscaled image is
+    # scaled with the sample, as in Diffusers) or after (SD: mask channels, control residuals, the x4's image).
+    hook_before_scaling: ClassVar[bool] = False
 
     # --- call state: set once per call by `start_call`, read by step-end callbacks (Diffusers' properties) ----------
     _guidance_scale: float = 7.5
@@ -285,17 +289,24 @@ class DenoisingPipeline(DiffusionPipeline):
     def noise_predictor(
         self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
     ) -> PredictNoise:
-        """predict_noise(latents, t, i) for `denoise`: one UNet pass over [unconditional; conditional], guided.
+        """predict_noise(latents, t, i, scale_model_input) for `denoise`: one UNet pass over [unconditional;
+        conditional], guided.
 
-        Reads the text embeddings from `tensors` at each step, so a step-end callback can replace them.
+        Reads the text embeddings from `tensors` at each step, so a step-end callback can replace them. The
+        `model_inputs` hook sees the scaled model input (`hook_before_scaling`: the unscaled one).
         """
+        before = self.hook_before_scaling
 
-        def predict_noise(latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        def predict_noise(
+            latents: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
+        ) -> torch.Tensor:
             guided = self.do_classifier_free_guidance
             x = torch.cat([latents] * 2) if guided else latents
-            x = self.scheduler.scale_model_input(x, t)
             extra: dict[str, Any] = {}
-            if model_inputs is not None:
+            if model_inputs is not None and before:
+                x, extra = model_inputs(x, t, i)
+            x = scale_model_input(x)
+            if model_inputs is not None and not before:
                 x, extra = model_inputs(x, t, i)
             out = self.unet(x, t, encoder_hidden_states=tensors["prompt_embeds"], return_dict=False, **extra)[0]
             return self.guide(out, latents.shape[1]) if guided else self.unguided(out, latents.shape[1])
