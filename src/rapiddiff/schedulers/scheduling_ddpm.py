@@ -22,7 +22,7 @@ from .scheduling_utils import (
 
 @dataclasses.dataclass(frozen=True)
 class DDPMSchedulerConfig(SchedulerConfig):
-    variance_type: str = "fixed_small"
+    variance_type: str | None = "fixed_small"  # None: fixed_small, as in Diffusers
     clip_sample: bool = True
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
@@ -32,7 +32,7 @@ class DDPMSchedulerConfig(SchedulerConfig):
 
     choices: ClassVar = {
         **SchedulerConfig.choices,
-        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"),
+        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"),
     }
 
 

@@ -20,7 +20,6 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
-    karras_sigmas,
     sigma_to_t,
     stack_scalars,
 )
@@ -55,9 +54,6 @@ class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
         "solver_order": (1, 2, 3),
         "algorithm_type": ("dpmsolver++", "dpmsolver"),
         "solver_type": ("midpoint", "heun"),
-        "use_exponential_sigmas": (False, None),
-        "use_beta_sigmas": (False, None),
-        "use_lu_lambdas": (False, None),
         "use_flow_sigmas": (False, None),
         "final_sigmas_type": ("zero", "sigma_min"),
         "variance_type": (None, "learned", "learned_range"),
@@ -114,17 +110,25 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             raise ValueError(
                 "DPMSolverMultistepScheduler: mu needs use_dynamic_shifting, which rapiddiff does not support"
             )
-        if timesteps is not None and cfg.use_karras_sigmas:
-            raise ValueError("DPMSolverMultistepScheduler: custom timesteps cannot be combined with use_karras_sigmas")
+        if timesteps is not None:
+            self._check_no_respacing("custom timesteps")
+            if cfg.use_lu_lambdas:
+                raise ValueError("DPMSolverMultistepScheduler: custom timesteps cannot be combined with use_lu_lambdas")
         n = self._resolve_steps(num_inference_steps, timesteps)
         if timesteps is None:
             timesteps = self._spaced_timesteps(n)
         timesteps = np.array(timesteps).astype(np.int64)
         train_sigmas = self._train_sigmas()
-        if cfg.use_karras_sigmas:
-            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), n)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-            if cfg.beta_schedule != "squaredcos_cap_v2":
+        log_sigmas = np.log(train_sigmas)
+        if cfg.use_lu_lambdas and not cfg.use_karras_sigmas:
+            # Lu et al.'s schedule: uniform in log-sigma between the training ends (Diffusers' `_convert_to_lu`)
+            sigmas = np.exp(np.linspace(log_sigmas[-1].item(), log_sigmas[0].item(), n))
+        else:
+            sigmas = self._respaced_sigmas(train_sigmas[::-1], n)
+        if sigmas is not None:
+            timesteps = sigma_to_t(sigmas, log_sigmas)
+            # Diffusers rounds Karras and Lu timesteps (not exponential / beta ones) except under the cosine schedule
+            if (cfg.use_karras_sigmas or cfg.use_lu_lambdas) and cfg.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)

@@ -19,7 +19,6 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
-    karras_sigmas,
     sigma_to_t,
     spaced_timesteps,
     stack_scalars,
@@ -99,10 +98,8 @@ class EulerDiscreteSchedulerConfig(SchedulerConfig):
 
     choices: ClassVar = {
         **SchedulerConfig.choices,
-        "interpolation_type": ("linear",),
-        "use_exponential_sigmas": (False, None),
-        "use_beta_sigmas": (False, None),
-        "timestep_type": ("discrete",),
+        "interpolation_type": ("linear", "log_linear"),
+        "timestep_type": ("discrete", "continuous"),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
 
@@ -119,8 +116,14 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
     ) -> None:
         """Spaced timesteps, custom descending `timesteps`, or custom `sigmas` (n + 1 values, the last one final)."""
         cfg = self.config
-        if timesteps is not None and cfg.use_karras_sigmas:
-            raise ValueError("EulerDiscreteScheduler: custom timesteps cannot be combined with use_karras_sigmas=True")
+        continuous = cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction"
+        if timesteps is not None:
+            self._check_no_respacing("custom timesteps")
+            if continuous:
+                raise ValueError(
+                    "EulerDiscreteScheduler: custom timesteps cannot be combined with timestep_type='continuous' "
+                    "and prediction_type='v_prediction'"
+                )
         if sigmas is not None:
             if num_inference_steps is not None or timesteps is not None:
                 raise ValueError("pass only one of num_inference_steps, timesteps or sigmas to set_timesteps")
@@ -128,18 +131,25 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
             if sigmas.ndim != 1 or len(sigmas) < 2:
                 raise ValueError(f"sigmas must list at least 2 noise levels, got {sigmas.tolist()}")
             timesteps = sigma_to_t(sigmas[:-1], np.log(self._train_sigmas()))
+            steps = len(timesteps)
         else:
             n = self._resolve_steps(num_inference_steps, timesteps)
             timesteps = self._spaced_timesteps(n) if timesteps is None else np.array(timesteps).astype(np.float32)
-            sigmas = self._spaced_sigmas(timesteps)
-            if cfg.use_karras_sigmas:
-                sigma_min = cfg.sigma_min if cfg.sigma_min is not None else sigmas[-1].item()
-                sigma_max = cfg.sigma_max if cfg.sigma_max is not None else sigmas[0].item()
-                sigmas = karras_sigmas(sigma_min, sigma_max, n)
+            steps = n if n is not None else len(timesteps)
+            if cfg.interpolation_type == "log_linear":  # n + 1 sigmas (and the final one): Diffusers' table
+                train = self._train_sigmas()
+                sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
+            else:
+                sigmas = self._spaced_sigmas(timesteps)
+            respaced = self._respaced_sigmas(sigmas, n)
+            if respaced is not None:
+                sigmas = respaced
                 timesteps = sigma_to_t(sigmas, np.log(self._train_sigmas()))
             last = self._train_sigmas()[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
             sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
-        self._set_schedule(timesteps.astype(np.float32), device, len(timesteps))
+        if continuous:  # EDM-style timesteps for v-prediction models trained on them (e.g. CosXL)
+            timesteps = (0.25 * torch.from_numpy(sigmas[:-1]).log()).numpy()
+        self._set_schedule(timesteps.astype(np.float32), device, steps)
         self._set_sigmas(sigmas)
 
     def step(

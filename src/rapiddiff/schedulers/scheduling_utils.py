@@ -97,6 +97,11 @@ class SchedulerConfig(Config):
             )
         for key, allowed in self.choices.items():
             self.check_choice(key, allowed)
+        on = [key for key in SIGMA_SPACINGS if self.own(key)]
+        if len(on) > 1:
+            raise ConfigError(f"{name}: only one of {', '.join(SIGMA_SPACINGS)} can be True, got {', '.join(on)}")
+        if self.own("use_beta_sigmas"):
+            _scipy_stats(f"{name}: use_beta_sigmas=True")
 
     @property
     def hidden(self) -> dict[str, Any]:
@@ -110,6 +115,11 @@ class SchedulerConfig(Config):
         object.__setattr__(self, "_hidden", dict(hidden))
         object.__setattr__(self, "_defaulted", tuple(defaulted))
         return self
+
+    def own(self, name: str, default: Any = None) -> Any:
+        """The class's own field `name`, or `default` when the class has no such field: never a hidden key (a PNDM
+        built from a zero-SNR DDIM config must not rescale its betas, as in Diffusers)."""
+        return getattr(self, name) if name in self._field_names() else default
 
     def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
         hidden = self.__dict__.get("_hidden", {})
@@ -174,7 +184,7 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
     else:
         betas = _cosine_betas(n)
-    if getattr(config, "rescale_betas_zero_snr", False):
+    if config.own("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas
 
@@ -198,6 +208,36 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = np.linspace(0, 1, n)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """`n` sigmas from sigma_max to sigma_min, uniform in log-sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """`n` sigmas from sigma_max to sigma_min at the quantiles of a Beta(alpha, beta) distribution
+    (arXiv:2407.12173). Needs scipy (its inverse regularized incomplete beta), as Diffusers does."""
+    ppf = _scipy_stats("use_beta_sigmas=True").beta.ppf(1 - np.linspace(0, 1, n), alpha, beta)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
+def _scipy_stats(feature: str) -> Any:
+    try:
+        import scipy.stats
+    except ImportError:
+        raise ImportError(
+            f"{feature} needs scipy: pip install scipy (or rapiddiff[scipy]), as Diffusers requires"
+        ) from None
+    return scipy.stats
+
+
+# use_*_sigmas config keys -> the function that respaces a schedule (at most one may be on)
+SIGMA_SPACINGS = {
+    "use_karras_sigmas": karras_sigmas,
+    "use_exponential_sigmas": exponential_sigmas,
+    "use_beta_sigmas": beta_sigmas,
+}
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -283,7 +323,7 @@ class SchedulerMixin(ConfigMixin):
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if self._pin_zero_snr and getattr(self.config, "rescale_betas_zero_snr", False):
+        if self._pin_zero_snr and self.config.own("rescale_betas_zero_snr", False):
             self.alphas_cumprod[-1] = 2**-24
         self.final_alpha_cumprod = torch.tensor(1.0)  # alphas_cumprod "before" timestep 0
         self.sigmas: torch.Tensor | None = None
@@ -397,6 +437,23 @@ class SchedulerMixin(ConfigMixin):
         """Install the noise levels of the schedule (one more than timesteps, the last one after the final step)."""
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         self._sigma_values: list[float] = self.sigmas.tolist()
+
+    def _respaced_sigmas(self, sigmas: np.ndarray, n: int) -> np.ndarray | None:
+        """`n` sigmas per the config's use_karras / exponential / beta sigmas between the ends of `sigmas`
+        (descending), or None when none is on. config.sigma_min / sigma_max replace the ends when set; like
+        Diffusers (`hasattr(self.config, "sigma_min")`) this also reads them from another scheduler's config."""
+        spacing = next((f for key, f in SIGMA_SPACINGS.items() if self.config.own(key)), None)
+        if spacing is None:
+            return None
+        sigma_min, sigma_max = getattr(self.config, "sigma_min", None), getattr(self.config, "sigma_max", None)
+        sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
+        sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
+        return spacing(sigma_min, sigma_max, n)
+
+    def _check_no_respacing(self, what: str) -> None:
+        on = [key for key in SIGMA_SPACINGS if self.config.own(key)]
+        if on:
+            raise ValueError(f"{type(self).__name__}: {what} cannot be combined with {on[0]}=True")
 
     def _train_sigmas(self) -> np.ndarray:
         """sigma of every training timestep, sqrt((1 - alphas_cumprod) / alphas_cumprod), float32 ascending."""
