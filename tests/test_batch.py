@@ -218,3 +218,37 @@ def test_a_changed_setting_is_refused(reference, tiny_sd_dir, tmp_path, capsys):
     assert generate(tiny_sd_dir, changed, one) == 2
     assert "prompts.sha256" in capsys.readouterr().err
     assert (one / "manifest.jsonl").read_bytes() == before
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # a local Ray takes minutes to start its actors on 2 loaded cores
+def test_ray_engine_gives_the_torchrun_images(reference, tiny_sd_dir, tmp_path):
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'rapiddiff[ray]')")
+    prompts, one = reference
+    assert generate(tiny_sd_dir, prompts, tmp_path / "ray", "--engine", "ray", "--workers", "2") == 0
+    records = manifest(tmp_path / "ray")
+    assert without_worker(records) == without_worker(manifest(one))
+    assert all(r["worker"]["name"].startswith("ray-") for r in records)
+
+
+@pytest.mark.compile
+def test_compile_cache_is_saved_then_loaded(tiny_sd_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    cache = tmp_path / "cache" / "sd.bin"
+    assert generate(tiny_sd_dir, prompts, tmp_path / "a", "--compile", "--compile-cache", str(cache)) == 0
+    assert cache.is_file() and "saved the compile cache" in capsys.readouterr().err
+    assert generate(tiny_sd_dir, prompts, tmp_path / "b", "--compile", "--compile-cache", str(cache)) == 0
+    assert "loaded the compile cache" in capsys.readouterr().err
+    assert [r["sha256"] for r in manifest(tmp_path / "a")] == [r["sha256"] for r in manifest(tmp_path / "b")]
+
+
+def test_bench_scale_summary_from_worker_timestamps():
+    from rapiddiff.batch.scale import summarize
+
+    def rec(name, ready, end):
+        return {"worker": {"name": name, "ready": ready, "chunk_start": end - 1, "chunk_end": end}}
+
+    records = [rec("0/2", 10, 12), rec("0/2", 10, 12), rec("1/2", 11, 13), rec("1/2", 11, 16)]
+    row = summarize(records, launch=0.0, finish=17.0, workers=2)
+    assert row["startup_s"] == 10.5 and row["idle_tail_s"] == 4 and row["wall_s"] == 17
+    assert row["steady_images_per_s"] == pytest.approx(2 / 2 + 2 / 5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,6 +65,8 @@ def check_batch_args(args: argparse.Namespace) -> None:
         raise ValueError(f"-o/--output {args.output}: with --prompts, the output is a folder (no file suffix)")
     if args.compile_cache is not None and not args.compile:
         raise ValueError("--compile-cache needs --compile")
+    if args.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError("--engine ray needs Ray Data, which is not installed: pip install 'rapiddiff[ray]'")
     if args.engine == "torchrun" and args.workers != 1:
         raise ValueError("--workers is for --engine ray; with torchrun, the worker count is --nproc-per-node")
 

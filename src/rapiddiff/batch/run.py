@@ -208,7 +208,8 @@ class ChunkRunner:
     def __init__(self, pipe: Any, settings: BatchSettings, prompts: Path, index: ChunkIndex, layout: Layout,
                  worker: str):  # fmt: skip
         self.pipe, self.settings, self.prompts, self.index, self.layout = pipe, settings, prompts, index, layout
-        self.worker = {"name": worker, "host": socket.gethostname(), "pid": os.getpid()}
+        # Timestamps (time.time()) in the worker field feed `rapiddiff bench scale`: ready = pipeline loaded.
+        self.worker = {"name": worker, "host": socket.gethostname(), "pid": os.getpid(), "ready": time.time()}
         self.committed_here = 0
         crash = os.environ.get(CRASH_ENV, "")
         who, _, after = crash.partition(":")
@@ -216,6 +217,7 @@ class ChunkRunner:
 
     def run_chunk(self, chunk: int) -> list[dict[str, Any]]:
         """Generate chunk `chunk`, write its images, commit it; returns its manifest records."""
+        start = time.time()
         tasks = iter_chunk(self.prompts, self.index, chunk, self.settings.defaults)
         images = self.generate(tasks)
         records = []
@@ -229,6 +231,9 @@ class ChunkRunner:
                 os._exit(1)  # testing hook (CRASH_ENV): one image renamed, this one left as a temporary
             os.replace(tmp, path)
             records.append(self.record(task, path, pixel_hash(image), chunk))
+        end = time.time()
+        for record in records:
+            record["worker"] |= {"chunk_start": start, "chunk_end": end}
         if crash:
             os._exit(1)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
@@ -279,7 +284,7 @@ class ChunkRunner:
             "file": path.relative_to(self.layout.root).as_posix(),
             "sha256": digest,
             "chunk": chunk,
-            "worker": self.worker,
+            "worker": dict(self.worker),
         }
 
 
@@ -371,6 +376,7 @@ def warm_pipeline(load: Callable[[], Any], job: BatchJob, worker: Worker) -> Any
         from ..compile import load_compile_cache
 
         load_compile_cache(job.compile_cache)
+        log_stderr(f"worker {worker.name}: loaded the compile cache {job.compile_cache}")
     pipe = load()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -385,6 +391,7 @@ def save_compile_cache_once(job: BatchJob, worker: Worker) -> None:
     tmp = job.compile_cache.with_name(job.compile_cache.name + TMP + f"-{os.getpid()}")
     save_compile_cache(tmp)
     os.replace(tmp, job.compile_cache)
+    log_stderr(f"worker {worker.name}: saved the compile cache {job.compile_cache}")
 
 
 def log_stderr(message: str) -> None:
