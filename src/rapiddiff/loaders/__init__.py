@@ -1,0 +1,1 @@
+"""Loading weights that are not in Diffusers' folder layout."""
