@@ -1,1 +1,2 @@
-"""Loading weights that are not in Diffusers' folder layout."""
+"""Loading user weights into pipelines: LoRA adapters, textual-inversion embeddings (Diffusers' loader API) and
+single-file checkpoints in the original Stable Diffusion layout."""
