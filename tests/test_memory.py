@@ -256,3 +256,104 @@ def test_xformers_switch_says_sdpa_is_in_use(caplog, save_diffusers):
     assert all(type(p) is rap.AttnProcessor2_0 for p in ours.attn_processors.values())
     ours.disable_xformers_memory_efficient_attention()
     assert all(type(p) is rap.AttnProcessor2_0 for p in ours.attn_processors.values())
+
+
+# --- model / sequential CPU offload ----------------------------------------------------------------------------------
+def record_moves(pipe, names=("text_encoder", "unet", "vae")) -> list:
+    """Patch each component's `.to` to record (component, device) in call order."""
+    moves = []
+    for name in names:
+        module = getattr(pipe, name)
+        original = module.to
+
+        def to(*args, _name=name, _original=original, **kwargs):
+            target = kwargs.get("device", args[0] if args else None)
+            if target is not None and not isinstance(target, torch.dtype):
+                moves.append((_name, str(torch.device(target))))
+            return _original(*args, **kwargs)
+
+        module.to = to
+    return moves
+
+
+def generate(pipe, **kw):
+    return pipe(
+        "a red cube", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0), **kw
+    ).images
+
+
+def test_model_cpu_offload_moves_each_model_in_turn(tiny_sd_dir):
+    import rapiddiff
+
+    pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = generate(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert pipe._execution_device == torch.device("cpu:0")
+    moves = record_moves(pipe)
+    for _ in range(2):  # the second call finds every model offloaded again
+        moves.clear()
+        assert (generate(pipe) == expected).all()
+        assert moves == [
+            ("text_encoder", "cpu:0"),
+            ("text_encoder", "cpu"),  # offloaded when the UNet is first called
+            ("unet", "cpu:0"),
+            ("unet", "cpu"),  # offloaded when the VAE decodes
+            ("vae", "cpu:0"),
+            ("vae", "cpu"),  # maybe_free_model_hooks at the end of the call
+        ]
+    pipe.remove_all_hooks()
+    moves.clear()
+    assert (generate(pipe) == expected).all() and moves == []
+    assert pipe._execution_device == torch.device("cpu")
+
+
+def test_sequential_cpu_offload_and_offload_errors(tiny_sd_dir):
+    import rapiddiff
+
+    pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = generate(pipe)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert next(pipe.unet.parameters()).device.type == "meta"  # weights live in accelerate's CPU map
+    assert pipe._execution_device == torch.device("cpu:0")
+    assert (generate(pipe) == expected).all()
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        pipe.unet.compile()
+    with pytest.raises(ValueError, match="sequential CPU offload is on"):
+        pipe.to("meta")
+    pipe.remove_all_hooks()
+    assert next(pipe.unet.parameters()).device.type == "cpu"
+    assert (generate(pipe) == expected).all()
+
+    with pytest.raises(RuntimeError, match="needs an accelerator"):
+        pipe.enable_model_cpu_offload()
+    with pytest.raises(ValueError, match="gpu_id=1 and device='cuda:0'"):
+        pipe.enable_model_cpu_offload(gpu_id=1, device="cuda:0")
+    with pytest.raises(ValueError, match="gpu_id must be a non-negative int"):
+        pipe.enable_sequential_cpu_offload(gpu_id=-1, device="cpu")
+
+
+# --- offload and tiling under compile_pipeline -----------------------------------------------------------------------
+@pytest.mark.compile
+def test_model_offload_and_vae_tiling_compile_fullgraph(tiny_sd_dir):
+    """Offload enabled, then compile_pipeline (the harder order: compiling replaces the call the hook wrapped). The
+    hooks run outside the graphs (fullgraph=True raises on a break): same images, the models still move in turn. The
+    tiled VAE decoder compiles once per tile shape. Graph capture is the point: the "eager" backend."""
+    import torch._dynamo
+
+    import rapiddiff
+
+    torch._dynamo.reset()
+    pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.enable_tiling(tile_sample_min_size=8)  # 16x24 px images: 2 x 4 tiles of 4x4 latents
+    expected = generate(pipe, height=16, width=24)
+    pipe.enable_model_cpu_offload(device="cpu")
+    rapiddiff.compile_pipeline(pipe, backend="eager")
+    moves = record_moves(pipe)
+    np_images = generate(pipe, height=16, width=24)
+    assert abs(np_images - expected).max() < 1e-5
+    assert [m[0] for m in moves] == ["text_encoder", "text_encoder", "unet", "unet", "vae", "vae"]
+    assert pipe.unet._compiled_call_impl is not None
+    torch._dynamo.reset()

@@ -143,13 +143,15 @@ class MemoryMixin:
         self._offload_device = target
         if self.device.type != "cpu":
             self.to("cpu")
+        # accelerate mishandles an indexed CPU device ("cpu:0", what the rule above gives on a CPU): plain "cpu".
+        execution = torch.device("cpu") if target.type == "cpu" else target
         for name, model in self._torch_components().items():
             if name in self._exclude_from_cpu_offload:
                 model.to(target)
             else:
                 cpu_offload(
                     model,
-                    target,
+                    execution,
                     offload_buffers=len(model._parameters) > 0,
                     preload_module_classes=SEQUENTIAL_PRELOAD,
                 )
