@@ -357,3 +357,31 @@ def test_model_offload_and_vae_tiling_compile_fullgraph(tiny_sd_dir):
     assert [m[0] for m in moves] == ["text_encoder", "text_encoder", "unet", "unet", "vae", "vae"]
     assert pipe.unet._compiled_call_impl is not None
     torch._dynamo.reset()
+
+
+def test_pipeline_freeu_and_attention_slicing_match_diffusers(tiny_sd_dir, caplog):
+    import diffusers
+    from conftest import assert_same_images, run_both
+
+    import rapiddiff
+
+    pipes = [diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)]
+    pipes.append(rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir))
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+        pipe.enable_attention_slicing("max")
+    args = dict(prompt=["a red cube", "a blue ball"], height=16, width=24)
+    ref, ours = run_both(pipes, **args)
+    assert_same_images(ref, ours)
+    assert all(isinstance(p, rap.SlicedAttnProcessor) for p in pipes[1].unet.attn_processors.values())
+    for pipe in pipes:
+        pipe.disable_freeu()
+        pipe.disable_attention_slicing()
+    with caplog.at_level(logging.WARNING):
+        pipes[1].enable_xformers_memory_efficient_attention()
+    assert "already runs torch.nn.functional.scaled_dot_product_attention" in caplog.text
+    plain_ref, plain = run_both(pipes, **args)
+    assert_same_images(plain_ref, plain)
+    assert abs(plain.images - ours.images).max() > 1e-3  # FreeU changed the images
+    assert not hasattr(rapiddiff.IFPipeline, "enable_freeu")  # as Diffusers: IF pipelines have no FreeU
