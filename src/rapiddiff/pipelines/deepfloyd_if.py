@@ -148,6 +148,8 @@ class IFPipelineBase(DenoisingPipeline):
     channels only (the learned variance is the conditional branch's), IF's safety checker and watermark."""
 
     _optional_components = ("tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker")
+    model_cpu_offload_seq = "text_encoder->unet"  # Diffusers' offload order and exclusions
+    _exclude_from_cpu_offload = ("watermarker",)
     output_types = IF_OUTPUT_TYPES
     hook_before_scaling = True
     _keep_variance: bool = False  # call state: the scheduler uses the UNet's learned variance channels
@@ -226,6 +228,11 @@ class IFPipelineBase(DenoisingPipeline):
         super().check_inputs(args)
         self.resolve_size(args)
         check_clean_caption(args.clean_caption, args.prompt, args.negative_prompt if args.guidance_scale > 1 else None)
+        if args.cross_attention_kwargs is not None:
+            raise ValueError(
+                f"cross_attention_kwargs={args.cross_attention_kwargs!r} is not supported by rapiddiff's IF pipelines "
+                "(no LoRA scale or custom attention arguments); pass None"
+            )
 
     # --- denoising --------------------------------------------------------------------------------------------------
     def prepare_intermediate_images(

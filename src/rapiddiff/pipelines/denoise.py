@@ -50,8 +50,8 @@ class ProgressBar(Protocol):
     def update(self, n: int = 1) -> Any: ...
 
 
-# progress(total) -> a context manager yielding a bar with `update()` (the pipeline's tqdm bar).
-ProgressReporter = Callable[[int], AbstractContextManager[ProgressBar]]
+# progress(total=n) -> a context manager yielding a bar with `update()` (the pipeline's tqdm bar).
+ProgressReporter = Callable[..., AbstractContextManager[ProgressBar]]
 
 
 # --- timesteps -------------------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def denoise(
     run = step_runner or run_step
     tensors = tensors if tensors is not None else {}
     warmup = len(timesteps) - num_inference_steps * scheduler.order
-    with (progress or _no_progress)(num_inference_steps) as bar:
+    with (progress or _no_progress)(total=num_inference_steps) as bar:
         for i, t in enumerate(timesteps):
             if pipe is not None and pipe.interrupt:  # set by a callback to stop early, as in Diffusers
                 continue
@@ -237,7 +237,7 @@ class _NoBar:
         pass
 
 
-def _no_progress(total: int) -> AbstractContextManager[ProgressBar]:
+def _no_progress(total: int | None = None) -> AbstractContextManager[ProgressBar]:
     return contextlib.nullcontext(_NoBar())
 
 

@@ -16,6 +16,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..loaders import lora_layers
+from ..loaders.lora import StableDiffusionLoraLoaderMixin
+from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..utils.torch_utils import randn_tensor
 from .checks import check_finite, check_generator, check_number, check_positive_int
 from .denoise import (
@@ -26,6 +29,7 @@ from .denoise import (
     truncate_timesteps,
 )
 from .image_processor import PipelineImageInput, VaeImageProcessor
+from .memory import StableDiffusionMixin
 from .pipeline_utils import BaseOutput
 from .prompt import check_clip_skip, encode_prompt
 from .safety_checker import check_safety_components, run_safety_checker
@@ -40,12 +44,16 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None
 
 
-class StableDiffusionBase(DenoisingPipeline):
+class StableDiffusionBase(
+    StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, StableDiffusionMixin, DenoisingPipeline
+):
     """The Stable Diffusion family on the call template; subclasses define `__init__` (their components), their
     `__call__` signature, checks and hooks."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"  # Diffusers' offload order and exclusions
+    _exclude_from_cpu_offload = ("safety_checker",)
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         """What every SD `__init__` does after naming its components."""
@@ -81,6 +89,7 @@ class StableDiffusionBase(DenoisingPipeline):
     def check_inputs(self, args: CallArgs) -> None:
         super().check_inputs(args)
         check_clip_skip(args.clip_skip, self.text_encoder)
+        check_cross_attention_kwargs(args.cross_attention_kwargs)
 
     def prepare_timesteps(self, args: CallArgs, device: torch.device) -> tuple[torch.Tensor, int]:
         """A call with a `strength` (img2img, inpainting) runs the last `strength` share of the schedule."""
@@ -103,25 +112,39 @@ class StableDiffusionBase(DenoisingPipeline):
         lora_scale: float | None = None,
         clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Diffusers' method: (prompt_embeds, negative_prompt_embeds); see `prompt.encode_prompt`."""
+        """Diffusers' method: (prompt_embeds, negative_prompt_embeds); see `prompt.encode_prompt`.
+
+        lora_scale scales the text encoder's LoRA adapters while encoding; multi-vector textual-inversion tokens are
+        expanded in the prompts (`maybe_convert_prompt`).
+        """
         if lora_scale is not None:
-            raise ValueError(f"lora_scale={lora_scale!r}: rapiddiff does not load LoRA weights; pass None")
+            check_number("lora_scale", lora_scale)
         unet = getattr(self, "unet", None)
-        return encode_prompt(
-            self.tokenizer,
-            self.text_encoder,
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            clip_skip=clip_skip,
-            dtype=unet.dtype if unet is not None else None,
-        )
+        if self.tokenizer is not None:
+            prompt = self.maybe_convert_prompt(prompt, self.tokenizer) if prompt is not None else None
+            negative_prompt = (
+                self.maybe_convert_prompt(negative_prompt, self.tokenizer) if negative_prompt else negative_prompt
+            )
+        with lora_layers.call_scale(self.text_encoder, lora_scale):
+            return encode_prompt(
+                self.tokenizer,
+                self.text_encoder,
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                clip_skip=clip_skip,
+                dtype=unet.dtype if unet is not None else None,
+            )
 
     def encode_conditioning(self, args: CallArgs, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """The call's LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder and is set on the UNet's
+        adapters for this call (a buffer update: no recompile)."""
+        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
+        lora_layers.set_call_scale(getattr(self, "unet", None), 1.0 if lora_scale is None else lora_scale)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             args.prompt,
             device,
@@ -130,6 +153,7 @@ class StableDiffusionBase(DenoisingPipeline):
             args.negative_prompt,
             args.prompt_embeds,
             args.negative_prompt_embeds,
+            lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
         if self.do_classifier_free_guidance:
@@ -201,6 +225,19 @@ class StableDiffusionBase(DenoisingPipeline):
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
         image = self.image_processor.postprocess(image, output_type=args.output_type, do_denormalize=denormalize)
         return StableDiffusionPipelineOutput(image, nsfw) if args.return_dict else (image, nsfw)
+
+
+def check_cross_attention_kwargs(cross_attention_kwargs: Any) -> None:
+    """Only the LoRA scale is supported: {"scale": number} or None."""
+    if cross_attention_kwargs is None:
+        return
+    if not isinstance(cross_attention_kwargs, dict) or set(cross_attention_kwargs) - {"scale"}:
+        raise ValueError(
+            f"cross_attention_kwargs={cross_attention_kwargs!r}: rapiddiff supports only the LoRA scale, "
+            '{"scale": number}, or None (no custom attention-processor arguments)'
+        )
+    if "scale" in cross_attention_kwargs:
+        check_number('cross_attention_kwargs["scale"]', cross_attention_kwargs["scale"])
 
 
 def _fix_legacy_scheduler(scheduler: Scheduler | None) -> Scheduler | None:

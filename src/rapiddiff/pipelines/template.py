@@ -120,11 +120,6 @@ class CallArgs:
         check_number("eta", self.eta, 0.0)
         check_generator(self.generator, self.batch_size)
         step_callback(self.callback, self.callback_steps)  # validates both
-        if self.cross_attention_kwargs is not None:
-            raise ValueError(
-                f"cross_attention_kwargs={self.cross_attention_kwargs!r} is not supported by rapiddiff (no LoRA scale "
-                "or custom attention arguments); pass None"
-            )
         for name in ("prompt_embeds", "negative_prompt_embeds", "latents"):
             check_finite(name, getattr(self, name))
 
@@ -197,7 +192,7 @@ class DenoisingPipeline(DiffusionPipeline):
         self._guidance_scale = args.guidance_scale
         self._guidance_rescale = args.guidance_rescale
         self._clip_skip = args.clip_skip
-        self._cross_attention_kwargs = None
+        self._cross_attention_kwargs = args.cross_attention_kwargs  # checked by the family (SD: the LoRA scale)
         self._num_timesteps = None
         self._interrupt = False
 
@@ -229,7 +224,9 @@ class DenoisingPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs=names,
         )
         self.report_non_finite(latents)
-        return self.to_output(latents, args, dtype)
+        output = self.to_output(latents, args, dtype)
+        self.maybe_free_model_hooks()  # model CPU offload: every model back to the CPU
+        return output
 
     # --- checks -----------------------------------------------------------------------------------------------------
     def check_inputs(self, args: CallArgs) -> None:
