@@ -188,7 +188,13 @@ def test_model_level_load_lora_adapter(tiny_sd_dir, tmp_path):
     import diffusers
 
     ref, ours = load_pipes(tiny_sd_dir)
-    source, _ = save_lora(make_lora(ref, "peft", seed=4), tmp_path / "l", "peft")
+    sd = make_lora(ref, "peft", seed=4)
+    unet_layers = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in unet_layers})
+    # rapiddiff's save_lora_weights, with Diffusers' adapter metadata (alpha 2 for rank 4: scale 0.5)
+    path = ours.save_lora_weights(tmp_path / "l", unet_lora_layers=unet_layers,
+                                  unet_lora_adapter_metadata={"r": 4, "lora_alpha": 2, "target_modules": targets})  # fmt: skip
+    source = str(path.parent)
     unets = (diffusers.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet"),
              rapiddiff.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet"))  # fmt: skip
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
