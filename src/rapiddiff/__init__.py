@@ -32,6 +32,7 @@ _EXPORTS = {
     "EulerDiscreteScheduler": "schedulers.scheduling_euler_discrete",
     "EulerAncestralDiscreteScheduler": "schedulers.scheduling_euler_ancestral_discrete",
     "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
+    "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
     # pipelines
     "DiffusionPipeline": "pipelines.pipeline_utils",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",
