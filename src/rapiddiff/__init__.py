@@ -33,6 +33,7 @@ _EXPORTS = {
     "EulerAncestralDiscreteScheduler": "schedulers.scheduling_euler_ancestral_discrete",
     "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
     "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
+    "DEISMultistepScheduler": "schedulers.scheduling_deis_multistep",
     # pipelines
     "DiffusionPipeline": "pipelines.pipeline_utils",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",
