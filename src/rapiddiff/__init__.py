@@ -34,6 +34,8 @@ _EXPORTS = {
     "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
     "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
     "DEISMultistepScheduler": "schedulers.scheduling_deis_multistep",
+    "LCMScheduler": "schedulers.scheduling_lcm",
+    "TCDScheduler": "schedulers.scheduling_tcd",
     # pipelines
     "DiffusionPipeline": "pipelines.pipeline_utils",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",
