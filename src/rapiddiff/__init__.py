@@ -34,6 +34,7 @@ _EXPORTS = {
     "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
     "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
     "DEISMultistepScheduler": "schedulers.scheduling_deis_multistep",
+    "DPMSolverSinglestepScheduler": "schedulers.scheduling_dpmsolver_singlestep",
     "LCMScheduler": "schedulers.scheduling_lcm",
     "TCDScheduler": "schedulers.scheduling_tcd",
     # pipelines

@@ -23,7 +23,7 @@ from .scheduling_utils import (
     make_coeffs,
     sigma_to_t,
 )
-from .scheduling_vp_solver import VPSolverMixin, solver_timesteps, vp_lambda
+from .scheduling_vp_solver import VPSolverMixin, dpm_phi, solver_timesteps, vp_lambda
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,26 +165,9 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
         lambdas = self._lambdas(i, order)
         (alpha_t, sigma_t, lambda_t), (alpha_s0, sigma_s0, lambda_s0) = lambdas[:2]
         h = lambda_t - lambda_s0
-        kind = self.config.algorithm_type
-        noise_std: torch.Tensor | float = 0.0
-        # c_x, c_0, then the signed coefficients of D1 (Heun, third order) and D2 (third order)
-        if kind == "dpmsolver++":
-            c_x, c_0 = sigma_t / sigma_s0, -(alpha_t * (torch.exp(-h) - 1.0))
-            d1_coeff = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
-            d2_coeff = -(alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5))
-        elif kind == "dpmsolver":
-            c_x, c_0 = alpha_t / alpha_s0, -(sigma_t * (torch.exp(h) - 1.0))
-            d1_coeff = -(sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))
-            d2_coeff = -(sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5))
-        elif kind == "sde-dpmsolver++":
-            c_x, c_0 = sigma_t / sigma_s0 * torch.exp(-h), alpha_t * (1 - torch.exp(-2.0 * h))
-            d1_coeff = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
-            d2_coeff = alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
-            noise_std = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
-        else:  # sde-dpmsolver (orders 1 and 2)
-            c_x, c_0 = alpha_t / alpha_s0, -2.0 * (sigma_t * (torch.exp(h) - 1.0))
-            d1_coeff, d2_coeff = -2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)), 0.0
-            noise_std = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
+        c_x, c_0, d1_coeff, d2_coeff, noise_std = dpm_phi(
+            self.config.algorithm_type, alpha_t, sigma_t, alpha_s0, sigma_s0, h
+        )
         if order == 1:
             return c_x, c_0, 0.0, 0.0, noise_std
         r0 = (lambda_s0 - lambdas[2][2]) / h

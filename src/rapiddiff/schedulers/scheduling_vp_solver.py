@@ -40,6 +40,39 @@ def solver_timesteps(spacing: str, num_train: int, n: int, steps_offset: int, la
     return np.arange(last_timestep, 0, -num_train / n).round() - 1
 
 
+def dpm_phi(
+    kind: str,
+    alpha_t: torch.Tensor,
+    sigma_t: torch.Tensor,
+    alpha_s: torch.Tensor,
+    sigma_s: torch.Tensor,
+    h: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
+    """DPM-Solver's weights for a step from (alpha_s, sigma_s) to (alpha_t, sigma_t), h = lambda_t - lambda_s, by
+    algorithm type: (c_x, c_0, d1, d2, noise_std) in x_t = c_x x_s + c_0 D0 + d1 D1 + d2 D2 + noise_std * noise,
+    D0 the (earliest) model output, D1 and D2 its first and second divided differences in lambda (midpoint rules
+    weigh D1 by c_0 / 2 instead of d1)."""
+    noise_std: torch.Tensor | float = 0.0
+    if kind == "dpmsolver++":
+        c_x, c_0 = sigma_t / sigma_s, -(alpha_t * (torch.exp(-h) - 1.0))
+        d1 = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+        d2 = -(alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5))
+    elif kind == "dpmsolver":
+        c_x, c_0 = alpha_t / alpha_s, -(sigma_t * (torch.exp(h) - 1.0))
+        d1 = -(sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))
+        d2 = -(sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5))
+    elif kind == "sde-dpmsolver++":
+        c_x, c_0 = sigma_t / sigma_s * torch.exp(-h), alpha_t * (1 - torch.exp(-2.0 * h))
+        d1 = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+        d2 = alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+        noise_std = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+    else:  # sde-dpmsolver (orders 1 and 2)
+        c_x, c_0 = alpha_t / alpha_s, -2.0 * (sigma_t * (torch.exp(h) - 1.0))
+        d1, d2 = -2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)), 0.0
+        noise_std = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
+    return c_x, c_0, d1, d2, noise_std
+
+
 class VPSolverMixin(SchedulerMixin):
     """Tables, model-output conversions, history and add_noise of the exponential-integrator solvers."""
 
