@@ -35,6 +35,7 @@ _EXPORTS = {
     "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
     "DEISMultistepScheduler": "schedulers.scheduling_deis_multistep",
     "DPMSolverSinglestepScheduler": "schedulers.scheduling_dpmsolver_singlestep",
+    "DPMSolverSDEScheduler": "schedulers.scheduling_dpmsolver_sde",
     "LCMScheduler": "schedulers.scheduling_lcm",
     "TCDScheduler": "schedulers.scheduling_tcd",
     # pipelines
