@@ -67,14 +67,16 @@ class DEISCoeffs(NamedTuple):
 
 
 def _ind_2(t: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return t * (-np.log(c) + np.log(t) - 1) / (np.log(b) - np.log(c))
+    """Diffusers' second-order `ind_fn` (on tensors: it takes np.log of CPU tensors, a host read of their values)."""
+    log = torch.log
+    return t * (-log(c) + log(t) - 1) / (log(b) - log(c))
 
 
 def _ind_3(t: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    numerator = t * (
-        np.log(c) * (np.log(d) - np.log(t) + 1) - np.log(d) * np.log(t) + np.log(d) + np.log(t) ** 2 - 2 * np.log(t) + 2
-    )
-    return numerator / ((np.log(b) - np.log(c)) * (np.log(b) - np.log(d)))
+    """Diffusers' third-order `ind_fn`."""
+    log = torch.log
+    numerator = t * (log(c) * (log(d) - log(t) + 1) - log(d) * log(t) + log(d) + log(t) ** 2 - 2 * log(t) + 2)
+    return numerator / ((log(b) - log(c)) * (log(b) - log(d)))
 
 
 def _weights(ind: Callable[..., torch.Tensor], rho_t: torch.Tensor, rhos: list[torch.Tensor]) -> list[torch.Tensor]:

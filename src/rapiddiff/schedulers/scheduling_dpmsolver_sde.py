@@ -45,7 +45,7 @@ class BrownianTreeNoiseSampler:
         if self.batched and len(seeds) != x.shape[0]:
             raise ValueError(f"noise_sampler_seed lists {len(seeds)} seeds for a batch of {x.shape[0]}")
         w0 = torch.zeros_like(x[0] if self.batched else x)
-        t0, t1 = sorted((float(torch.as_tensor(sigma_min)), float(torch.as_tensor(sigma_max))))
+        t0, t1 = sorted((float(sigma_min), float(sigma_max)))
         bi = _torchsde().BrownianInterval
         self.trees = [
             bi(
@@ -62,14 +62,13 @@ class BrownianTreeNoiseSampler:
             for s in seeds
         ]
 
-    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        """The increment between two 0-dim CPU noise levels (their values are read on the host: no device sync)."""
-        a, b = sigma.tolist(), sigma_next.tolist()
-        sign = 1.0 if a < b else -1.0
-        lo, hi = min(a, b), max(a, b)
+    def __call__(self, sigma: float, sigma_next: float, norm: torch.Tensor) -> torch.Tensor:
+        """The increment from noise level `sigma` to `sigma_next` (Python values of float32 levels), divided by
+        `norm` = sqrt(|sigma_next - sigma|) as a 0-dim float32 tensor (as Diffusers divides)."""
+        sign = 1.0 if sigma < sigma_next else -1.0
+        lo, hi = min(sigma, sigma_next), max(sigma, sigma_next)
         w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
-        w = w if self.batched else w[0]
-        return w / (sigma_next - sigma).abs().sqrt()
+        return (w if self.batched else w[0]) / norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +153,10 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         self._timestep_values = steps.tolist()
         self._set_sigmas(doubled)
         self._reset_state()
+        # every step's numbers, by (interval, first call?): the loop reads no tensor value
+        self._intervals = {
+            (j, first): self._interval(j, first) for j in range(len(doubled) - 1) for first in (True, False)
+        }
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1), sigma the step's, or the midpoint's at an interval's second call."""
@@ -165,14 +168,13 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         sigma = self.sigmas[i] if self.state_in_first_order else self.mid_point_sigma
         return 1 / (sigma**2 + 1) ** 0.5
 
-    def _interval(self, i: int) -> dict[str, Any]:
-        """The numbers of step i, computed as Diffusers computes them (float32 CPU tensors)."""
-        first = self.state_in_first_order
-        j = i if first else i - 1
+    def _interval(self, j: int, first: bool) -> dict[str, Any]:
+        """The numbers of a call on interval sigmas[j] -> sigmas[j + 1] (the first or the second of the interval),
+        computed as Diffusers computes them (float32 CPU tensors); the noise levels also as Python values."""
         sigma, sigma_next = self.sigmas[j], self.sigmas[j + 1]
         t, t_next = _t(sigma), _t(sigma_next)
         t_proposed = t + (t_next - t) * 0.5
-        out: dict[str, Any] = {"first": first, "sigma_input": sigma if first else _sigma(t_proposed)}
+        out: dict[str, Any] = {"sigma_input": sigma if first else _sigma(t_proposed)}
         if self._sigma_values[j + 1] == 0:  # the last step: Euler to sigma = 0
             ratio = (sigma_next - sigma) / sigma
             return out | {"euler": True, "sample_coeff": 1 + ratio, "x0_coeff": -ratio}
@@ -182,12 +184,18 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         ancestral_t = _t((sigma_to**2 - sigma_up**2) ** 0.5)
         return out | {
             "euler": False,
-            "sample_coeff": _sigma(ancestral_t) / _sigma(t),
+            "sample_coeff": _sigma(ancestral_t) / sigma_from,
             "x0_coeff": -(t - ancestral_t).expm1(),
             "sigma_up": sigma_up,
-            "noise_from": _sigma(t),
-            "noise_to": sigma_to,
+            "mid_point_sigma": sigma_to,
+            "levels": (sigma_from.tolist(), sigma_to.tolist()),
+            "norm": (sigma_to - sigma_from).abs().sqrt(),
         }
+
+    def _numbers(self, i: int) -> dict[str, Any]:
+        """Step i's numbers: the first call of interval i, or the second of interval i - 1."""
+        first = self.state_in_first_order
+        return self._intervals[(i if first else i - 1, first)] | {"first": first}
 
     def step(
         self,
@@ -206,11 +214,11 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         if self.noise_sampler is None:
             positive = [s for s in self._sigma_values if s > 0]
             self.noise_sampler = BrownianTreeNoiseSampler(sample, min(positive), max(positive), self.noise_sampler_seed)
-        step = self._interval(i)
+        step = self._numbers(i)
         if step["euler"]:
             noise, noise_coeff = torch.zeros_like(sample), 0.0
         else:
-            noise, noise_coeff = self.noise_sampler(step["noise_from"], step["noise_to"]), s_noise * step["sigma_up"]
+            noise, noise_coeff = self.noise_sampler(*step["levels"], step["norm"]), s_noise * step["sigma_up"]
         coeffs = make_coeffs(
             DPMSolverSDECoeffs,
             sigma_input=step["sigma_input"],
@@ -232,10 +240,10 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         return prev_sample, x0, (start,)
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
-        step = self._interval(plan.index)
+        step = self._numbers(plan.index)
         if not step["euler"]:
             if step["first"]:
-                self.sample, self.mid_point_sigma = stored[0], step["noise_to"]
+                self.sample, self.mid_point_sigma = stored[0], step["mid_point_sigma"]
             else:
                 self.sample, self.mid_point_sigma = None, None
         super().commit_plan(plan, stored)

@@ -79,8 +79,8 @@ class TCDScheduler(ConsistencySchedulerMixin):
         values = self._timestep_values
         t = int(values[i])
         prev_t = int(values[i + 1]) if i + 1 < len(values) else 0
-        # float32 arithmetic on the timestep tensor, as Diffusers computes s
-        timestep_s = int(torch.floor((1 - eta) * torch.tensor(prev_t)).to(dtype=torch.long))
+        # s = floor((1 - eta) * t_prev) in float32, as Diffusers computes it on the timestep tensor
+        timestep_s = int(np.floor(np.float32(1 - eta) * np.float32(prev_t)))
         alpha_prod_t_prev, alpha_prod_s = self._alpha_prod(prev_t), self.alphas_cumprod[timestep_s]
         noise, sample_coeff, noise_coeff = None, 1.0, 0.0
         if eta > 0 and self._draws_noise(i):
