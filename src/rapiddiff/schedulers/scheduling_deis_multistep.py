@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
-from .scheduling_vp_solver import VPSolverMixin, solver_timesteps, vp_alpha_sigma, vp_lambda
+from .scheduling_vp_solver import VPSolverMixin, vp_alpha_sigma, vp_lambda
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +94,8 @@ class DEISMultistepScheduler(VPSolverMixin):
     def set_timesteps(
         self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None
     ) -> None:
-        if mu is not None:
-            raise ValueError("DEISMultistepScheduler: mu needs use_dynamic_shifting, which rapiddiff does not support")
-        cfg = self.config
-        n = self._check_num_inference_steps(num_inference_steps)
-        timesteps = solver_timesteps(
-            cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, cfg.num_train_timesteps
-        )
-        timesteps, sigmas, respaced = self._respaced_schedule(timesteps, n, round_karras=True)
+        self._check_mu(mu)
+        n, timesteps, sigmas, respaced = self._multistep_schedule(num_inference_steps)
         last = sigmas[-1] if respaced else self._train_sigmas()[0]
         self._set_schedule(timesteps.astype(np.int64), device, n)
         self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))

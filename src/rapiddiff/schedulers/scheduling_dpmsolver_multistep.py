@@ -103,10 +103,7 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
         timesteps: Sequence[int] | None = None,
     ) -> None:
         cfg = self.config
-        if mu is not None:
-            raise ValueError(
-                "DPMSolverMultistepScheduler: mu needs use_dynamic_shifting, which rapiddiff does not support"
-            )
+        self._check_mu(mu)
         if timesteps is not None:
             self._check_no_respacing("custom timesteps")
             if cfg.use_lu_lambdas:

@@ -106,10 +106,7 @@ class DPMSolverSinglestepScheduler(VPSolverMixin):
     ) -> None:
         """`num_inference_steps` linspace timesteps (up to the lambda_min_clipped limit), or custom `timesteps`."""
         cfg = self.config
-        if mu is not None:
-            raise ValueError(
-                "DPMSolverSinglestepScheduler: mu needs use_dynamic_shifting, which rapiddiff does not support"
-            )
+        self._check_mu(mu)
         if timesteps is not None:
             self._check_no_respacing("custom timesteps")
         n = self._resolve_steps(num_inference_steps, timesteps)

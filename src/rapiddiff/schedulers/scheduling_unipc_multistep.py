@@ -16,7 +16,7 @@ import torch
 
 from ..configuration import ConfigError
 from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
-from .scheduling_vp_solver import VPSolverMixin, solver_timesteps, vp_lambda
+from .scheduling_vp_solver import VPSolverMixin, vp_lambda
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,15 +117,9 @@ class UniPCMultistepScheduler(VPSolverMixin):
             raise ValueError(
                 "UniPCMultistepScheduler: custom sigmas need use_flow_sigmas, which rapiddiff does not support"
             )
-        if mu is not None:
-            raise ValueError("UniPCMultistepScheduler: mu needs use_dynamic_shifting, which rapiddiff does not support")
-        cfg = self.config
-        n = self._check_num_inference_steps(num_inference_steps)
-        timesteps = solver_timesteps(
-            cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, cfg.num_train_timesteps
-        )
-        timesteps, sigmas, respaced = self._respaced_schedule(timesteps, n, round_karras=True)
-        if cfg.final_sigmas_type == "zero":
+        self._check_mu(mu)
+        n, timesteps, sigmas, respaced = self._multistep_schedule(num_inference_steps)
+        if self.config.final_sigmas_type == "zero":
             last = 0.0
         else:  # the last respaced sigma, else the training schedule's smallest
             last = sigmas[-1] if respaced else self._train_sigmas()[0]

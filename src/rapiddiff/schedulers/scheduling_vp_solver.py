@@ -95,6 +95,20 @@ class VPSolverMixin(SchedulerMixin):
         """The last `count` converted outputs, newest first (zeros, with zero coefficients, before there are any)."""
         return tuple(m if m is not None else torch.zeros_like(sample) for m in self.model_outputs[::-1][:count])
 
+    def _check_mu(self, mu: float | None) -> None:
+        if mu is not None:
+            raise ValueError(f"{type(self).__name__}: mu needs use_dynamic_shifting, which rapiddiff does not support")
+
+    def _multistep_schedule(self, num_inference_steps: int) -> tuple[int, np.ndarray, np.ndarray, bool]:
+        """(n, timesteps, sigmas, respaced) of UniPC and DEIS: `solver_timesteps` over the whole training range, then
+        `_respaced_schedule` (Karras timesteps rounded)."""
+        cfg = self.config
+        n = self._check_num_inference_steps(num_inference_steps)
+        timesteps = solver_timesteps(
+            cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, cfg.num_train_timesteps
+        )
+        return (n, *self._respaced_schedule(timesteps, n, round_karras=True))
+
     def _respaced_schedule(
         self, timesteps: np.ndarray, n: int, round_karras: bool
     ) -> tuple[np.ndarray, np.ndarray, bool]:
