@@ -252,3 +252,36 @@ def test_bench_scale_summary_from_worker_timestamps():
     row = summarize(records, launch=0.0, finish=17.0, workers=2)
     assert row["startup_s"] == 10.5 and row["idle_tail_s"] == 4 and row["wall_s"] == 17
     assert row["steady_images_per_s"] == pytest.approx(2 / 2 + 2 / 5)
+
+
+def test_sigterm_finishes_the_chunk_and_stops(tmp_path):
+    """A fake pipeline that receives SIGTERM during its first call: that chunk is committed, the next is not run."""
+    import signal
+    from types import SimpleNamespace
+
+    import PIL.Image
+
+    from rapiddiff.batch.run import BatchJob, BatchSettings, Worker, run_workers
+
+    class SignalledPipe:
+        calls = 0
+
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, prompt, generator, **kwargs):
+            SignalledPipe.calls += 1
+            os.kill(os.getpid(), signal.SIGTERM)
+            return SimpleNamespace(
+                images=[PIL.Image.new("RGB", (8, 8), (g.initial_seed() % 256, 0, 0)) for g in generator]
+            )
+
+    settings = BatchSettings(model=str(tmp_path), batch_size=3, seed=7, steps=2, guidance=7.5, negative_prompt=None,
+                             num_images=1, height=8, width=8, scheduler=None, attention="sdpa", dtype="float32",
+                             device_type="cpu", compile=False)  # fmt: skip
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    job = BatchJob.prepare(settings, prompts, tmp_path / "out", None)
+    assert run_workers(job, Worker(), SignalledPipe, lambda message: None) == 143
+    assert SignalledPipe.calls == 1  # chunk 0 only: the signal came during its call
+    assert Layout(tmp_path / "out").committed() == {0}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
