@@ -254,34 +254,64 @@ def test_bench_scale_summary_from_worker_timestamps():
     assert row["steady_images_per_s"] == pytest.approx(2 / 2 + 2 / 5)
 
 
-def test_sigterm_finishes_the_chunk_and_stops(tmp_path):
-    """A fake pipeline that receives SIGTERM during its first call: that chunk is committed, the next is not run."""
-    import signal
-    from types import SimpleNamespace
+class FakePipe:
+    """Records its calls; returns one 8x8 image per generator, coloured by the generator's seed."""
 
-    import PIL.Image
+    def __init__(self, on_call=None):
+        self.calls, self.on_call = [], on_call
 
-    from rapiddiff.batch.run import BatchJob, BatchSettings, Worker, run_workers
+    def set_progress_bar_config(self, **kwargs):
+        pass
 
-    class SignalledPipe:
-        calls = 0
+    def __call__(self, prompt, generator, **kwargs):
+        from types import SimpleNamespace
 
-        def set_progress_bar_config(self, **kwargs):
-            pass
+        import PIL.Image
 
-        def __call__(self, prompt, generator, **kwargs):
-            SignalledPipe.calls += 1
-            os.kill(os.getpid(), signal.SIGTERM)
-            return SimpleNamespace(
-                images=[PIL.Image.new("RGB", (8, 8), (g.initial_seed() % 256, 0, 0)) for g in generator]
-            )
+        self.calls.append((len(prompt), len(generator), kwargs["num_inference_steps"], kwargs["guidance_scale"]))
+        if self.on_call:
+            self.on_call()
+        images = [PIL.Image.new("RGB", (8, 8), (g.initial_seed() % 256, 0, 0)) for g in generator]
+        return SimpleNamespace(images=images)
+
+
+def fake_job(tmp_path):
+    from rapiddiff.batch.run import BatchJob, BatchSettings
 
     settings = BatchSettings(model=str(tmp_path), batch_size=3, seed=7, steps=2, guidance=7.5, negative_prompt=None,
                              num_images=1, height=8, width=8, scheduler=None, attention="sdpa", dtype="float32",
                              device_type="cpu", compile=False)  # fmt: skip
-    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    job = BatchJob.prepare(settings, prompts, tmp_path / "out", None)
-    assert run_workers(job, Worker(), SignalledPipe, lambda message: None) == 143
-    assert SignalledPipe.calls == 1  # chunk 0 only: the signal came during its call
+    return BatchJob.prepare(settings, write_prompts(tmp_path / "p.jsonl", PROMPTS), tmp_path / "out", None)
+
+
+def test_every_call_has_the_chunk_shape(tmp_path):
+    """Lines with their own steps / guidance run as separate calls, each padded to B; padding is discarded."""
+    from rapiddiff.batch.run import Worker, run_workers
+
+    pipe = FakePipe()
+    assert run_workers(fake_job(tmp_path), Worker(), lambda: pipe, lambda message: None) == 0
+    # chunk 0: one group; 1: line 3 (steps 3); 2: line 3 (steps 3), line 4 (guidance 5), line 5; 3: line 5, padded.
+    assert pipe.calls == [
+        (3, 3, 2, 7.5),
+        (3, 3, 3, 7.5),
+        (3, 3, 3, 7.5),
+        (3, 3, 2, 5.0),
+        (3, 3, 2, 7.5),
+        (3, 3, 2, 7.5),
+    ]
+    records = manifest(tmp_path / "out")
+    assert [r["seed"] for r in records] == [7, 8, 42, 10, 11, 12, 13, 14, 15, 16]
+    assert [r["n"] for r in records] == list(range(10))
+
+
+def test_sigterm_finishes_the_chunk_and_stops(tmp_path):
+    """SIGTERM arrives during a pipeline call: that chunk is committed, the next one is not started."""
+    import signal
+
+    from rapiddiff.batch.run import Worker, run_workers
+
+    pipe = FakePipe(on_call=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert run_workers(fake_job(tmp_path), Worker(), lambda: pipe, lambda message: None) == 143
+    assert len(pipe.calls) == 1  # chunk 0 only: the signal came during its call
     assert Layout(tmp_path / "out").committed() == {0}
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
