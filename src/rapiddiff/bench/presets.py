@@ -57,6 +57,8 @@ class Preset:
     threads: int | None
     # "<checkpoint>/<subfolder>" (or "<checkpoint>" for single-model checkpoints) -> config keys to replace
     overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # the batch sizes of the default matrix the compiled mode runs at (None: all); each is a compile per backend
+    compiled_batch_sizes: tuple[int, ...] | None = None
 
 
 _SD_DENOISERS = ("sd/unet", "sd_inpaint/unet", "controlnet")
@@ -142,6 +144,7 @@ PRESETS = {
             warmup=1,
             threads=1,
             overrides=CPU_OVERRIDES,
+            compiled_batch_sizes=(1,),  # a CPU compile takes tens of seconds: one per pipeline and backend
         ),
         Preset(
             name="tiny",

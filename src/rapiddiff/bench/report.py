@@ -45,6 +45,7 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
         "max_repeats": settings.max_repeats,
         "cell_seconds": settings.cell_seconds,
         "target": settings.target,
+        "compiled_batch_sizes": settings.compiled_batch_sizes and list(settings.compiled_batch_sizes),
         "warmup": settings.warmup,
         "threads": settings.threads,
         "pipelines": list(settings.pipelines),
@@ -87,6 +88,7 @@ def settings_from_dict(s: dict[str, Any], **extra: Any) -> Settings:
         max_repeats=s.get("max_repeats"),
         cell_seconds=s.get("cell_seconds", 0.0),
         target=s.get("target", 0.05),
+        compiled_batch_sizes=tuple(s["compiled_batch_sizes"]) if s.get("compiled_batch_sizes") else None,
         **extra,
     )
 

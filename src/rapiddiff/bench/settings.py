@@ -41,6 +41,7 @@ class Settings:
     max_repeats: int | None = None  # rounds per cell at most (None: `repeats`)
     cell_seconds: float = 0.0  # no new round after this many seconds of timed calls, once `repeats` are done
     target: float = 0.05  # stop a cell early once its speed-up's 95 % interval is within +-target
+    compiled_batch_sizes: tuple[int, ...] | None = None  # the batch sizes the compiled mode runs at (None: all)
 
     def __post_init__(self) -> None:
         _check_names("pipelines", self.pipelines, PIPELINES)
@@ -108,6 +109,8 @@ class Settings:
             # --repeats alone fixes the count; the preset's adaptive range applies otherwise
             max_repeats=_given(max_repeats, preset.max_repeats if repeats is None else repeats),
             cell_seconds=_given(cell_seconds, preset.cell_seconds),
+            # the preset's choice applies to its own batch sizes; sizes given explicitly all run compiled
+            compiled_batch_sizes=preset.compiled_batch_sizes if batch_sizes is None else None,
             warmup=_given(warmup, preset.warmup),
             threads=_given(threads, preset.threads),
             models={k: Path(v) for k, v in (models or {}).items()},

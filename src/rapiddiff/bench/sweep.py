@@ -91,6 +91,9 @@ def plan_cells(settings: Settings, done: Sequence[Cell] = ()) -> list[Cell]:
                 elif batch > 1 and not figure.batched:
                     for c in group:
                         c.status, c.summary = "skipped", "batch 1 only"
+                elif mode == "compiled" and batch not in (settings.compiled_batch_sizes or (batch,)):
+                    for c in group:
+                        c.status, c.summary = "skipped", "not compiled at this batch size (preset)"
                 cells += group
     return cells
 
