@@ -4,6 +4,7 @@ rapiddiff bench                                    # GPU: the seed's matrix; CPU
 rapiddiff bench --pipelines sd_txt2img if --batch-sizes 1 4 --modes compiled -o out1
 rapiddiff bench merge out1/results.json out2/results.json -o report
 rapiddiff bench --resume -o out1                   # finish a sweep that was interrupted (Ctrl-C, SIGTERM)
+rapiddiff bench scale --model ./sd15 --workers 1 2 4 8    # batch generation under torchrun (docs/scale.md)
 
 Results are written after every cell; Ctrl-C or SIGTERM stops the sweep, writes the report of the cells done and
 marks the rest "interrupted".
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..batch.scale import add_parser as add_scale_parser
 from .backends import BACKENDS
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
@@ -74,11 +76,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="finish the interrupted sweep in --output with its own settings (no matrix options)")  # fmt: skip
     parser.set_defaults(func=run_command)
 
-    sub = parser.add_subparsers(dest="bench_command", metavar="{merge}")
+    sub = parser.add_subparsers(dest="bench_command", metavar="{merge,scale}")
     merge = sub.add_parser("merge", help="merge split runs' results.json into one report")
     merge.add_argument("inputs", nargs="+", type=Path, metavar="RESULTS_JSON")
     merge.add_argument("-o", "--output", required=True, type=Path, help="output folder of the merged report")
     merge.set_defaults(func=merge_command)
+    add_scale_parser(sub)
     return parser
 
 
