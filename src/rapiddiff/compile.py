@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .pipelines.denoise import StepParts, run_step
 from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
+from .utils.offload import check_compilable
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MEMORY_FORMATS = (None, torch.channels_last, torch.contiguous_format)
@@ -81,6 +82,7 @@ def compile_pipeline(
         if whole_step and name in DENOISERS:
             continue
         module_mode = mode if name in DENOISERS else _WITHOUT_CUDAGRAPHS.get(mode, mode)
+        check_compilable(module)  # sequential CPU offload's hooks cannot run inside a graph
         module.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, module_mode))
         if dynamic:
             module._compiled_call_impl = without_duck_shapes(module._compiled_call_impl)
