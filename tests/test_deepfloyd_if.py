@@ -379,19 +379,15 @@ def test_t5_prompt_encoding(if_dirs):
     for a, e in zip(actual, expected):
         assert a.shape == e.shape == (1, 77, T5_DIM)
         torch.testing.assert_close(a, e, rtol=0, atol=1e-5)
-    # Diffusers without beautifulsoup4/ftfy falls back to clean_caption=False; rapiddiff asks for it explicitly.
-    ref_out = ref(prompt=prompt, negative_prompt=negative, output_type="pt", num_inference_steps=2, generator=seeded(0))
-    ours_out = ours(
-        prompt=prompt,
-        negative_prompt=negative,
-        output_type="pt",
-        num_inference_steps=2,
-        generator=seeded(0),
-        clean_caption=False,
-    )
-    assert_same(ours_out.images, ref_out.images)
-    with pytest.raises(ValueError, match="clean_caption=True"):
-        ours(prompt=prompt, num_inference_steps=2)
+    # clean_caption=True, the default: both clean the prompts with beautifulsoup4 and ftfy (the test extra).
+    prompt = "  A Red fox ON the table <b>at</b> https://example.com/fox.png &amp; @someone  "
+    args = dict(prompt=prompt, negative_prompt=negative, output_type="pt", num_inference_steps=2)
+    for clean in (True, False):
+        ref_out = ref(**args, generator=seeded(0), clean_caption=clean)
+        assert_same(ours(**args, generator=seeded(0), clean_caption=clean).images, ref_out.images)
+    assert not np.allclose(ref_out.images, ref(**args, generator=seeded(0)).images)  # cleaning changed the prompt
+    with pytest.raises(TypeError, match="clean_caption must be a bool"):
+        ours(prompt=prompt, num_inference_steps=2, clean_caption="yes")
 
 
 # --- the safety checker and watermarker on their own -------------------------------------------------------------
@@ -454,7 +450,7 @@ def no_unet_calls(stage_1, stage_2):
         (dict(prompt_embeds="pe", output_type="latent"), "output_type='latent' is not supported"),
         (dict(prompt_embeds="pe", callback_steps=0), "callback_steps must be a positive int, got 0"),
         (dict(prompt_embeds="pe", generator="g3"), "list of 3 generators"),
-        (dict(prompt="a fox"), "clean_caption=True"),
+        (dict(prompt="a fox"), "no tokenizer/text_encoder"),
         (dict(prompt_embeds="pe"), "no tokenizer/text_encoder: pass prompt_embeds"),  # guidance needs negatives
         (dict(prompt_embeds="pe", cross_attention_kwargs={"scale": 0.5}), "cross_attention_kwargs"),
     ],

@@ -14,6 +14,7 @@ import logging
 import re
 import urllib.parse
 from collections.abc import Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +119,11 @@ def preprocess_text(text: str | Sequence[str], clean: bool) -> list[str]:
     if clean:
         return [clean_caption(clean_caption(t)) for t in texts]
     return [t.lower().strip() for t in texts]
+
+
+def preprocess_prompt(text: Any, clean: bool) -> Any:
+    """`preprocess_text` keeping the prompt's form: None, a string, or a list of strings."""
+    if text is None:
+        return None
+    texts = preprocess_text(text, clean)
+    return texts[0] if isinstance(text, str) else texts

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .image_processor import OUTPUT_TYPES
@@ -69,3 +70,14 @@ def check_finite(name: str, tensor: Any) -> None:
         raise ValueError(
             f"{name} has {bad} non-finite value(s) (nan or inf) out of {tensor.numel()}; pass finite values"
         )
+
+
+def python_scalars(value: Any) -> Any:
+    """numpy number scalars (np.float32(7.5), np.int64(30)) as Python numbers, also inside a list; anything else as
+    it is. Diffusers takes them where it takes numbers; as Python numbers they also never enter a compiled graph's
+    guards as tensors."""
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, list) and any(isinstance(v, (np.integer, np.floating)) for v in value):
+        return [python_scalars(v) for v in value]
+    return value

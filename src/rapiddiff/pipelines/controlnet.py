@@ -15,7 +15,7 @@ import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
 from .checks import check_finite, check_number
-from .denoise import Scheduler, StepEndCallback
+from .denoise import Scheduler, StepCallback, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .loading import _unwrap
 from .stable_diffusion import (
@@ -137,6 +137,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback: StepCallback | None = None,
+        callback_steps: int | None = None,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images from `prompt` guided by `image`: the control image(s) of one ControlNet, or a list with one
         entry per ControlNet (each entry a batch of 1 or one per prompt).

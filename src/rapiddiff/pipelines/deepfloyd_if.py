@@ -23,6 +23,7 @@ from transformers import CLIPConfig, CLIPVisionModelWithProjection, PreTrainedMo
 from ..configuration import Config
 from ..models.modeling_utils import ModelMixin
 from ..utils.torch_utils import randn_tensor
+from .caption import preprocess_prompt
 from .checks import check_finite, check_generator, check_positive_int
 from .denoise import PredictNoise, Scheduler, StepCallback, combine_guidance
 from .image_processor import VaeImageProcessor
@@ -178,16 +179,17 @@ class IFPipelineBase(DenoisingPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         clean_caption: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Diffusers' IF method: T5 embeddings of (prompt, negative_prompt), 77 tokens, lower-cased and stripped."""
-        check_clean_caption(clean_caption, prompt, negative_prompt if do_classifier_free_guidance else None)
+        """Diffusers' IF method: T5 embeddings of (prompt, negative_prompt), 77 tokens; the text cleaned
+        (clean_caption=True, `rapiddiff.pipelines.caption`) or lower-cased and stripped."""
+        check_clean_caption(clean_caption)
         return encode_prompt(
             self.tokenizer,
             self.text_encoder,
-            _lower_strip(prompt),
+            preprocess_prompt(prompt, clean_caption),
             device if device is not None else self._execution_device,
             num_images_per_prompt,
             do_classifier_free_guidance,
-            _lower_strip(negative_prompt),
+            preprocess_prompt(negative_prompt, clean_caption),
             prompt_embeds,
             negative_prompt_embeds,
             dtype=self.unet.dtype,
@@ -205,6 +207,7 @@ class IFPipelineBase(DenoisingPipeline):
             args.negative_prompt,
             args.prompt_embeds,
             args.negative_prompt_embeds,
+            clean_caption=args.clean_caption,
         )
         if guided:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
@@ -227,7 +230,7 @@ class IFPipelineBase(DenoisingPipeline):
     def check_inputs(self, args: IFArgs) -> None:
         super().check_inputs(args)
         self.resolve_size(args)
-        check_clean_caption(args.clean_caption, args.prompt, args.negative_prompt if args.guidance_scale > 1 else None)
+        check_clean_caption(args.clean_caption)
         if args.cross_attention_kwargs is not None:
             raise ValueError(
                 f"cross_attention_kwargs={args.cross_attention_kwargs!r} is not supported by rapiddiff's IF pipelines "
@@ -335,8 +338,8 @@ class IFPipeline(IFPipelineBase):
 
         guidance_scale <= 1 turns classifier-free guidance off. output_type "pt" gives the (B, 3, H, W) sample in
         [-1, 1] for stage II / the x4 upscaler; "np" and "pil" are in [0, 1] and safety-checked. clean_caption=True
-        (Diffusers' default) needs caption cleaning that rapiddiff does not implement: pass clean_caption=False with
-        text prompts. Returns IFPipelineOutput(images, nsfw_detected, watermark_detected), or that tuple.
+        (Diffusers' default) cleans text prompts as Diffusers does (needs `rapiddiff[if]`; without it a warning and
+        lower-case + strip, as Diffusers). Returns IFPipelineOutput(images, nsfw_detected, watermark_detected), or that tuple.
         """
         return self.generate(IFArgs.from_locals(locals()))
 
@@ -491,24 +494,9 @@ class IFSuperResolutionPipeline(IFPipelineBase):
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
-def _lower_strip(text: PromptInput) -> PromptInput:
-    """IF's caption preprocessing without clean_caption (Diffusers' too)."""
-    if text is None:
-        return None
-    return text.lower().strip() if isinstance(text, str) else [t.lower().strip() for t in text]
-
-
-def check_clean_caption(clean_caption: Any, *texts: PromptInput) -> None:
-    """clean_caption=True is only an error when there is text to clean (with embeddings alone there is none)."""
+def check_clean_caption(clean_caption: Any) -> None:
     if not isinstance(clean_caption, bool):
         raise TypeError(f"clean_caption must be a bool, got {clean_caption!r}")
-    given = [t for t in texts if t]
-    if clean_caption and given:
-        raise ValueError(
-            "clean_caption=True (Diffusers' default) is not supported by rapiddiff: Diffusers cleans captions with "
-            "beautifulsoup4 and ftfy, and falls back to clean_caption=False without them. Pass clean_caption=False "
-            "(text is lower-cased and stripped) or prompt_embeds / negative_prompt_embeds."
-        )
 
 
 def if_image_to_tensor(image: Any) -> torch.Tensor:

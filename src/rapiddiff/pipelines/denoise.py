@@ -136,9 +136,14 @@ def apply_guidance(noise_pred: torch.Tensor, guidance_scale: float, guidance_res
 
 
 # --- Diffusers' older per-step callback (DeepFloyd IF, x4 upscaler) -----------------------------------------------------
-def step_callback(callback: StepCallback | None, callback_steps: Any, order: int = 1) -> StepEndCallback | None:
-    """`callback(step, t, latents)` every `callback_steps` steps, as a step-end callback for `denoise` (it reads the
-    latents and changes nothing). step is `i // order`, as the x4 upscaler counts; IF pipelines count steps (order 1)."""
+def step_callback(
+    callback: StepCallback | None, callback_steps: Any, order: int = 1, num_timesteps: int = 0, warmup: int = 0
+) -> StepEndCallback | None:
+    """`callback(step, t, latents)` as a step-end callback for `denoise` (it reads the latents, changes nothing), at
+    Diffusers' steps: where the progress bar advances (the last step, or after the `warmup` steps every `order`-th)
+    and `i % callback_steps == 0`. step is `i // order` as the SD pipelines and the x4 upscaler count (IF: order 1)."""
+    if callback_steps is None:  # every step (Diffusers' SD pipelines have no default)
+        callback_steps = 1
     if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps < 1:
         raise ValueError(f"callback_steps must be a positive int, got {callback_steps!r}")
     if callback is None:
@@ -147,7 +152,8 @@ def step_callback(callback: StepCallback | None, callback_steps: Any, order: int
         raise TypeError(f"callback must be callable(step, timestep, latents), got {callback!r}")
 
     def on_step_end(pipe: Any, i: int, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if i % callback_steps == 0:
+        advances = i == num_timesteps - 1 or (i + 1 > warmup and (i + 1) % order == 0)
+        if advances and i % callback_steps == 0:
             callback(i // order, t, tensors["latents"])
         return {}
 

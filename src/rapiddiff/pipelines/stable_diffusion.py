@@ -23,6 +23,7 @@ from ..utils.torch_utils import randn_tensor
 from .checks import check_finite, check_generator, check_number, check_positive_int
 from .denoise import (
     Scheduler,
+    StepCallback,
     StepEndCallback,
     extra_step_kwargs,
     retrieve_timesteps,
@@ -54,6 +55,11 @@ class StableDiffusionBase(
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"  # Diffusers' offload order and exclusions
     _exclude_from_cpu_offload = ("safety_checker",)
+    deprecated_step_callback = True  # `callback=` / `callback_steps=` run with Diffusers' FutureWarning
+
+    def callback_step_order(self) -> int:
+        """An older `callback` gets step `i // scheduler.order`, as Diffusers' SD pipelines count."""
+        return self.scheduler.order
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         """What every SD `__init__` does after naming its components."""
@@ -306,6 +312,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback: StepCallback | None = None,
+        callback_steps: int | None = None,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images from `prompt` (or `prompt_embeds`); arguments and defaults as in Diffusers.
 
@@ -451,6 +459,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback: StepCallback | None = None,
+        callback_steps: int | None = None,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Transform `image` (PIL, array or tensor in [0, 1], or (B, 4, h, w) latents) following `prompt`.
 
@@ -544,6 +554,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback: StepCallback | None = None,
+        callback_steps: int | None = None,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Repaint the white region of `mask_image` in `image` (both resized to height x width, the UNet's size by
         default) following `prompt`.

@@ -41,6 +41,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
     (`IFSafetyChecker`, `IFWatermarker`), as in Diffusers."""
 
     _optional_components = ("watermarker", "safety_checker", "feature_extractor")
+    deprecated_step_callback = False  # `callback` / `callback_steps` are regular arguments here, as in Diffusers
 
     def __init__(
         self,
@@ -147,9 +148,6 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         args.height, args.width = (s * self.vae_scale_factor for s in args.image.shape[2:])  # the output size
         channels = self.vae.config.latent_channels
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
-
-    def callback_step_order(self) -> int:
-        return self.scheduler.order
 
     def prepare_denoising(
         self, args: UpscaleArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -32,6 +33,7 @@ from .checks import (
     check_number,
     check_output_type,
     check_positive_int,
+    python_scalars,
 )
 from .denoise import (
     AfterStep,
@@ -94,9 +96,9 @@ class CallArgs:
     clip_skip: int | None = None
     callback_on_step_end: StepEndCallback | None = None
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
-    # Diffusers' older per-step callback (DeepFloyd IF, the x4 upscaler)
+    # Diffusers' older per-step callback (DeepFloyd IF, the x4 upscaler; deprecated on the SD pipelines). None: 1
     callback: StepCallback | None = None
-    callback_steps: int = 1
+    callback_steps: int | None = 1
     # derived by the checks
     prompts: int = dataclasses.field(init=False, default=0)
     callback_names: list[str] = dataclasses.field(init=False, default_factory=list)
@@ -111,6 +113,9 @@ class CallArgs:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # np.float32(7.5), np.int64(30): accepted as Diffusers accepts them
+            if field.init:
+                setattr(self, field.name, python_scalars(getattr(self, field.name)))
         self.prompts = check_prompt_inputs(
             self.prompt, self.negative_prompt, self.prompt_embeds, self.negative_prompt_embeds
         )
@@ -132,6 +137,8 @@ class CallArgs:
 class DenoisingPipeline(DiffusionPipeline):
     """Base of the text-conditioned denoising pipelines (SD and IF families): the call state and `generate`."""
 
+    # Whether `callback` / `callback_steps` are Diffusers' deprecated arguments here (SD pipelines: a FutureWarning)
+    deprecated_step_callback: ClassVar[bool] = False
     # allowed `output_type`s; IF has no "latent"
     output_types: ClassVar[tuple[str, ...]] = OUTPUT_TYPES
     # How `denoise` runs one step (None: `denoise.run_step`). `rapiddiff.compile_pipeline(whole_step=True)` sets a
@@ -207,7 +214,8 @@ class DenoisingPipeline(DiffusionPipeline):
         dtype = tensors["prompt_embeds"].dtype
         latents, hooks = self.prepare_denoising(args, timesteps, tensors, device)
         self._num_timesteps = len(timesteps)
-        on_step_end, names = self.step_end_callback(args)
+        warmup = len(timesteps) - num_inference_steps * self.scheduler.order  # Diffusers' progress-bar warm-up
+        on_step_end, names = self.step_end_callback(args, len(timesteps), warmup)
         latents = denoise(
             latents,
             timesteps,
@@ -236,6 +244,8 @@ class DenoisingPipeline(DiffusionPipeline):
         args.callback_names = callback_tensor_names(
             args.callback_on_step_end, args.callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
+        if self.deprecated_step_callback:
+            warn_deprecated_callback_args(args.callback, args.callback_steps)
 
     def resolve_size(self, args: CallArgs) -> None:
         """height/width: the family's default for whichever is None (`default_size`), then its `check_size`."""
@@ -248,11 +258,22 @@ class DenoisingPipeline(DiffusionPipeline):
     def check_size(self, height: Any, width: Any) -> None:
         raise NotImplementedError
 
-    def step_end_callback(self, args: CallArgs) -> tuple[StepEndCallback | None, Sequence[str]]:
-        """The call's step-end callback for `denoise` and the tensors it reads; an older `callback` is wrapped."""
-        if args.callback is not None:
-            return step_callback(args.callback, args.callback_steps, self.callback_step_order()), ("latents",)
-        return args.callback_on_step_end, args.callback_names
+    def step_end_callback(
+        self, args: CallArgs, num_timesteps: int = 0, warmup: int = 0
+    ) -> tuple[StepEndCallback | None, Sequence[str]]:
+        """The call's step-end callback for `denoise` and the tensors it reads; an older `callback` is wrapped, and
+        runs after `callback_on_step_end` when both are given (Diffusers' order)."""
+        old = step_callback(args.callback, args.callback_steps, self.callback_step_order(), num_timesteps, warmup)
+        new = args.callback_on_step_end
+        if old is None or new is None:
+            return (old, ("latents",)) if new is None and old is not None else (new, args.callback_names)
+
+        def both(pipe: Any, i: int, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            changed = new(pipe, i, t, tensors)
+            old(pipe, i, t, {**tensors, **(changed or {})})
+            return changed
+
+        return both, list(dict.fromkeys([*args.callback_names, "latents"]))
 
     def callback_step_order(self) -> int:
         """An older `callback` gets step `i // order` (the x4 upscaler's count); IF counts every step."""
@@ -328,3 +349,15 @@ class DenoisingPipeline(DiffusionPipeline):
         if self.strict_non_finite:
             raise FloatingPointError(message)
         logger.warning(message)
+
+
+def warn_deprecated_callback_args(callback: Any, callback_steps: Any) -> None:
+    """Diffusers' FutureWarnings for the SD pipelines' old per-step callback arguments (they still run)."""
+    for name, value in (("callback", callback), ("callback_steps", callback_steps)):
+        if value is not None:
+            warnings.warn(
+                f"`{name}` is deprecated and will be removed in version 1.0.0. Passing `{name}` as an "
+                "input argument to `__call__` is deprecated, consider using `callback_on_step_end`",
+                FutureWarning,
+                stacklevel=4,
+            )
