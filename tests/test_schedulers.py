@@ -134,6 +134,42 @@ CASES = [
     ("DPMSolverMultistepScheduler", dict(**SD, use_lu_lambdas=True), {}, 10),
     ("DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True), {}, 10),
 ]
+# LMS, Heun, KDPM2 (ancestral), EDM Euler: every sigma spacing and prediction type at least once (img2img starts:
+# test_img2img_start_matches_diffusers runs every case).
+CASES += [
+    ("LMSDiscreteScheduler", {}, {}, 10),
+    ("LMSDiscreteScheduler", dict(**SD, use_karras_sigmas=True, prediction_type="v_prediction"), {}, 10),
+    ("LMSDiscreteScheduler", dict(use_exponential_sigmas=True, timestep_spacing="leading", steps_offset=1), {}, 12),
+    ("LMSDiscreteScheduler", dict(use_beta_sigmas=True, prediction_type="sample"), dict(order=3), 9),
+    ("HeunDiscreteScheduler", {}, {}, 10),
+    (
+        "HeunDiscreteScheduler",
+        dict(use_karras_sigmas=True, prediction_type="v_prediction", clip_sample=True, clip_sample_range=0.5),
+        {},
+        8,
+    ),
+    ("HeunDiscreteScheduler", dict(**SD, use_exponential_sigmas=True, timestep_spacing="trailing"), {}, 8),
+    ("HeunDiscreteScheduler", dict(use_beta_sigmas=True, prediction_type="sample"), {}, 7),
+    ("KDPM2DiscreteScheduler", {}, {}, 10),
+    ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction"), {}, 8),
+    ("KDPM2DiscreteScheduler", dict(use_beta_sigmas=True, timestep_spacing="leading", steps_offset=1), {}, 8),
+    ("KDPM2AncestralDiscreteScheduler", {}, {}, 10),
+    (
+        "KDPM2AncestralDiscreteScheduler",
+        dict(use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+        {},
+        8,
+    ),
+    ("KDPM2AncestralDiscreteScheduler", dict(**SD, use_exponential_sigmas=True), {}, 7),
+    ("EDMEulerScheduler", {}, {}, 10),
+    (
+        "EDMEulerScheduler",
+        dict(sigma_schedule="exponential", prediction_type="v_prediction", final_sigmas_type="sigma_min"),
+        {},
+        8,
+    ),
+    ("EDMEulerScheduler", dict(sigma_max=20.0, rho=5.0, sigma_data=1.0), dict(s_churn=1.0, s_tmin=0.1, s_tmax=10), 8),
+]
 IDS = [f"{name[:-9]}-{i}" for i, (name, *_) in enumerate(CASES)]
 
 
@@ -246,8 +282,10 @@ def test_custom_timesteps_and_sigmas_match_diffusers():
         ("DPMSolverMultistepScheduler", dict(timesteps=[999, 800, 600, 400, 200, 50])),
         ("EulerDiscreteScheduler", dict(timesteps=[999.0, 750.5, 500.0, 250.0, 10.0])),
         ("EulerDiscreteScheduler", dict(sigmas=[14.6, 6.0, 2.5, 1.0, 0.3, 0.0])),
+        ("HeunDiscreteScheduler", dict(timesteps=[999.0, 750.5, 500.0, 250.0, 10.0])),
+        ("EDMEulerScheduler", dict(sigmas=torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0]))),  # ramp points, as Diffusers
     ]:
-        ref, ours = pair(name, SD)
+        ref, ours = pair(name, {} if name.startswith("EDM") else SD)
         ref.set_timesteps(**custom)
         ours.set_timesteps(**custom)
         assert_same_schedule(ref, ours)
@@ -321,6 +359,11 @@ SWAP_TARGETS = [
     "DPMSolverMultistepScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "EDMEulerScheduler",
 ]
 
 

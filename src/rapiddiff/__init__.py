@@ -32,6 +32,11 @@ _EXPORTS = {
     "EulerDiscreteScheduler": "schedulers.scheduling_euler_discrete",
     "EulerAncestralDiscreteScheduler": "schedulers.scheduling_euler_ancestral_discrete",
     "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
+    "LMSDiscreteScheduler": "schedulers.scheduling_lms_discrete",
+    "HeunDiscreteScheduler": "schedulers.scheduling_heun_discrete",
+    "KDPM2DiscreteScheduler": "schedulers.scheduling_k_dpm_2_discrete",
+    "KDPM2AncestralDiscreteScheduler": "schedulers.scheduling_k_dpm_2_discrete",
+    "EDMEulerScheduler": "schedulers.scheduling_edm_euler",
     # pipelines
     "DiffusionPipeline": "pipelines.pipeline_utils",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",

@@ -3,8 +3,12 @@
 from .scheduling_ddim import DDIMScheduler
 from .scheduling_ddpm import DDPMScheduler
 from .scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from .scheduling_edm_euler import EDMEulerScheduler
 from .scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .scheduling_euler_discrete import EulerDiscreteScheduler
+from .scheduling_heun_discrete import HeunDiscreteScheduler
+from .scheduling_k_dpm_2_discrete import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+from .scheduling_lms_discrete import LMSDiscreteScheduler
 from .scheduling_pndm import PNDMScheduler
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
 
@@ -12,8 +16,13 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LMSDiscreteScheduler",
     "PNDMScheduler",
     "SchedulerMixin",
     "SchedulerOutput",

@@ -203,9 +203,12 @@ def spaced_timesteps(
     return timesteps[::-1].copy()
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. (2022) noise levels: `n` sigmas from sigma_max to sigma_min, uniform in sigma^(1/rho)."""
-    ramp = np.linspace(0, 1, n)
+def karras_sigmas(
+    sigma_min: float, sigma_max: float, n: int, rho: float = 7.0, ramp: np.ndarray | torch.Tensor | None = None
+) -> np.ndarray:
+    """Karras et al. (2022) noise levels: `n` sigmas from sigma_max to sigma_min, uniform in sigma^(1/rho) (at the
+    points of `ramp` in [0, 1] when given)."""
+    ramp = np.linspace(0, 1, n) if ramp is None else ramp
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
@@ -240,13 +243,17 @@ SIGMA_SPACINGS = {
 }
 
 
-def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional training timesteps of `sigmas`: linear interpolation of log-sigma over the training table."""
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray, keep_float32: bool = False) -> np.ndarray:
+    """Fractional training timesteps of `sigmas`: linear interpolation of log-sigma over the training table.
+
+    keep_float32: the last interpolation in float32 too (as Diffusers' KDPM2 computes it with torch tensors)."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]  # (num_train, n)
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     high = low + 1
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    if keep_float32:
+        low, high = low.astype(np.float32), high.astype(np.float32)
     return ((1 - w) * low + w * high).reshape(sigmas.shape)
 
 
@@ -421,11 +428,16 @@ class SchedulerMixin(ConfigMixin):
         return None
 
     def _set_schedule(
-        self, timesteps: np.ndarray, device: str | torch.device | None, num_inference_steps: int | None
+        self,
+        timesteps: np.ndarray,
+        device: str | torch.device | None,
+        num_inference_steps: int | None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Install a schedule: `timesteps` on `device` (int64, or float32 for the Euler schedulers), its Python
-        values for the step, and a fresh step index."""
-        dtype = torch.float32 if np.issubdtype(timesteps.dtype, np.floating) else torch.int64
+        """Install a schedule: `timesteps` on `device` (int64, or float32 for the Euler schedulers, unless `dtype`
+        says otherwise), its Python values for the step, and a fresh step index."""
+        if dtype is None:
+            dtype = torch.float32 if np.issubdtype(timesteps.dtype, np.floating) else torch.int64
         timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(dtype)
         self._timestep_values: list[float] = timesteps.tolist()
         self.timesteps = to_device(timesteps, device)
