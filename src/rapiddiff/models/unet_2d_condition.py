@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..configuration import Config, ConfigError, per_block
+from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .modeling_utils import ModelMixin
 from .resnet import ACTIVATIONS, activation
@@ -32,6 +32,8 @@ from .unet_blocks import (
 @dataclasses.dataclass(frozen=True)
 class UNet2DConditionConfig(Config):
     """Diffusers' UNet2DConditionModel config keys, with Diffusers' defaults."""
+
+    _minimums = MODEL_MINIMUMS
 
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4

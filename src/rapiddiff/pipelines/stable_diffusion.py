@@ -19,6 +19,7 @@ import torch
 from ..utils.torch_utils import randn_tensor
 from .denoise import (
     PredictNoise,
+    ScaleModelInput,
     StepEndCallback,
     apply_guidance,
     check_timesteps_args,
@@ -268,15 +269,17 @@ class StableDiffusionBase(DiffusionPipeline):
     def unet_noise_predictor(
         self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
     ) -> PredictNoise:
-        """predict_noise(latents, t, i) for `denoise`: one UNet pass over [unconditional; conditional], guided.
+        """predict_noise(latents, t, i, scale_model_input) for `denoise`: one UNet pass over [unconditional;
+        conditional], guided.
 
         Reads the text embeddings from `tensors` at each step, so a step-end callback can replace them.
         """
 
-        def predict_noise(latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        def predict_noise(
+            latents: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
+        ) -> torch.Tensor:
             guided = self.do_classifier_free_guidance
-            x = torch.cat([latents] * 2) if guided else latents
-            x = self.scheduler.scale_model_input(x, t)
+            x = scale_model_input(torch.cat([latents] * 2) if guided else latents)
             extra: dict[str, Any] = {}
             if model_inputs is not None:
                 x, extra = model_inputs(x, t, i)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
+    make_coeffs,
     sigma_to_t,
-    stack_scalars,
 )
 
 
@@ -79,6 +79,16 @@ def vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, sigma_t) of the variance-preserving process whose noise-to-signal ratio is `sigma`."""
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
     return alpha_t, sigma * alpha_t
+
+
+class DPMSolverCoeffs(NamedTuple):
+    """x_next = c_x x + c_0 m0 + c_1 (m0 - m1) + c_2 (m1 - m2) (see `_coefficients`)."""
+
+    sigma: torch.Tensor  # sigma_i: converts the model output
+    c_x: torch.Tensor
+    c_0: torch.Tensor
+    c_1: torch.Tensor
+    c_2: torch.Tensor
 
 
 class DPMSolverMultistepScheduler(SchedulerMixin):
@@ -236,22 +246,24 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self._require_schedule()
         return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
 
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan:
-        """scalars: sigma_i, c_x, c_0, c_1, c_2 (see `_coefficients`); history: the solver_order - 1 previous
-        converted outputs, newest first (zeros, with zero coefficients, before there are any)."""
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[DPMSolverCoeffs]:
+        """history: the solver_order - 1 previous converted outputs, newest first (zeros, with zero coefficients,
+        before there are any)."""
         history = tuple(m if m is not None else torch.zeros_like(sample) for m in self.model_outputs[:0:-1])
-        return StepPlan(i, stack_scalars(self.sigmas[i], *self._coefficients(i, self._order(i))), history=history)
+        c_x, c_0, c_1, c_2 = self._coefficients(i, self._order(i))
+        coeffs = make_coeffs(DPMSolverCoeffs, sigma=self.sigmas[i], c_x=c_x, c_0=c_0, c_1=c_1, c_2=c_2)
+        return StepPlan(i, coeffs, history=history)
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DPMSolverCoeffs]
     ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
-        sigma, c_x, c_0, c_1, c_2 = plan.scalars.unbind()
-        m = (self._convert_model_output(model_output, sample, sigma), *plan.history)
-        prev_sample = c_x * sample.to(torch.float32) + c_0 * m[0]
+        c = plan.coeffs
+        m = (self._convert_model_output(model_output, sample, c.sigma), *plan.history)
+        prev_sample = c.c_x * sample.to(torch.float32) + c.c_0 * m[0]
         if len(m) > 1:
-            prev_sample = prev_sample + c_1 * (m[0] - m[1])
+            prev_sample = prev_sample + c.c_1 * (m[0] - m[1])
         if len(m) > 2:
-            prev_sample = prev_sample + c_2 * (m[1] - m[2])
+            prev_sample = prev_sample + c.c_2 * (m[1] - m[2])
         return prev_sample.to(m[0].dtype), None, (m[0],)
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -19,9 +19,9 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
+    make_coeffs,
     sigma_to_t,
     spaced_timesteps,
-    stack_scalars,
 )
 
 
@@ -71,9 +71,10 @@ class EulerSchedulerMixin(SchedulerMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1): the model sees unit-variance inputs."""
-        plan = self._active_plan  # inside a compiled whole step: the plan's sigma (scalars[0]), a graph input
-        sigma = plan.scalars[0] if plan is not None else self.sigmas[self._index(timestep)]
-        return sample / ((sigma**2 + 1) ** 0.5)
+        return sample / ((self.sigmas[self._index(timestep)] ** 2 + 1) ** 0.5)
+
+    def _model_input_scale(self, i: int) -> torch.Tensor:
+        return 1 / (self.sigmas[i] ** 2 + 1) ** 0.5
 
     def plan_step(self, timestep: float | torch.Tensor, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         self._check_timestep(timestep)
@@ -112,6 +113,14 @@ class EulerDiscreteSchedulerConfig(SchedulerConfig):
         "timestep_type": ("discrete", "continuous"),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
+
+
+class EulerCoeffs(NamedTuple):
+    sigma: torch.Tensor  # sigma_i
+    sigma_hat: torch.Tensor  # sigma_i raised by the churn
+    sigma_next: torch.Tensor  # sigma_{i+1}
+    churn_std: torch.Tensor  # std of the churn noise, sqrt(sigma_hat^2 - sigma^2)
+    s_noise: torch.Tensor  # the call's s_noise
 
 
 class EulerDiscreteScheduler(EulerSchedulerMixin):
@@ -189,9 +198,8 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
         generator: Generator | None = None,
-    ) -> StepPlan:
-        """scalars: sigma, sigma_hat, sigma_{i+1}, the churn noise's std, s_noise. With s_churn > 0 every step gets a
-        noise tensor (zeros, not drawn, outside [s_tmin, s_tmax])."""
+    ) -> StepPlan[EulerCoeffs]:
+        """With s_churn > 0 every step gets a noise tensor (zeros, not drawn, outside [s_tmin, s_tmax])."""
         sigma = self.sigmas[i]
         churn = s_tmin <= self._sigma_values[i] <= s_tmax
         gamma = min(s_churn / (len(self._sigma_values) - 1), 2**0.5 - 1) if churn else 0.0
@@ -201,17 +209,24 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         elif s_churn > 0:
             noise = torch.zeros_like(sample)
-        churn_std = (sigma_hat**2 - sigma**2) ** 0.5
-        return StepPlan(i, stack_scalars(sigma, sigma_hat, self.sigmas[i + 1], churn_std, s_noise), noise)
+        coeffs = make_coeffs(
+            EulerCoeffs,
+            sigma=sigma,
+            sigma_hat=sigma_hat,
+            sigma_next=self.sigmas[i + 1],
+            churn_std=(sigma_hat**2 - sigma**2) ** 0.5,
+            s_noise=s_noise,
+        )
+        return StepPlan(i, coeffs, noise)
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[EulerCoeffs]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        sigma, sigma_hat, sigma_next, churn_std, s_noise = plan.scalars.unbind()
+        c = plan.coeffs
         sample = sample.to(torch.float32)
         if plan.noise is not None:
-            sample = sample + plan.noise * s_noise * churn_std
-        x0 = self._predict_x0_ve(model_output, sample, sigma, sigma_hat)
-        derivative = (sample - x0) / sigma_hat
-        prev_sample = (sample + derivative * (sigma_next - sigma_hat)).to(model_output.dtype)
+            sample = sample + plan.noise * c.s_noise * c.churn_std
+        x0 = self._predict_x0_ve(model_output, sample, c.sigma, c.sigma_hat)
+        derivative = (sample - x0) / c.sigma_hat
+        prev_sample = (sample + derivative * (c.sigma_next - c.sigma_hat)).to(model_output.dtype)
         return prev_sample, x0, ()

@@ -18,9 +18,10 @@ GPU rules, kept by every scheduler (no step ever waits for the device):
   overwritten by its next call.
 
 A step is three calls, so that a compiled whole step (rapiddiff.compile) can run the middle one in its graph:
-`plan_step` (host: the position in the schedule, every per-step value as a tensor, the noise drawn with the caller's
-generator) -> `apply_plan` (tensor math; branches on the config and the call's options only, so one graph serves every
-step) -> `commit_plan` (host: keep history, advance the index). `step` is the three in a row.
+`plan_step` (host: the position in the schedule, the per-step numbers as a NamedTuple of tensors (`StepPlan.coeffs`,
+one class per scheduler, read by name), the model-input scale, the noise drawn with the caller's generator) ->
+`apply_plan` (tensor math; branches on the config and the call's options only, so one graph serves every step) ->
+`commit_plan` (host: keep history, advance the index). `step` is the three in a row.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import math
 import operator
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -290,24 +291,41 @@ class SchedulerOutput:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
+C = TypeVar("C", bound=tuple)
+
+
 @dataclasses.dataclass
-class StepPlan:
-    """One step prepared on the host. `apply_plan` reads the tensors and `options`, never `index`."""
+class StepPlan(Generic[C]):
+    """One step prepared on the host. `apply_plan` reads the tensors and `options`, never `index`.
+
+    `coeffs` is the scheduler's own NamedTuple of per-step numbers (0-dim float32 tensors, see `make_coeffs`): `_plan`
+    builds it and `apply_plan` reads it by name.
+    """
 
     index: int  # position in the schedule
-    scalars: torch.Tensor  # (k,) float32 per-step coefficients: CPU, or on the sample's device in a compiled step
+    coeffs: C  # per-step numbers: on the CPU, or on the sample's device in a compiled step
     noise: torch.Tensor | None = None  # this step's fresh noise (None: the call draws none on any step)
     history: tuple[torch.Tensor, ...] = ()  # earlier outputs the update reads; a fixed count for a whole loop
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the call's constant options
+    # The model sees `sample * model_input_scale` at this step (None: the sample as is); what `scale_model_input`
+    # computes eagerly, as a tensor a compiled step takes as an input.
+    model_input_scale: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> StepPlan:
-        """The plan with its coefficients on `device` (noise and history are drawn and kept there already)."""
-        return dataclasses.replace(self, scalars=to_device(self.scalars, device))
+    def to(self, device: torch.device) -> StepPlan[C]:
+        """The plan with its numbers on `device`, moved in one copy (noise and history are on the device already)."""
+        values = [*self.coeffs, *([] if self.model_input_scale is None else [self.model_input_scale])]
+        moved = to_device(torch.stack(values), device).unbind()
+        scale = None if self.model_input_scale is None else moved[-1]
+        return dataclasses.replace(self, coeffs=type(self.coeffs)(*moved[: len(self.coeffs)]), model_input_scale=scale)
+
+    def scale_model_input(self, sample: torch.Tensor) -> torch.Tensor:
+        """The model input at this step (see `model_input_scale`)."""
+        return sample if self.model_input_scale is None else sample * self.model_input_scale
 
 
-def stack_scalars(*values: torch.Tensor | float) -> torch.Tensor:
-    """0-dim tensors and numbers -> one (k,) float32 tensor: a plan's `scalars`."""
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])
+def make_coeffs(cls: type[C], **values: torch.Tensor | float) -> C:
+    """A scheduler's per-step NamedTuple `cls` from numbers and 0-dim tensors, each as a 0-dim float32 tensor."""
+    return cls(**{name: torch.as_tensor(v, dtype=torch.float32) for name, v in values.items()})
 
 
 # --- base ----------------------------------------------------------------------------------------------------------
@@ -321,9 +339,6 @@ class SchedulerMixin(ConfigMixin):
     init_noise_sigma: ClassVar[float] = 1.0  # std of the initial noise (the Euler schedulers compute theirs)
     # Sigma schedulers pin the last alphas_cumprod at 2**-24 under rescale_betas_zero_snr (a zero gives sigma = inf).
     _pin_zero_snr: ClassVar[bool] = False
-    # The plan of the step a compiled whole step is running: `scale_model_input` reads its sigma from it (not from the
-    # Python step index, which would be a constant of the graph).
-    _active_plan: StepPlan | None = None
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config = self._parse_config(config, kwargs, source=type(self).__name__)
@@ -597,7 +612,14 @@ class SchedulerMixin(ConfigMixin):
     # --- the step protocol (see the module docstring) -------------------------------------------------------------
     def plan_step(self, timestep: float | torch.Tensor, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         """Prepare the next step on the host; `step_kwargs` are the scheduler's `step` options (eta, generator...)."""
-        return self._plan(self._index(timestep), sample, **step_kwargs)
+        i = self._index(timestep)
+        plan = self._plan(i, sample, **step_kwargs)
+        plan.model_input_scale = self._model_input_scale(i)
+        return plan
+
+    def _model_input_scale(self, i: int) -> torch.Tensor | None:
+        """What step i's model input is multiplied by (see `StepPlan.model_input_scale`); None: not scaled."""
+        return None
 
     def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
