@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import sys
@@ -173,8 +174,15 @@ CASES += [
 IDS = [f"{name[:-9]}-{i}" for i, (name, *_) in enumerate(CASES)]
 
 
+@functools.cache
+def _reference(name: str, config_json: str):
+    return getattr(diffusers, name)(**json.loads(config_json))
+
+
 def pair(name: str, config: dict) -> tuple:
-    return getattr(diffusers, name)(**config), getattr(rapiddiff, name)(**config)
+    # Diffusers' KDPM2 schedulers take seconds to build (a Python loop over 1000 sigmas): build each config once
+    reference = copy.deepcopy(_reference(name, json.dumps(config, sort_keys=True)))
+    return reference, getattr(rapiddiff, name)(**config)
 
 
 def channels(config: dict) -> int:

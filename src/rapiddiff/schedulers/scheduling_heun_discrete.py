@@ -38,6 +38,8 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
+        # read on the host once: a compiled step cannot look up which fields a config class has
+        self._clip_range = self.config.clip_sample_range if self.config.own("clip_sample") else None
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -93,8 +95,8 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
         c = plan.coeffs
         prev_derivative, saved_sample = plan.history
         x0 = self._predict_x0_ve(model_output, sample, c.sigma_in, c.sigma_in)
-        if self.config.own("clip_sample"):
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        if self._clip_range is not None:
+            x0 = x0.clamp(-self._clip_range, self._clip_range)
         derivative = (sample - x0) / c.sigma_in
         step = c.d_weight * derivative + c.prev_weight * prev_derivative
         start = torch.where(c.from_saved > 0, saved_sample, sample)
@@ -157,5 +159,9 @@ class HeunDiscreteScheduler(SecondOrderSchedulerMixin):
         (the second read at the interval's end), applied from the saved sample over the same step."""
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
         if first:
-            return dict(sigma_in=sigma, d_weight=1.0, prev_weight=0.0, dt=sigma_next - sigma, from_saved=0.0, noise_std=0.0)
-        return dict(sigma_in=sigma_next, d_weight=0.5, prev_weight=0.5, dt=sigma_next - sigma, from_saved=1.0, noise_std=0.0)
+            return dict(
+                sigma_in=sigma, d_weight=1.0, prev_weight=0.0, dt=sigma_next - sigma, from_saved=0.0, noise_std=0.0
+            )
+        return dict(
+            sigma_in=sigma_next, d_weight=0.5, prev_weight=0.5, dt=sigma_next - sigma, from_saved=1.0, noise_std=0.0
+        )

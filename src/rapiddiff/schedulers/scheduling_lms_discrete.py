@@ -117,7 +117,9 @@ class LMSDiscreteScheduler(EulerSchedulerMixin):
         weights = lms_coefficients(self._sigma_values, i, effective)[:used]
         weights += [0.0] * (MAX_ORDER - used)
         history = (*previous, *(torch.zeros_like(sample) for _ in range(MAX_ORDER - 1 - len(previous))))
-        coeffs = make_coeffs(LMSCoeffs, sigma=self.sigmas[i], c0=weights[0], c1=weights[1], c2=weights[2], c3=weights[3])
+        coeffs = make_coeffs(
+            LMSCoeffs, sigma=self.sigmas[i], c0=weights[0], c1=weights[1], c2=weights[2], c3=weights[3]
+        )
         return StepPlan(i, coeffs, history=history, options={"order": order})
 
     def apply_plan(
