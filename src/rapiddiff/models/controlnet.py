@@ -213,6 +213,22 @@ class ControlNetModel(ModelMixin):
                 getattr(model, name).load_state_dict(getattr(unet, name).state_dict())
         return model
 
+    @classmethod
+    def from_single_file(
+        cls,
+        pretrained_model_link_or_path: str | os.PathLike,
+        config: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> ControlNetModel:
+        """An original-layout ControlNet file (`control_model.*`, e.g. control_v11p_sd15_canny.pth), offline; the
+        config from `config=` (a local folder) or the SD 1.x ControlNet preset."""
+        from ..loaders.single_file import controlnet_from_single_file
+
+        return controlnet_from_single_file(
+            cls, pretrained_model_link_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype
+        )
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -363,10 +379,19 @@ class MultiControlNetModel(ModelMixin):
 
     # --- Diffusers' layout: net 0 in `folder`, net i in `folder_i` -------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, variant: str | None = None, safe_serialization: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "10GB",
     ) -> None:
         for i, net in enumerate(self.nets):
-            net.save_pretrained(_net_folder(save_directory, i), variant=variant, safe_serialization=safe_serialization)
+            net.save_pretrained(
+                _net_folder(save_directory, i),
+                variant=variant,
+                safe_serialization=safe_serialization,
+                max_shard_size=max_shard_size,
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_path: str | os.PathLike, **kwargs: Any) -> MultiControlNetModel:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
+from ..loaders.lora import LoraModelMixin
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .modeling_utils import ModelMixin
 from .resnet import ACTIVATIONS, activation
@@ -220,7 +221,7 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(LoraModelMixin, ModelMixin):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig

@@ -346,6 +346,14 @@ class DiffusionPipeline:
         return pipe
 
     @classmethod
+    def from_single_file(cls: type[P], pretrained_model_link_or_path: str | os.PathLike, **kwargs: Any) -> P:
+        """A Stable Diffusion pipeline from one checkpoint file in the original layout (`.safetensors` / `.ckpt`),
+        offline: see `rapiddiff.loaders.single_file.pipeline_from_single_file` for the arguments."""
+        from ..loaders.single_file import pipeline_from_single_file
+
+        return pipeline_from_single_file(cls, pretrained_model_link_or_path, **kwargs)
+
+    @classmethod
     def _split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """from_pretrained's extra keyword arguments: (component overrides, config overrides); others are an error."""
         components, config_names = cls.component_names(), cls.config_names()
