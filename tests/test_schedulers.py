@@ -474,6 +474,11 @@ def test_unknown_and_unsupported_keys_raise(tmp_path):
         ("DDPMScheduler", "variance_type", "fixed_large_log"),
         ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
         ("PNDMScheduler", "prediction_type", "sample"),
+        ("KDPM2DiscreteScheduler", "prediction_type", "sample"),
+        ("HeunDiscreteScheduler", "beta_schedule", "exp"),
+        ("EDMEulerScheduler", "sigma_schedule", "linear"),
+        ("EDMEulerScheduler", "final_sigmas_type", "one"),
+        ("EDMEulerScheduler", "beta_schedule", "linear"),  # EDM has no betas: not one of its keys
     ]:
         with pytest.raises(ConfigError, match=key):
             getattr(rapiddiff, cls)(**{key: value})
@@ -601,3 +606,16 @@ def test_sigma_spacing_options_raise_naming_the_key(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as if scipy were not installed
     with pytest.raises(ImportError, match="use_beta_sigmas.*scipy"):
         rapiddiff.DPMSolverMultistepScheduler(use_beta_sigmas=True)
+
+
+def test_new_scheduler_step_options_raise():
+    lms = rapiddiff.LMSDiscreteScheduler()
+    lms.set_timesteps(4)
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="order"):
+        lms.step(x, lms.timesteps[0], x, order=5)
+    edm = rapiddiff.EDMEulerScheduler()
+    with pytest.raises(ValueError, match="sigmas"):
+        edm.set_timesteps(sigmas=[0.0, 1.5])
+    with pytest.raises(ValueError, match="custom timesteps"):
+        rapiddiff.HeunDiscreteScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900.0, 100.0])
