@@ -54,6 +54,22 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
     def _coeffs(self, i: int, first: bool) -> dict[str, torch.Tensor | float]:
         raise NotImplementedError
 
+    @staticmethod
+    def _euler_to(sigma: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """A first evaluation: an Euler step from `sigma` to `target`."""
+        return dict(sigma_in=sigma, d_weight=1.0, prev_weight=0.0, dt=target - sigma, from_saved=0.0, noise_std=0.0)
+
+    @staticmethod
+    def _second(
+        sigma_in: torch.Tensor, dt: torch.Tensor, average: bool = False, noise_std: torch.Tensor | float = 0.0
+    ) -> dict[str, torch.Tensor | float]:
+        """A second evaluation, read at `sigma_in`, stepping `dt` from the saved sample (with the first derivative
+        averaged in for Heun)."""
+        weight = 0.5 if average else 1.0
+        return dict(
+            sigma_in=sigma_in, d_weight=weight, prev_weight=1.0 - weight, dt=dt, from_saved=1.0, noise_std=noise_std
+        )
+
     def _input_sigma(self, i: int) -> torch.Tensor:
         """The sigma of step i's model input (KDPM2: the midpoint's at second evaluations)."""
         return self.sigmas[i]
@@ -112,15 +128,21 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
 
 
 @dataclasses.dataclass(frozen=True)
-class HeunDiscreteSchedulerConfig(SchedulerConfig):
+class SecondOrderSchedulerConfig(SchedulerConfig):
+    """The keys Heun and the KDPM2 schedulers share (with their defaults, which differ from the base's)."""
+
     beta_start: float = 0.00085
     beta_end: float = 0.012
     use_karras_sigmas: bool | None = False
     use_exponential_sigmas: bool | None = False
     use_beta_sigmas: bool | None = False
+    timestep_spacing: str = "linspace"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeunDiscreteSchedulerConfig(SecondOrderSchedulerConfig):
     clip_sample: bool | None = False
     clip_sample_range: float = 1.0
-    timestep_spacing: str = "linspace"
 
 
 def doubled(values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -157,11 +179,6 @@ class HeunDiscreteScheduler(SecondOrderSchedulerMixin):
     def _coeffs(self, i: int, first: bool) -> dict[str, torch.Tensor | float]:
         """First evaluation: an Euler step from sigma_i to sigma_{i+1}. Second: the average of both derivatives
         (the second read at the interval's end), applied from the saved sample over the same step."""
-        sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
         if first:
-            return dict(
-                sigma_in=sigma, d_weight=1.0, prev_weight=0.0, dt=sigma_next - sigma, from_saved=0.0, noise_std=0.0
-            )
-        return dict(
-            sigma_in=sigma_next, d_weight=0.5, prev_weight=0.5, dt=sigma_next - sigma, from_saved=1.0, noise_std=0.0
-        )
+            return self._euler_to(self.sigmas[i], self.sigmas[i + 1])
+        return self._second(self.sigmas[i], self.sigmas[i] - self.sigmas[i - 1], average=True)

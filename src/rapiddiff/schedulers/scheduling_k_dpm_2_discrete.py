@@ -10,19 +10,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .scheduling_heun_discrete import SecondOrderSchedulerMixin, doubled
+from .scheduling_heun_discrete import SecondOrderSchedulerConfig, SecondOrderSchedulerMixin, doubled
 from .scheduling_utils import SchedulerConfig, sigma_to_t
 
 
 @dataclasses.dataclass(frozen=True)
-class KDPM2DiscreteSchedulerConfig(SchedulerConfig):
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    timestep_spacing: str = "linspace"
-
+class KDPM2DiscreteSchedulerConfig(SecondOrderSchedulerConfig):
     choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
 
 
@@ -64,24 +57,8 @@ class KDPM2DiscreteScheduler(SecondOrderSchedulerMixin):
 
     def _coeffs(self, i: int, first: bool) -> dict[str, torch.Tensor | float]:
         if first:
-            sigma = self.sigmas[i]
-            return dict(
-                sigma_in=sigma,
-                d_weight=1.0,
-                prev_weight=0.0,
-                dt=self.sigmas_interpol[i + 1] - sigma,
-                from_saved=0.0,
-                noise_std=0.0,
-            )
-        sigma = self.sigmas[i - 1]
-        return dict(
-            sigma_in=self.sigmas_interpol[i],
-            d_weight=1.0,
-            prev_weight=0.0,
-            dt=self.sigmas[i] - sigma,
-            from_saved=1.0,
-            noise_std=0.0,
-        )
+            return self._euler_to(self.sigmas[i], self.sigmas_interpol[i + 1])
+        return self._second(self.sigmas_interpol[i], self.sigmas[i] - self.sigmas[i - 1])
 
 
 class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
@@ -92,6 +69,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     _draws_noise: ClassVar[bool] = True
 
     def _interpolated(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The midpoints between sigma_k and sigma_down_k; also installs the sigma_up / sigma_down tables."""
         sigmas_next = sigmas.roll(-1)
         sigmas_next[-1] = 0.0
         sigmas_up = (sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2) ** 0.5
@@ -108,20 +86,6 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
 
     def _coeffs(self, i: int, first: bool) -> dict[str, torch.Tensor | float]:
         if first:
-            sigma = self.sigmas[i]
-            return dict(
-                sigma_in=sigma,
-                d_weight=1.0,
-                prev_weight=0.0,
-                dt=self.sigmas_interpol[i] - sigma,
-                from_saved=0.0,
-                noise_std=0.0,
-            )
-        return dict(
-            sigma_in=self.sigmas_interpol[i - 1],
-            d_weight=1.0,
-            prev_weight=0.0,
-            dt=self.sigmas_down[i - 1] - self.sigmas[i - 1],
-            from_saved=1.0,
-            noise_std=self.sigmas_up[i - 1],
-        )
+            return self._euler_to(self.sigmas[i], self.sigmas_interpol[i])
+        dt = self.sigmas_down[i - 1] - self.sigmas[i - 1]
+        return self._second(self.sigmas_interpol[i - 1], dt, noise_std=self.sigmas_up[i - 1])
