@@ -619,3 +619,15 @@ def test_new_scheduler_step_options_raise():
         edm.set_timesteps(sigmas=[0.0, 1.5])
     with pytest.raises(ValueError, match="custom timesteps"):
         rapiddiff.HeunDiscreteScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900.0, 100.0])
+
+
+def test_sigma_bounds_of_a_swapped_config_as_diffusers_reads_them():
+    """Diffusers' Karras / exponential conversions read config.sigma_min / sigma_max even when they are another
+    scheduler's keys (hidden); LMS's Karras conversion does not."""
+    euler = dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)
+    for target in ("DPMSolverMultistepScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler"):
+        ref = getattr(diffusers, target).from_config(diffusers.EulerDiscreteScheduler(**euler).config)
+        ours = getattr(rapiddiff, target).from_config(rapiddiff.EulerDiscreteScheduler(**euler).config)
+        ref.set_timesteps(6)
+        ours.set_timesteps(6)
+        assert_same_schedule(ref, ours)
