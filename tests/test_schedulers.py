@@ -150,7 +150,7 @@ CASES += [
         8,
     ),
     ("HeunDiscreteScheduler", dict(**SD, use_exponential_sigmas=True, timestep_spacing="trailing"), {}, 8),
-    ("HeunDiscreteScheduler", dict(use_beta_sigmas=True, prediction_type="sample"), {}, 7),
+    ("HeunDiscreteScheduler", dict(use_beta_sigmas=True, prediction_type="sample", beta_schedule="exp"), {}, 7),
     ("KDPM2DiscreteScheduler", {}, {}, 10),
     ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction"), {}, 8),
     ("KDPM2DiscreteScheduler", dict(use_beta_sigmas=True, timestep_spacing="leading", steps_offset=1), {}, 8),
@@ -475,7 +475,7 @@ def test_unknown_and_unsupported_keys_raise(tmp_path):
         ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
         ("PNDMScheduler", "prediction_type", "sample"),
         ("KDPM2DiscreteScheduler", "prediction_type", "sample"),
-        ("HeunDiscreteScheduler", "beta_schedule", "exp"),
+        ("LMSDiscreteScheduler", "beta_schedule", "exp"),  # Heun's only
         ("EDMEulerScheduler", "sigma_schedule", "linear"),
         ("EDMEulerScheduler", "final_sigmas_type", "one"),
         ("EDMEulerScheduler", "beta_schedule", "linear"),  # EDM has no betas: not one of its keys

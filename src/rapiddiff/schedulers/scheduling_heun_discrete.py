@@ -144,6 +144,11 @@ class HeunDiscreteSchedulerConfig(SecondOrderSchedulerConfig):
     clip_sample: bool | None = False
     clip_sample_range: float = 1.0
 
+    choices: ClassVar = {
+        **SchedulerConfig.choices,
+        "beta_schedule": (*SchedulerConfig.choices["beta_schedule"], "exp"),
+    }
+
 
 def doubled(values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """values[0], then every later value twice: Diffusers' layout of a table for two evaluations per interval."""

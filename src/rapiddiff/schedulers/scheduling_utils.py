@@ -30,7 +30,7 @@ import dataclasses
 import math
 import operator
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -153,15 +153,23 @@ class SchedulerConfig(Config):
 
 
 # --- tables --------------------------------------------------------------------------------------------------------
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """GLIDE's squaredcos_cap_v2 schedule: betas from alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2)."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
+def _alpha_bar_betas(
+    num_train_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> torch.Tensor:
+    """Betas of a continuous alpha_bar(t), t in [0, 1] (Diffusers' `betas_for_alpha_bar`)."""
     n = num_train_timesteps
     betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
     return torch.tensor(betas, dtype=torch.float32)
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    """GLIDE's squaredcos_cap_v2 schedule."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _exp_alpha_bar(t: float) -> float:
+    """Diffusers' "exp" schedule (HeunDiscreteScheduler only)."""
+    return math.exp(t * -12.0)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -183,8 +191,10 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
         betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
     elif config.beta_schedule == "scaled_linear":  # latent diffusion's schedule
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
+    elif config.beta_schedule == "exp":
+        betas = _alpha_bar_betas(n, _exp_alpha_bar)
     else:
-        betas = _cosine_betas(n)
+        betas = _alpha_bar_betas(n, _cosine_alpha_bar)
     if config.own("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas
