@@ -426,10 +426,6 @@ WHOLE_STEP_CASES = [
     ("EulerAncestralDiscreteScheduler", {}, {}),
     ("DPMSolverMultistepScheduler", {}, {}),
     ("DPMSolverMultistepScheduler", dict(solver_order=3, solver_type="heun"), {}),
-    ("LMSDiscreteScheduler", {}, {}),
-    ("HeunDiscreteScheduler", dict(use_karras_sigmas=True), {}),  # two evaluations per interval: one graph
-    ("KDPM2AncestralDiscreteScheduler", {}, {}),
-    ("EDMEulerScheduler", {}, {}),
 ]
 
 

@@ -46,6 +46,8 @@ def test_strengths_match_diffusers(pipes, strength):
     [
         "EulerAncestralDiscreteScheduler",
         "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "LCMScheduler",
         "HeunDiscreteScheduler",  # order 2: the pipeline's begin index is t_start * 2
         "KDPM2AncestralDiscreteScheduler",  # order 2, with step noise from the generator
     ],

@@ -37,6 +37,12 @@ _EXPORTS = {
     "KDPM2DiscreteScheduler": "schedulers.scheduling_k_dpm_2_discrete",
     "KDPM2AncestralDiscreteScheduler": "schedulers.scheduling_k_dpm_2_discrete",
     "EDMEulerScheduler": "schedulers.scheduling_edm_euler",
+    "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
+    "DEISMultistepScheduler": "schedulers.scheduling_deis_multistep",
+    "DPMSolverSinglestepScheduler": "schedulers.scheduling_dpmsolver_singlestep",
+    "DPMSolverSDEScheduler": "schedulers.scheduling_dpmsolver_sde",
+    "LCMScheduler": "schedulers.scheduling_lcm",
+    "TCDScheduler": "schedulers.scheduling_tcd",
     # pipelines
     "DiffusionPipeline": "pipelines.pipeline_utils",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",
