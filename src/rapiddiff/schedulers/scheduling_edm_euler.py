@@ -43,6 +43,7 @@ class EDMEulerScheduler(EulerDiscreteScheduler):
     """EulerDiscreteScheduler's step (with its churn options) on EDM's sigmas and preconditioning."""
 
     config_class: ClassVar[type[EDMEulerSchedulerConfig]] = EDMEulerSchedulerConfig
+    _compatibles: ClassVar[tuple[str, ...]] = ()  # as Diffusers: EDM's sigmas and preconditioning are its own
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
