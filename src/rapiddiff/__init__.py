@@ -10,6 +10,8 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+# The Diffusers release whose API, checkpoint layout and outputs rapiddiff mirrors (written into saved configs).
+DIFFUSERS_VERSION = "0.42.1"
 
 # public name -> submodule that defines it
 _EXPORTS = {
