@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import tokens_to_map
+
 
 def sdpa_kernel(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
     """q: (B, H, Lq, D), k/v: (B, H, Lk, D), mask additive (B, H, Lq|1, Lk) -> (B, H, Lq, D)."""
@@ -208,7 +210,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         out = self.to_out[0](out)
         if hidden_states.ndim == 4:
-            out = out.transpose(1, 2).reshape(residual.shape)
+            out = tokens_to_map(out, residual)  # in the input's memory format (models/layout.py)
         if self.residual_connection:
             out = out + residual
         if self.rescale_output_factor != 1.0:

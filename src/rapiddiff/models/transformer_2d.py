@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_processor import Attention
+from .layout import residual_add
 
 
 class GEGLU(nn.Module):
@@ -143,4 +144,4 @@ class Transformer2DModel(nn.Module):
             x = self.proj_out(x)
         else:  # the 1x1 conv is a linear map of the channels: applied to the tokens, as the same matmul
             x = F.linear(x, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        return x.reshape(b, h, w, -1).permute(0, 3, 1, 2) + residual
+        return residual_add(residual, x)
