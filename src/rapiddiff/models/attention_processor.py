@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_projections import fuse_projections, fused_qkv
 from .layout import tokens_to_map
 
 
@@ -119,6 +120,8 @@ class Attention(nn.Module):
         if only_cross_attention and added_kv_proj_dim is None:
             raise ValueError("only_cross_attention=True needs added_kv_proj_dim")
         kv_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.is_cross_attention = cross_attention_dim is not None
+        self.fused_projections = False  # fuse_projections(): one to_qkv / to_kv matmul
 
         self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups is not None else None
         if cross_attention_norm is None:
@@ -167,6 +170,10 @@ class Attention(nn.Module):
     def get_processor(self) -> Any:
         return self.processor
 
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """Diffusers' `Attention.fuse_projections`: one stacked `to_qkv` (self-attention) or `to_kv` (cross)."""
+        fuse_projections(self, fuse)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -193,8 +200,11 @@ class Attention(nn.Module):
             x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
         context = x if encoder_hidden_states is None else self.norm_context(encoder_hidden_states)
 
-        q = self.split_heads(self.to_q(x))
-        if self.added_kv_proj_dim is not None:
+        fused = fused_qkv(self, x, context, encoder_hidden_states is None) if self.fused_projections else None
+        if fused is not None:
+            q, k, v = (self.split_heads(t) for t in fused)
+        elif self.added_kv_proj_dim is not None:
+            q = self.split_heads(self.to_q(x))
             # Text tokens are projected by add_k/add_v and put in front of the image's own keys and values.
             k = self.split_heads(self.add_k_proj(context))
             v = self.split_heads(self.add_v_proj(context))
@@ -202,6 +212,7 @@ class Attention(nn.Module):
                 k = torch.cat([k, self.split_heads(self.to_k(x))], dim=2)
                 v = torch.cat([v, self.split_heads(self.to_v(x))], dim=2)
         else:
+            q = self.split_heads(self.to_q(x))
             k = self.split_heads(self.to_k(context))
             v = self.split_heads(self.to_v(context))
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..configuration import Config, ConfigError, per_block
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
+from .fused_projections import FusedProjectionsMixin
 from .modeling_utils import ModelMixin
 from .resnet import ACTIVATIONS, activation
 from .unet_blocks import (
@@ -218,7 +219,7 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(ModelMixin, FusedProjectionsMixin):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig

@@ -95,6 +95,11 @@ def _unwrap(module: Any) -> Any:
     return getattr(module, "_orig_mod", module)
 
 
+def is_compiled(module: Any) -> bool:
+    """Whether calling `module` runs torch.compile'd code (`torch.compile(module)` or `module.compile()`)."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
 def library_entry(component: Any) -> tuple[str | None, str | None]:
     """The `[library, class]` pair that model_index.json records for a component."""
     if component is None:

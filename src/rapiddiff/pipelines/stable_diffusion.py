@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..models.fused_projections import fuse_pipeline_projections
 from ..utils.torch_utils import randn_tensor
 from .denoise import (
     PredictNoise,
@@ -100,6 +101,15 @@ class StableDiffusionBase(DiffusionPipeline):
     def do_classifier_free_guidance(self) -> bool:
         """guidance_scale <= 1 runs the UNet on the conditional batch only (a callback may lower it mid-run)."""
         return self._guidance_scale > 1
+
+    # --- fused projections (Diffusers' StableDiffusionMixin) ---------------------------------------------------------
+    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Fuse the attention projections of the UNet and/or the VAE (models/fused_projections.py)."""
+        fuse_pipeline_projections(self, unet, vae, fuse=True)
+
+    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Undo `fuse_qkv_projections`; a model that was not fused is left as is, with Diffusers' warning."""
+        fuse_pipeline_projections(self, unet, vae, fuse=False)
 
     # --- argument checks --------------------------------------------------------------------------------------------
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
