@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import diffusers
@@ -77,6 +78,14 @@ CASES = [
         dict(s_churn=1.0, s_tmin=0.5, s_tmax=20.0),
         10,
     ),
+    ("EulerDiscreteScheduler", dict(**SD, use_exponential_sigmas=True, prediction_type="v_prediction"), {}, 10),
+    ("EulerDiscreteScheduler", dict(use_beta_sigmas=True, sigma_max=12.0, timestep_spacing="trailing"), {}, 9),
+    (
+        "EulerDiscreteScheduler",
+        dict(interpolation_type="log_linear", timestep_type="continuous", prediction_type="v_prediction"),
+        {},
+        10,
+    ),
     ("EulerAncestralDiscreteScheduler", {}, {}, 10),
     ("EulerAncestralDiscreteScheduler", dict(**SD, timestep_spacing="leading", steps_offset=1), {}, 12),
     (
@@ -120,6 +129,10 @@ CASES = [
         {},
         16,
     ),
+    ("DPMSolverMultistepScheduler", dict(**SD, use_exponential_sigmas=True, prediction_type="v_prediction"), {}, 10),
+    ("DPMSolverMultistepScheduler", dict(use_beta_sigmas=True, final_sigmas_type="sigma_min", solver_order=3), {}, 12),
+    ("DPMSolverMultistepScheduler", dict(**SD, use_lu_lambdas=True), {}, 10),
+    ("DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True), {}, 10),
 ]
 IDS = [f"{name[:-9]}-{i}" for i, (name, *_) in enumerate(CASES)]
 
@@ -402,10 +415,11 @@ def test_unknown_and_unsupported_keys_raise(tmp_path):
     with pytest.raises(ConfigError, match="UNet2DConditionModel"):
         rapiddiff.DDIMScheduler.from_config({"_class_name": "UNet2DConditionModel", "in_channels": 4})
     for cls, key, value in [
-        ("EulerDiscreteScheduler", "use_exponential_sigmas", True),
-        ("EulerDiscreteScheduler", "timestep_type", "continuous"),
+        ("EulerDiscreteScheduler", "timestep_type", "edm"),
+        ("EulerDiscreteScheduler", "interpolation_type", "cubic"),
+        ("EulerDiscreteScheduler", "final_sigmas_type", "one"),
         ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
-        ("DPMSolverMultistepScheduler", "use_lu_lambdas", True),
+        ("DPMSolverMultistepScheduler", "use_flow_sigmas", True),
         ("DDPMScheduler", "variance_type", "fixed_large_log"),
         ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
         ("PNDMScheduler", "prediction_type", "sample"),
@@ -491,3 +505,48 @@ def test_randn_tensor_matches_diffusers(seeds, dtype):
     assert ours.dtype == dtype and torch.equal(ours, ref)
     with pytest.raises(ValueError, match="generators"):
         randn_tensor(shape, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_swap_does_not_apply_keys_the_target_class_lacks():
+    """PNDM has no rescale_betas_zero_snr: a zero-SNR DDIM config swapped to PNDM keeps it aside, unused."""
+    ddim = dict(**SD, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ref = diffusers.PNDMScheduler.from_config(diffusers.DDIMScheduler(**ddim).config)
+    ours = rapiddiff.PNDMScheduler.from_config(rapiddiff.DDIMScheduler(**ddim).config)
+    assert ours.config["rescale_betas_zero_snr"] is True  # kept for later swaps, as Diffusers does
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, atol=0, rtol=0)
+    assert ours.alphas_cumprod[-1] > 4e-3
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    sample = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(run_loop(ref, ours, {}, {}, sample, ref.timesteps, "PNDM from zero-SNR DDIM")).all()
+
+
+def test_ddpm_variance_type_none_is_fixed_small(tmp_path):
+    """IF-II's image-noising scheduler config has "variance_type": null; Diffusers treats it as fixed_small."""
+    config = {"_class_name": "DDPMScheduler", "variance_type": None, "beta_schedule": "squaredcos_cap_v2"}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    ours = rapiddiff.DDPMScheduler.from_pretrained(tmp_path)
+    ref = diffusers.DDPMScheduler.from_pretrained(tmp_path)
+    assert ours.config.variance_type is None and fields(ours) == fields(ref)
+    ref.set_timesteps(8)
+    ours.set_timesteps(8)
+    sample = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    run_loop(ref, ours, {}, {}, sample, ref.timesteps, "DDPM variance_type=None")
+
+
+def test_sigma_spacing_options_raise_naming_the_key(monkeypatch):
+    with pytest.raises(ConfigError, match="use_karras_sigmas, use_beta_sigmas"):
+        rapiddiff.EulerDiscreteScheduler(use_karras_sigmas=True, use_beta_sigmas=True)
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        scheduler = getattr(rapiddiff, name)(use_exponential_sigmas=True)
+        with pytest.raises(ValueError, match="use_exponential_sigmas"):
+            scheduler.set_timesteps(timesteps=[900, 500, 100])
+    with pytest.raises(ValueError, match="use_lu_lambdas"):
+        rapiddiff.DPMSolverMultistepScheduler(use_lu_lambdas=True).set_timesteps(timesteps=[900, 500, 100])
+    with pytest.raises(ValueError, match="continuous"):
+        rapiddiff.EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction").set_timesteps(
+            timesteps=[900.0, 100.0]
+        )
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as if scipy were not installed
+    with pytest.raises(ImportError, match="use_beta_sigmas.*scipy"):
+        rapiddiff.DPMSolverMultistepScheduler(use_beta_sigmas=True)

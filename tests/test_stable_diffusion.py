@@ -297,7 +297,7 @@ BAD_INPUTS = [
     (dict(guidance_scale="7"), TypeError, "guidance_scale must be a float"),
     (dict(guidance_rescale=1.5), ValueError, "guidance_rescale must be <= 1.0"),
     (dict(clip_skip=5), ValueError, "clip_skip=5"),
-    (dict(cross_attention_kwargs={"scale": 0.5}), ValueError, "cross_attention_kwargs"),
+    (dict(cross_attention_kwargs={"attention_op": None}), ValueError, "cross_attention_kwargs"),
     (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]), ValueError, "noise"),
     (dict(callback_on_step_end="not callable"), TypeError, "callback_on_step_end must be callable"),
     (dict(timesteps=[10, 5], sigmas=[1.0, 0.5]), ValueError, "at most one of timesteps and sigmas"),

@@ -237,13 +237,9 @@ class WholeStep:
                 f"DPMSolverMultistep, PNDM with skip_prk_steps=True), got {type(scheduler).__name__}"
             )
         plan = scheduler.plan_step(t, latents, **parts.step_kwargs).to(latents.device)
-        scheduler._active_plan = plan
-        try:
-            # one graph per scheduler class, step options, guidance scale and shape: more than torch's default 8
-            with torch._dynamo.config.patch(recompile_limit=WHOLE_STEP_GRAPHS):
-                latents, stored = self._compiled(parts, plan, latents, t, i)
-        finally:
-            scheduler._active_plan = None
+        # one graph per scheduler class, step options, guidance scale and shape: more than torch's default 8
+        with torch._dynamo.config.patch(recompile_limit=WHOLE_STEP_GRAPHS):
+            latents, stored = self._compiled(parts, plan, latents, t, i)
         # With CUDA graphs the outputs live in buffers the graph's next run overwrites: keep copies, contiguous
         # (a channels_last model returns channels_last) so that the next step's inputs have the strides of this one's.
         scheduler.commit_plan(plan, tuple(_copy(s) for s in stored))
@@ -257,8 +253,11 @@ def _copy(tensor: torch.Tensor) -> torch.Tensor:
 def _whole_step(
     parts: StepParts, plan: StepPlan, latents: torch.Tensor, t: torch.Tensor, i: int
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """What the graph holds: the model's prediction (guidance included) and the scheduler's update."""
-    latents, _, stored = parts.scheduler.apply_plan(parts.predict(latents, t, i), latents, plan)
+    """What the graph holds: the model's prediction (guidance included) and the scheduler's update. The model input is
+    scaled by the plan's `model_input_scale`, a graph input (the eager step's `scale_model_input` reads the step index,
+    a Python int that would be a constant of the graph)."""
+    noise_pred = parts.predict(latents, t, i, plan.scale_model_input)
+    latents, _, stored = parts.scheduler.apply_plan(noise_pred, latents, plan)
     return latents, stored
 
 

@@ -9,8 +9,12 @@ Diffusers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
+import types
+import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -34,6 +38,37 @@ IGNORED_KEYS = frozenset(
 
 C = TypeVar("C", bound="Config")
 
+# Range of the size-like keys shared by the model configs (UNet, ControlNet, VAE): {key: smallest allowed value}.
+MODEL_MINIMUMS: dict[str, float] = {
+    **dict.fromkeys(
+        (
+            "in_channels",
+            "out_channels",
+            "latent_channels",
+            "conditioning_channels",
+            "block_out_channels",
+            "conditioning_embedding_out_channels",
+            "layers_per_block",
+            "transformer_layers_per_block",
+            "norm_num_groups",
+            "cross_attention_dim",
+            "attention_head_dim",
+            "num_attention_heads",
+            "addition_embed_type_num_heads",
+            "encoder_hid_dim",
+            "num_class_embeds",
+            "time_embedding_dim",
+            "conv_in_kernel",
+            "conv_out_kernel",
+            "sample_size",
+        ),
+        1,
+    ),
+    "downsample_padding": 0,
+    "norm_eps": 0,
+    "scaling_factor": 0,
+}
+
 
 class ConfigError(ValueError):
     """A config that rapiddiff cannot honour: the message names the file or key and what is allowed."""
@@ -45,6 +80,8 @@ class Config(Mapping):
 
     # Keys that used to mean something in old Diffusers configs and are renamed on load: {old: new}.
     _renamed: ClassVar[dict[str, str]] = {}
+    # Smallest allowed value of numeric keys (every number of a per-block tuple too): {key: minimum}.
+    _minimums: ClassVar[dict[str, float]] = {}
 
     # Mapping interface over the dataclass fields, plus `_class_name` (the owner class) as Diffusers' configs have.
     def __getitem__(self, key: str) -> Any:
@@ -98,13 +135,38 @@ class Config(Mapping):
                 f"{source}: key(s) not supported by rapiddiff's {cls.__name__}: {shown}. "
                 f"Supported keys: {', '.join(sorted(names))}."
             )
+        cls.check_values(kwargs, source)
         try:
             return cls(**kwargs)
         except TypeError as e:  # e.g. a required field missing
             raise ConfigError(f"{source}: {e}") from e
+        except ConfigError as e:  # a __post_init__ check: say which file it came from
+            raise ConfigError(f"{source}: {e}") from e
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any], source: str) -> None:
+        """Every value against its field's annotation and `_minimums`, before any model code sees it."""
+        hints = _field_types(cls)
+        for key, value in values.items():
+            expected = hints.get(key, Any)
+            if not _fits(value, expected):
+                raise ConfigError(
+                    f"{source}: {key}={value!r} has the wrong type; {cls.__name__} expects {_type_name(expected)}"
+                )
+            low = cls._minimums.get(key)
+            if low is not None:
+                bad = [v for v in _numbers(value) if not math.isfinite(v) or v < low]
+                if bad:
+                    raise ConfigError(f"{source}: {key}={value!r} is out of range; each value must be >= {low}")
+            else:
+                bad = [v for v in _numbers(value) if isinstance(v, float) and math.isnan(v)]
+                if bad:
+                    raise ConfigError(f"{source}: {key}={value!r}: NaN is not a valid config value")
 
     def replace(self: C, **changes: Any) -> C:
-        new = dataclasses.replace(self, **{k: _freeze(v) for k, v in changes.items()})
+        frozen = {k: _freeze(v) for k, v in changes.items()}
+        self.check_values(frozen, f"{type(self).__name__}.replace")
+        new = dataclasses.replace(self, **frozen)
         return new.with_owner(self.class_name) if self.class_name else new
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +182,66 @@ class Config(Mapping):
                     f"{type(self).__name__}: {key}={v!r} is not supported by rapiddiff; allowed: "
                     f"{', '.join(repr(a) for a in allowed)}."
                 )
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation (the modules use `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a (frozen) JSON value fits a field annotation: int, float, bool, str, None, unions, tuple[X, ...]."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON writes 1.0 as 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_fits(v, h) for v, h in zip(value, args, strict=True))
+    if origin is not None:  # dict[...] and the like: checked by the owner
+        return isinstance(value, origin)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None) or hint is None:
+        return "null"
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return {"int": "an int", "float": "a number", "bool": "true/false", "str": "a string"}.get(
+            hint.__name__, hint.__name__
+        )
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_type_name(args[0])})"
+        return f"a list of {len(args)} values"
+    return str(hint)
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, tuple):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
 def _freeze(value: Any) -> Any:

@@ -33,6 +33,11 @@ def resolve_dir(
     """Return a local folder holding the checkpoint (downloading the needed files of a hub repo if necessary)."""
     if _is_local(name_or_path):
         root = Path(os.path.expanduser(str(name_or_path)))
+        if root.is_file():
+            raise NotADirectoryError(
+                f"{str(name_or_path)!r} is a file, but from_pretrained expects a checkpoint folder (Diffusers' layout); "
+                "a single-file checkpoint (.safetensors / .ckpt in the original layout) loads with from_single_file"
+            )
         if not root.is_dir():
             raise FileNotFoundError(f"checkpoint folder {str(name_or_path)!r} does not exist")
     else:

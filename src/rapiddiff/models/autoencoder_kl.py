@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..configuration import Config, ConfigError
+from ..configuration import MODEL_MINIMUMS, Config, ConfigError
 from ..utils.torch_utils import randn_tensor
 from .attention_processor import Attention
 from .fused_projections import FusedProjectionsMixin
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig(Config):
+    _minimums = MODEL_MINIMUMS
+
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration import Config, ConfigError, per_block
+from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from .embeddings import TimestepEmbedding, Timesteps, batch_timesteps
 from .modeling_utils import ModelMixin
 from .resnet import ACTIVATIONS
@@ -34,6 +34,8 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 @dataclasses.dataclass(frozen=True)
 class ControlNetConfig(Config):
     """Diffusers' ControlNetModel config keys, with Diffusers' defaults."""
+
+    _minimums = MODEL_MINIMUMS
 
     in_channels: int = 4
     conditioning_channels: int = 3

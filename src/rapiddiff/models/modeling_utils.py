@@ -17,14 +17,113 @@ from torch import nn
 
 from ..configuration import ConfigMixin, read_json
 from ..hub import resolve_dir
+from ..utils.atomic_io import atomic_folder, read_lock
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
+WEIGHT_EXTENSIONS = (".safetensors", ".bin")
+
 M = TypeVar("M", bound="ModelMixin")
+DtypeArg = torch.dtype | str | None
+
+# Loading arguments of every model's from_pretrained (named in the error for an argument it does not take).
+LOADING_ARGS = (
+    "subfolder",
+    "torch_dtype",
+    "dtype",
+    "variant",
+    "use_safetensors",
+    "local_files_only",
+    "revision",
+    "cache_dir",
+    "token",
+    "low_cpu_mem_usage",
+)
+
+
+def resolve_dtype_arg(torch_dtype: Any, dtype: Any, where: str) -> torch.dtype | str:
+    """`dtype=` (Diffusers 0.42's name) or `torch_dtype=`, not both: a torch.dtype, "auto" (as stored) or float32."""
+    if torch_dtype is not None and dtype is not None:
+        raise TypeError(f"{where}: pass dtype= or torch_dtype= (the same argument), not both")
+    value = dtype if dtype is not None else torch_dtype
+    if value is None:
+        return torch.float32
+    if value == "auto" or isinstance(value, torch.dtype):
+        return value
+    raise TypeError(f"{where}: dtype must be a torch.dtype such as torch.float16 or 'auto', got {value!r}")
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    """Diffusers' rule: the variant goes before the last extension (`x.fp16.safetensors`, `x.safetensors.index.fp16.json`)."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
 
 
 def _weights_filename(base: str, ext: str, variant: str | None) -> str:
-    return f"{base}.{variant}.{ext}" if variant else f"{base}.{ext}"
+    return _add_variant(f"{base}.{ext}", variant)
+
+
+def _not_model_file(name: str) -> bool:
+    """Entries of an old model folder a new save carries over: anything but its config and weights."""
+    return name != "config.json" and not name.endswith((*WEIGHT_EXTENSIONS, ".index.json")) and ".index." not in name
+
+
+def parse_shard_size(value: int | str) -> int:
+    """`max_shard_size`: bytes, or a string such as "5GB" / "100MB" / "10KiB" (as Diffusers and transformers)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+        text = value.strip().upper()
+        for unit, factor in units.items():
+            number = text.removesuffix(unit)
+            if number != text:
+                try:
+                    size = float(number) * factor
+                except ValueError:
+                    break
+                if size >= 1:
+                    return int(size)
+                break
+    raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB', got {value!r}")
+
+
+def write_weights(
+    state: dict[str, torch.Tensor],
+    folder: Path,
+    base: str,
+    variant: str | None,
+    safe_serialization: bool,
+    max_shard_size: int | str,
+) -> list[Path]:
+    """Write a state dict as Diffusers does: one file, or numbered shards plus an index when above max_shard_size."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    ext = "safetensors" if safe_serialization else "bin"
+    name = _weights_filename(base, ext, variant)
+    pattern = name.replace(f".{ext}", f"{{suffix}}.{ext}")
+    split = split_torch_state_dict_into_shards(
+        state, max_shard_size=parse_shard_size(max_shard_size), filename_pattern=pattern
+    )
+    written = []
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {k: state[k] for k in keys}
+        path = folder / filename
+        if safe_serialization:
+            import safetensors.torch
+
+            safetensors.torch.save_file(shard, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(shard, path)
+        written.append(path)
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        path = folder / _add_variant(f"{base}.{ext}.index.json", variant)
+        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
 
 
 def find_weight_files(
@@ -36,7 +135,7 @@ def find_weight_files(
         single = folder / _weights_filename(base, ext, variant)
         if single.is_file():
             return [single]
-        index = folder / _weights_filename(base, f"{ext}.index.json", variant)
+        index = folder / _add_variant(f"{base}.{ext}.index.json", variant)
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [s for s in shards if not (folder / s).is_file()]
@@ -86,17 +185,26 @@ class ModelMixin(nn.Module, ConfigMixin):
         cls: type[M],
         pretrained_model_name_or_path: str | os.PathLike,
         subfolder: str | None = None,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: DtypeArg = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
         local_files_only: bool = False,
-        **kwargs: Any,
+        *,
+        dtype: DtypeArg = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        low_cpu_mem_usage: bool = True,  # always the case here: weights are loaded onto a meta-built model
+        **config_overrides: Any,
     ) -> M:
-        kwargs.pop("low_cpu_mem_usage", None)  # always the case here: weights are loaded onto a meta-built model
-        hub_keys = ("revision", "cache_dir", "token")
-        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
-        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
-            raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
+        """Load a model saved in Diffusers' layout. `dtype=` or `torch_dtype=` (float32 if neither; "auto": as stored).
+
+        Other keyword arguments override config values, as in Diffusers; a loading argument rapiddiff does not take
+        is a TypeError naming it.
+        """
+        load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_pretrained")
+        cls._check_overrides(config_overrides)
+        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token}
         pattern = f"{subfolder}/*" if subfolder else None
         folder = resolve_dir(
             pretrained_model_name_or_path,
@@ -105,19 +213,31 @@ class ModelMixin(nn.Module, ConfigMixin):
             local_files_only=local_files_only,
             **hub_kwargs,
         )
-        config_path = folder / cls.config_name
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{cls.config_name} not found in {folder}")
-        config = cls._parse_config(read_json(config_path), kwargs, source=str(config_path))
-        files = find_weight_files(folder, variant=variant, use_safetensors=use_safetensors)
-        dtype = torch_dtype or torch.float32
-        with torch.device("meta"):
-            model = cls(config)
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_state_dict_file(f, dtype))
-        model.load_checkpoint_state(state, source=str(files[0]))
+        with read_lock(folder):
+            config_path = folder / cls.config_name
+            if not config_path.is_file():
+                raise FileNotFoundError(f"{cls.config_name} not found in {folder}")
+            config = cls._parse_config(read_json(config_path), config_overrides, source=str(config_path))
+            files = find_weight_files(folder, variant=variant, use_safetensors=use_safetensors)
+            with torch.device("meta"):
+                model = cls(config)
+            state: dict[str, torch.Tensor] = {}
+            for f in files:
+                state.update(load_state_dict_file(f, None if load_dtype == "auto" else load_dtype))
+        source = str(files[0]) if len(files) == 1 else f"{folder} (shards {[f.name for f in files]})"
+        model.load_checkpoint_state(state, source=source)
         return model.eval()
+
+    @classmethod
+    def _check_overrides(cls, overrides: Mapping[str, Any]) -> None:
+        """Keyword arguments of from_pretrained beyond the loading ones must be config keys (Diffusers' overrides)."""
+        fields = set(cls.config_class._field_names())
+        unknown = sorted(k for k in overrides if k not in fields)
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) {unknown}: neither a loading "
+                f"argument rapiddiff takes ({', '.join(LOADING_ARGS)}) nor a key of {cls.config_class.__name__}"
+            )
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Attach a checkpoint's tensors to a (meta-device) model; missing or unexpected keys are an error."""
@@ -131,6 +251,14 @@ class ModelMixin(nn.Module, ConfigMixin):
                 f"missing keys {_short(missing)}; unexpected keys {_short(unexpected)}"
             )
         own = self.state_dict()
+        not_float = [
+            f"{k} ({v.dtype})" for k, v in state.items() if own[k].is_floating_point() and not v.is_floating_point()
+        ]
+        if not_float:
+            raise ValueError(
+                f"{source}: tensor(s) {_short(not_float)} are not floating point, but {type(self).__name__} "
+                "stores them as float parameters"
+            )
         bad = [
             f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
             for k, v in state.items()
@@ -156,20 +284,18 @@ class ModelMixin(nn.Module, ConfigMixin):
         return out
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, variant: str | None = None, safe_serialization: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "10GB",
     ) -> None:
-        directory = Path(save_directory)
-        if directory.is_file():
-            raise ValueError(f"save_directory {str(save_directory)!r} is a file, expected a folder")
-        self.save_config(directory)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if safe_serialization:
-            import safetensors.torch
-
-            name = _weights_filename(WEIGHTS_NAME, "safetensors", variant)
-            safetensors.torch.save_file(state, str(directory / name), metadata={"format": "pt"})
-        else:
-            torch.save(state, directory / _weights_filename(WEIGHTS_NAME, "bin", variant))
+        """Write config.json and the weights (sharded with an index above `max_shard_size`), atomically: the folder
+        is replaced whole, so old weights of another variant or format do not survive."""
+        with atomic_folder(save_directory, keep=_not_model_file) as tmp:
+            self.save_config(tmp)
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            write_weights(state, tmp, WEIGHTS_NAME, variant, safe_serialization, max_shard_size)
 
     # --- properties Diffusers users rely on -----------------------------------------------------------------------
     @property

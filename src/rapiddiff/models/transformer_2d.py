@@ -16,6 +16,14 @@ from .attention_processor import Attention
 from .layout import residual_add
 
 
+def conv1x1_on_tokens(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to tokens (B, L, C) as the same linear map; a LoRA-carrying conv adds its path."""
+    forward_tokens = getattr(conv, "forward_tokens", None)
+    if forward_tokens is not None:
+        return forward_tokens(x)
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
 class GEGLU(nn.Module):
     """Linear to 2*inner, then value * gelu(gate)."""
 
@@ -143,5 +151,5 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             x = self.proj_out(x)
         else:  # the 1x1 conv is a linear map of the channels: applied to the tokens, as the same matmul
-            x = F.linear(x, self.proj_out.weight.flatten(1), self.proj_out.bias)
+            x = conv1x1_on_tokens(self.proj_out, x)
         return residual_add(residual, x)

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..configuration import Config, ConfigError, per_block
+from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
+from ..loaders.lora import LoraModelMixin
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .fused_projections import FusedProjectionsMixin
 from .modeling_utils import ModelMixin
@@ -33,6 +34,8 @@ from .unet_blocks import (
 @dataclasses.dataclass(frozen=True)
 class UNet2DConditionConfig(Config):
     """Diffusers' UNet2DConditionModel config keys, with Diffusers' defaults."""
+
+    _minimums = MODEL_MINIMUMS
 
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4
@@ -219,7 +222,7 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(ModelMixin, FusedProjectionsMixin):
+class UNet2DConditionModel(LoraModelMixin, ModelMixin, FusedProjectionsMixin):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig

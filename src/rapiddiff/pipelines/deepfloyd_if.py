@@ -26,6 +26,7 @@ from ..models.modeling_utils import ModelMixin
 from ..utils.torch_utils import randn_tensor
 from .denoise import (
     PredictNoise,
+    ScaleModelInput,
     StepCallback,
     check_timesteps_args,
     combine_guidance,
@@ -262,7 +263,8 @@ class IFPipelineBase(DiffusionPipeline):
         upscaled: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
     ) -> PredictNoise:
-        """predict_noise(images, t, i) for `denoise`: one UNet pass over [unconditional; conditional] when guiding.
+        """predict_noise(images, t, i, scale_model_input) for `denoise`: one UNet pass over [unconditional;
+        conditional] when guiding.
 
         Stage II feeds the noised, upscaled stage-I image beside the sample (`upscaled`, with its noise level as
         `class_labels`). The UNet's learned variance channels are kept for the scheduler when it uses them.
@@ -270,11 +272,12 @@ class IFPipelineBase(DiffusionPipeline):
         guided = guidance_scale > 1
         learned = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
 
-        def predict_noise(images: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        def predict_noise(
+            images: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
+        ) -> torch.Tensor:
             c = images.shape[1]
             x = images if upscaled is None else torch.cat([images, upscaled], dim=1)
-            x = torch.cat([x] * 2) if guided else x
-            x = self.scheduler.scale_model_input(x, t)
+            x = scale_model_input(torch.cat([x] * 2) if guided else x)
             out = self.unet(x, t, encoder_hidden_states=prompt_embeds, class_labels=class_labels, return_dict=False)[0]
             if guided:  # guide the noise; the variance is the conditional branch's
                 uncond, cond = out.chunk(2)

@@ -1,7 +1,8 @@
 """The one denoising loop every pipeline runs, and the timestep/guidance helpers around it.
 
-A pipeline builds `predict_noise(latents, t, i) -> noise_pred`, a closure holding its model call (classifier-free
-guidance batching, extra model inputs, ControlNet residuals, IF's learned-variance split), and hands it to `denoise`.
+A pipeline builds `predict_noise(latents, t, i, scale_model_input) -> noise_pred`, a closure holding its model call
+(classifier-free guidance batching, the scheduler's input scaling, extra model inputs, ControlNet residuals, IF's
+learned-variance split), and hands it to `denoise`.
 The loop itself never reads tensor values: no host syncs, and `t` stays a device tensor (the model gets it as float32
 whatever the scheduler's dtype), so a compiled model sees the same graph at every step and across schedulers.
 """
@@ -18,7 +19,10 @@ import torch
 if TYPE_CHECKING:
     from .pipeline_utils import DiffusionPipeline
 
-PredictNoise = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# scale_model_input(x): the scheduler's scaling of this step's model input, given by the step runner (eager: the
+# scheduler's `scale_model_input(x, t)`; a compiled whole step: the step plan's, whose scale is a graph input).
+ScaleModelInput = Callable[[torch.Tensor], torch.Tensor]
+PredictNoise = Callable[[torch.Tensor, torch.Tensor, int, ScaleModelInput], torch.Tensor]
 AfterStep = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -134,10 +138,12 @@ class StepParts:
     step_kwargs: dict[str, Any]
     after_step: AfterStep | None = None
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
+    ) -> torch.Tensor:
         """The model's prediction. The model gets `t` as float32 whatever the scheduler's dtype (int64 or float32): a
         compiled model keeps one graph across a scheduler swap, and the timestep embedding casts to float32 anyway."""
-        return self.predict_noise(latents, t.to(torch.float32), i)
+        return self.predict_noise(latents, t.to(torch.float32), i, scale_model_input)
 
     def finish(self, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         return self.after_step(latents, i, t) if self.after_step is not None else latents
@@ -150,7 +156,7 @@ StepRunner = Callable[[StepParts, torch.Tensor, torch.Tensor, int], torch.Tensor
 
 def run_step(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
     """Model, scheduler, after_step."""
-    noise_pred = parts.predict(latents, t, i)
+    noise_pred = parts.predict(latents, t, i, lambda x: parts.scheduler.scale_model_input(x, t))
     latents = parts.scheduler.step(noise_pred, t, latents, **parts.step_kwargs, return_dict=False)[0]
     return parts.finish(latents, t, i)
 

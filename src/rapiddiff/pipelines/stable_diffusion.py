@@ -16,10 +16,14 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..loaders import lora_layers
+from ..loaders.lora import StableDiffusionLoraLoaderMixin
+from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..models.fused_projections import fuse_pipeline_projections
 from ..utils.torch_utils import randn_tensor
 from .denoise import (
     PredictNoise,
+    ScaleModelInput,
     StepEndCallback,
     apply_guidance,
     check_timesteps_args,
@@ -54,7 +58,7 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None
 
 
-class StableDiffusionBase(DiffusionPipeline):
+class StableDiffusionBase(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, DiffusionPipeline):
     """Shared pieces of the SD pipelines; subclasses define `__init__` (their components) and `__call__`."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
@@ -155,11 +159,8 @@ class StableDiffusionBase(DiffusionPipeline):
         check_generator(generator, prompts * num_images_per_prompt)
         check_output_type(output_type)
         check_clip_skip(clip_skip, self.text_encoder)
-        if cross_attention_kwargs is not None:
-            raise ValueError(
-                f"cross_attention_kwargs={cross_attention_kwargs!r} is not supported by rapiddiff (no LoRA scale or "
-                "custom attention arguments); pass None"
-            )
+        check_cross_attention_kwargs(cross_attention_kwargs)
+        self._cross_attention_kwargs = cross_attention_kwargs
         names = callback_tensor_names(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
@@ -169,7 +170,6 @@ class StableDiffusionBase(DiffusionPipeline):
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
-        self._cross_attention_kwargs = None
 
     # --- prompt, noise, model ---------------------------------------------------------------------------------------
     def encode_prompt(
@@ -184,23 +184,33 @@ class StableDiffusionBase(DiffusionPipeline):
         lora_scale: float | None = None,
         clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Diffusers' method: (prompt_embeds, negative_prompt_embeds); see `prompt.encode_prompt`."""
+        """Diffusers' method: (prompt_embeds, negative_prompt_embeds); see `prompt.encode_prompt`.
+
+        lora_scale scales the text encoder's LoRA adapters while encoding; multi-vector textual-inversion tokens are
+        expanded in the prompts (`maybe_convert_prompt`).
+        """
         if lora_scale is not None:
-            raise ValueError(f"lora_scale={lora_scale!r}: rapiddiff does not load LoRA weights; pass None")
+            check_number("lora_scale", lora_scale)
         unet = getattr(self, "unet", None)
-        return encode_prompt(
-            self.tokenizer,
-            self.text_encoder,
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            clip_skip=clip_skip,
-            dtype=unet.dtype if unet is not None else None,
-        )
+        if self.tokenizer is not None:
+            prompt = self.maybe_convert_prompt(prompt, self.tokenizer) if prompt is not None else None
+            negative_prompt = (
+                self.maybe_convert_prompt(negative_prompt, self.tokenizer) if negative_prompt else negative_prompt
+            )
+        with lora_layers.call_scale(self.text_encoder, lora_scale):
+            return encode_prompt(
+                self.tokenizer,
+                self.text_encoder,
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                clip_skip=clip_skip,
+                dtype=unet.dtype if unet is not None else None,
+            )
 
     def encode_conditioning(
         self,
@@ -213,8 +223,12 @@ class StableDiffusionBase(DiffusionPipeline):
     ) -> dict[str, torch.Tensor | None]:
         """The tensors the denoising loop conditions on, by callback name.
 
-        With guidance, "prompt_embeds" is batched [negative; positive] for one UNet pass, as in Diffusers.
+        With guidance, "prompt_embeds" is batched [negative; positive] for one UNet pass, as in Diffusers. The call's
+        LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder and is set on the UNet's adapters for
+        this call (a buffer update: no recompile).
         """
+        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
+        lora_layers.set_call_scale(getattr(self, "unet", None), 1.0 if lora_scale is None else lora_scale)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt,
             device,
@@ -223,6 +237,7 @@ class StableDiffusionBase(DiffusionPipeline):
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
+            lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
         if self.do_classifier_free_guidance:
@@ -278,15 +293,17 @@ class StableDiffusionBase(DiffusionPipeline):
     def unet_noise_predictor(
         self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
     ) -> PredictNoise:
-        """predict_noise(latents, t, i) for `denoise`: one UNet pass over [unconditional; conditional], guided.
+        """predict_noise(latents, t, i, scale_model_input) for `denoise`: one UNet pass over [unconditional;
+        conditional], guided.
 
         Reads the text embeddings from `tensors` at each step, so a step-end callback can replace them.
         """
 
-        def predict_noise(latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        def predict_noise(
+            latents: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
+        ) -> torch.Tensor:
             guided = self.do_classifier_free_guidance
-            x = torch.cat([latents] * 2) if guided else latents
-            x = self.scheduler.scale_model_input(x, t)
+            x = scale_model_input(torch.cat([latents] * 2) if guided else latents)
             extra: dict[str, Any] = {}
             if model_inputs is not None:
                 x, extra = model_inputs(x, t, i)
@@ -314,6 +331,19 @@ class StableDiffusionBase(DiffusionPipeline):
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
         return StableDiffusionPipelineOutput(image, nsfw) if return_dict else (image, nsfw)
+
+
+def check_cross_attention_kwargs(cross_attention_kwargs: Any) -> None:
+    """Only the LoRA scale is supported: {"scale": number} or None."""
+    if cross_attention_kwargs is None:
+        return
+    if not isinstance(cross_attention_kwargs, dict) or set(cross_attention_kwargs) - {"scale"}:
+        raise ValueError(
+            f"cross_attention_kwargs={cross_attention_kwargs!r}: rapiddiff supports only the LoRA scale, "
+            '{"scale": number}, or None (no custom attention-processor arguments)'
+        )
+    if "scale" in cross_attention_kwargs:
+        check_number('cross_attention_kwargs["scale"]', cross_attention_kwargs["scale"])
 
 
 def _fix_legacy_scheduler(scheduler: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -15,8 +15,8 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
+    make_coeffs,
     spaced_timesteps,
-    stack_scalars,
 )
 
 
@@ -29,6 +29,12 @@ class DDIMSchedulerConfig(SchedulerConfig):
     clip_sample_range: float = 1.0
     sample_max_value: float = 1.0
     rescale_betas_zero_snr: bool = False
+
+
+class DDIMCoeffs(NamedTuple):
+    alpha_prod_t: torch.Tensor  # alphas_cumprod at t
+    alpha_prod_t_prev: torch.Tensor  # ... at the previous timestep
+    std_dev_t: torch.Tensor  # sigma_t = eta * sqrt(variance)
 
 
 class DDIMScheduler(SchedulerMixin):
@@ -80,8 +86,7 @@ class DDIMScheduler(SchedulerMixin):
         use_clipped_model_output: bool = False,
         generator: Generator | None = None,
         variance_noise: torch.Tensor | None = None,
-    ) -> StepPlan:
-        """scalars: alphas_cumprod at t and at the previous timestep, sigma_t."""
+    ) -> StepPlan[DDIMCoeffs]:
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to DDIMScheduler.step, not both")
         t = self._timestep_values[i]
@@ -93,20 +98,25 @@ class DDIMScheduler(SchedulerMixin):
             noise = variance_noise
             if noise is None:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        scalars = stack_scalars(self.alphas_cumprod[t], self._alpha_prod(prev_t), std_dev_t)
-        return StepPlan(i, scalars, noise, options={"use_clipped_model_output": use_clipped_model_output})
+        coeffs = make_coeffs(
+            DDIMCoeffs,
+            alpha_prod_t=self.alphas_cumprod[t],
+            alpha_prod_t_prev=self._alpha_prod(prev_t),
+            std_dev_t=std_dev_t,
+        )
+        return StepPlan(i, coeffs, noise, options={"use_clipped_model_output": use_clipped_model_output})
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DDIMCoeffs]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        alpha_prod_t, alpha_prod_t_prev, std_dev_t = plan.scalars.unbind()
-        x0 = self._predict_x0(model_output, sample, alpha_prod_t)
-        eps = self._predict_eps(model_output, sample, alpha_prod_t)
+        c = plan.coeffs
+        x0 = self._predict_x0(model_output, sample, c.alpha_prod_t)
+        eps = self._predict_eps(model_output, sample, c.alpha_prod_t)
         x0 = self._clip_x0(x0)
         if plan.options["use_clipped_model_output"]:
-            eps = (sample - alpha_prod_t**0.5 * x0) / (1 - alpha_prod_t) ** 0.5
-        direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * eps
-        prev_sample = alpha_prod_t_prev**0.5 * x0 + direction
+            eps = (sample - c.alpha_prod_t**0.5 * x0) / (1 - c.alpha_prod_t) ** 0.5
+        direction = (1 - c.alpha_prod_t_prev - c.std_dev_t**2) ** 0.5 * eps
+        prev_sample = c.alpha_prod_t_prev**0.5 * x0 + direction
         if plan.noise is not None:
-            prev_sample = prev_sample + std_dev_t * plan.noise
+            prev_sample = prev_sample + c.std_dev_t * plan.noise
         return prev_sample, x0, ()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -15,14 +15,14 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
+    make_coeffs,
     spaced_timesteps,
-    stack_scalars,
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class DDPMSchedulerConfig(SchedulerConfig):
-    variance_type: str = "fixed_small"
+    variance_type: str | None = "fixed_small"  # None: fixed_small, as in Diffusers
     clip_sample: bool = True
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
@@ -32,8 +32,14 @@ class DDPMSchedulerConfig(SchedulerConfig):
 
     choices: ClassVar = {
         **SchedulerConfig.choices,
-        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"),
+        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"),
     }
+
+
+class DDPMCoeffs(NamedTuple):
+    alpha_prod_t: torch.Tensor  # alphas_cumprod at t
+    alpha_prod_t_prev: torch.Tensor  # ... at the previous timestep
+    adds_noise: torch.Tensor  # 1 on every step but the last (t = 0), else 0
 
 
 class DDPMScheduler(SchedulerMixin):
@@ -82,22 +88,26 @@ class DDPMScheduler(SchedulerMixin):
         """x_{t-1} ~ q(x_{t-1} | x_t, x0): the posterior mean (formula 7) plus noise of the chosen variance."""
         return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
 
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan:
-        """scalars: alphas_cumprod at t and at the previous timestep, 1 if this step adds noise (all but t = 0).
-
-        The last step gets zeros for noise, without drawing: the generator ends where Diffusers' does."""
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[DDPMCoeffs]:
+        """The last step gets zeros for noise, without drawing: the generator ends where Diffusers' does."""
         t = self._timestep_values[i]
         prev_t = self._timestep_values[i + 1] if i + 1 < len(self._timestep_values) else -1
         if t > 0:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         else:
             noise = torch.zeros_like(sample)
-        return StepPlan(i, stack_scalars(self.alphas_cumprod[t], self._alpha_prod(prev_t), float(t > 0)), noise)
+        coeffs = make_coeffs(
+            DDPMCoeffs,
+            alpha_prod_t=self.alphas_cumprod[t],
+            alpha_prod_t_prev=self._alpha_prod(prev_t),
+            adds_noise=float(t > 0),
+        )
+        return StepPlan(i, coeffs, noise)
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DDPMCoeffs]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        alpha_prod_t, alpha_prod_t_prev, adds_noise = plan.scalars.unbind()
+        alpha_prod_t, alpha_prod_t_prev = plan.coeffs.alpha_prod_t, plan.coeffs.alpha_prod_t_prev
         predicted_variance = None
         learned = self.config.variance_type in ("learned", "learned_range")
         if learned and model_output.shape[1] == sample.shape[1] * 2:
@@ -120,5 +130,5 @@ class DDPMScheduler(SchedulerMixin):
         else:
             std = variance**0.5
         # a select, not a product: a learned std may be NaN on the last step, where no noise is added
-        prev_sample = torch.where(adds_noise > 0, prev_sample + std * plan.noise, prev_sample)
+        prev_sample = torch.where(plan.coeffs.adds_noise > 0, prev_sample + std * plan.noise, prev_sample)
         return prev_sample, x0, ()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -20,9 +20,8 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
-    karras_sigmas,
+    make_coeffs,
     sigma_to_t,
-    stack_scalars,
 )
 
 
@@ -55,9 +54,6 @@ class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
         "solver_order": (1, 2, 3),
         "algorithm_type": ("dpmsolver++", "dpmsolver"),
         "solver_type": ("midpoint", "heun"),
-        "use_exponential_sigmas": (False, None),
-        "use_beta_sigmas": (False, None),
-        "use_lu_lambdas": (False, None),
         "use_flow_sigmas": (False, None),
         "final_sigmas_type": ("zero", "sigma_min"),
         "variance_type": (None, "learned", "learned_range"),
@@ -83,6 +79,16 @@ def vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, sigma_t) of the variance-preserving process whose noise-to-signal ratio is `sigma`."""
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
     return alpha_t, sigma * alpha_t
+
+
+class DPMSolverCoeffs(NamedTuple):
+    """x_next = c_x x + c_0 m0 + c_1 (m0 - m1) + c_2 (m1 - m2) (see `_coefficients`)."""
+
+    sigma: torch.Tensor  # sigma_i: converts the model output
+    c_x: torch.Tensor
+    c_0: torch.Tensor
+    c_1: torch.Tensor
+    c_2: torch.Tensor
 
 
 class DPMSolverMultistepScheduler(SchedulerMixin):
@@ -114,17 +120,25 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             raise ValueError(
                 "DPMSolverMultistepScheduler: mu needs use_dynamic_shifting, which rapiddiff does not support"
             )
-        if timesteps is not None and cfg.use_karras_sigmas:
-            raise ValueError("DPMSolverMultistepScheduler: custom timesteps cannot be combined with use_karras_sigmas")
+        if timesteps is not None:
+            self._check_no_respacing("custom timesteps")
+            if cfg.use_lu_lambdas:
+                raise ValueError("DPMSolverMultistepScheduler: custom timesteps cannot be combined with use_lu_lambdas")
         n = self._resolve_steps(num_inference_steps, timesteps)
         if timesteps is None:
             timesteps = self._spaced_timesteps(n)
         timesteps = np.array(timesteps).astype(np.int64)
         train_sigmas = self._train_sigmas()
-        if cfg.use_karras_sigmas:
-            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), n)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-            if cfg.beta_schedule != "squaredcos_cap_v2":
+        log_sigmas = np.log(train_sigmas)
+        if cfg.use_lu_lambdas and not cfg.use_karras_sigmas:
+            # Lu et al.'s schedule: uniform in log-sigma between the training ends (Diffusers' `_convert_to_lu`)
+            sigmas = np.exp(np.linspace(log_sigmas[-1].item(), log_sigmas[0].item(), n))
+        else:
+            sigmas = self._respaced_sigmas(train_sigmas[::-1], n)
+        if sigmas is not None:
+            timesteps = sigma_to_t(sigmas, log_sigmas)
+            # Diffusers rounds Karras and Lu timesteps (not exponential / beta ones) except under the cosine schedule
+            if (cfg.use_karras_sigmas or cfg.use_lu_lambdas) and cfg.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
@@ -232,22 +246,24 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self._require_schedule()
         return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
 
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan:
-        """scalars: sigma_i, c_x, c_0, c_1, c_2 (see `_coefficients`); history: the solver_order - 1 previous
-        converted outputs, newest first (zeros, with zero coefficients, before there are any)."""
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[DPMSolverCoeffs]:
+        """history: the solver_order - 1 previous converted outputs, newest first (zeros, with zero coefficients,
+        before there are any)."""
         history = tuple(m if m is not None else torch.zeros_like(sample) for m in self.model_outputs[:0:-1])
-        return StepPlan(i, stack_scalars(self.sigmas[i], *self._coefficients(i, self._order(i))), history=history)
+        c_x, c_0, c_1, c_2 = self._coefficients(i, self._order(i))
+        coeffs = make_coeffs(DPMSolverCoeffs, sigma=self.sigmas[i], c_x=c_x, c_0=c_0, c_1=c_1, c_2=c_2)
+        return StepPlan(i, coeffs, history=history)
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DPMSolverCoeffs]
     ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
-        sigma, c_x, c_0, c_1, c_2 = plan.scalars.unbind()
-        m = (self._convert_model_output(model_output, sample, sigma), *plan.history)
-        prev_sample = c_x * sample.to(torch.float32) + c_0 * m[0]
+        c = plan.coeffs
+        m = (self._convert_model_output(model_output, sample, c.sigma), *plan.history)
+        prev_sample = c.c_x * sample.to(torch.float32) + c.c_0 * m[0]
         if len(m) > 1:
-            prev_sample = prev_sample + c_1 * (m[0] - m[1])
+            prev_sample = prev_sample + c.c_1 * (m[0] - m[1])
         if len(m) > 2:
-            prev_sample = prev_sample + c_2 * (m[1] - m[2])
+            prev_sample = prev_sample + c.c_2 * (m[1] - m[2])
         return prev_sample.to(m[0].dtype), None, (m[0],)
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:

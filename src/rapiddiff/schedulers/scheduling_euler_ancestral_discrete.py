@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, stack_scalars
+from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +19,11 @@ class EulerAncestralDiscreteSchedulerConfig(SchedulerConfig):
     rescale_betas_zero_snr: bool = False
 
     choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+
+
+class EulerAncestralCoeffs(NamedTuple):
+    sigma: torch.Tensor  # sigma_i
+    sigma_to: torch.Tensor  # sigma_{i+1}
 
 
 class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
@@ -39,15 +44,15 @@ class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
 
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan:
-        """scalars: sigma_i, sigma_{i+1}; noise for every step."""
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[EulerAncestralCoeffs]:
+        """Noise for every step."""
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        return StepPlan(i, stack_scalars(self.sigmas[i], self.sigmas[i + 1]), noise)
+        return StepPlan(i, make_coeffs(EulerAncestralCoeffs, sigma=self.sigmas[i], sigma_to=self.sigmas[i + 1]), noise)
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[EulerAncestralCoeffs]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        sigma, sigma_to = plan.scalars.unbind()
+        sigma, sigma_to = plan.coeffs.sigma, plan.coeffs.sigma_to
         sample = sample.to(torch.float32)
         x0 = self._predict_x0_ve(model_output, sample, sigma, sigma)
         # split the step to sigma_to into a deterministic part (down) and injected noise (up)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -19,10 +19,9 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
-    karras_sigmas,
+    make_coeffs,
     sigma_to_t,
     spaced_timesteps,
-    stack_scalars,
 )
 
 
@@ -62,9 +61,10 @@ class EulerSchedulerMixin(SchedulerMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1): the model sees unit-variance inputs."""
-        plan = self._active_plan  # inside a compiled whole step: the plan's sigma (scalars[0]), a graph input
-        sigma = plan.scalars[0] if plan is not None else self.sigmas[self._index(timestep)]
-        return sample / ((sigma**2 + 1) ** 0.5)
+        return sample / ((self.sigmas[self._index(timestep)] ** 2 + 1) ** 0.5)
+
+    def _model_input_scale(self, i: int) -> torch.Tensor:
+        return 1 / (self.sigmas[i] ** 2 + 1) ** 0.5
 
     def plan_step(self, timestep: float | torch.Tensor, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         self._check_timestep(timestep)
@@ -99,12 +99,18 @@ class EulerDiscreteSchedulerConfig(SchedulerConfig):
 
     choices: ClassVar = {
         **SchedulerConfig.choices,
-        "interpolation_type": ("linear",),
-        "use_exponential_sigmas": (False, None),
-        "use_beta_sigmas": (False, None),
-        "timestep_type": ("discrete",),
+        "interpolation_type": ("linear", "log_linear"),
+        "timestep_type": ("discrete", "continuous"),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
+
+
+class EulerCoeffs(NamedTuple):
+    sigma: torch.Tensor  # sigma_i
+    sigma_hat: torch.Tensor  # sigma_i raised by the churn
+    sigma_next: torch.Tensor  # sigma_{i+1}
+    churn_std: torch.Tensor  # std of the churn noise, sqrt(sigma_hat^2 - sigma^2)
+    s_noise: torch.Tensor  # the call's s_noise
 
 
 class EulerDiscreteScheduler(EulerSchedulerMixin):
@@ -119,8 +125,14 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
     ) -> None:
         """Spaced timesteps, custom descending `timesteps`, or custom `sigmas` (n + 1 values, the last one final)."""
         cfg = self.config
-        if timesteps is not None and cfg.use_karras_sigmas:
-            raise ValueError("EulerDiscreteScheduler: custom timesteps cannot be combined with use_karras_sigmas=True")
+        continuous = cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction"
+        if timesteps is not None:
+            self._check_no_respacing("custom timesteps")
+            if continuous:
+                raise ValueError(
+                    "EulerDiscreteScheduler: custom timesteps cannot be combined with timestep_type='continuous' "
+                    "and prediction_type='v_prediction'"
+                )
         if sigmas is not None:
             if num_inference_steps is not None or timesteps is not None:
                 raise ValueError("pass only one of num_inference_steps, timesteps or sigmas to set_timesteps")
@@ -128,18 +140,25 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
             if sigmas.ndim != 1 or len(sigmas) < 2:
                 raise ValueError(f"sigmas must list at least 2 noise levels, got {sigmas.tolist()}")
             timesteps = sigma_to_t(sigmas[:-1], np.log(self._train_sigmas()))
+            steps = len(timesteps)
         else:
             n = self._resolve_steps(num_inference_steps, timesteps)
             timesteps = self._spaced_timesteps(n) if timesteps is None else np.array(timesteps).astype(np.float32)
-            sigmas = self._spaced_sigmas(timesteps)
-            if cfg.use_karras_sigmas:
-                sigma_min = cfg.sigma_min if cfg.sigma_min is not None else sigmas[-1].item()
-                sigma_max = cfg.sigma_max if cfg.sigma_max is not None else sigmas[0].item()
-                sigmas = karras_sigmas(sigma_min, sigma_max, n)
+            steps = n if n is not None else len(timesteps)
+            if cfg.interpolation_type == "log_linear":  # n + 1 sigmas (and the final one): Diffusers' table
+                train = self._train_sigmas()
+                sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
+            else:
+                sigmas = self._spaced_sigmas(timesteps)
+            respaced = self._respaced_sigmas(sigmas, n)
+            if respaced is not None:
+                sigmas = respaced
                 timesteps = sigma_to_t(sigmas, np.log(self._train_sigmas()))
             last = self._train_sigmas()[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
             sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
-        self._set_schedule(timesteps.astype(np.float32), device, len(timesteps))
+        if continuous:  # EDM-style timesteps for v-prediction models trained on them (e.g. CosXL)
+            timesteps = (0.25 * torch.from_numpy(sigmas[:-1]).log()).numpy()
+        self._set_schedule(timesteps.astype(np.float32), device, steps)
         self._set_sigmas(sigmas)
 
     def step(
@@ -169,9 +188,8 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
         generator: Generator | None = None,
-    ) -> StepPlan:
-        """scalars: sigma, sigma_hat, sigma_{i+1}, the churn noise's std, s_noise. With s_churn > 0 every step gets a
-        noise tensor (zeros, not drawn, outside [s_tmin, s_tmax])."""
+    ) -> StepPlan[EulerCoeffs]:
+        """With s_churn > 0 every step gets a noise tensor (zeros, not drawn, outside [s_tmin, s_tmax])."""
         sigma = self.sigmas[i]
         churn = s_tmin <= self._sigma_values[i] <= s_tmax
         gamma = min(s_churn / (len(self._sigma_values) - 1), 2**0.5 - 1) if churn else 0.0
@@ -181,17 +199,24 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         elif s_churn > 0:
             noise = torch.zeros_like(sample)
-        churn_std = (sigma_hat**2 - sigma**2) ** 0.5
-        return StepPlan(i, stack_scalars(sigma, sigma_hat, self.sigmas[i + 1], churn_std, s_noise), noise)
+        coeffs = make_coeffs(
+            EulerCoeffs,
+            sigma=sigma,
+            sigma_hat=sigma_hat,
+            sigma_next=self.sigmas[i + 1],
+            churn_std=(sigma_hat**2 - sigma**2) ** 0.5,
+            s_noise=s_noise,
+        )
+        return StepPlan(i, coeffs, noise)
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[EulerCoeffs]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        sigma, sigma_hat, sigma_next, churn_std, s_noise = plan.scalars.unbind()
+        c = plan.coeffs
         sample = sample.to(torch.float32)
         if plan.noise is not None:
-            sample = sample + plan.noise * s_noise * churn_std
-        x0 = self._predict_x0_ve(model_output, sample, sigma, sigma_hat)
-        derivative = (sample - x0) / sigma_hat
-        prev_sample = (sample + derivative * (sigma_next - sigma_hat)).to(model_output.dtype)
+            sample = sample + plan.noise * c.s_noise * c.churn_std
+        x0 = self._predict_x0_ve(model_output, sample, c.sigma, c.sigma_hat)
+        derivative = (sample - x0) / c.sigma_hat
+        prev_sample = (sample + derivative * (c.sigma_next - c.sigma_hat)).to(model_output.dtype)
         return prev_sample, x0, ()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -18,8 +18,8 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     StepPlan,
+    make_coeffs,
     spaced_timesteps,
-    stack_scalars,
 )
 
 
@@ -29,6 +29,16 @@ class PNDMSchedulerConfig(SchedulerConfig):
     set_alpha_to_one: bool = False
 
     choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+
+
+class PLMSCoeffs(NamedTuple):
+    alpha_prod_t: torch.Tensor  # alphas_cumprod at t
+    alpha_prod_t_prev: torch.Tensor  # ... at the previous timestep
+    w0: torch.Tensor  # Adams-Bashforth weight of the current output
+    w1: torch.Tensor  # ... of the last three stored ones, newest first
+    w2: torch.Tensor
+    w3: torch.Tensor
+    from_saved: torch.Tensor  # 1: start from the sample saved at the first step (the second step), else 0
 
 
 class PNDMScheduler(SchedulerMixin):
@@ -97,12 +107,11 @@ class PNDMScheduler(SchedulerMixin):
         cur_sample = self.cur_sample if self.cur_sample is not None else sample
         return self._prev_sample(cur_sample, self.alphas_cumprod[t], self._alpha_prod(prev_t), model_output)
 
-    def _plan(self, i: int, sample: torch.Tensor) -> StepPlan:
+    def _plan(self, i: int, sample: torch.Tensor) -> StepPlan[PLMSCoeffs]:
         """A PLMS step: Adams-Bashforth over the stored outputs, of order 1 to 4 as the history fills.
 
-        scalars: alphas_cumprod at t and at the previous timestep, the weights of the current output and of the
-        last three stored ones (newest first), 1 to start from the sample saved at the first step; history: those
-        three outputs and that sample (zeros, weighted 0, while missing)."""
+        history: the last three stored outputs, newest first, and the sample saved at the first step (zeros, weighted
+        0, while missing)."""
         if self._in_prk_steps():
             raise ValueError(
                 "PNDMScheduler(skip_prk_steps=False): its Runge-Kutta warm-up steps keep Python state a compiled "
@@ -122,17 +131,27 @@ class PNDMScheduler(SchedulerMixin):
         # distinct zero tensors: a compiled step guards on which of its inputs alias
         stored = [*self.ets[::-1], *(torch.zeros_like(sample) for _ in range(3 - len(self.ets)))][:3]
         cur_sample = self.cur_sample if self.cur_sample is not None else torch.zeros_like(sample)
-        scalars = stack_scalars(self.alphas_cumprod[t], self._alpha_prod(prev_t), *weights, float(self.counter == 1))
-        return StepPlan(i, scalars, history=(*stored, cur_sample))
+        w0, w1, w2, w3 = weights
+        coeffs = make_coeffs(
+            PLMSCoeffs,
+            alpha_prod_t=self.alphas_cumprod[t],
+            alpha_prod_t_prev=self._alpha_prod(prev_t),
+            w0=w0,
+            w1=w1,
+            w2=w2,
+            w3=w3,
+            from_saved=float(self.counter == 1),
+        )
+        return StepPlan(i, coeffs, history=(*stored, cur_sample))
 
     def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
+        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[PLMSCoeffs]
     ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
-        alpha_prod_t, alpha_prod_t_prev, w0, w1, w2, w3, from_saved = plan.scalars.unbind()
+        c = plan.coeffs
         e1, e2, e3, saved_sample = plan.history
-        eps = w0 * model_output + w1 * e1 + w2 * e2 + w3 * e3
-        start = torch.where(from_saved > 0, saved_sample, sample)
-        return self._prev_sample(start, alpha_prod_t, alpha_prod_t_prev, eps), None, (model_output, sample)
+        eps = c.w0 * model_output + c.w1 * e1 + c.w2 * e2 + c.w3 * e3
+        start = torch.where(c.from_saved > 0, saved_sample, sample)
+        return self._prev_sample(start, c.alpha_prod_t, c.alpha_prod_t_prev, eps), None, (model_output, sample)
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         model_output, sample = stored

@@ -18,9 +18,10 @@ GPU rules, kept by every scheduler (no step ever waits for the device):
   overwritten by its next call.
 
 A step is three calls, so that a compiled whole step (rapiddiff.compile) can run the middle one in its graph:
-`plan_step` (host: the position in the schedule, every per-step value as a tensor, the noise drawn with the caller's
-generator) -> `apply_plan` (tensor math; branches on the config and the call's options only, so one graph serves every
-step) -> `commit_plan` (host: keep history, advance the index). `step` is the three in a row.
+`plan_step` (host: the position in the schedule, the per-step numbers as a NamedTuple of tensors (`StepPlan.coeffs`,
+one class per scheduler, read by name), the model-input scale, the noise drawn with the caller's generator) ->
+`apply_plan` (tensor math; branches on the config and the call's options only, so one graph serves every step) ->
+`commit_plan` (host: keep history, advance the index). `step` is the three in a row.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import math
 import operator
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -97,6 +98,11 @@ class SchedulerConfig(Config):
             )
         for key, allowed in self.choices.items():
             self.check_choice(key, allowed)
+        on = [key for key in SIGMA_SPACINGS if self.own(key)]
+        if len(on) > 1:
+            raise ConfigError(f"{name}: only one of {', '.join(SIGMA_SPACINGS)} can be True, got {', '.join(on)}")
+        if self.own("use_beta_sigmas"):
+            _scipy_stats(f"{name}: use_beta_sigmas=True")
 
     @property
     def hidden(self) -> dict[str, Any]:
@@ -110,6 +116,11 @@ class SchedulerConfig(Config):
         object.__setattr__(self, "_hidden", dict(hidden))
         object.__setattr__(self, "_defaulted", tuple(defaulted))
         return self
+
+    def own(self, name: str, default: Any = None) -> Any:
+        """The class's own field `name`, or `default` when the class has no such field: never a hidden key (a PNDM
+        built from a zero-SNR DDIM config must not rescale its betas, as in Diffusers)."""
+        return getattr(self, name) if name in self._field_names() else default
 
     def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
         hidden = self.__dict__.get("_hidden", {})
@@ -174,7 +185,7 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
     else:
         betas = _cosine_betas(n)
-    if getattr(config, "rescale_betas_zero_snr", False):
+    if config.own("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas
 
@@ -198,6 +209,36 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = np.linspace(0, 1, n)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """`n` sigmas from sigma_max to sigma_min, uniform in log-sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """`n` sigmas from sigma_max to sigma_min at the quantiles of a Beta(alpha, beta) distribution
+    (arXiv:2407.12173). Needs scipy (its inverse regularized incomplete beta), as Diffusers does."""
+    ppf = _scipy_stats("use_beta_sigmas=True").beta.ppf(1 - np.linspace(0, 1, n), alpha, beta)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
+def _scipy_stats(feature: str) -> Any:
+    try:
+        import scipy.stats
+    except ImportError:
+        raise ImportError(
+            f"{feature} needs scipy: pip install scipy (or rapiddiff[scipy]), as Diffusers requires"
+        ) from None
+    return scipy.stats
+
+
+# use_*_sigmas config keys -> the function that respaces a schedule (at most one may be on)
+SIGMA_SPACINGS = {
+    "use_karras_sigmas": karras_sigmas,
+    "use_exponential_sigmas": exponential_sigmas,
+    "use_beta_sigmas": beta_sigmas,
+}
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -243,24 +284,41 @@ class SchedulerOutput:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
+C = TypeVar("C", bound=tuple)
+
+
 @dataclasses.dataclass
-class StepPlan:
-    """One step prepared on the host. `apply_plan` reads the tensors and `options`, never `index`."""
+class StepPlan(Generic[C]):
+    """One step prepared on the host. `apply_plan` reads the tensors and `options`, never `index`.
+
+    `coeffs` is the scheduler's own NamedTuple of per-step numbers (0-dim float32 tensors, see `make_coeffs`): `_plan`
+    builds it and `apply_plan` reads it by name.
+    """
 
     index: int  # position in the schedule
-    scalars: torch.Tensor  # (k,) float32 per-step coefficients: CPU, or on the sample's device in a compiled step
+    coeffs: C  # per-step numbers: on the CPU, or on the sample's device in a compiled step
     noise: torch.Tensor | None = None  # this step's fresh noise (None: the call draws none on any step)
     history: tuple[torch.Tensor, ...] = ()  # earlier outputs the update reads; a fixed count for a whole loop
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the call's constant options
+    # The model sees `sample * model_input_scale` at this step (None: the sample as is); what `scale_model_input`
+    # computes eagerly, as a tensor a compiled step takes as an input.
+    model_input_scale: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> StepPlan:
-        """The plan with its coefficients on `device` (noise and history are drawn and kept there already)."""
-        return dataclasses.replace(self, scalars=to_device(self.scalars, device))
+    def to(self, device: torch.device) -> StepPlan[C]:
+        """The plan with its numbers on `device`, moved in one copy (noise and history are on the device already)."""
+        values = [*self.coeffs, *([] if self.model_input_scale is None else [self.model_input_scale])]
+        moved = to_device(torch.stack(values), device).unbind()
+        scale = None if self.model_input_scale is None else moved[-1]
+        return dataclasses.replace(self, coeffs=type(self.coeffs)(*moved[: len(self.coeffs)]), model_input_scale=scale)
+
+    def scale_model_input(self, sample: torch.Tensor) -> torch.Tensor:
+        """The model input at this step (see `model_input_scale`)."""
+        return sample if self.model_input_scale is None else sample * self.model_input_scale
 
 
-def stack_scalars(*values: torch.Tensor | float) -> torch.Tensor:
-    """0-dim tensors and numbers -> one (k,) float32 tensor: a plan's `scalars`."""
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])
+def make_coeffs(cls: type[C], **values: torch.Tensor | float) -> C:
+    """A scheduler's per-step NamedTuple `cls` from numbers and 0-dim tensors, each as a 0-dim float32 tensor."""
+    return cls(**{name: torch.as_tensor(v, dtype=torch.float32) for name, v in values.items()})
 
 
 # --- base ----------------------------------------------------------------------------------------------------------
@@ -274,16 +332,13 @@ class SchedulerMixin(ConfigMixin):
     init_noise_sigma: ClassVar[float] = 1.0  # std of the initial noise (the Euler schedulers compute theirs)
     # Sigma schedulers pin the last alphas_cumprod at 2**-24 under rescale_betas_zero_snr (a zero gives sigma = inf).
     _pin_zero_snr: ClassVar[bool] = False
-    # The plan of the step a compiled whole step is running: `scale_model_input` reads its sigma from it (not from the
-    # Python step index, which would be a constant of the graph).
-    _active_plan: StepPlan | None = None
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config = self._parse_config(config, kwargs, source=type(self).__name__)
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if self._pin_zero_snr and getattr(self.config, "rescale_betas_zero_snr", False):
+        if self._pin_zero_snr and self.config.own("rescale_betas_zero_snr", False):
             self.alphas_cumprod[-1] = 2**-24
         self.final_alpha_cumprod = torch.tensor(1.0)  # alphas_cumprod "before" timestep 0
         self.sigmas: torch.Tensor | None = None
@@ -397,6 +452,23 @@ class SchedulerMixin(ConfigMixin):
         """Install the noise levels of the schedule (one more than timesteps, the last one after the final step)."""
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         self._sigma_values: list[float] = self.sigmas.tolist()
+
+    def _respaced_sigmas(self, sigmas: np.ndarray, n: int) -> np.ndarray | None:
+        """`n` sigmas per the config's use_karras / exponential / beta sigmas between the ends of `sigmas`
+        (descending), or None when none is on. config.sigma_min / sigma_max replace the ends when set; like
+        Diffusers (`hasattr(self.config, "sigma_min")`) this also reads them from another scheduler's config."""
+        spacing = next((f for key, f in SIGMA_SPACINGS.items() if self.config.own(key)), None)
+        if spacing is None:
+            return None
+        sigma_min, sigma_max = getattr(self.config, "sigma_min", None), getattr(self.config, "sigma_max", None)
+        sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
+        sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
+        return spacing(sigma_min, sigma_max, n)
+
+    def _check_no_respacing(self, what: str) -> None:
+        on = [key for key in SIGMA_SPACINGS if self.config.own(key)]
+        if on:
+            raise ValueError(f"{type(self).__name__}: {what} cannot be combined with {on[0]}=True")
 
     def _train_sigmas(self) -> np.ndarray:
         """sigma of every training timestep, sqrt((1 - alphas_cumprod) / alphas_cumprod), float32 ascending."""
@@ -528,7 +600,14 @@ class SchedulerMixin(ConfigMixin):
     # --- the step protocol (see the module docstring) -------------------------------------------------------------
     def plan_step(self, timestep: float | torch.Tensor, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         """Prepare the next step on the host; `step_kwargs` are the scheduler's `step` options (eta, generator...)."""
-        return self._plan(self._index(timestep), sample, **step_kwargs)
+        i = self._index(timestep)
+        plan = self._plan(i, sample, **step_kwargs)
+        plan.model_input_scale = self._model_input_scale(i)
+        return plan
+
+    def _model_input_scale(self, i: int) -> torch.Tensor | None:
+        """What step i's model input is multiplied by (see `StepPlan.model_input_scale`); None: not scaled."""
+        return None
 
     def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")

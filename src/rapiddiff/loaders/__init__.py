@@ -1,0 +1,1 @@
+"""Loading user weights into pipelines: LoRA adapters and textual-inversion embeddings (Diffusers' loader API)."""

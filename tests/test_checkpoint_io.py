@@ -1,0 +1,211 @@
+"""Reading and writing checkpoints: typed configs, loading arguments, clear errors, sharded and atomic saves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import diffusers
+import pytest
+import safetensors.torch
+import torch
+
+from rapiddiff import AutoencoderKL, UNet2DConditionModel
+from rapiddiff.configuration import ConfigError
+from rapiddiff.utils import atomic_io
+
+TINY_VAE = dict(
+    block_out_channels=[8, 16],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    latent_channels=4,
+    norm_num_groups=4,
+    layers_per_block=1,
+)
+
+
+def _vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL.from_config(TINY_VAE).eval()
+
+
+def _tree(folder) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `folder` (what byte-identical means here)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _leftovers(parent) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- typed configs -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("in_channels", "four", r"in_channels='four'.*expects an int"),
+        ("block_out_channels", 32, r"block_out_channels=32.*expects a list of \(an int\)"),
+        ("layers_per_block", 0, r"layers_per_block=0 is out of range.*>= 1"),
+        ("block_out_channels", [8, -16], r"block_out_channels=\(8, -16\) is out of range"),
+        ("scaling_factor", "x", r"scaling_factor='x'.*expects a number"),
+        ("force_upcast", 1, r"force_upcast=1.*expects true/false"),
+    ],
+)
+def test_model_config_values_are_typed(tmp_path, key, value, match):
+    _vae().save_pretrained(tmp_path / "vae")
+    path = tmp_path / "vae" / "config.json"
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=match) as err:
+        AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert str(path) in str(err.value)  # names the file
+
+
+def test_unet_config_type_errors_name_key():
+    with pytest.raises(ConfigError, match=r"cross_attention_dim='32'"):
+        UNet2DConditionModel.from_config({"cross_attention_dim": "32"})
+    with pytest.raises(ConfigError, match=r"norm_eps=nan"):
+        UNet2DConditionModel.from_config({"norm_eps": float("nan")})
+    with pytest.raises(ConfigError, match="attention_head_dim"):
+        UNet2DConditionModel.config_class().replace(attention_head_dim="8")
+
+
+# --- loading arguments and clear errors ------------------------------------------------------------------------------
+def test_dtype_arguments(tmp_path):
+    _vae().half().save_pretrained(tmp_path / "vae")
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae").dtype == torch.float32  # the default, as Diffusers
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae", dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype="auto").dtype == torch.float16
+    with pytest.raises(TypeError, match="not both"):
+        AutoencoderKL.from_pretrained(tmp_path / "vae", dtype=torch.float16, torch_dtype=torch.float16)
+    with pytest.raises(TypeError, match="'fp16'"):
+        AutoencoderKL.from_pretrained(tmp_path / "vae", dtype="fp16")
+
+
+def test_unknown_loading_argument_is_a_type_error(tmp_path):
+    _vae().save_pretrained(tmp_path / "vae")
+    with pytest.raises(TypeError, match=r"\['device_map'\].*loading argument"):
+        AutoencoderKL.from_pretrained(tmp_path / "vae", device_map="auto")
+    # config keys still override, as in Diffusers
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae", scaling_factor=0.5).config.scaling_factor == 0.5
+
+
+def test_non_float_tensor_and_file_path_errors(tmp_path):
+    _vae().save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    state["encoder.conv_in.weight"] = state["encoder.conv_in.weight"].to(torch.int32)
+    safetensors.torch.save_file(state, weights)
+    with pytest.raises(ValueError, match=r"encoder\.conv_in\.weight \(torch\.int32\).*not floating") as err:
+        AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert str(weights) in str(err.value)
+    with pytest.raises(NotADirectoryError, match="is a file.*from_single_file"):
+        AutoencoderKL.from_pretrained(weights)
+
+
+# --- sharded saves ---------------------------------------------------------------------------------------------------
+def test_sharded_save_round_trip_and_diffusers_reads_it(tmp_path):
+    vae = _vae()
+    vae.save_pretrained(tmp_path / "vae", max_shard_size="40KB", variant="fp16")
+    files = sorted(p.name for p in (tmp_path / "vae").iterdir())
+    shards = [f for f in files if f.startswith("diffusion_pytorch_model.fp16-0")]
+    assert len(shards) > 1 and "diffusion_pytorch_model.safetensors.index.fp16.json" in files  # Diffusers' names
+    assert _same_weights(AutoencoderKL.from_pretrained(tmp_path / "vae", variant="fp16"), vae)
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae", variant="fp16")
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in vae.state_dict().items())
+    # an unsharded save over it leaves no stale shard behind
+    vae.save_pretrained(tmp_path / "vae")
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    with pytest.raises(ValueError, match="max_shard_size"):
+        vae.save_pretrained(tmp_path / "other", max_shard_size="lots")
+
+
+# --- atomic saves ----------------------------------------------------------------------------------------------------
+def test_stale_variant_does_not_survive(tmp_path):
+    a, b = _vae(0), _vae(1)
+    a.save_pretrained(tmp_path / "vae", variant="fp16")
+    (tmp_path / "vae" / "README.md").write_text("kept")
+    b.save_pretrained(tmp_path / "vae")
+    with pytest.raises(FileNotFoundError, match="fp16"):  # a's fp16 weights did not survive b's save
+        AutoencoderKL.from_pretrained(tmp_path / "vae", variant="fp16")
+    assert _same_weights(AutoencoderKL.from_pretrained(tmp_path / "vae"), b)
+    assert (tmp_path / "vae" / "README.md").read_text() == "kept"  # not a model file: carried over
+    a.save_pretrained(tmp_path / "vae", variant="fp16", safe_serialization=False)
+    assert not (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    assert _same_weights(AutoencoderKL.from_pretrained(tmp_path / "vae", variant="fp16"), a)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_failing_writer_leaves_old_model(tmp_path, monkeypatch, k):
+    _vae(0).save_pretrained(tmp_path / "vae", max_shard_size="40KB")
+    before = _tree(tmp_path / "vae")
+    calls = []
+    real = safetensors.torch.save_file
+
+    def fail_on_kth(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == k:
+            with open(filename, "wb") as f:
+                f.write(b"partial")  # a half-written file, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_on_kth)
+    with pytest.raises(OSError, match="No space"):
+        _vae(1).save_pretrained(tmp_path / "vae", max_shard_size="40KB")
+    assert len(calls) == k
+    assert _tree(tmp_path / "vae") == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_unreplaceable_folder_fails_before_writing(tmp_path, monkeypatch):
+    # Tests run as root, for whom a read-only folder is writable: inject what os.access would say for a normal user.
+    _vae(0).save_pretrained(tmp_path / "vae")
+    before = _tree(tmp_path / "vae")
+    real = atomic_io.os.access
+    monkeypatch.setattr(atomic_io.os, "access", lambda p, mode: not str(p).endswith("vae") and real(p, mode))
+    with pytest.raises(PermissionError, match=r"vae is not writable; nothing was changed"):
+        _vae(1).save_pretrained(tmp_path / "vae")
+    assert _tree(tmp_path / "vae") == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_reader_during_saves_sees_old_or_new(tmp_path):
+    models = [_vae(0), _vae(1)]
+    models[0].save_pretrained(tmp_path / "vae")
+    seen, errors, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                loaded = AutoencoderKL.from_pretrained(tmp_path / "vae")
+            except Exception as e:  # a half-written file or a missing one
+                errors.append(e)
+                return
+            seen.append([i for i, m in enumerate(models) if _same_weights(loaded, m)])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(6):
+            models[i % 2].save_pretrained(tmp_path / "vae", max_shard_size="40KB" if i % 3 else "10GB")
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert seen and all(len(s) == 1 for s in seen)  # each load is exactly one of the saves
+    assert _leftovers(tmp_path) == []
