@@ -55,6 +55,7 @@ def compile_pipeline(
     whole_step: bool = False,
     backend: str | Callable[..., Any] = "inductor",
     freezing: bool | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Any:
     """Apply channels_last and torch.compile in place to the pipeline's models; returns `pipe`.
 
@@ -71,13 +72,17 @@ def compile_pipeline(
     freezing: inductor's freezing (weights folded into the compiled code as constants, convolution and linear
         weights prepacked for the CPU's kernels; see `FrozenWeightsCall` for how later weight changes are caught).
         None (default): on for modules whose weights are on the CPU, where it measured 2x and more (docs/compile.md),
-        off on accelerators until a GPU run shows it wins there. Inductor only; not with whole_step.
+        off on accelerators until a GPU run shows it wins there. Inductor only; the whole-step graph never freezes.
+    options: more inductor options (torch.compile's `options=`, on top of the mode's), e.g. {"conv_1x1_as_mm": True};
+        `scripts/compile_levers.py` measures them. Inductor only.
     """
     _check_args(mode, memory_format, dynamic, backend)
     if freezing not in (None, True, False):
         raise ValueError(f"freezing={freezing!r}; allowed: None (on for CPU modules), True or False")
-    if freezing and backend != "inductor":
-        raise ValueError(f"freezing=True is an inductor option; backend={backend!r} cannot freeze weights")
+    if (freezing or options) and backend != "inductor":
+        raise ValueError(f"freezing=True and options= are inductor's; backend={backend!r} takes neither")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of inductor options, got {options!r}")
     if whole_step and getattr(pipe, "controlnet", None) is not None:
         raise ValueError(
             "whole_step=True does not support ControlNet pipelines: which ControlNets run at a step "
@@ -91,7 +96,9 @@ def compile_pipeline(
             continue
         module_mode = mode if name in DENOISERS else _WITHOUT_CUDAGRAPHS.get(mode, mode)
         kwargs = compile_kwargs(backend, module_mode)
-        if _freezes(freezing, backend, module):
+        if backend == "inductor" and (options or _freezes(freezing, module)):
+            kwargs = inductor_options(module_mode, dynamic, {**(options or {}), "freezing": _freezes(freezing, module)})
+        if kwargs.get("options", {}).get("freezing"):
             module._compiled_call_impl = FrozenWeightsCall(module, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
         else:
             module.compile(fullgraph=fullgraph, dynamic=dynamic, **kwargs)
@@ -159,12 +166,16 @@ def _resolve(obj: Any, path: str) -> Any:
 
 
 # --- frozen weights --------------------------------------------------------------------------------------------------
-def _freezes(freezing: bool | None, backend: Any, module: nn.Module) -> bool:
-    if backend != "inductor" or freezing is False:
-        return False
+def _freezes(freezing: bool | None, module: nn.Module) -> bool:
     if freezing is None:
         return next(module.parameters()).device.type == "cpu"
-    return True
+    return freezing
+
+
+def inductor_options(mode: str | None, dynamic: bool | None, options: dict[str, Any]) -> dict[str, Any]:
+    """torch.compile arguments for inductor with `options` on top of `mode`'s (torch takes one or the other)."""
+    base = torch._inductor.list_mode_options(mode, dynamic) if mode not in (None, "default") else {}
+    return {"backend": "inductor", "options": {**base, **options}}
 
 
 def weights_fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -187,9 +198,8 @@ class FrozenWeightsCall:
     """
 
     def __init__(self, module: nn.Module, **compile_kwargs: Any):
-        mode = compile_kwargs.pop("mode", None)
-        options = dict(torch._inductor.list_mode_options(mode, compile_kwargs.get("dynamic"))) if mode else {}
-        self._compile_kwargs = dict(compile_kwargs, options={**options, "freezing": True})
+        """compile_kwargs: torch.compile's, with options holding freezing=True (`inductor_options`)."""
+        self._compile_kwargs = compile_kwargs
         self._module = module
         self.compiles = 0
         self.refresh()
