@@ -41,7 +41,10 @@ def test_strengths_match_diffusers(pipes, strength):
     assert pipes[1].num_timesteps == pipes[0].num_timesteps
 
 
-@pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize(
+    "scheduler",
+    ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler"],
+)
 def test_other_schedulers(pipes, tiny_sd_dir, scheduler):
     use_scheduler(pipes, scheduler, tiny_sd_dir)  # Euler ancestral also draws step noise from the generator
     assert_same_images(*run_both(pipes, image=IMAGE, strength=0.6, num_inference_steps=4))

@@ -231,8 +231,8 @@ class WholeStep:
     with the call's generator, as the eager step draws it), one compiled call, `commit_plan`. The graph takes the
     plan's tensors as inputs, so every step of a loop and every later call with the same shapes, scheduler class and
     guidance scale run one graph. The guidance scale is a constant of the graph: a new value compiles anew (kept:
-    going back to an earlier value is free). Schedulers: rapiddiff's DDIM, DDPM, Euler, Euler ancestral,
-    DPM-Solver(++) multistep and PNDM with skip_prk_steps=True.
+    going back to an earlier value is free). Schedulers: every rapiddiff scheduler (plan / apply / commit), PNDM
+    with skip_prk_steps=True.
     """
 
     def __init__(self, *, fullgraph: bool = True, dynamic: bool | None = False, **compile_kwargs: Any):
@@ -243,8 +243,8 @@ class WholeStep:
         scheduler = parts.scheduler
         if not isinstance(scheduler, SchedulerMixin):
             raise TypeError(
-                f"whole_step=True needs one of rapiddiff's schedulers (DDIM, DDPM, Euler, EulerAncestral, "
-                f"DPMSolverMultistep, PNDM with skip_prk_steps=True), got {type(scheduler).__name__}"
+                f"whole_step=True needs one of rapiddiff's schedulers (PNDM with skip_prk_steps=True), "
+                f"got {type(scheduler).__name__}"
             )
         plan = scheduler.plan_step(t, latents, **parts.step_kwargs).to(latents.device)
         # one graph per scheduler class, step options, guidance scale and shape: more than torch's default 8

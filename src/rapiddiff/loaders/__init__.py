@@ -1,1 +1,2 @@
-"""Loading user weights into pipelines: LoRA adapters and textual-inversion embeddings (Diffusers' loader API)."""
+"""Loading user weights into pipelines: LoRA adapters, textual-inversion embeddings (Diffusers' loader API) and
+single-file checkpoints in the original Stable Diffusion layout."""

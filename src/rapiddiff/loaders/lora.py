@@ -18,7 +18,7 @@ from torch import nn
 
 from ..hub import resolve_dir, resolve_file
 from . import lora_layers
-from .lora_conversion import convert_lora_state_dict, read_metadata
+from .lora_conversion import METADATA_KEY, convert_lora_state_dict, read_metadata
 
 # File names tried in a folder / repo when `weight_name` is not given (Diffusers' save_lora_weights names).
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -278,6 +278,49 @@ class StableDiffusionLoraLoaderMixin:
     def unload_lora_weights(self) -> None:
         """Remove every adapter (the layers become plain Linear/Conv2d again); fused weights stay fused."""
         self._lora().unload()
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        unet_lora_layers: Mapping[str, torch.Tensor | nn.Module] | None = None,
+        text_encoder_lora_layers: Mapping[str, torch.Tensor | nn.Module] | None = None,
+        weight_name: str | None = None,
+        safe_serialization: bool = True,
+        unet_lora_adapter_metadata: Mapping[str, Any] | None = None,
+        text_encoder_lora_adapter_metadata: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write PEFT-format LoRA layers as Diffusers does (`unet.` / `text_encoder.` prefixes, adapter metadata in
+        the safetensors header); returns the file written."""
+        layers = {"unet": unet_lora_layers, "text_encoder": text_encoder_lora_layers}
+        metadata = {"unet": unet_lora_adapter_metadata, "text_encoder": text_encoder_lora_adapter_metadata}
+        if not any(layers.values()):
+            raise ValueError("save_lora_weights needs unet_lora_layers and/or text_encoder_lora_layers")
+        state: dict[str, torch.Tensor] = {}
+        packed: dict[str, Any] = {}
+        for prefix, entries in layers.items():
+            for key, value in (entries or {}).items():
+                tensors = value.state_dict() if isinstance(value, nn.Module) else {"": value}
+                for sub, tensor in tensors.items():
+                    state[".".join(p for p in (prefix, key, sub) if p)] = tensor.detach().cpu().contiguous()
+            packed.update({f"{prefix}.{k}": v for k, v in (metadata[prefix] or {}).items()})
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (weight_name or LORA_WEIGHT_NAMES[0 if safe_serialization else 1])
+        if safe_serialization:
+            import json
+
+            import safetensors.torch
+
+            header = {"format": "pt"}
+            if packed:
+                header[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True, default=list)
+            safetensors.torch.save_file(state, str(path), metadata=header)
+        else:
+            if packed:
+                raise ValueError("adapter metadata needs safe_serialization=True (it lives in the safetensors header)")
+            torch.save(state, str(path))
+        return path
 
 
 class LoraModelMixin:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from .embeddings import TimestepEmbedding, Timesteps, batch_timesteps
-from .modeling_utils import ModelMixin
+from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS
 from .unet_2d_condition import level_options, mask_to_bias
 from .unet_blocks import get_down_block, get_mid_block, run_down_blocks
@@ -157,7 +157,7 @@ class ControlNetConditioningEmbedding(nn.Module):
         return self.conv_out(x)
 
 
-class ControlNetModel(ModelMixin):
+class ControlNetModel(AttentionSlicingMixin, ModelMixin):
     """Diffusers' ControlNetModel: same config, state-dict keys, forward arguments and outputs."""
 
     config_class = ControlNetConfig
@@ -212,6 +212,22 @@ class ControlNetModel(ModelMixin):
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
                 getattr(model, name).load_state_dict(getattr(unet, name).state_dict())
         return model
+
+    @classmethod
+    def from_single_file(
+        cls,
+        pretrained_model_link_or_path: str | os.PathLike,
+        config: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> ControlNetModel:
+        """An original-layout ControlNet file (`control_model.*`, e.g. control_v11p_sd15_canny.pth), offline; the
+        config from `config=` (a local folder) or the SD 1.x ControlNet preset."""
+        from ..loaders.single_file import controlnet_from_single_file
+
+        return controlnet_from_single_file(
+            cls, pretrained_model_link_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype
+        )
 
     def forward(
         self,
@@ -363,10 +379,19 @@ class MultiControlNetModel(ModelMixin):
 
     # --- Diffusers' layout: net 0 in `folder`, net i in `folder_i` -------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, variant: str | None = None, safe_serialization: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "10GB",
     ) -> None:
         for i, net in enumerate(self.nets):
-            net.save_pretrained(_net_folder(save_directory, i), variant=variant, safe_serialization=safe_serialization)
+            net.save_pretrained(
+                _net_folder(save_directory, i),
+                variant=variant,
+                safe_serialization=safe_serialization,
+                max_shard_size=max_shard_size,
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_path: str | os.PathLike, **kwargs: Any) -> MultiControlNetModel:

@@ -23,6 +23,7 @@ import torch
 from ..configuration import read_json
 from ..hub import IGNORED_REPO_PATTERNS, _is_local, resolve_dir, resolve_file
 from .image_processor import OUTPUT_TYPES
+from .memory import MemoryMixin
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,9 @@ class PipelineConfig(Mapping):
         return f"PipelineConfig({self._values!r})"
 
 
-class DiffusionPipeline:
-    """Base of every rapiddiff pipeline: holds the components, loads, saves and moves them."""
+class DiffusionPipeline(MemoryMixin):
+    """Base of every rapiddiff pipeline: holds the components, loads, saves and moves them (offloading and the other
+    memory switches: `MemoryMixin`)."""
 
     config_name: ClassVar[str] = MODEL_INDEX
     _optional_components: ClassVar[tuple[str, ...]] = ()
@@ -253,10 +255,6 @@ class DiffusionPipeline:
         return torch.device("cpu")
 
     @property
-    def _execution_device(self) -> torch.device:
-        return self.device
-
-    @property
     def dtype(self) -> torch.dtype:
         for m in self._modules():
             return next(m.parameters()).dtype
@@ -278,6 +276,7 @@ class DiffusionPipeline:
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"to(): dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
         device = torch.device(device) if device is not None else None
+        self._check_move_under_offload(device)
         for module in self._modules():
             module.to(device=device, dtype=dtype)
         return self
@@ -288,10 +287,16 @@ class DiffusionPipeline:
         self._progress_bar_config = kwargs
 
     @torch.compiler.disable
-    def progress_bar(self, total: int) -> Any:
+    def progress_bar(self, iterable: Any = None, total: int | None = None) -> Any:
+        """A tqdm bar over `iterable`, or counting to `total` (Diffusers' signature)."""
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
+        config = getattr(self, "_progress_bar_config", {})
+        if iterable is not None:
+            return tqdm(iterable, **config)
+        if total is not None:
+            return tqdm(total=total, **config)
+        raise ValueError("progress_bar: give an iterable or total=")
 
     # --- state read by step-end callbacks (Diffusers' properties) ---------------------------------------------------
     @property
@@ -349,6 +354,14 @@ class DiffusionPipeline:
         pipe = pipeline_cls(**loaded, **overrides, **config)
         pipe._name_or_path = source
         return pipe
+
+    @classmethod
+    def from_single_file(cls: type[P], pretrained_model_link_or_path: str | os.PathLike, **kwargs: Any) -> P:
+        """A Stable Diffusion pipeline from one checkpoint file in the original layout (`.safetensors` / `.ckpt`),
+        offline: see `rapiddiff.loaders.single_file.pipeline_from_single_file` for the arguments."""
+        from ..loaders.single_file import pipeline_from_single_file
+
+        return pipeline_from_single_file(cls, pretrained_model_link_or_path, **kwargs)
 
     @classmethod
     def _split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
