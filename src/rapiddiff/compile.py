@@ -99,7 +99,9 @@ def compile_pipeline(
         if backend == "inductor" and (options or _freezes(freezing, module)):
             kwargs = inductor_options(module_mode, dynamic, {**(options or {}), "freezing": _freezes(freezing, module)})
         if kwargs.get("options", {}).get("freezing"):
-            module._compiled_call_impl = FrozenWeightsCall(module, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+            module._compiled_call_impl = FrozenWeightsCall(
+                module, cpu_only=freezing is None, fullgraph=fullgraph, dynamic=dynamic, **kwargs
+            )
         else:
             module.compile(fullgraph=fullgraph, dynamic=dynamic, **kwargs)
         if dynamic:
@@ -195,30 +197,39 @@ class FrozenWeightsCall:
     differs. Each module gets a code object of its own to compile, so that torch's compile cache (kept per code
     object) never hands one module a graph holding another's weights. Not caught: an in-place write through
     `param.data` (it bypasses the version counter); call `refresh()` after one.
+
+    cpu_only (compile_pipeline's freezing=None): freeze only while the weights are on the CPU; weights moved to an
+    accelerator (`pipe.to("cuda")` after compiling, model offload) compile once more, without freezing and without
+    the per-call check.
     """
 
-    def __init__(self, module: nn.Module, **compile_kwargs: Any):
+    def __init__(self, module: nn.Module, cpu_only: bool = False, **compile_kwargs: Any):
         """compile_kwargs: torch.compile's, with options holding freezing=True (`inductor_options`)."""
         self._compile_kwargs = compile_kwargs
         self._module = module
+        self._cpu_only = cpu_only
         self.compiles = 0
         self.refresh()
 
     def refresh(self) -> None:
         """Compile anew from the module's current weights (at the next call)."""
         module = self._module
+        self.frozen = not self._cpu_only or next(module.parameters()).device.type == "cpu"
+        kwargs = self._compile_kwargs
+        if not self.frozen:
+            kwargs = dict(kwargs, options={**kwargs["options"], "freezing": False})
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return module._call_impl(*args, **kwargs)
 
         # a fresh code object: torch.compile's cache of graphs (frozen weights included) is per code object
         call.__code__ = call.__code__.replace(co_name=f"frozen_{type(module).__name__}_{id(self):x}")
-        self._compiled = torch.compile(call, **self._compile_kwargs)
+        self._compiled = torch.compile(call, **kwargs)
         self._fingerprint = weights_fingerprint(module)
         self.compiles += 1
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if weights_fingerprint(self._module) != self._fingerprint:
+        if self.frozen and weights_fingerprint(self._module) != self._fingerprint:
             self.refresh()
         return self._compiled(*args, **kwargs)
 
