@@ -251,6 +251,13 @@ def test_bad_lora_raises_and_changes_nothing(tiny_sd_dir, tmp_path):
         pipe.load_lora_weights(good, adapter_name="ok")
     with pytest.raises(ValueError, match="not loaded"):
         pipe.set_adapters(["nope"])
+    with pytest.raises(ValueError, match="adapts other layers"):
+        pipe.load_lora_weights(make_lora(pipe, "attn_procs", seed=9), adapter_name="ok", hotswap=True)
+    new = make_lora(pipe, "kohya", seed=8, alpha=1.0)
+    pipe.load_lora_weights(new, adapter_name="ok", hotswap=True)  # same layers and ranks: weights replaced in place
+    layer = pipe.unet.get_submodule(q[len("lora_unet_") :].replace("_", ".").replace("down.blocks", "down_blocks")
+                                    .replace("transformer.blocks", "transformer_blocks").replace("to.q", "to_q"))  # fmt: skip
+    assert torch.equal(layer.lora_down, new[f"{q}.lora_down.weight"]) and layer.lora_slots["ok"].scale == 0.25
     with pytest.raises(TypeError, match="unexpected argument"):
         pipe.load_lora_weights(good, adapter_name="ok2", weight_nam="x")
 
@@ -342,3 +349,5 @@ def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):
         assert_close_rel(check("fused"), mixed, 1e-4, "fused vs unfused")
         unet.unfuse_lora()
         assert torch.equal(check("unfused"), mixed)
+        unet.load_lora_adapter(make_lora(pipe, "peft", seed=8), prefix="unet", adapter_name="a", hotswap=True)
+        assert not torch.allclose(check("hotswapped"), mixed)

@@ -387,3 +387,16 @@ def test_compiled_unet_traces_once_for_all_steps(pipes):
         ours.unet = unet
     assert len(graphs) == 1
     np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_truncation_warnings_name_the_argument_and_stay_short(pipes, caplog):
+    """Issue 14: the prompt's warning printed the whole cut-off text; the negative prompt was cut silently."""
+    _, ours = pipes
+    long_text = " ".join(["castle"] * 2000)
+    with caplog.at_level("WARNING", logger="rapiddiff.pipelines.prompt"):
+        ours([PROMPT, long_text], negative_prompt=[long_text, "blurry"], num_inference_steps=1, output_type="np")
+    messages = [r.getMessage() for r in caplog.records if r.name == "rapiddiff.pipelines.prompt"]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("prompt[1] has 2002 tokens; the text encoder takes 77, so the last 1925 were cut")
+    assert messages[1].startswith("negative_prompt[0] has 2002 tokens")
+    assert all(len(m) < 250 for m in messages)

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .pipelines.denoise import StepParts, run_step
 from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
+from .utils.offload import check_compilable
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MEMORY_FORMATS = (None, torch.channels_last, torch.contiguous_format)
@@ -95,6 +96,7 @@ def compile_pipeline(
         if whole_step and name in DENOISERS:
             continue
         module_mode = mode if name in DENOISERS else _WITHOUT_CUDAGRAPHS.get(mode, mode)
+        check_compilable(module)  # sequential CPU offload's hooks cannot run inside a graph
         kwargs = compile_kwargs(backend, module_mode)
         if backend == "inductor" and (options or _freezes(freezing, module)):
             kwargs = inductor_options(module_mode, dynamic, {**(options or {}), "freezing": _freezes(freezing, module)})
@@ -107,7 +109,7 @@ def compile_pipeline(
         if dynamic:
             module._compiled_call_impl = without_duck_shapes(module._compiled_call_impl)
     if whole_step:
-        pipe._step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
+        pipe.step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
     return pipe
 
 
@@ -356,18 +358,18 @@ def forbid_host_syncs_in_loop(pipe: Any) -> Iterator[Any]:
 
     Prompt encoding, VAE decoding and step-end callbacks stay free to read values. Yields the pipeline.
     """
-    inner, device = pipe._step_runner or run_step, pipe.device
+    inner, device = pipe.step_runner or run_step, pipe.device
 
     def guarded(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         with forbid_host_syncs(device):
             return inner(parts, latents, t, i)
 
-    before = pipe._step_runner
-    pipe._step_runner = guarded
+    before = pipe.step_runner
+    pipe.step_runner = guarded
     try:
         yield pipe
     finally:
-        pipe._step_runner = before
+        pipe.step_runner = before
 
 
 # --- warm start ------------------------------------------------------------------------------------------------------

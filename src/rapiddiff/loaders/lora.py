@@ -114,8 +114,11 @@ class LoRAAdapters:
         source: str,
         adapter_name: str | None,
         default_component: str | None,
+        hotswap: bool = False,
     ) -> str:
         present = self.all_adapters()
+        if hotswap:
+            return self._hotswap(state_dict, metadata, source, adapter_name, default_component)
         if adapter_name is None:
             counts = [len(v) for v in self.adapters().values()]
             adapter_name = f"default_{max(counts, default=0)}"
@@ -128,6 +131,32 @@ class LoRAAdapters:
                                             default_component=default_component)  # fmt: skip
         for name, layers in per_model.items():
             lora_layers.register_adapter(self.models[name], adapter_name, layers)
+        return adapter_name
+
+    def _hotswap(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any] | None,
+        source: str,
+        adapter_name: str | None,
+        default_component: str | None,
+    ) -> str:
+        """Replace a loaded adapter's weights in place (same layers and ranks): a compiled model does not recompile."""
+        present = self.all_adapters()
+        if adapter_name not in present:
+            raise ValueError(
+                f"hotswap=True needs the adapter_name of a loaded adapter ({present}), got {adapter_name!r}"
+            )
+        per_model = convert_lora_state_dict(state_dict, self.models, f"{source} into {self.owner}", metadata,
+                                            default_component=default_component)  # fmt: skip
+        for name, model in self.models.items():
+            state = lora_layers.lora_state(model)
+            if (state is not None and adapter_name in state.adapters) or name in per_model:
+                why = lora_layers.hotswap_mismatch(model, adapter_name, per_model.get(name, {}))
+                if why:
+                    raise ValueError(f"cannot hotswap {source} into adapter {adapter_name!r} of the {name}: {why}")
+        for name, layers in per_model.items():
+            lora_layers.hotswap(self.models[name], adapter_name, layers)
         return adapter_name
 
     def _check_names(self, names: list[str], what: str) -> None:
@@ -224,13 +253,13 @@ class StableDiffusionLoraLoaderMixin:
     ) -> None:
         """Load a LoRA (Diffusers/PEFT, Kohya/A1111 incl. LoCon, or Diffusers' older formats) into the UNet and the
         text encoder, as adapter `adapter_name` (default `default_<n>`), which becomes the active adapter.
+        hotswap=True replaces the weights of the loaded adapter `adapter_name` in place instead (same layers and
+        ranks; a compiled model does not recompile).
 
         kwargs: weight_name, subfolder, use_safetensors, cache_dir, local_files_only, revision, token.
         """
-        if hotswap:
-            raise ValueError("hotswap=True is not supported by rapiddiff: load under a new adapter_name instead")
         state_dict, metadata, source = read_lora_weights(pretrained_model_name_or_path_or_dict, **kwargs)
-        self._lora().load(state_dict, metadata, source, adapter_name, default_component="unet")
+        self._lora().load(state_dict, metadata, source, adapter_name, default_component="unet", hotswap=hotswap)
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
         """Activate exactly these adapters, with these weights (1.0 by default); the others stay loaded, inactive."""
@@ -340,8 +369,6 @@ class LoraModelMixin:
         **kwargs: Any,
     ) -> None:
         """Load a LoRA into this model; `prefix` selects the keys of a pipeline file (e.g. "unet"), None takes all."""
-        if hotswap:
-            raise ValueError("hotswap=True is not supported by rapiddiff: load under a new adapter_name instead")
         state_dict, metadata, source = read_lora_weights(pretrained_model_name_or_path_or_dict, **kwargs)
         if prefix is not None:
             state_dict = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
@@ -353,7 +380,9 @@ class LoraModelMixin:
                     for k, v in metadata.items()
                     if k.startswith(f"{prefix}.")
                 }
-        self._lora().load(state_dict, metadata, source, adapter_name, default_component=self._lora_component)
+        self._lora().load(
+            state_dict, metadata, source, adapter_name, default_component=self._lora_component, hotswap=hotswap
+        )
 
     def set_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
         self._lora().set_adapters(adapter_names, weights)

@@ -226,6 +226,36 @@ def register_adapter(model: nn.Module, name: str, layers: dict[str, tuple[torch.
     refresh_scales(model)
 
 
+def hotswap_mismatch(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> str:
+    """Why `layers` cannot replace adapter `name` in place ('' if it can): same layers, same ranks."""
+    state = lora_state(model)
+    if state is None or name not in state.adapters:
+        return f"adapter {name!r} is not loaded here"
+    if state.fused:
+        return f"adapter(s) {state.fused} are fused"
+    have = {n: layer.lora_slots[name] for n, layer in lora_layers(model) if name in layer.lora_slots}
+    if set(have) != set(layers):
+        diff = sorted(set(have) ^ set(layers))
+        return f"the new LoRA adapts other layers ({len(diff)} differ, e.g. {diff[:3]})"
+    for n, (down, _, _) in layers.items():
+        if have[n].stop - have[n].start != down.shape[0]:
+            return f"rank {down.shape[0]} != {have[n].stop - have[n].start} at {n}"
+    return ""
+
+
+def hotswap(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    """Replace adapter `name`'s weights in place (checked by `hotswap_mismatch`): no new shapes, no recompile."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for n, (down, up, scale) in layers.items():
+            layer = modules[n]
+            slot = layer.lora_slots[name]
+            layer.lora_down[slot.start : slot.stop].copy_(down)
+            layer.lora_up[:, slot.start : slot.stop].copy_(up)
+            slot.scale = scale
+    refresh_scales(model)
+
+
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
     state = lora_state(model)
     if state is None:
