@@ -22,6 +22,7 @@ import torch
 
 from ..configuration import read_json
 from ..hub import IGNORED_REPO_PATTERNS, _is_local, resolve_dir, resolve_file
+from ..utils.atomic_io import atomic_folder, read_lock
 from .image_processor import OUTPUT_TYPES
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ PIPELINE_COMPONENT_LIBRARY = {
     "IFWatermarker": "deepfloyd_if",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# transformers classes that model_index.json files name by an old name (Diffusers maps them the same way).
+TRANSFORMERS_ALIASES = {"CLIPFeatureExtractor": "CLIPImageProcessor"}
 # `DiffusionPipeline.from_pretrained(checkpoint, controlnet=...)` loads a text-to-image checkpoint into its ControlNet
 # pipeline (what Diffusers' AutoPipelineForText2Image does with a `controlnet` argument).
 CONTROLNET_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionControlNetPipeline"}
@@ -81,7 +84,7 @@ def _component_class(library: str, class_name: str, what: str) -> type:
         import transformers
 
         try:
-            return getattr(transformers, class_name)
+            return getattr(transformers, TRANSFORMERS_ALIASES.get(class_name, class_name))
         except AttributeError as e:
             raise ValueError(f"{what}: transformers has no class {class_name!r}") from e
     raise ValueError(
@@ -302,23 +305,25 @@ class DiffusionPipeline:
     def from_pretrained(
         cls: type[P],
         pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
+        torch_dtype: torch.dtype | str | Mapping[str, torch.dtype | str] | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
         local_files_only: bool = False,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
+        dtype: torch.dtype | str | Mapping[str, torch.dtype | str] | None = None,
         **kwargs: Any,
     ) -> P:
         """Load a pipeline saved in Diffusers' layout (a local folder or a Hub id).
 
-        `torch_dtype`: one dtype for every torch component, or {"unet": ..., "default": ...}; float32 if not given.
+        `dtype` (Diffusers 0.42's name) or `torch_dtype`, not both: one dtype for every torch component, "auto" (as
+        stored), or {"unet": ..., "default": ...}; float32 if not given.
         Keyword arguments named after components replace them (`safety_checker=None`, `controlnet=...`); those named
         after config values (`requires_safety_checker=False`) replace model_index.json's.
         """
         kwargs.pop("low_cpu_mem_usage", None)  # always the case: models are built on the meta device
-        _check_dtype_arg(torch_dtype)
+        torch_dtype = _dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_pretrained")
         hub = dict(local_files_only=local_files_only, revision=revision, cache_dir=cache_dir, token=token)
         source = str(pretrained_model_name_or_path)
         index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
@@ -336,11 +341,16 @@ class DiffusionPipeline:
             root = _fetch_components(source, list(to_load), variant, use_safetensors, hub)
         _check_variant_present(root, list(to_load), variant, source)
         loaded: dict[str, Any] = {n: None for n in entries}
-        for name, (library, class_name) in to_load.items():
-            dtype = (
-                torch_dtype.get(name, torch_dtype.get("default")) if isinstance(torch_dtype, Mapping) else torch_dtype
-            )
-            loaded[name] = _load_component(root, name, library, class_name, dtype, variant, use_safetensors)
+        with read_lock(root):  # a save_pretrained swapping this folder waits: old or new, never a mix
+            for name, (library, class_name) in to_load.items():
+                component_dtype = (
+                    torch_dtype.get(name, torch_dtype.get("default"))
+                    if isinstance(torch_dtype, Mapping)
+                    else torch_dtype
+                )
+                loaded[name] = _load_component(
+                    root, name, library, class_name, component_dtype, variant, use_safetensors
+                )
         pipe = pipeline_cls(**loaded, **overrides, **config)
         pipe._name_or_path = source
         return pipe
@@ -413,29 +423,81 @@ class DiffusionPipeline:
             )
         return entries | {n: (None, None) for n in missing}
 
+    @classmethod
+    def from_pipe(cls: type[P], pipeline: DiffusionPipeline, **kwargs: Any) -> P:
+        """A pipeline of this class on `pipeline`'s components (the same objects, no copy), as Diffusers' `from_pipe`.
+
+        Keyword arguments named after components or config values replace them; `dtype=` / `torch_dtype=` moves the
+        new pipeline's modules (and so the shared ones). Components this class has and `pipeline` lacks are None
+        if optional, else an error naming them.
+        """
+        if not isinstance(pipeline, DiffusionPipeline):
+            raise TypeError(f"from_pipe takes a rapiddiff pipeline, got {type(pipeline).__name__}")
+        target = type(pipeline) if cls is DiffusionPipeline else cls
+        dtype = _dtype_arg(kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), f"{target.__name__}.from_pipe")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{target.__name__}.from_pipe: dtype must be one torch.dtype, got {dtype!r}")
+        overrides, config = target._split_kwargs(kwargs)
+        components = {n: overrides.get(n, getattr(pipeline, n, None)) for n in target.component_names()}
+        missing = [n for n, c in components.items() if c is None and n not in target._optional_components]
+        if missing:
+            raise ValueError(
+                f"{target.__name__}.from_pipe: {type(pipeline).__name__} has no component(s) {missing}; pass them, "
+                f"e.g. {missing[0]}=..."
+            )
+        old_config = pipeline.config
+        config = {k: old_config[k] for k in target.config_names() if k in old_config} | config
+        new = target(**components, **config)
+        new._name_or_path = pipeline.name_or_path
+        if isinstance(dtype, torch.dtype):
+            new.to(dtype=dtype)
+        return new
+
     # --- saving -----------------------------------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
     ) -> None:
-        """Write Diffusers' layout: model_index.json and one folder per component (Diffusers can load it)."""
+        """Write Diffusers' layout: model_index.json and one folder per component (Diffusers can load it).
+
+        Atomic: the whole checkpoint is written beside `save_directory` and swapped in at the end, so a failure
+        leaves the old checkpoint as it was, and component folders hold only what this save wrote (no stale variant,
+        format or shard). Files of the folder that belong to no component (a README) are kept.
+        """
         directory = Path(save_directory)
-        if directory.is_file():
-            raise ValueError(f"save_directory {str(save_directory)!r} is a file, expected a folder")
-        directory.mkdir(parents=True, exist_ok=True)
         index = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items() if k != "_name_or_path"}
-        (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for name, component in self.components.items():
-            if component is not None:
-                _save_component(_unwrap(component), directory / name, safe_serialization, variant)
+        owned = {MODEL_INDEX, *self.component_names(), *_indexed_components(directory)}
+        with atomic_folder(directory, keep=lambda name: name not in owned) as tmp:
+            (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            for name, component in self.components.items():
+                if component is not None:
+                    _save_component(_unwrap(component), tmp / name, safe_serialization, variant, max_shard_size)
 
 
-def _check_dtype_arg(torch_dtype: Any) -> None:
-    values = torch_dtype.values() if isinstance(torch_dtype, Mapping) else [torch_dtype]
-    if any(v is not None and not isinstance(v, torch.dtype) for v in values):
+def _indexed_components(directory: Path) -> list[str]:
+    """The component folders an existing checkpoint's model_index.json names (they are replaced, not kept)."""
+    try:
+        index = read_json(directory / MODEL_INDEX)
+    except (OSError, ValueError):
+        return []
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple))]
+
+
+def _dtype_arg(torch_dtype: Any, dtype: Any, where: str) -> Any:
+    """`dtype=` or `torch_dtype=` (not both): a torch.dtype, "auto", or a dict of them per component."""
+    if torch_dtype is not None and dtype is not None:
+        raise TypeError(f"{where}: pass dtype= or torch_dtype= (the same argument), not both")
+    value = dtype if dtype is not None else torch_dtype
+    values = value.values() if isinstance(value, Mapping) else [value]
+    if any(v is not None and v != "auto" and not isinstance(v, torch.dtype) for v in values):
         raise TypeError(
-            "torch_dtype must be a torch.dtype (e.g. torch.float16) or a dict of them per component "
-            f"({{'unet': torch.float16, 'default': torch.float32}}), got {torch_dtype!r}"
+            f"{where}: dtype must be a torch.dtype (e.g. torch.float16), 'auto' (as stored) or a dict of them per "
+            f"component ({{'unet': torch.float16, 'default': torch.float32}}), got {value!r}"
         )
+    return value
 
 
 def _check_variant_present(root: Path, names: list[str], variant: str | None, source: str) -> None:
@@ -472,15 +534,35 @@ def _load_component(
         kwargs["use_safetensors"] = use_safetensors
         if _folder_has_variant(folder, variant):  # else the plain weights, as Diffusers does
             kwargs["variant"] = variant
-    return cls.from_pretrained(folder, **kwargs)
+    if library in RAPIDDIFF_LIBRARIES:
+        return cls.from_pretrained(folder, **kwargs)
+    try:  # transformers' errors about a corrupt file rarely name it
+        return cls.from_pretrained(folder, **kwargs)
+    except Exception as e:
+        raise ValueError(f"could not load {what} from {folder}: {_corrupt_files(folder)}{type(e).__name__}: {e}") from e
 
 
-def _save_component(component: Any, folder: Path, safe_serialization: bool, variant: str | None) -> None:
+def _corrupt_files(folder: Path) -> str:
+    """Name the JSON files of a component folder that do not parse (the usual cause of a failed tokenizer load)."""
+    bad = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            bad.append(f"{path} is not valid JSON ({e})")
+    return "".join(f"{b}; " for b in bad)
+
+
+def _save_component(
+    component: Any, folder: Path, safe_serialization: bool, variant: str | None, max_shard_size: int | str | None
+) -> None:
     if not hasattr(component, "save_pretrained"):
         raise TypeError(f"cannot save component {type(component).__name__} to {folder}: it has no save_pretrained")
     kwargs: dict[str, Any] = {}
     if isinstance(component, torch.nn.Module):
         kwargs["variant"] = variant
+        if max_shard_size is not None:
+            kwargs["max_shard_size"] = max_shard_size
         if not _is_transformers_model(component) or _transformers_version() < (5, 0):
             kwargs["safe_serialization"] = safe_serialization
         elif not safe_serialization:
