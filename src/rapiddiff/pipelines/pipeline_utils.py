@@ -22,6 +22,7 @@ import torch
 
 from ..configuration import read_json
 from ..hub import IGNORED_REPO_PATTERNS, _is_local, resolve_dir, resolve_file
+from ..models.modeling_utils import dtype_argument
 from ..utils.atomic_io import atomic_folder, read_lock
 from .image_processor import OUTPUT_TYPES
 
@@ -323,7 +324,7 @@ class DiffusionPipeline:
         after config values (`requires_safety_checker=False`) replace model_index.json's.
         """
         kwargs.pop("low_cpu_mem_usage", None)  # always the case: models are built on the meta device
-        torch_dtype = _dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_pretrained")
+        torch_dtype = dtype_argument(torch_dtype, dtype, f"{cls.__name__}.from_pretrained", per_component=True)
         hub = dict(local_files_only=local_files_only, revision=revision, cache_dir=cache_dir, token=token)
         source = str(pretrained_model_name_or_path)
         index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
@@ -434,7 +435,9 @@ class DiffusionPipeline:
         if not isinstance(pipeline, DiffusionPipeline):
             raise TypeError(f"from_pipe takes a rapiddiff pipeline, got {type(pipeline).__name__}")
         target = type(pipeline) if cls is DiffusionPipeline else cls
-        dtype = _dtype_arg(kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), f"{target.__name__}.from_pipe")
+        dtype = dtype_argument(
+            kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), f"{target.__name__}.from_pipe"
+        )
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"{target.__name__}.from_pipe: dtype must be one torch.dtype, got {dtype!r}")
         overrides, config = target._split_kwargs(kwargs)
@@ -484,20 +487,6 @@ def _indexed_components(directory: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple))]
-
-
-def _dtype_arg(torch_dtype: Any, dtype: Any, where: str) -> Any:
-    """`dtype=` or `torch_dtype=` (not both): a torch.dtype, "auto", or a dict of them per component."""
-    if torch_dtype is not None and dtype is not None:
-        raise TypeError(f"{where}: pass dtype= or torch_dtype= (the same argument), not both")
-    value = dtype if dtype is not None else torch_dtype
-    values = value.values() if isinstance(value, Mapping) else [value]
-    if any(v is not None and v != "auto" and not isinstance(v, torch.dtype) for v in values):
-        raise TypeError(
-            f"{where}: dtype must be a torch.dtype (e.g. torch.float16), 'auto' (as stored) or a dict of them per "
-            f"component ({{'unet': torch.float16, 'default': torch.float32}}), got {value!r}"
-        )
-    return value
 
 
 def _check_variant_present(root: Path, names: list[str], variant: str | None, source: str) -> None:
