@@ -88,8 +88,6 @@ def test_slicing_gives_the_same_result(pair, image):
             assert_close_rel(ours.encode(image).latent_dist.mean, mean, 1e-5, what="sliced encode")
         finally:
             ours.disable_slicing()
-    with pytest.raises(NotImplementedError, match="tiling"):
-        ours.enable_tiling()
 
 
 def test_legacy_attention_keys_load(pair, image, tmp_path):

@@ -1,4 +1,4 @@
-"""`rapiddiff` command line: `rapiddiff generate ...` and `rapiddiff bench ...`.
+"""`rapiddiff` command line: `rapiddiff generate ...`, `rapiddiff bench ...`, `rapiddiff manifest ...`.
 
 Each subcommand lives next to what it drives and registers itself through `add_parser(subparsers)`.
 """
@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "generate": "rapiddiff.pipelines.cli_generate",
     "bench": "rapiddiff.bench.cli",
+    "manifest": "rapiddiff.batch.cli",
 }
 
 

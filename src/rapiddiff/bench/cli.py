@@ -3,6 +3,7 @@
 rapiddiff bench                                    # GPU: the seed's matrix; CPU: the `cpu` preset, minutes
 rapiddiff bench --pipelines sd_txt2img if --batch-sizes 1 4 --modes compiled -o out1
 rapiddiff bench merge out1/results.json out2/results.json -o report
+rapiddiff bench scale --model ./sd15 --workers 1 2 4 8    # batch generation under torchrun (docs/scale.md)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..batch.scale import add_parser as add_scale_parser
 from .backends import BACKENDS
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
@@ -59,11 +61,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_command)
 
-    sub = parser.add_subparsers(dest="bench_command", metavar="{merge}")
+    sub = parser.add_subparsers(dest="bench_command", metavar="{merge,scale}")
     merge = sub.add_parser("merge", help="merge split runs' results.json into one report")
     merge.add_argument("inputs", nargs="+", type=Path, metavar="RESULTS_JSON")
     merge.add_argument("-o", "--output", required=True, type=Path, help="output folder of the merged report")
     merge.set_defaults(func=merge_command)
+    add_scale_parser(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError
+from ..utils.offload import onload
 from ..utils.torch_utils import randn_tensor
 from .attention_processor import Attention
 from .modeling_utils import ModelMixin
@@ -38,7 +39,7 @@ class AutoencoderKLConfig(Config):
     act_fn: str = "silu"
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int | tuple[int, ...] = 32  # only used by Diffusers' tiling, which rapiddiff does not implement
+    sample_size: int | tuple[int, ...] = 32  # the tile size of tiled encoding/decoding (enable_tiling)
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
     latents_mean: tuple[float, ...] | None = None
@@ -239,6 +240,17 @@ class AutoencoderKL(ModelMixin):
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if cfg.use_post_quant_conv else None
         self.use_slicing = False
+        # Tiling, with Diffusers' attribute names and defaults: image tiles of `sample_size` pixels, latent tiles of
+        # sample_size / 2**(levels - 1), overlapping by a quarter and blended linearly.
+        self.use_tiling = False
+        sample = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size
+        self.tile_sample_min_size = sample
+        self.tile_latent_min_size = int(sample / self.downsampling_factor)
+        self.tile_overlap_factor = 0.25
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     # --- options ---------------------------------------------------------------------------------------------------
     def enable_slicing(self) -> None:
@@ -248,14 +260,48 @@ class AutoencoderKL(ModelMixin):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_tiling(self) -> None:
-        raise NotImplementedError(
-            "AutoencoderKL.enable_tiling: tiled VAE encoding/decoding is not implemented in rapiddiff; "
-            "use enable_slicing() to lower memory for batches, or decode smaller images."
-        )
+    def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None) -> None:
+        """Encode and decode large images in overlapping tiles, blended (Diffusers' tiling: same pixels).
+
+        Images larger than `tile_sample_min_size` (default: the config's `sample_size`) pixels, or latents larger than
+        `tile_sample_min_size / downsampling_factor`, go tile by tile; `tile_overlap_factor` (default 0.25) is the
+        share of a tile shared with its neighbour. Both arguments are rapiddiff extras; Diffusers users set the
+        attributes `tile_sample_min_size`, `tile_latent_min_size`, `tile_overlap_factor`, which work here too."""
+        sample, latent, overlap = self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
+        if tile_sample_min_size is not None:
+            sample = tile_sample_min_size
+            if isinstance(sample, int) and not isinstance(sample, bool):
+                latent = sample // self.downsampling_factor
+        if tile_overlap_factor is not None:
+            overlap = tile_overlap_factor
+        self._check_tiling(sample, latent, overlap)  # before anything changes
+        self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor = sample, latent, overlap
+        self.use_tiling = True
 
     def disable_tiling(self) -> None:
-        """Tiling is never enabled in rapiddiff, so there is nothing to disable."""
+        self.use_tiling = False
+
+    def _check_tiling(self, sample: Any = None, latent: Any = None, overlap: Any = None) -> None:
+        """The tile settings (default: the attributes) fit this VAE: errors name them, before any tile runs."""
+        f = self.downsampling_factor
+        sample = self.tile_sample_min_size if sample is None else sample
+        latent = self.tile_latent_min_size if latent is None else latent
+        overlap = self.tile_overlap_factor if overlap is None else overlap
+        for name, value in (("tile_sample_min_size", sample), ("tile_latent_min_size", latent)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AutoencoderKL tiling: {name} must be a positive int, got {value!r}")
+        if sample % f or latent != sample // f:
+            raise ValueError(
+                f"AutoencoderKL tiling: tile_sample_min_size={sample} must be a multiple of the downsampling factor "
+                f"{f}, and tile_latent_min_size={latent} must be tile_sample_min_size / {f} = {sample / f:g}"
+            )
+        if not isinstance(overlap, (int, float)) or isinstance(overlap, bool) or not 0 <= overlap < 1:
+            raise ValueError(f"AutoencoderKL tiling: tile_overlap_factor must be in [0, 1), got {overlap!r}")
+        if int(latent * (1 - overlap)) < 1:
+            raise ValueError(
+                f"AutoencoderKL tiling: tile_latent_min_size={latent} with tile_overlap_factor={overlap} leaves no "
+                "stride between tiles; use larger tiles or less overlap"
+            )
 
     @property
     def needs_upcasting(self) -> bool:
@@ -266,6 +312,7 @@ class AutoencoderKL(ModelMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """x: (B, in_channels, H, W) images in [-1, 1]; H and W multiples of the downsampling factor."""
         self._check_input("x", x, self.config.in_channels)
+        onload(self)  # model CPU offload: encode is an entry point besides forward (Diffusers' apply_forward_hook)
         posterior = DiagonalGaussianDistribution(self._sliced(self._encode, x))
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -275,6 +322,7 @@ class AutoencoderKL(ModelMixin):
         """z: (B, latent_channels, h, w) unscaled latents. `generator` is accepted for Diffusers' signature only:
         the KL decoder is deterministic (Diffusers ignores it too)."""
         self._check_input("z", z, self.config.latent_channels)
+        onload(self)
         image = self._sliced(self._decode, z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
@@ -312,13 +360,53 @@ class AutoencoderKL(ModelMixin):
         return self.decode(z, return_dict=return_dict)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return self.tiled_encode_tensor(x)
         h = self.encoder(x)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return self.tiled_decode(z, return_dict=False)[0]
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    # --- tiling (Diffusers' tiles, overlap and blending, so the same pixels) -----------------------------------------
+    def tiled_encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> the encoder's moments (B, 2 * latent_channels, H / f, W / f), tile by tile."""
+        self._check_tiling()
+        onload(self)
+
+        def encode_tile(tile: torch.Tensor) -> torch.Tensor:
+            h = self.encoder(tile)
+            return self.quant_conv(h) if self.quant_conv is not None else h
+
+        return _tiled(x, encode_tile, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor)
+
+    def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        """Diffusers' `tiled_encode`: the posterior of a tiled encoding, whatever the image size."""
+        posterior = DiagonalGaussianDistribution(self.tiled_encode_tensor(x))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        """Diffusers' `tiled_decode`: z (B, latent_channels, h, w) decoded tile by tile, whatever its size."""
+        self._check_tiling()
+        onload(self)
+
+        def decode_tile(tile: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.post_quant_conv(tile) if self.post_quant_conv is not None else tile)
+
+        image = _tiled(z, decode_tile, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor)
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+    def blend_v(self, a: torch.Tensor, b: torch.Tensor, blend_extent: int) -> torch.Tensor:
+        """The top `blend_extent` rows of b faded in from the bottom rows of a (returns a new tensor)."""
+        return _blend(a, b, blend_extent, dim=2)
+
+    def blend_h(self, a: torch.Tensor, b: torch.Tensor, blend_extent: int) -> torch.Tensor:
+        """The left `blend_extent` columns of b faded in from the right columns of a (returns a new tensor)."""
+        return _blend(a, b, blend_extent, dim=3)
 
     def _sliced(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.use_slicing and x.shape[0] > 1:
@@ -338,3 +426,46 @@ class AutoencoderKL(ModelMixin):
             k: v[:, :, 0, 0] if v.ndim == 4 and ".attentions." in k and k.endswith(".weight") else v
             for k, v in state.items()
         }
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """Diffusers' linear cross-fade over the first `extent` rows (dim=2) / columns (dim=3) of b, vectorised.
+
+    The weights are computed in float64 and rounded to b's dtype, as Diffusers' Python-float factors are: same pixels."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return b
+    ramp = torch.arange(extent, dtype=torch.float64, device=b.device) / extent
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    w_b = ramp.to(b.dtype).reshape(shape)
+    w_a = (1 - ramp).to(b.dtype).reshape(shape)
+    head = a.narrow(dim, a.shape[dim] - extent, extent) * w_a + b.narrow(dim, 0, extent) * w_b
+    return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)
+
+
+def _tiled(
+    x: torch.Tensor,
+    run: Callable[[torch.Tensor], torch.Tensor],
+    in_tile: int,
+    out_tile: int,
+    overlap_factor: float,
+) -> torch.Tensor:
+    """Run `run` on overlapping `in_tile` squares of x (stride in_tile * (1 - overlap)), blend each output tile with
+    its already-blended upper and left neighbours over out_tile * overlap rows / columns, crop and stitch.
+
+    Diffusers blends in place, so a tile's neighbours are blended before it is: kept here by storing blended tiles."""
+    stride = int(in_tile * (1 - overlap_factor))
+    extent = int(out_tile * overlap_factor)
+    limit = out_tile - extent
+    rows = [
+        [run(x[:, :, i : i + in_tile, j : j + in_tile]) for j in range(0, x.shape[3], stride)]
+        for i in range(0, x.shape[2], stride)
+    ]
+    for i, row in enumerate(rows):
+        for j in range(len(row)):
+            if i > 0:
+                row[j] = _blend(rows[i - 1][j], row[j], extent, dim=2)
+            if j > 0:
+                row[j] = _blend(row[j - 1], row[j], extent, dim=3)
+    return torch.cat([torch.cat([t[:, :, :limit, :limit] for t in row], dim=3) for row in rows], dim=2)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from .embeddings import TimestepEmbedding, Timesteps, batch_timesteps
-from .modeling_utils import ModelMixin
+from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS
 from .unet_2d_condition import level_options, mask_to_bias
 from .unet_blocks import get_down_block, get_mid_block, run_down_blocks
@@ -157,7 +157,7 @@ class ControlNetConditioningEmbedding(nn.Module):
         return self.conv_out(x)
 
 
-class ControlNetModel(ModelMixin):
+class ControlNetModel(AttentionSlicingMixin, ModelMixin):
     """Diffusers' ControlNetModel: same config, state-dict keys, forward arguments and outputs."""
 
     config_class = ControlNetConfig

@@ -357,6 +357,67 @@ class ModelMixin(nn.Module, ConfigMixin):
             if isinstance(m, Attention):
                 m.set_processor(m.vanilla_processor())
 
+    # --- memory switches ------------------------------------------------------------------------------------------
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        """Diffusers' switch to xFormers. rapiddiff's default processors already call PyTorch's memory-efficient SDPA
+        kernels, so this only (re)selects them on every layer and says so; `attention_op` is not used."""
+        from .attention_processor import warn_sdpa_in_use
+
+        warn_sdpa_in_use(type(self).__name__, attention_op)
+        self.set_use_memory_efficient_attention_xformers(True, attention_op)
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        self.set_use_memory_efficient_attention_xformers(False)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Any = None) -> None:
+        """Either way every attention layer gets its default SDPA processor (as Diffusers' disable does)."""
+        from .attention_processor import Attention
+
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.set_processor(m.default_processor())
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`nn.Module.compile`, keeping a model-offload hook (rapiddiff.pipelines.offload) outside the graph."""
+        from ..utils.offload import check_compilable, keep_offload_hook_outside
+
+        check_compilable(self)
+        super().compile(*args, **kwargs)
+        keep_offload_hook_outside(self)
+
+
+class AttentionSlicingMixin:
+    """`set_attention_slice` as Diffusers' UNet and ControlNet have it."""
+
+    def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
+        """Sliced attention in every layer: "auto" (half the layer's heads, at least 1), "max" (1), an int, a list
+        with one int (or None) per attention layer, or None (back to the default SDPA processors)."""
+        from .attention_processor import Attention, check_slice_size
+
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        if slice_size == "auto":
+            sizes: list[int | None] = [max(m.sliceable_head_dim // 2, 1) for m in layers]
+        elif slice_size == "max":
+            sizes = [1] * len(layers)
+        elif isinstance(slice_size, list):
+            if len(slice_size) != len(layers):
+                raise ValueError(
+                    f"slice_size is a list of {len(slice_size)} sizes, but {type(self).__name__} has {len(layers)} "
+                    "attention layers: give one per layer"
+                )
+            sizes = slice_size
+        elif slice_size is None or (isinstance(slice_size, int) and not isinstance(slice_size, bool)):
+            sizes = [slice_size] * len(layers)
+        else:
+            raise ValueError(f"slice_size={slice_size!r}; allowed: 'auto', 'max', a positive int, a list, or None")
+        for size, m in zip(sizes, layers):
+            if size is not None:
+                check_slice_size(size)
+                if size > m.sliceable_head_dim:
+                    raise ValueError(f"slice_size={size} must be <= the number of heads ({m.sliceable_head_dim})")
+        for size, m in zip(sizes, layers):
+            m.set_attention_slice(size)
+
 
 def _short(items: list[str], n: int = 8) -> str:
     if not items:

@@ -8,6 +8,7 @@ MLP, plus an optional class embedding (noise level) and an optional pooled-text 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..loaders.lora import LoraModelMixin
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
-from .modeling_utils import ModelMixin
+from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS, activation
 from .unet_blocks import (
     DOWN_BLOCK_TYPES,
@@ -221,7 +222,7 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(LoraModelMixin, ModelMixin):
+class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig
@@ -278,6 +279,8 @@ class UNet2DConditionModel(LoraModelMixin, ModelMixin):
                 )
             )
         self.up_blocks = nn.ModuleList(up_blocks)
+        for i, block in enumerate(self.up_blocks):
+            block.resolution_idx = i
         self.num_upsamplers = n - 1
         # Registered after the up blocks, as in Diffusers: state_dict and attn_processors list in the same order.
         mid = dataclasses.replace(levels[-1], only_cross_attention=mid_only_cross_attention(cfg))
@@ -286,6 +289,21 @@ class UNet2DConditionModel(LoraModelMixin, ModelMixin):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2)
+
+    # --- FreeU -------------------------------------------------------------------------------------------------------
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (https://huggingface.co/papers/2309.11497) as Diffusers: in the first two up levels, the backbone's
+        first half of channels times b1 / b2 and the skips' low frequencies times s1 / s2. Diffusers' rule applies:
+        a factor of 0 turns FreeU off; IF's up blocks ignore it. Changing the factors recompiles a compiled UNet."""
+        for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"enable_freeu: {name} must be a float, got {value!r}")
+        for block in self.up_blocks:
+            block.s1, block.s2, block.b1, block.b2 = float(s1), float(s2), float(b1), float(b2)
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.s1 = block.s2 = block.b1 = block.b2 = None
 
     # --- conditioning -----------------------------------------------------------------------------------------------
     def embed_conditions(

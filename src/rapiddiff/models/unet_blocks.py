@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils.torch_utils import apply_freeu
 from .attention_processor import Attention
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from .transformer_2d import Transformer2DModel
@@ -34,6 +35,8 @@ UP_BLOCK_TYPES = {
     "ResnetUpsampleBlock2D": (None, "resnet"),
     "SimpleCrossAttnUpBlock2D": ("added_kv", "resnet"),
 }
+# The up blocks FreeU acts on (Diffusers applies it in these two only; IF's blocks ignore it).
+FREEU_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 # mid block type -> attention kind; the mid block is resnet, then (attention, resnet) once (just a resnet if None)
 MID_BLOCK_TYPES = {
     "UNetMidBlock2DCrossAttn": "transformer",
@@ -305,6 +308,19 @@ class UNetUpBlock(_Block):
     ):
         super().__init__(block_type, resnets, attentions)
         self.upsamplers = nn.ModuleList([upsampler]) if upsampler is not None else None
+        self.resolution_idx: int | None = None  # this block's index among the UNet's up blocks (FreeU's stage)
+        # FreeU factors (Diffusers' attribute names), set by UNet2DConditionModel.enable_freeu; None: off.
+        self.s1: float | None = None
+        self.s2: float | None = None
+        self.b1: float | None = None
+        self.b2: float | None = None
+
+    def freeu_factors(self) -> tuple[float, float, float, float] | None:
+        """(s1, s2, b1, b2) when FreeU acts on this block: Diffusers' rule, every factor set and non-zero."""
+        factors = (self.s1, self.s2, self.b1, self.b2)
+        if self.block_type not in FREEU_BLOCK_TYPES or not all(factors):
+            return None
+        return factors  # type: ignore[return-value]
 
     def forward(
         self,
@@ -318,8 +334,12 @@ class UNetUpBlock(_Block):
         encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`res_hidden_states_tuple`: this block's skips, consumed last first; `upsample_size`: (H, W) or None (x2)."""
+        freeu = self.freeu_factors()  # module attributes, not data: a compiled graph guards on them
         for i, resnet in enumerate(self.resnets):
-            hidden_states = torch.cat([hidden_states, res_hidden_states_tuple[-1 - i]], dim=1)
+            skip = res_hidden_states_tuple[-1 - i]
+            if freeu is not None:
+                hidden_states, skip = apply_freeu(self.resolution_idx, hidden_states, skip, *freeu)
+            hidden_states = torch.cat([hidden_states, skip], dim=1)
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = attend(

@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from ..batch import checks
+from ..batch import cli as batch_cli
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCHEDULER_ALIASES = {
     "pndm": "PNDMScheduler",
@@ -41,13 +44,6 @@ def _scheduler_name(text: str) -> str:
     return name
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "generate",
@@ -55,15 +51,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("prompt", help="the text prompt")
+    parser.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
     parser.add_argument("--model", required=True, help="a checkpoint folder in Diffusers' layout, or a Hub id")
     parser.add_argument("--negative-prompt", help="what the image should not show")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--steps", type=checks.positive_int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
-    parser.add_argument("--height", type=_positive_int, help="image height in pixels (default: the model's)")
-    parser.add_argument("--width", type=_positive_int, help="image width in pixels (default: the model's)")
-    parser.add_argument("--num-images", type=_positive_int, default=1, help="images to generate (default 1)")
+    parser.add_argument("--height", type=checks.positive_int, help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=checks.positive_int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--num-images", type=checks.positive_int, default=1, help="images to generate (default 1)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on the CPU")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--attention", choices=["sdpa", "vanilla"], default="sdpa",
@@ -82,6 +78,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="a ControlNet checkpoint; repeat for several (one --control-image each)")  # fmt: skip
     images.add_argument("--control-image", action="append", type=Path, metavar="PATH",
                         help="the control image of each --controlnet, in the same order")  # fmt: skip
+    batch_cli.add_generate_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -114,7 +111,7 @@ def choose_pipeline(args: argparse.Namespace) -> str | None:
 
 
 def call_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dict[str, Any]:
-    """Pipeline call arguments from the command line; image files are opened here."""
+    """Pipeline call arguments from the command line; image files are opened (and checked) here."""
     kwargs = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -127,24 +124,17 @@ def call_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dict[st
         output_type="pil",
     )
     if args.image:
-        kwargs["image"] = open_image(args.image, "RGB")
+        kwargs["image"] = checks.open_image(args.image, "RGB", "--image")
         if not args.mask:  # img2img takes the image's size
             del kwargs["height"], kwargs["width"]
     if args.mask:
-        kwargs["mask_image"] = open_image(args.mask, "L")
+        kwargs["mask_image"] = checks.open_image(args.mask, "L", "--mask")
     if args.strength is not None:
         kwargs["strength"] = args.strength
     if args.control_image:
-        images = [open_image(path, "RGB") for path in args.control_image]
+        images = [checks.open_image(path, "RGB", "--control-image") for path in args.control_image]
         kwargs["image"] = images if len(images) > 1 else images[0]
     return kwargs
-
-
-def open_image(path: Path, mode: str) -> Any:
-    import PIL.Image
-
-    with PIL.Image.open(path) as image:
-        return image.convert(mode)
 
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
@@ -190,20 +180,31 @@ def output_paths(output: Path, count: int, seed: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     try:
+        batch_cli.check_batch_args(args)
+        if args.prompts is not None:
+            return batch_cli.run_command(args, load_pipeline, DTYPES)
+        # Everything that can be wrong with the command is checked before the model loads (issue 14).
+        first = output_paths(args.output, args.num_images, 0)[0]
+        if first == args.output:
+            checks.check_output_file(first)
+        else:
+            checks.check_output_folder(first.parent)
+        device = checks.resolve_device(args.device)
+        dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
+        checks.check_seed(args.seed)
+        seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
         kwargs = call_kwargs(args, torch.Generator("cpu").manual_seed(seed))  # opens the image files before loading
         pipe = load_pipeline(args, device, dtype)
         images = pipe(**kwargs).images
     except (ValueError, OSError) as e:
         print(f"rapiddiff generate: error: {e}", file=sys.stderr)
         return 2
-    paths = output_paths(args.output, len(images), seed)
-    for image, path in zip(images, paths):
+    for image, path in zip(images, output_paths(args.output, len(images), seed)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(f"wrote {path}")
+        tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # written whole, then renamed: never half a file
+        image.save(tmp)
+        tmp.replace(path)
+        print(f"wrote {path}", flush=True)
     print(f"seed: {seed}")
     return 0

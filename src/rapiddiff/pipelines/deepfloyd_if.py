@@ -148,6 +148,8 @@ class IFPipelineBase(DiffusionPipeline):
     """What both IF stages share: T5 prompt encoding, argument checks, the guided noise predictor and the outputs."""
 
     _optional_components = ("tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker")
+    model_cpu_offload_seq = "text_encoder->unet"  # Diffusers' offload order and exclusions
+    _exclude_from_cpu_offload = ("watermarker",)
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         check_safety_components(
@@ -331,6 +333,7 @@ class IFPipelineBase(DiffusionPipeline):
                 images = VaeImageProcessor.numpy_to_pil(images)
                 if self.watermarker is not None:
                     images = self.watermarker.apply_watermark(images, self.unet.config.sample_size)
+        self.maybe_free_model_hooks()  # model CPU offload: every model back to the CPU
         return IFPipelineOutput(images, nsfw, watermark) if return_dict else (images, nsfw, watermark)
 
 

@@ -25,6 +25,7 @@ from ..hub import IGNORED_REPO_PATTERNS, _is_local, resolve_dir, resolve_file
 from ..models.modeling_utils import dtype_argument
 from ..utils.atomic_io import atomic_folder, read_lock
 from .image_processor import OUTPUT_TYPES
+from .memory import MemoryMixin
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +181,9 @@ class PipelineConfig(Mapping):
         return f"PipelineConfig({self._values!r})"
 
 
-class DiffusionPipeline:
-    """Base of every rapiddiff pipeline: holds the components, loads, saves and moves them."""
+class DiffusionPipeline(MemoryMixin):
+    """Base of every rapiddiff pipeline: holds the components, loads, saves and moves them (offloading and the other
+    memory switches: `MemoryMixin`)."""
 
     config_name: ClassVar[str] = MODEL_INDEX
     _optional_components: ClassVar[tuple[str, ...]] = ()
@@ -252,10 +254,6 @@ class DiffusionPipeline:
         return torch.device("cpu")
 
     @property
-    def _execution_device(self) -> torch.device:
-        return self.device
-
-    @property
     def dtype(self) -> torch.dtype:
         for m in self._modules():
             return next(m.parameters()).dtype
@@ -277,6 +275,7 @@ class DiffusionPipeline:
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"to(): dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
         device = torch.device(device) if device is not None else None
+        self._check_move_under_offload(device)
         for module in self._modules():
             module.to(device=device, dtype=dtype)
         return self
@@ -287,10 +286,16 @@ class DiffusionPipeline:
         self._progress_bar_config = kwargs
 
     @torch.compiler.disable
-    def progress_bar(self, total: int) -> Any:
+    def progress_bar(self, iterable: Any = None, total: int | None = None) -> Any:
+        """A tqdm bar over `iterable`, or counting to `total` (Diffusers' signature)."""
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
+        config = getattr(self, "_progress_bar_config", {})
+        if iterable is not None:
+            return tqdm(iterable, **config)
+        if total is not None:
+            return tqdm(total=total, **config)
+        raise ValueError("progress_bar: give an iterable or total=")
 
     # --- state read by step-end callbacks (Diffusers' properties) ---------------------------------------------------
     @property

@@ -32,6 +32,7 @@ from .denoise import (
     truncate_timesteps,
 )
 from .image_processor import PipelineImageInput, VaeImageProcessor
+from .memory import StableDiffusionMixin
 from .pipeline_utils import (
     BaseOutput,
     DiffusionPipeline,
@@ -57,11 +58,15 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None
 
 
-class StableDiffusionBase(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, DiffusionPipeline):
+class StableDiffusionBase(
+    StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, StableDiffusionMixin, DiffusionPipeline
+):
     """Shared pieces of the SD pipelines; subclasses define `__init__` (their components) and `__call__`."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"  # Diffusers' offload order and exclusions
+    _exclude_from_cpu_offload = ("safety_checker",)
 
     _guidance_scale: float = 7.5
     _guidance_rescale: float = 0.0
@@ -320,6 +325,7 @@ class StableDiffusionBase(StableDiffusionLoraLoaderMixin, TextualInversionLoader
             image, nsfw = self.run_safety_checker(image, latents.device, dtype)
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        self.maybe_free_model_hooks()  # model CPU offload: every model back to the CPU
         return StableDiffusionPipelineOutput(image, nsfw) if return_dict else (image, nsfw)
 
 

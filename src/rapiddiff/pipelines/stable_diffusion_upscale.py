@@ -214,4 +214,5 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
         if output_type == "pil" and self.watermarker is not None:
             images = self.watermarker.apply_watermark(images)
+        self.maybe_free_model_hooks()  # model CPU offload: every model back to the CPU
         return StableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)

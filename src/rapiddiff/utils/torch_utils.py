@@ -60,3 +60,34 @@ def randn_tensor(
     else:
         noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, **kwargs) for g in generators])
     return to_device(noise, target)
+
+
+# --- FreeU (https://huggingface.co/papers/2309.11497), as Diffusers applies it ------------------------------------------
+def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    """Scale the low frequencies (a (2*threshold)^2 square around the centre of the shifted spectrum) by `scale`.
+
+    Computed in float32 (FFTs of float16/bfloat16 are unstable or unsupported) and returned in x's dtype. The mask is
+    built without in-place writes so the function compiles into one graph."""
+    freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    in_rows = (rows >= h // 2 - threshold) & (rows < h // 2 + threshold)
+    in_cols = (cols >= w // 2 - threshold) & (cols < w // 2 + threshold)
+    low = in_rows[:, None] & in_cols[None, :]
+    mask = torch.where(low, torch.tensor(scale, dtype=torch.float32, device=x.device), 1.0)
+    filtered = torch.fft.ifftn(torch.fft.ifftshift(freq * mask, dim=(-2, -1)), dim=(-2, -1)).real
+    return filtered.to(x.dtype)
+
+
+def apply_freeu(
+    resolution_idx: int, hidden_states: torch.Tensor, skip: torch.Tensor, s1: float, s2: float, b1: float, b2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU on the first two up levels: the first half of the backbone channels times b1 (b2), the skip's low
+    frequencies times s1 (s2). Other levels pass through."""
+    if resolution_idx not in (0, 1):
+        return hidden_states, skip
+    b, s = (b1, s1) if resolution_idx == 0 else (b2, s2)
+    half = hidden_states.shape[1] // 2
+    hidden_states = torch.cat([hidden_states[:, :half] * b, hidden_states[:, half:]], dim=1)
+    return hidden_states, fourier_filter(skip, threshold=1, scale=s)
