@@ -252,3 +252,66 @@ def test_bench_scale_summary_from_worker_timestamps():
     row = summarize(records, launch=0.0, finish=17.0, workers=2)
     assert row["startup_s"] == 10.5 and row["idle_tail_s"] == 4 and row["wall_s"] == 17
     assert row["steady_images_per_s"] == pytest.approx(2 / 2 + 2 / 5)
+
+
+class FakePipe:
+    """Records its calls; returns one 8x8 image per generator, coloured by the generator's seed."""
+
+    def __init__(self, on_call=None):
+        self.calls, self.on_call = [], on_call
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, prompt, generator, **kwargs):
+        from types import SimpleNamespace
+
+        import PIL.Image
+
+        self.calls.append((len(prompt), len(generator), kwargs["num_inference_steps"], kwargs["guidance_scale"]))
+        if self.on_call:
+            self.on_call()
+        images = [PIL.Image.new("RGB", (8, 8), (g.initial_seed() % 256, 0, 0)) for g in generator]
+        return SimpleNamespace(images=images)
+
+
+def fake_job(tmp_path):
+    from rapiddiff.batch.run import BatchJob, BatchSettings
+
+    settings = BatchSettings(model=str(tmp_path), batch_size=3, seed=7, steps=2, guidance=7.5, negative_prompt=None,
+                             num_images=1, height=8, width=8, scheduler=None, attention="sdpa", dtype="float32",
+                             device_type="cpu", compile=False)  # fmt: skip
+    return BatchJob.prepare(settings, write_prompts(tmp_path / "p.jsonl", PROMPTS), tmp_path / "out", None)
+
+
+def test_every_call_has_the_chunk_shape(tmp_path):
+    """Lines with their own steps / guidance run as separate calls, each padded to B; padding is discarded."""
+    from rapiddiff.batch.run import Worker, run_workers
+
+    pipe = FakePipe()
+    assert run_workers(fake_job(tmp_path), Worker(), lambda: pipe, lambda message: None) == 0
+    # chunk 0: one group; 1: line 3 (steps 3); 2: line 3 (steps 3), line 4 (guidance 5), line 5; 3: line 5, padded.
+    assert pipe.calls == [
+        (3, 3, 2, 7.5),
+        (3, 3, 3, 7.5),
+        (3, 3, 3, 7.5),
+        (3, 3, 2, 5.0),
+        (3, 3, 2, 7.5),
+        (3, 3, 2, 7.5),
+    ]
+    records = manifest(tmp_path / "out")
+    assert [r["seed"] for r in records] == [7, 8, 42, 10, 11, 12, 13, 14, 15, 16]
+    assert [r["n"] for r in records] == list(range(10))
+
+
+def test_sigterm_finishes_the_chunk_and_stops(tmp_path):
+    """SIGTERM arrives during a pipeline call: that chunk is committed, the next one is not started."""
+    import signal
+
+    from rapiddiff.batch.run import Worker, run_workers
+
+    pipe = FakePipe(on_call=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert run_workers(fake_job(tmp_path), Worker(), lambda: pipe, lambda message: None) == 143
+    assert len(pipe.calls) == 1  # chunk 0 only: the signal came during its call
+    assert Layout(tmp_path / "out").committed() == {0}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again

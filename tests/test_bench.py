@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from rapiddiff.bench import cli, measure, report
+from rapiddiff.bench import sweep as sweep_module
 from rapiddiff.bench.backends import Backend, Unavailable
 from rapiddiff.bench.measure import Cell
 from rapiddiff.bench.presets import PRESETS
@@ -95,7 +96,7 @@ def test_injected_oom_lands_in_its_cell(full):
     cells = cells_by_id(doc)
     oom = cells["sd_inpaint/2/eager-vanilla/diffusers"]
     assert oom["status"] == "failed"
-    assert oom["summary"] == "OOM after warm-up (timed call 2 of 2)"
+    assert oom["summary"] == "OOM after warm-up (timed call 2)"
     assert "OutOfMemoryError" in oom["error"] and oom["it_per_s"] is None
     for b in BATCHES:
         for m in MODES:
@@ -105,7 +106,7 @@ def test_injected_oom_lands_in_its_cell(full):
     assert cells["sd_controlnet/1/eager-sdpa/diffusers"]["status"] == "ok"
     assert cells["if_stage_2/1/eager-vanilla/diffusers"]["status"] == "ok"
     markdown = paths["markdown"].read_text()
-    assert table_rows(markdown, 2)["SD - inpaint"][1] == "OOM after warm-up (timed call 2 of 2)"
+    assert table_rows(markdown, 2)["SD - inpaint"][1] == "OOM after warm-up (timed call 2)"
     assert "## Failures" in markdown and "`sd_inpaint/2/eager-vanilla/diffusers`" in markdown
 
 
@@ -307,3 +308,114 @@ def test_compiled_mode_both_backends(fake_clock):
     doc = sweep(pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("compiled",), backends=("rapiddiff", "diffusers"))
     for cell in doc["cells"]:
         assert cell["status"] == "ok", cell["error"]
+
+
+# --- interleaving, intervals, results kept (issues 10 and 14) --------------------------------------------------------
+def test_backends_run_interleaved_and_the_speedup_has_an_interval(monkeypatch):
+    """Rounds alternate A B, B A...; they stop once the paired ratio's 95 % interval is within +-5 %."""
+    calls = []
+    real_caller = sweep_module._caller
+
+    def caller(pipe, inputs):
+        call = real_caller(pipe, inputs)
+        call.backend = type(pipe).__module__.split(".")[0]
+        return call
+
+    def clock(call, steps, device):
+        backend = call.backend
+        calls.append((backend, steps))
+        call(steps)
+        per_step = 0.05 if backend == "rapiddiff" else 0.1  # rapiddiff twice as fast, no noise
+        return 1.0 + per_step * steps
+
+    monkeypatch.setattr(measure, "timed", clock)
+    monkeypatch.setattr(sweep_module, "_caller", caller)
+    doc = sweep(pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("eager-sdpa",),
+                backends=("rapiddiff", "diffusers"), repeats=2, max_repeats=6)  # fmt: skip
+    timed_calls = [b for b, _ in calls[2:]]  # after one warm-up call each
+    assert timed_calls == ["rapiddiff"] * 2 + ["diffusers"] * 4 + ["rapiddiff"] * 2  # A A B B | B B A A
+    rapid = cells_by_id(doc)["sd_txt2img/1/eager-sdpa/rapiddiff"]
+    assert rapid["speedup"] == pytest.approx([2.0, 2.0, 2.0])  # two identical rounds: converged at the minimum
+    assert table_rows(report.batch_tables(doc), 1)["SD - txt2img"][2] == "2.00x"
+
+
+def test_paired_speedup_interval():
+    fast, slow = [(2, 1.2), (12, 2.2)], [(2, 1.4), (12, 3.4)]  # 10 it/s and 5 it/s
+    noisy = [(2, 1.2), (12, 2.0)]  # 12.5 it/s
+    estimate, low, high = measure.paired_speedup([fast, noisy, fast], [slow, slow, slow])
+    assert low < estimate < high and estimate == pytest.approx((2 * 2 * 2.5) ** (1 / 3))
+    assert measure.paired_speedup([fast], [slow]) == pytest.approx([2.0, 2.0, 2.0])
+    assert measure.paired_speedup([[(2, 2.0), (12, 1.0)]], [slow]) is None  # no usable round
+    assert report.format_speedup([1.02, 0.97, 1.07]) == "same (1.02x, 0.97–1.07)"
+    assert report.format_speedup([1.31, 1.25, 1.38]) == "1.31x (1.25–1.38)"
+    assert report.format_speedup(None) == "–"
+
+
+def test_results_are_written_after_every_cell_and_an_interrupt_keeps_them(fake_clock, tmp_path, monkeypatch):
+    """A KeyboardInterrupt (Ctrl-C; SIGTERM becomes one) in the third cell: the two cells done are in the files, the
+    rest reads "interrupted", and --resume runs only those."""
+    writes = []
+    real_timed = measure.timed
+
+    def clock(call, steps, device):
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return real_timed(call, steps, device)
+
+    monkeypatch.setattr(measure, "timed", clock)
+    original_write = report.write_outputs
+    monkeypatch.setattr(
+        cli, "write_outputs", lambda doc, out, charts=True: writes.append(doc) or original_write(doc, out, charts)
+    )
+    argv = ["--preset", "tiny", "--pipelines", "sd_txt2img", "sd_img2img", "--batch-sizes", "1", "2", "--modes",
+            "eager-sdpa", "--backends", "diffusers", "--steps", "3", "-o", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 130
+    doc = report.load_document(tmp_path / "results.json")
+    statuses = [c["status"] for c in doc["cells"]]
+    assert statuses == ["ok", "ok", "interrupted", "interrupted"]
+    assert "## Not run" in (tmp_path / "report.md").read_text()
+    assert [c["status"] for c in writes[0]["cells"]] == ["ok", "pending", "pending", "pending"]
+
+    monkeypatch.setattr(measure, "timed", real_timed)
+    assert cli.main(["--resume", "--modes", "compiled", "-o", str(tmp_path)]) == 2  # matrix options: not with it
+    writes.clear()
+    monkeypatch.setattr(measure, "timed", fake_timed)
+    assert cli.main(["--resume", "-o", str(tmp_path), "--no-progress"]) == 0
+    doc = report.load_document(tmp_path / "results.json")
+    assert [c["status"] for c in doc["cells"]] == ["ok"] * 4
+    assert [c["run"] for c in doc["cells"]] == [0, 0, 1, 1] and len(doc["runs"]) == 2
+
+
+def test_argument_and_output_errors_are_one_line_before_any_work(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    assert cli.main(["--preset", "tiny", "-o", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "keep me"
+    assert cli.main(["--preset", "tiny", "--batch-sizes", "0", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch_sizes" in err and "Traceback" not in err
+    assert cli.main(["--resume", "-o", str(tmp_path / "empty")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_sigterm_to_a_running_bench_keeps_a_readable_report(tmp_path):
+    """A real subprocess stopped by SIGTERM after its first cell: exit 130, the cells done are in the report."""
+    import os
+    import signal
+    import time
+
+    argv = [sys.executable, "-m", "rapiddiff.bench.cli", "--preset", "tiny", "--pipelines", "sd_txt2img", "sd_img2img",
+            "sd_inpaint", "--batch-sizes", "1", "2", "--backends", "diffusers", "--modes", "eager-sdpa", "--steps", "3",
+            "-o", str(tmp_path), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    results = tmp_path / "results.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.is_file() and any(c["status"] == "ok" for c in json.loads(results.read_text())["cells"]):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    statuses = [c["status"] for c in report.load_document(results)["cells"]]
+    assert statuses[0] == "ok" and "interrupted" in statuses
+    assert "## Not run" in (tmp_path / "report.md").read_text()

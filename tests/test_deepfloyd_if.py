@@ -509,3 +509,20 @@ def test_stage_2_image_forms_agree(stage_2, embeds):
         assert_same(other, outputs[0], "image forms")
     expected = stage_2[0](image=PIL.Image.fromarray(pixels), generator=seeded(0), **kw).images
     assert_same(outputs[0], expected, "PIL vs diffusers")
+
+
+def test_model_cpu_offload_keeps_the_images(if_dirs, embeds):
+    """Diffusers' IF offload lists: the UNet offloaded, the safety checker moved when it runs, the watermarker kept
+    on the accelerator (here device="cpu": the moves are recorded, the images must not change)."""
+    pipe = DiffusionPipeline.from_pretrained(if_dirs[0], variant="fp16", text_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = embeds
+    args = dict(prompt_embeds=pe, negative_prompt_embeds=ne, output_type="np", num_inference_steps=2)
+    expected = pipe(generator=seeded(0), **args).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    moves = []
+    for name in ("unet", "safety_checker", "watermarker"):
+        module, original = getattr(pipe, name), getattr(pipe, name).to
+        module.to = lambda *a, _n=name, _o=original, **k: (moves.append((_n, str(a[0]))), _o(*a, **k))[1]
+    np.testing.assert_array_equal(pipe(generator=seeded(0), **args).images, expected)
+    assert moves == [("unet", "cpu:0"), ("safety_checker", "cpu:0"), ("unet", "cpu"), ("safety_checker", "cpu")]

@@ -49,8 +49,34 @@ def test_pil_inputs(kw):
     f = kw.get("vae_scale_factor", 8)
     assert out.shape[-2:] == (50 - 50 % f, 75 - 75 % f)
     _check(kw, [_pil(75, 50, seed=1), _pil(40, 64, seed=2)], height=48, width=72)
-    _check(kw, _pil(33, 47, mode="L"))
-    _check(kw, _pil(64, 40, mode="RGBA"))
+    if kw.get("do_convert_rgb") or kw.get("do_convert_grayscale"):  # else rapiddiff converts where Diffusers does not
+        _check(kw, _pil(33, 47, mode="L"))
+        _check(kw, _pil(64, 40, mode="RGBA"))
+
+
+@pytest.mark.parametrize("kw", CONFIGS[:2])
+def test_rgba_images_are_made_rgb_never_latents(kw):
+    """Diffusers reads a 4-channel RGBA image as latents (a 32x32 input decodes to 64x64 after img2img); here alpha is
+    dropped, with a warning; gray images stay gray, as in Diffusers."""
+    ours = VaeImageProcessor(**kw)
+    rgba = _pil(64, 40, mode="RGBA")
+    with pytest.warns(UserWarning, match="dropping the alpha channel"):
+        out = ours.preprocess(rgba)
+    assert out.shape == (1, 3, 40, 64)
+    torch.testing.assert_close(out, ours.preprocess(rgba.convert("RGB")))
+    gray = _pil(48, 40, mode="L")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ours.preprocess(gray).shape == (1, 1, 40, 48)
+        assert ours.preprocess(gray.convert("P")).shape == (1, 3, 40, 48)  # palette indices are not an image
+    with pytest.warns(UserWarning, match="mode LA"):
+        assert ours.preprocess(gray.convert("LA")).shape == (1, 3, 40, 48)
+    rgba_array = np.asarray(rgba).astype(np.float32) / 255
+    with pytest.warns(UserWarning, match="numpy image with 4 channels"):
+        torch.testing.assert_close(ours.preprocess(rgba_array), out)
+    with pytest.raises(ValueError, match="5 channels is neither an RGB"):
+        ours.preprocess(torch.rand(1, 5, 16, 16))
+    assert ours.preprocess(torch.rand(1, 4, 8, 8)).shape == (1, 4, 8, 8)  # latents: tensors only, as documented
 
 
 @pytest.mark.parametrize("kw", CONFIGS)

@@ -41,7 +41,10 @@ def test_strengths_match_diffusers(pipes, strength):
     assert pipes[1].num_timesteps == pipes[0].num_timesteps
 
 
-@pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize(
+    "scheduler",
+    ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler"],
+)
 def test_other_schedulers(pipes, tiny_sd_dir, scheduler):
     use_scheduler(pipes, scheduler, tiny_sd_dir)  # Euler ancestral also draws step noise from the generator
     assert_same_images(*run_both(pipes, image=IMAGE, strength=0.6, num_inference_steps=4))
@@ -130,6 +133,24 @@ def test_unet_that_does_not_fit(pipes):
     pipe = StableDiffusionImg2ImgPipeline(**{**pipes[1].components, "unet": unet})
     with pytest.raises(ValueError, match="unet.config.in_channels=9 does not fit this pipeline; allowed: 4"):
         pipe("a cube", image=IMAGE)
+
+
+def seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def test_rgba_image_is_an_image_not_latents(pipes):
+    """Issue 14: an RGBA init image used to be taken as 4-channel latents (a 32x32 input gave a 64x64 image)."""
+    _, ours = pipes
+    rgba = IMAGE.convert("RGBA")
+    with pytest.warns(UserWarning, match="alpha"):
+        out = ours(
+            "a cube", image=rgba, num_inference_steps=2, strength=0.5, output_type="np", generator=seeded()
+        ).images
+    expected = ours("a cube", image=IMAGE, num_inference_steps=2, strength=0.5, output_type="np", generator=seeded())
+    expected = expected.images
+    assert out.shape == expected.shape == (1, IMAGE.height, IMAGE.width, 3)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
 def test_image_is_not_modified(pipes):

@@ -188,7 +188,13 @@ def test_model_level_load_lora_adapter(tiny_sd_dir, tmp_path):
     import diffusers
 
     ref, ours = load_pipes(tiny_sd_dir)
-    source, _ = save_lora(make_lora(ref, "peft", seed=4), tmp_path / "l", "peft")
+    sd = make_lora(ref, "peft", seed=4)
+    unet_layers = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in unet_layers})
+    # rapiddiff's save_lora_weights, with Diffusers' adapter metadata (alpha 2 for rank 4: scale 0.5)
+    path = ours.save_lora_weights(tmp_path / "l", unet_lora_layers=unet_layers,
+                                  unet_lora_adapter_metadata={"r": 4, "lora_alpha": 2, "target_modules": targets})  # fmt: skip
+    source = str(path.parent)
     unets = (diffusers.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet"),
              rapiddiff.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet"))  # fmt: skip
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -245,6 +251,13 @@ def test_bad_lora_raises_and_changes_nothing(tiny_sd_dir, tmp_path):
         pipe.load_lora_weights(good, adapter_name="ok")
     with pytest.raises(ValueError, match="not loaded"):
         pipe.set_adapters(["nope"])
+    with pytest.raises(ValueError, match="adapts other layers"):
+        pipe.load_lora_weights(make_lora(pipe, "attn_procs", seed=9), adapter_name="ok", hotswap=True)
+    new = make_lora(pipe, "kohya", seed=8, alpha=1.0)
+    pipe.load_lora_weights(new, adapter_name="ok", hotswap=True)  # same layers and ranks: weights replaced in place
+    layer = pipe.unet.get_submodule(q[len("lora_unet_") :].replace("_", ".").replace("down.blocks", "down_blocks")
+                                    .replace("transformer.blocks", "transformer_blocks").replace("to.q", "to_q"))  # fmt: skip
+    assert torch.equal(layer.lora_down, new[f"{q}.lora_down.weight"]) and layer.lora_slots["ok"].scale == 0.25
     with pytest.raises(TypeError, match="unexpected argument"):
         pipe.load_lora_weights(good, adapter_name="ok2", weight_nam="x")
 
@@ -297,13 +310,12 @@ def test_textual_inversion_formats_match_diffusers(tiny_sd_dir, tmp_path):
 # --- torch.compile ---------------------------------------------------------------------------------------------------
 @pytest.mark.compile
 def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):
-    """After one warm-up call: adapter weights, the call scale, disable/enable, fuse and unfuse change values only."""
+    """Warm-up: the base model, then with two adapters. Afterwards adapter weights, the call scale, disable/enable,
+    fuse (plain layers again: the base model's graph, with the weights changed in place) and unfuse recompile nothing."""
     from rapiddiff.loaders import lora_layers
 
     pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     unet = pipe.unet
-    unet.load_lora_adapter(make_lora(pipe, "peft", seed=6), prefix="unet", adapter_name="a")
-    pipe.load_lora_weights(make_lora(pipe, "kohya", seed=7), adapter_name="b")
     compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     emb = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
@@ -315,22 +327,27 @@ def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):
         assert_close_rel(got, want, 1e-4, what)
         return got
 
-    first = check("warm-up")
+    base = check("base model")
+    unet.load_lora_adapter(make_lora(pipe, "peft", seed=6), prefix="unet", adapter_name="a")
+    pipe.load_lora_weights(make_lora(pipe, "kohya", seed=7), adapter_name="b")
+    first = check("warm-up with adapters")
     with torch._dynamo.config.patch(error_on_recompile=True):
         unet.set_adapters(["a", "b"], [0.5, 0.8])
         mixed = check("two adapters")
-        assert not torch.allclose(mixed, first)
+        assert not torch.allclose(mixed, first) and not torch.allclose(mixed, base)
         lora_layers.set_call_scale(unet, 0.3)
         check("call scale")
         lora_layers.set_call_scale(unet, 1.0)
         unet.set_adapters("a")
         check("switch adapter")
         unet.disable_lora()
-        check("disabled")
+        assert torch.equal(check("disabled"), base)
         unet.enable_lora()
         unet.set_adapters(["a", "b"], [0.5, 0.8])
         unet.fuse_lora()
-        fused = check("fused")
-        assert_close_rel(fused, mixed, 1e-4, "fused vs unfused")
+        assert not any(isinstance(m, LoRALayerMixin) for m in unet.modules())
+        assert_close_rel(check("fused"), mixed, 1e-4, "fused vs unfused")
         unet.unfuse_lora()
         assert torch.equal(check("unfused"), mixed)
+        unet.load_lora_adapter(make_lora(pipe, "peft", seed=8), prefix="unet", adapter_name="a", hotswap=True)
+        assert not torch.allclose(check("hotswapped"), mixed)

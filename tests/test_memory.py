@@ -320,6 +320,8 @@ def test_sequential_cpu_offload_and_offload_errors(tiny_sd_dir):
     assert (generate(pipe) == expected).all()
     with pytest.raises(ValueError, match="cannot be compiled"):
         pipe.unet.compile()
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        rapiddiff.compile_pipeline(pipe, backend="eager")
     with pytest.raises(ValueError, match="sequential CPU offload is on"):
         pipe.to("meta")
     pipe.remove_all_hooks()

@@ -134,6 +134,112 @@ CASES = [
     ("DPMSolverMultistepScheduler", dict(**SD, use_lu_lambdas=True), {}, 10),
     ("DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True), {}, 10),
 ]
+# The exponential-integrator and consistency schedulers (issue 12): Karras / exponential sigmas, v-prediction, orders,
+# the SDE variants. DPMSolverSDE's Brownian tree is seeded by its config (unseeded, it draws from the global RNG).
+SOLVER_CASES = [
+    ("UniPCMultistepScheduler", {}, {}, 10),
+    ("UniPCMultistepScheduler", dict(**SD, solver_order=3, use_karras_sigmas=True), {}, 12),
+    (
+        "UniPCMultistepScheduler",
+        dict(prediction_type="v_prediction", solver_type="bh1", final_sigmas_type="sigma_min"),
+        {},
+        10,
+    ),
+    (
+        "UniPCMultistepScheduler",
+        dict(
+            predict_x0=False,
+            solver_order=3,
+            lower_order_final=False,
+            final_sigmas_type="sigma_min",
+            timestep_spacing="trailing",
+        ),
+        {},
+        16,
+    ),
+    (
+        "UniPCMultistepScheduler",
+        dict(
+            disable_corrector=[0, 2],
+            thresholding=True,
+            prediction_type="sample",
+            timestep_spacing="leading",
+            steps_offset=1,
+        ),
+        {},
+        10,
+    ),
+    ("UniPCMultistepScheduler", dict(**SD, use_exponential_sigmas=True, final_sigmas_type="sigma_min"), {}, 8),
+    ("DEISMultistepScheduler", {}, {}, 10),
+    ("DEISMultistepScheduler", dict(**SD, solver_order=3, use_karras_sigmas=True), {}, 12),
+    (
+        "DEISMultistepScheduler",
+        dict(prediction_type="v_prediction", solver_order=3, timestep_spacing="trailing"),
+        {},
+        16,
+    ),
+    (
+        "DEISMultistepScheduler",
+        dict(thresholding=True, prediction_type="sample", solver_order=1, timestep_spacing="leading"),
+        {},
+        10,
+    ),
+    ("DPMSolverSinglestepScheduler", {}, {}, 10),
+    ("DPMSolverSinglestepScheduler", dict(**SD, solver_order=3, use_karras_sigmas=True), {}, 12),
+    (
+        "DPMSolverSinglestepScheduler",
+        dict(prediction_type="v_prediction", solver_order=3, solver_type="heun", final_sigmas_type="sigma_min"),
+        {},
+        9,
+    ),
+    (
+        "DPMSolverSinglestepScheduler",
+        dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", prediction_type="sample"),
+        {},
+        10,
+    ),
+    ("DPMSolverSinglestepScheduler", dict(thresholding=True, prediction_type="sample", solver_order=3), {}, 10),
+    ("DPMSolverSinglestepScheduler", dict(**SD, algorithm_type="sde-dpmsolver++", solver_order=3), {}, 11),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}, 10),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(**SD, algorithm_type="sde-dpmsolver++", solver_order=3, use_karras_sigmas=True),
+        {},
+        12,
+    ),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(
+            algorithm_type="sde-dpmsolver",
+            solver_type="heun",
+            final_sigmas_type="sigma_min",
+            prediction_type="v_prediction",
+        ),
+        {},
+        10,
+    ),
+    ("DPMSolverSDEScheduler", dict(noise_sampler_seed=3), {}, 10),
+    ("DPMSolverSDEScheduler", dict(**SD, use_karras_sigmas=True, noise_sampler_seed=5), dict(s_noise=0.9), 8),
+    (
+        "DPMSolverSDEScheduler",
+        dict(prediction_type="v_prediction", timestep_spacing="trailing", noise_sampler_seed=1),
+        {},
+        6,
+    ),
+    ("DPMSolverSDEScheduler", dict(**SD, timestep_spacing="leading", steps_offset=1, noise_sampler_seed=[4, 5]), {}, 6),
+    ("LCMScheduler", {}, {}, 4),
+    (
+        "LCMScheduler",
+        dict(prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=False),
+        {},
+        6,
+    ),
+    ("LCMScheduler", dict(prediction_type="sample", thresholding=True), {}, 8),
+    ("TCDScheduler", {}, {}, 4),
+    ("TCDScheduler", dict(prediction_type="v_prediction", set_alpha_to_one=False), dict(eta=0.0), 6),
+    ("TCDScheduler", dict(prediction_type="sample"), dict(eta=1.0), 8),
+]
+CASES += SOLVER_CASES
 IDS = [f"{name[:-9]}-{i}" for i, (name, *_) in enumerate(CASES)]
 
 
@@ -175,8 +281,9 @@ def run_loop(ref, ours, config: dict, kwargs: dict, sample: torch.Tensor, timest
         m_ours = fake_model(ours.scale_model_input(x_ours, t), float(t), learned)
         out_ref, out_ours = ref.step(m_ref, t, x_ref, **ref_kwargs), ours.step(m_ours, t, x_ours, **our_kwargs)
         assert_close_rel(out_ours.prev_sample, out_ref.prev_sample, 1e-5, f"{tag} step {i} prev_sample")
-        if getattr(out_ref, "pred_original_sample", None) is not None:
-            assert_close_rel(out_ours.pred_original_sample, out_ref.pred_original_sample, 1e-5, f"{tag} step {i} x0")
+        for key in ("pred_original_sample", "denoised", "pred_noised_sample"):  # x0, LCM's and TCD's estimates
+            if getattr(out_ref, key, None) is not None:
+                assert_close_rel(getattr(out_ours, key), getattr(out_ref, key), 1e-5, f"{tag} step {i} {key}")
         x_ref, x_ours = out_ref.prev_sample, out_ours.prev_sample
     return x_ours
 
@@ -321,6 +428,11 @@ SWAP_TARGETS = [
     "DPMSolverMultistepScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
 ]
 
 
@@ -330,7 +442,10 @@ def sd15_scheduler_folder() -> Path:
 
 
 def fields(scheduler) -> dict:
-    return {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    """The config's keys and values as Diffusers shows them (lists, where rapiddiff's frozen config keeps tuples)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dict(scheduler.config).items() if not k.startswith("_")
+    }
 
 
 @pytest.mark.parametrize("target", SWAP_TARGETS)
@@ -390,18 +505,19 @@ def test_swap_from_if_ddpm_config_matches_diffusers():
 
 @pytest.mark.parametrize("name", [case[0] for case in CASES[::4]])
 def test_save_and_load_roundtrip(name, tmp_path, save_diffusers):
-    config = dict(**SD, steps_offset=1, timestep_spacing="trailing")
+    keys = getattr(rapiddiff, name).config_class._field_names()  # DPM-Solver single-step has no spacing keys
+    config = {k: v for k, v in dict(**SD, steps_offset=1, timestep_spacing="trailing").items() if k in keys}
     ref, ours = pair(name, config)
     ours.save_pretrained(tmp_path / "ours" / "scheduler")
     saved = json.loads((tmp_path / "ours" / "scheduler" / "scheduler_config.json").read_text())
-    assert saved["_class_name"] == name and saved["steps_offset"] == 1
+    assert saved["_class_name"] == name and saved["beta_end"] == 0.012 and saved.get("steps_offset", 1) == 1
     again = getattr(rapiddiff, name).from_pretrained(tmp_path / "ours", subfolder="scheduler")
     assert again.config == ours.config
     assert fields(getattr(diffusers, name).from_pretrained(tmp_path / "ours", subfolder="scheduler")) == fields(ref)
     from_diffusers = getattr(rapiddiff, name).from_pretrained(save_diffusers(ref, "ref"))
     assert from_diffusers.config == ours.config
-    overridden = getattr(rapiddiff, name).from_pretrained(tmp_path / "ours", subfolder="scheduler", steps_offset=0)
-    assert overridden.config.steps_offset == 0 and overridden.config["beta_schedule"] == "scaled_linear"
+    overridden = getattr(rapiddiff, name).from_pretrained(tmp_path / "ours", subfolder="scheduler", beta_start=0.001)
+    assert overridden.config.beta_start == 0.001 and overridden.config["beta_schedule"] == "scaled_linear"
 
 
 def test_unknown_and_unsupported_keys_raise(tmp_path):
@@ -418,7 +534,7 @@ def test_unknown_and_unsupported_keys_raise(tmp_path):
         ("EulerDiscreteScheduler", "timestep_type", "edm"),
         ("EulerDiscreteScheduler", "interpolation_type", "cubic"),
         ("EulerDiscreteScheduler", "final_sigmas_type", "one"),
-        ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
+        ("DPMSolverMultistepScheduler", "algorithm_type", "edm"),
         ("DPMSolverMultistepScheduler", "use_flow_sigmas", True),
         ("DDPMScheduler", "variance_type", "fixed_large_log"),
         ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
@@ -550,3 +666,143 @@ def test_sigma_spacing_options_raise_naming_the_key(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as if scipy were not installed
     with pytest.raises(ImportError, match="use_beta_sigmas.*scipy"):
         rapiddiff.DPMSolverMultistepScheduler(use_beta_sigmas=True)
+
+
+# --- the solvers of issue 12: options, swaps, the Brownian tree, the compiled whole step ----------------------------
+def test_solver_options_raise_naming_the_key():
+    for cls, key, value in [
+        ("UniPCMultistepScheduler", "solver_type", "bh3"),
+        ("UniPCMultistepScheduler", "solver_order", 4),
+        ("UniPCMultistepScheduler", "disable_corrector", ["first"]),
+        ("UniPCMultistepScheduler", "use_flow_sigmas", True),
+        ("DEISMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
+        ("DEISMultistepScheduler", "solver_order", 0),
+        ("DPMSolverSinglestepScheduler", "algorithm_type", "sde-dpmsolver"),
+        ("DPMSolverSinglestepScheduler", "timestep_spacing", "trailing"),  # not a key of the single-step solver
+        ("DPMSolverSDEScheduler", "prediction_type", "sample"),
+        ("LCMScheduler", "prediction_type", "noise"),
+        ("TCDScheduler", "beta_schedule", "cosine"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            getattr(rapiddiff, cls)(**{key: value})
+    with pytest.raises(ConfigError, match="solver_order=3"):
+        rapiddiff.DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"
+        )
+    with pytest.raises(ConfigError, match="final_sigmas_type"):
+        rapiddiff.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")
+    # Diffusers' name mappings on a swap
+    assert rapiddiff.UniPCMultistepScheduler(solver_type="midpoint").config.solver_type == "bh2"
+    assert rapiddiff.DEISMultistepScheduler(algorithm_type="dpmsolver++").config.algorithm_type == "deis"
+    tcd = rapiddiff.TCDScheduler()
+    tcd.set_timesteps(4)
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="eta"):
+        tcd.step(x, tcd.timesteps[0], x, eta=1.5)
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        rapiddiff.LCMScheduler().set_timesteps(60)
+    with pytest.raises(ValueError, match="mu"):
+        rapiddiff.UniPCMultistepScheduler().set_timesteps(10, mu=0.5)
+    sde = rapiddiff.DPMSolverSDEScheduler(noise_sampler_seed=[1, 2, 3])
+    sde.set_timesteps(3)
+    with pytest.raises(ValueError, match="noise_sampler_seed"):
+        sde.step(x, sde.timesteps[0], x)
+
+
+def test_compatibles_are_diffusers_lists():
+    """`scheduler.compatibles`: the class and the swaps Diffusers lists for it (those rapiddiff has)."""
+    ours_names = {n for n in rapiddiff._EXPORTS if n.endswith("Scheduler")}
+    for name in sorted(ours_names):
+        ref, ours = getattr(diffusers, name)(), getattr(rapiddiff, name)()
+        expected = {c.__name__ for c in ref.compatibles} & ours_names
+        assert {c.__name__ for c in ours.compatibles} == expected, name
+        assert all(c.__module__.startswith("rapiddiff.") for c in ours.compatibles)
+    assert rapiddiff.LCMScheduler().compatibles == [rapiddiff.LCMScheduler]
+    assert rapiddiff.UniPCMultistepScheduler in rapiddiff.PNDMScheduler().compatibles
+
+
+def test_custom_timesteps_of_the_solvers_match_diffusers():
+    for name, custom in [
+        ("DPMSolverSinglestepScheduler", dict(timesteps=[999, 800, 600, 400, 200, 50])),
+        ("LCMScheduler", dict(timesteps=[999, 759, 499, 259])),
+        ("LCMScheduler", dict(num_inference_steps=4, original_inference_steps=100, strength=0.6)),
+        ("TCDScheduler", dict(timesteps=[999, 759, 499, 259], strength=0.5)),
+        ("TCDScheduler", dict(num_inference_steps=5, original_inference_steps=20)),
+    ]:
+        ref, ours = pair(name, SD)
+        ref.set_timesteps(**custom)
+        ours.set_timesteps(**custom)
+        assert_same_schedule(ref, ours)
+        assert ours.num_inference_steps == ref.num_inference_steps
+        sample = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+        run_loop(ref, ours, SD, {}, sample, ref.timesteps, f"{name} {custom}")
+
+
+def test_dpmsolver_sde_unseeded_tree_draws_its_seed_from_the_global_generator():
+    ref, ours = pair("DPMSolverSDEScheduler", SD)
+    ref.set_timesteps(4)
+    ours.set_timesteps(4)
+    x_ref = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * ours.init_noise_sigma
+    x_ours = x_ref.clone()
+    for i, t in enumerate(ref.timesteps):
+        torch.manual_seed(123)  # the same global state at each one's first step, where the seed is drawn
+        x_ref = ref.step(fake_model(ref.scale_model_input(x_ref, t), float(t), False), t, x_ref).prev_sample
+        torch.manual_seed(123)
+        x_ours = ours.step(fake_model(ours.scale_model_input(x_ours, t), float(t), False), t, x_ours).prev_sample
+        assert_close_rel(x_ours, x_ref, 1e-5, f"unseeded DPMSolverSDE step {i}")
+
+
+def test_dpmsolver_sde_needs_torchsde(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchsde", None)  # as if torchsde were not installed
+    with pytest.raises(ImportError, match="pip install torchsde"):
+        rapiddiff.DPMSolverSDEScheduler()
+
+
+# One case per scheduler of issue 12: the whole step compiled as one graph gives the eager loop's latents.
+WHOLE_STEP_SOLVERS = [
+    ("UniPCMultistepScheduler", dict(solver_order=3), {}),
+    ("DEISMultistepScheduler", dict(solver_order=3), {}),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3), {}),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}),
+    ("DPMSolverSDEScheduler", dict(noise_sampler_seed=0), {}),
+    ("LCMScheduler", {}, {}),
+    ("TCDScheduler", {}, dict(eta=0.5)),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("name,config,kwargs", WHOLE_STEP_SOLVERS, ids=[c[0][:-9] for c in WHOLE_STEP_SOLVERS])
+def test_whole_step_of_the_solvers_matches_the_eager_loop(name, config, kwargs):
+    """`compile_pipeline(whole_step=True)`'s runner over a stand-in model: one graph for every step and call (img2img
+    starts included), the eager loop's latents; the eager loop runs under the host-sync guard."""
+    import torch._dynamo
+
+    from rapiddiff.compile import WholeStep, forbid_host_syncs
+    from rapiddiff.pipelines.denoise import StepParts, run_step
+
+    def predict(x, t, i, scale_model_input):  # tensor-only: no graph break on t
+        x = scale_model_input(x)
+        return 0.3 * x + torch.cos(0.7 * x + t / 1000)
+
+    def loop(runner, n, begin, seed):
+        scheduler = getattr(rapiddiff, name)(**SD, **config)
+        scheduler.set_timesteps(n)
+        scheduler.set_begin_index(begin * scheduler.order)
+        parts = StepParts(scheduler, predict, step_kwargs(scheduler, kwargs, seed))
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps[begin * scheduler.order :]):
+            x = runner(parts, x, t, i)
+        return x
+
+    def guarded(*args):
+        with forbid_host_syncs():
+            return run_step(*args)
+
+    torch._dynamo.reset()
+    compiled = WholeStep(backend="eager")
+    for n, begin, seed, recompiles in [(6, 0, 0, True), (7, 2, 1, False)]:
+        expected = loop(guarded, n, begin, seed)
+        with torch._dynamo.config.patch(error_on_recompile=not recompiles):  # the second call: the first's graph
+            got = loop(compiled, n, begin, seed)
+        assert_close_rel(got, expected, 1e-5, f"{name} whole step, {n} steps from {begin}")
+    torch._dynamo.reset()

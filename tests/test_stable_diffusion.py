@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import diffusers
 import numpy as np
 import PIL.Image
@@ -153,6 +156,41 @@ def test_scheduler_swap(pipes, name, kw):
     for p, lib in zip(pipes, (diffusers, rapiddiff)):
         p.scheduler = getattr(lib, name).from_config(p.scheduler.config)
     assert_same_images(*run_both(pipes, num_inference_steps=3, **kw))
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("UniPCMultistepScheduler", {}),
+        ("DEISMultistepScheduler", {}),
+        ("DPMSolverSinglestepScheduler", {}),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+        ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}),
+        ("LCMScheduler", {}),
+        ("TCDScheduler", {}),
+    ],
+)
+def test_solver_scheduler_swap(pipes, name, config):
+    """The schedulers of issue 12 swapped in with `from_config`, as Diffusers' guides do."""
+    for p, lib in zip(pipes, (diffusers, rapiddiff)):
+        p.scheduler = getattr(lib, name).from_config(p.scheduler.config, **config)
+    assert_same_images(*run_both(pipes, num_inference_steps=4))
+
+
+def test_checkpoint_naming_a_solver_scheduler_loads(tiny_sd_dir, tmp_path):
+    """model_index.json and scheduler_config.json naming UniPC: `from_pretrained` builds rapiddiff's UniPC."""
+    folder = tmp_path / "unipc"
+    shutil.copytree(tiny_sd_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(config | {"_class_name": "UniPCMultistepScheduler"})
+    )
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe.scheduler) is rapiddiff.UniPCMultistepScheduler
+    assert pipe.scheduler.config.beta_schedule == config["beta_schedule"]
 
 
 @pytest.mark.parametrize("output_type", ["pt", "latent", "pil"])
@@ -349,3 +387,16 @@ def test_compiled_unet_traces_once_for_all_steps(pipes):
         ours.unet = unet
     assert len(graphs) == 1
     np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_truncation_warnings_name_the_argument_and_stay_short(pipes, caplog):
+    """Issue 14: the prompt's warning printed the whole cut-off text; the negative prompt was cut silently."""
+    _, ours = pipes
+    long_text = " ".join(["castle"] * 2000)
+    with caplog.at_level("WARNING", logger="rapiddiff.pipelines.prompt"):
+        ours([PROMPT, long_text], negative_prompt=[long_text, "blurry"], num_inference_steps=1, output_type="np")
+    messages = [r.getMessage() for r in caplog.records if r.name == "rapiddiff.pipelines.prompt"]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("prompt[1] has 2002 tokens; the text encoder takes 77, so the last 1925 were cut")
+    assert messages[1].startswith("negative_prompt[0] has 2002 tokens")
+    assert all(len(m) < 250 for m in messages)

@@ -10,6 +10,8 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+# The Diffusers release whose API, checkpoint layout and outputs rapiddiff mirrors (written into saved configs).
+DIFFUSERS_VERSION = "0.42.1"
 
 # public name -> submodule that defines it
 _EXPORTS = {
@@ -32,6 +34,12 @@ _EXPORTS = {
     "EulerDiscreteScheduler": "schedulers.scheduling_euler_discrete",
     "EulerAncestralDiscreteScheduler": "schedulers.scheduling_euler_ancestral_discrete",
     "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
+    "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
+    "DEISMultistepScheduler": "schedulers.scheduling_deis_multistep",
+    "DPMSolverSinglestepScheduler": "schedulers.scheduling_dpmsolver_singlestep",
+    "DPMSolverSDEScheduler": "schedulers.scheduling_dpmsolver_sde",
+    "LCMScheduler": "schedulers.scheduling_lcm",
+    "TCDScheduler": "schedulers.scheduling_tcd",
     # pipelines
     "DiffusionPipeline": "pipelines.pipeline_utils",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",

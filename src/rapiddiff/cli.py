@@ -10,7 +10,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "generate": "rapiddiff.pipelines.cli_generate",
+    "generate": "rapiddiff.cli_generate",
     "bench": "rapiddiff.bench.cli",
     "manifest": "rapiddiff.batch.cli",
 }

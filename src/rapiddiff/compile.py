@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .pipelines.denoise import StepParts, run_step
 from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
+from .utils.offload import check_compilable
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MEMORY_FORMATS = (None, torch.channels_last, torch.contiguous_format)
@@ -81,11 +82,12 @@ def compile_pipeline(
         if whole_step and name in DENOISERS:
             continue
         module_mode = mode if name in DENOISERS else _WITHOUT_CUDAGRAPHS.get(mode, mode)
+        check_compilable(module)  # sequential CPU offload's hooks cannot run inside a graph
         module.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, module_mode))
         if dynamic:
             module._compiled_call_impl = without_duck_shapes(module._compiled_call_impl)
     if whole_step:
-        pipe._step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
+        pipe.step_runner = WholeStep(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, mode))
     return pipe
 
 
@@ -153,8 +155,8 @@ class WholeStep:
     with the call's generator, as the eager step draws it), one compiled call, `commit_plan`. The graph takes the
     plan's tensors as inputs, so every step of a loop and every later call with the same shapes, scheduler class and
     guidance scale run one graph. The guidance scale is a constant of the graph: a new value compiles anew (kept:
-    going back to an earlier value is free). Schedulers: rapiddiff's DDIM, DDPM, Euler, Euler ancestral,
-    DPM-Solver(++) multistep and PNDM with skip_prk_steps=True.
+    going back to an earlier value is free). Schedulers: every rapiddiff scheduler (plan / apply / commit), PNDM
+    with skip_prk_steps=True.
     """
 
     def __init__(self, *, fullgraph: bool = True, dynamic: bool | None = False, **compile_kwargs: Any):
@@ -165,8 +167,8 @@ class WholeStep:
         scheduler = parts.scheduler
         if not isinstance(scheduler, SchedulerMixin):
             raise TypeError(
-                f"whole_step=True needs one of rapiddiff's schedulers (DDIM, DDPM, Euler, EulerAncestral, "
-                f"DPMSolverMultistep, PNDM with skip_prk_steps=True), got {type(scheduler).__name__}"
+                f"whole_step=True needs one of rapiddiff's schedulers (PNDM with skip_prk_steps=True), "
+                f"got {type(scheduler).__name__}"
             )
         plan = scheduler.plan_step(t, latents, **parts.step_kwargs).to(latents.device)
         # one graph per scheduler class, step options, guidance scale and shape: more than torch's default 8
@@ -267,18 +269,18 @@ def forbid_host_syncs_in_loop(pipe: Any) -> Iterator[Any]:
 
     Prompt encoding, VAE decoding and step-end callbacks stay free to read values. Yields the pipeline.
     """
-    inner, device = pipe._step_runner or run_step, pipe.device
+    inner, device = pipe.step_runner or run_step, pipe.device
 
     def guarded(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         with forbid_host_syncs(device):
             return inner(parts, latents, t, i)
 
-    before = pipe._step_runner
-    pipe._step_runner = guarded
+    before = pipe.step_runner
+    pipe.step_runner = guarded
     try:
         yield pipe
     finally:
-        pipe._step_runner = before
+        pipe.step_runner = before
 
 
 # --- warm start ------------------------------------------------------------------------------------------------------

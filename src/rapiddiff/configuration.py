@@ -298,11 +298,15 @@ class ConfigMixin:
         return False
 
     def save_config(self, save_directory: str | os.PathLike) -> Path:
-        from . import __version__
+        from . import DIFFUSERS_VERSION, __version__
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        data = {"_class_name": type(self).__name__, "_diffusers_version": "0.42.1", "_rapiddiff_version": __version__}
+        data = {
+            "_class_name": type(self).__name__,
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "_rapiddiff_version": __version__,
+        }
         data.update(self.config.to_dict())
         path = directory / self.config_name
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

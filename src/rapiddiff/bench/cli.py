@@ -3,13 +3,21 @@
 rapiddiff bench                                    # GPU: the seed's matrix; CPU: the `cpu` preset, minutes
 rapiddiff bench --pipelines sd_txt2img if --batch-sizes 1 4 --modes compiled -o out1
 rapiddiff bench merge out1/results.json out2/results.json -o report
+rapiddiff bench --resume -o out1                   # finish a sweep that was interrupted (Ctrl-C, SIGTERM)
 rapiddiff bench scale --model ./sd15 --workers 1 2 4 8    # batch generation under torchrun (docs/scale.md)
+
+Results are written after every cell; Ctrl-C or SIGTERM stops the sweep, writes the report of the cells done and
+marks the rest "interrupted".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +27,7 @@ from ..batch.scale import add_parser as add_scale_parser
 from .backends import BACKENDS
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
-from .report import batch_tables, load_document, merge_documents, write_outputs
+from .report import batch_tables, load_document, merge_documents, settings_from_dict, write_outputs
 from .settings import PIPELINES, Settings
 from .sweep import run
 
@@ -42,15 +50,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                         help="auto: gpu with CUDA, else cpu; tiny: seconds, for tests")  # fmt: skip
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=PIPELINES, metavar="NAME",
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, metavar="NAME",
                         help=f"default: all of {', '.join(PIPELINES)}")  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, metavar="N", help="default: the preset's")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), metavar="MODE",
                         help=f"{', '.join(MODES)}; default: the preset's")  # fmt: skip
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS, metavar="NAME",
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="NAME",
                         help="default: rapiddiff diffusers")  # fmt: skip
     parser.add_argument("--steps", type=int, help="steps of the long call for every pipeline (default: the preset's)")
-    parser.add_argument("--repeats", type=int, help="timed (short, long) pairs per cell; the median is reported")
+    parser.add_argument("--repeats", type=int,
+                        help="timed rounds per cell (one (short, long) pair of each backend a round); alone it fixes "
+                             "the count, default: the preset's adaptive range")  # fmt: skip
+    parser.add_argument("--max-repeats", type=int, help="at most this many rounds while the speed-up's 95 %% interval "
+                        "is wider than +-5 %%")  # fmt: skip
+    parser.add_argument("--cell-seconds", type=float, help="no new round after this many seconds of timed calls")
     parser.add_argument("--warmup", type=int, help="untimed calls per cell before timing")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the preset's; gpu: torch's own)")
@@ -59,6 +72,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"a real Diffusers checkpoint instead of random weights; NAME: {', '.join(CHECKPOINTS)}")  # fmt: skip
     parser.add_argument("-o", "--output", default=DEFAULT_OUT, type=Path, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish the interrupted sweep in --output with its own settings (no matrix options)")  # fmt: skip
     parser.set_defaults(func=run_command)
 
     sub = parser.add_subparsers(dest="bench_command", metavar="{merge,scale}")
@@ -70,27 +85,94 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+MATRIX_OPTIONS = ("preset", "pipelines", "batch_sizes", "modes", "backends", "steps", "repeats", "max_repeats",
+                  "cell_seconds", "warmup", "device", "threads", "dtype", "model")  # fmt: skip
+
+
 def run_command(args: argparse.Namespace) -> int:
-    settings = Settings.create(
+    try:
+        out = check_output(args.output)
+        resume = _resumed(args, out) if args.resume else None
+        settings = settings_from_dict(
+            resume["runs"][-1]["settings"], progress=not args.no_progress
+        ) if resume else _settings(args)  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"rapiddiff bench: error: {e}", file=sys.stderr)
+        return 2
+    with sigterm_as_interrupt():
+        doc = run(settings, on_cell=lambda d: write_outputs(d, out, charts=False), resume=resume)
+    paths = write_outputs(doc, out)
+    print(batch_tables(doc))
+    print(f"\nreport: {paths['markdown']}  (results: {paths['json']}, {paths['csv']})")
+    interrupted = sum(c["status"] == "interrupted" for c in doc["cells"])
+    if interrupted:
+        print(
+            f"interrupted: {interrupted} cell(s) not run; `rapiddiff bench --resume -o {out}` runs them",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.create(
         resolve_preset(args.preset, torch.cuda.is_available()),
         device=args.device,
         dtype=args.dtype,
-        pipelines=tuple(args.pipelines),
+        pipelines=tuple(args.pipelines or PIPELINES),
         batch_sizes=tuple(args.batch_sizes) if args.batch_sizes else None,
         modes=tuple(args.modes) if args.modes else None,
-        backends=tuple(args.backends),
+        backends=tuple(args.backends or BACKENDS),
         steps=args.steps,
         repeats=args.repeats,
+        max_repeats=args.max_repeats,
+        cell_seconds=args.cell_seconds,
         warmup=args.warmup,
         threads=args.threads,
         models=dict(args.model),
         progress=not args.no_progress,
     )
-    doc = run(settings)
-    paths = write_outputs(doc, args.output)
-    print(batch_tables(doc))
-    print(f"\nreport: {paths['markdown']}  (results: {paths['json']}, {paths['csv']})")
-    return 0
+
+
+def _resumed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    given = [f"--{name.replace('_', '-')}" for name in MATRIX_OPTIONS if getattr(args, name) not in (None, [], "auto")]
+    if given:
+        raise ValueError(f"--resume runs the interrupted sweep with its own settings; drop {' '.join(given)}")
+    path = out / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--resume: no results.json in {out} to resume")
+    return load_document(path)
+
+
+def check_output(path: Path) -> Path:
+    """The output folder, made and checked writable before any work (a file there, or no permission: an error)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"-o/--output {str(path)!r} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"-o/--output {str(path)!r} cannot be written: {e.strerror or e}") from None
+    return path
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job) ends the sweep as Ctrl-C does: results kept, the rest "interrupted"."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def merge_command(args: argparse.Namespace) -> int:

@@ -40,14 +40,15 @@ def eager_vanilla(pipe: Any, figure: Figure, backend: Backend) -> Undo:
 def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
     """The seed's recipe: denoisers through torch.compile(mode="reduce-overhead", fullgraph=True).
 
-    rapiddiff uses its own `compile_pipeline` (the same recipe, compiled in place, plus the VAE decoder, which runs
-    outside the timed loop); where that does not exist, the seed's torch.compile calls. A module compiled in place
+    rapiddiff uses its own `compile_pipeline` with its defaults (compiled in place), on the same modules as the seed
+    (the denoisers: its default would add the VAE decoder, which runs outside the timed loop and would only lengthen
+    the first call); where that does not exist, the seed's torch.compile calls. A module compiled in place
     stays compiled, which is why Settings runs this mode last; the undo drops the compiled graphs, so the next cell
     compiles afresh and its first call's time is its compile time.
     """
     originals = {name: getattr(pipe, name) for name in figure.denoisers}
     if backend.has("compile_pipeline"):
-        backend.get("compile_pipeline")(pipe)
+        backend.get("compile_pipeline")(pipe, components=figure.denoisers)
     else:
         for name, module in originals.items():
             setattr(pipe, name, torch.compile(module, mode="reduce-overhead", fullgraph=True))

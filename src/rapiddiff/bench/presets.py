@@ -48,13 +48,17 @@ class Preset:
     steps: Mapping[str, int]  # figure -> steps of the long (timed, end-to-end) call
     batch_sizes: tuple[int, ...]
     modes: tuple[str, ...]
-    repeats: int  # timed (short, long) pairs per cell; the medians give the rate
+    repeats: int  # timed (short, long) pairs per cell at least; the medians give the rate
+    max_repeats: int  # at most, while the speed-up's interval is wider than +-5 % (see measure.Rounds)
+    cell_seconds: float  # no new round after this many seconds of timed calls in one cell
     warmup: int  # untimed calls before timing; the first one's time is reported (it compiles)
     # torch's CPU threads; None leaves torch's default. One on the CPU presets: on a shared machine a second thread
     # spin-waits for a busy core and small models slow down tenfold, drowning any difference between the backends.
     threads: int | None
     # "<checkpoint>/<subfolder>" (or "<checkpoint>" for single-model checkpoints) -> config keys to replace
     overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # the batch sizes of the default matrix the compiled mode runs at (None: all); each is a compile per backend
+    compiled_batch_sizes: tuple[int, ...] | None = None
 
 
 _SD_DENOISERS = ("sd/unet", "sd_inpaint/unet", "controlnet")
@@ -120,6 +124,8 @@ PRESETS = {
             batch_sizes=(1, 4, 16),
             modes=("eager-sdpa", "compiled"),
             repeats=3,
+            max_repeats=10,
+            cell_seconds=120.0,
             warmup=2,
             threads=None,
         ),
@@ -131,11 +137,14 @@ PRESETS = {
             if_sizes=(16, 64),
             steps=dict.fromkeys(SEED_STEPS, 8),
             batch_sizes=(1, 2),
-            modes=("eager-sdpa",),
+            modes=("eager-sdpa", "compiled"),
             repeats=3,  # odd: the median drops one call slowed by a busy machine
+            max_repeats=9,
+            cell_seconds=25.0,
             warmup=1,
             threads=1,
             overrides=CPU_OVERRIDES,
+            compiled_batch_sizes=(1,),  # a CPU compile takes tens of seconds: one per pipeline and backend
         ),
         Preset(
             name="tiny",
@@ -147,6 +156,8 @@ PRESETS = {
             batch_sizes=(1, 2),
             modes=("eager-sdpa", "eager-vanilla"),
             repeats=1,
+            max_repeats=1,
+            cell_seconds=0.0,
             warmup=1,
             threads=1,
             overrides=TINY_OVERRIDES,

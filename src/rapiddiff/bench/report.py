@@ -7,13 +7,17 @@ the cells alone in a fixed order, so a merged report reads exactly like one run'
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .backends import BACKENDS
 from .env import COMPARABLE_KEYS
@@ -38,6 +42,10 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
         "sizes": {"sd": p.sd_size, "if_stage_1": p.if_sizes[0], "if_stage_2": p.if_sizes[1]},
         "steps": {f: {"long": n, "short": short_steps(n)} for f, n in settings.steps.items()},
         "repeats": settings.repeats,
+        "max_repeats": settings.max_repeats,
+        "cell_seconds": settings.cell_seconds,
+        "target": settings.target,
+        "compiled_batch_sizes": settings.compiled_batch_sizes and list(settings.compiled_batch_sizes),
         "warmup": settings.warmup,
         "threads": settings.threads,
         "pipelines": list(settings.pipelines),
@@ -48,9 +56,45 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_document(settings: Settings, env: dict[str, Any], cells: Iterable[Cell]) -> dict[str, Any]:
+def make_document(
+    settings: Settings, env: dict[str, Any], cells: Iterable[Cell], prior_runs: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """The document of this run, after `prior_runs` (those of an interrupted run it resumes)."""
     rows = [dataclasses.asdict(c) for c in cells]
-    return {"format": FORMAT, "runs": [{"env": env, "settings": settings_dict(settings)}], "cells": _ordered(rows)}
+    runs = [*prior_runs, {"env": env, "settings": settings_dict(settings)}]
+    return {"format": FORMAT, "runs": runs, "cells": _ordered(rows)}
+
+
+def settings_from_dict(s: dict[str, Any], **extra: Any) -> Settings:
+    """The Settings a document's run was made with (`--resume`); `extra`: fault, progress."""
+    from .presets import PRESETS
+    from .settings import DTYPES
+
+    if s.get("preset") not in PRESETS:
+        raise ValueError(f"the results name preset {s.get('preset')!r}, which this version does not have")
+    return Settings(
+        preset=PRESETS[s["preset"]],
+        device=torch.device(s["device"]),
+        dtype=DTYPES[s["dtype"]],
+        pipelines=tuple(s["pipelines"]),
+        batch_sizes=tuple(s["batch_sizes"]),
+        modes=tuple(s["modes"]),
+        backends=tuple(s["backends"]),
+        steps={f: v["long"] for f, v in s["steps"].items()},
+        repeats=s["repeats"],
+        warmup=s["warmup"],
+        threads=s["threads"],
+        models={k: Path(v) for k, v in s["models"].items()},
+        max_repeats=s.get("max_repeats"),
+        cell_seconds=s.get("cell_seconds", 0.0),
+        target=s.get("target", 0.05),
+        compiled_batch_sizes=tuple(s["compiled_batch_sizes"]) if s.get("compiled_batch_sizes") else None,
+        **extra,
+    )
+
+
+def cells_of(doc: dict[str, Any]) -> list[Cell]:
+    return [Cell(**{k: v for k, v in c.items() if k in CELL_FIELDS}) for c in doc["cells"]]
 
 
 def load_document(path: str | Path) -> dict[str, Any]:
@@ -116,6 +160,29 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     return None
 
 
+def speedup_interval(rapid: dict[str, Any] | None, base: dict[str, Any] | None) -> list[float] | None:
+    """[estimate, low, high] of rapiddiff / diffusers: the paired rounds' interval when the cell has one (interleaved
+    runs), else the ratio of the two cells' rates (low = high = estimate: no interval)."""
+    if rapid and base and rapid["status"] == base["status"] == "ok":
+        if rapid.get("speedup"):
+            return list(rapid["speedup"])
+        ratio = _ratio(rapid, base)
+        return None if ratio is None else [ratio, ratio, ratio]
+    return None
+
+
+def format_speedup(interval: list[float] | None) -> str:
+    """`1.31x (1.25–1.38)`; an interval holding 1.00 reads as the same speed: `same (1.02x, 0.97–1.07)`."""
+    if interval is None:
+        return "–"
+    value, low, high = interval
+    if low == high:
+        return f"{value:.2f}x"
+    if low <= 1.0 <= high:
+        return f"same ({value:.2f}x, {low:.2f}–{high:.2f})"
+    return f"{value:.2f}x ({low:.2f}–{high:.2f})"
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---:" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -140,17 +207,16 @@ def batch_tables(doc: dict[str, Any]) -> str:
                 found = {b: by_key.get((figure, batch, mode, b)) for b in backends}
                 row += [_value(found[b]) for b in backends]
                 if both:
-                    ratio = _ratio(found["rapiddiff"], found["diffusers"])
-                    row.append("–" if ratio is None else f"{ratio:.2f}x")
+                    row.append(format_speedup(speedup_interval(found["rapiddiff"], found["diffusers"])))
             rows.append(row)
         parts.append(f"### Batch size {batch} (iterations/s)\n\n" + _table(header, rows))
     return "\n\n".join(parts)
 
 
-def _rate(cell: dict[str, Any], t_short: float, t_long: float) -> float:
-    """One repeat's own iterations/s."""
+def _rate(cell: dict[str, Any], t_short: float, t_long: float) -> float | None:
+    """One repeat's own iterations/s (None when noise made its long call no slower than its short one)."""
     n_short, n_long = cell["iterations"]
-    return (n_long - n_short) / (t_long - t_short)
+    return (n_long - n_short) / (t_long - t_short) if t_long > t_short else None
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -162,8 +228,8 @@ def _details(doc: dict[str, Any]) -> str:
               "iterations"]  # fmt: skip
     rows = [
         [c["figure"], str(c["batch_size"]), c["mode"], c["backend"], _value(c),
-         " ".join(f"{_rate(c, ts, tl):.2f}" for ts, tl in c["seconds"]), _fmt(c["s_per_image"], 3), _fmt(c["fixed_s"], 3),
-         _fmt(c["first_call_s"]), _fmt(c["peak_mem_gb"]), "/".join(map(str, c["iterations"]))]
+         " ".join(_fmt(_rate(c, ts, tl)) or "n/a" for ts, tl in c["seconds"]), _fmt(c["s_per_image"], 3),
+         _fmt(c["fixed_s"], 3), _fmt(c["first_call_s"]), _fmt(c["peak_mem_gb"]), "/".join(map(str, c["iterations"]))]
         for c in doc["cells"]
         if c["status"] != "skipped"
     ]  # fmt: skip
@@ -186,7 +252,7 @@ def _environment(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"  preset `{s['preset']}`: SD {sizes['sd']}x{sizes['sd']}, IF {sizes['if_stage_1']} -> "
             f"{sizes['if_stage_2']} (x4 upscaler on the stage-I image), steps {_steps_text(steps)}, "
-            f"{s['warmup']} warm-up call(s), median of {s['repeats']} repeat(s)"
+            f"{s['warmup']} warm-up call(s), {_repeats_text(s)}"
             + (f", checkpoints {s['models']}" if s["models"] else ", random weights")
         )
     facts = [{**{k: r["env"].get(k) for k in COMPARABLE_KEYS}, "preset": r["settings"]["preset"]} for r in runs]
@@ -194,6 +260,14 @@ def _environment(doc: dict[str, Any]) -> list[str]:
     if differing:
         lines.append(f"- **Warning**: the merged runs differ in {', '.join(differing)}: compare across them with care.")
     return lines
+
+
+def _repeats_text(s: dict[str, Any]) -> str:
+    most = s.get("max_repeats") or s["repeats"]
+    if most == s["repeats"]:
+        return f"median of {most} repeat(s)"
+    return (f"backends interleaved, {s['repeats']} to {most} rounds a cell (until the speed-up's 95 % interval is "
+            f"within ±{100 * s.get('target', 0.05):.0f} % or {s.get('cell_seconds', 0):g} s of timed calls)")  # fmt: skip
 
 
 def _steps_text(steps: dict[str, int]) -> str:
@@ -208,7 +282,8 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
         "\n".join(_environment(doc)),
         "Iterations/s of the denoising loop (higher is better), text encoding and VAE decoding excluded: "
         "(N - n) / (T_long - T_short) over a long and a short call. *speed-up* is rapiddiff / diffusers in the same "
-        "mode. IF stages II and III run at batch 1 only, as in the seed.",
+        "mode: the geometric mean of the ratios of rounds timed back to back, with its 95 % interval; *same* when "
+        "that interval holds 1.00. IF stages II and III run at batch 1 only, as in the seed.",
         "## Iterations per second",
         batch_tables(doc),
     ]
@@ -218,6 +293,10 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
               "*fixed s*: its time outside the loop. *first call s*: the first warm-up call (includes compilation). "
               "*iterations*: short/long loop lengths.",
               _details(doc)]  # fmt: skip
+    unfinished = [c for c in doc["cells"] if c["status"] in ("pending", "running", "interrupted")]
+    if unfinished:
+        parts += ["## Not run", f"{len(unfinished)} cell(s) did not run (the sweep was interrupted or is still "
+                                f"running); `rapiddiff bench --resume -o FOLDER` runs them and keeps the rest."]  # fmt: skip
     if failures:
         parts += ["## Failures", "\n".join(f"- `{c['figure']}/{c['batch_size']}/{c['mode']}/{c['backend']}`: "
                                            f"{c['summary']}: {c['error']}" for c in failures)]  # fmt: skip
@@ -238,6 +317,13 @@ def write_csv(doc: dict[str, Any], path: Path) -> None:
             row |= {"iterations_short": iterations[0], "iterations_long": iterations[1]}
             row |= {"preset": run["settings"]["preset"], **{k: run["env"].get(k) for k in ENV_COLUMNS}}
             writer.writerow(row)
+
+
+def _interval(num: dict[str, Any] | None, den: dict[str, Any] | None) -> list[float] | None:
+    if num and den and num["backend"] == "rapiddiff" and den["backend"] == "diffusers" and num["mode"] == den["mode"]:
+        return speedup_interval(num, den)
+    ratio = _ratio(num, den)
+    return None if ratio is None else [ratio, ratio, ratio]
 
 
 def chart_specs(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, str], tuple[str, str]]]:
@@ -276,12 +362,15 @@ def write_charts(doc: dict[str, Any], out_dir: Path) -> tuple[list[str], str | N
     for filename, title, (num_mode, num_backend), (den_mode, den_backend) in specs:
         fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(figures)), 4.0))
         for i, batch in enumerate(batches):
-            ratios = [
-                _ratio(by_key.get((f, batch, num_mode, num_backend)), by_key.get((f, batch, den_mode, den_backend)))
+            intervals = [
+                _interval(by_key.get((f, batch, num_mode, num_backend)), by_key.get((f, batch, den_mode, den_backend)))
                 for f in figures
             ]
             xs = [j + (i - (len(batches) - 1) / 2) * width for j in range(len(figures))]
-            ax.bar(xs, [math.nan if r is None else r for r in ratios], width, label=f"batch {batch}")
+            values = [math.nan if r is None else r[0] for r in intervals]
+            errors = [[0.0 if r is None else r[0] - r[1] for r in intervals],
+                      [0.0 if r is None else r[2] - r[0] for r in intervals]]  # fmt: skip
+            ax.bar(xs, values, width, yerr=errors, capsize=3, label=f"batch {batch}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(figures)), [_label(f) for f in figures], rotation=20, ha="right")
         ax.set_ylabel("speed-up (iterations/s ratio)")
@@ -294,13 +383,31 @@ def write_charts(doc: dict[str, Any], out_dir: Path) -> tuple[list[str], str | N
     return written, None
 
 
-def write_outputs(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """results.json, results.csv, the charts and report.md in `out_dir`; returns the paths by kind."""
+def write_outputs(doc: dict[str, Any], out_dir: str | Path, charts: bool = True) -> dict[str, Path]:
+    """results.json, results.csv, the charts and report.md in `out_dir`; returns the paths by kind.
+
+    Each file is written beside its final name and renamed over it, so a reader (or a crash) never meets half a file.
+    charts=False (the writes after each cell) leaves the charts for the end.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / name for kind, name in FILES.items()}
-    paths["json"].write_text(json.dumps(doc, indent=1) + "\n")
-    write_csv(doc, paths["csv"])
-    charts, note = write_charts(doc, out)
-    paths["markdown"].write_text(render_markdown(doc, charts, note))
-    return paths | {Path(c).stem: out / c for c in charts}
+    with _replacing(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    with _replacing(paths["csv"]) as tmp:
+        write_csv(doc, tmp)
+    written, note = write_charts(doc, out) if charts else ([], None)
+    with _replacing(paths["markdown"]) as tmp:
+        tmp.write_text(render_markdown(doc, written, note))
+    return paths | {Path(c).stem: out / c for c in written}
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed over it when the block succeeds (removed when it fails)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -32,12 +32,16 @@ class Settings:
     modes: tuple[str, ...]
     backends: tuple[str, ...]
     steps: Mapping[str, int]  # figure -> steps of the long call
-    repeats: int
+    repeats: int  # rounds per cell, at least
     warmup: int
     threads: int | None  # torch's CPU threads during the run; None: as they are
     models: Mapping[str, Path] = dataclasses.field(default_factory=dict)  # checkpoint key -> real checkpoint folder
     fault: str | None = None
     progress: bool = True
+    max_repeats: int | None = None  # rounds per cell at most (None: `repeats`)
+    cell_seconds: float = 0.0  # no new round after this many seconds of timed calls, once `repeats` are done
+    target: float = 0.05  # stop a cell early once its speed-up's 95 % interval is within +-target
+    compiled_batch_sizes: tuple[int, ...] | None = None  # the batch sizes the compiled mode runs at (None: all)
 
     def __post_init__(self) -> None:
         _check_names("pipelines", self.pipelines, PIPELINES)
@@ -49,6 +53,14 @@ class Settings:
         if self.repeats < 1 or self.warmup < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError(
                 f"repeats={self.repeats}, warmup={self.warmup}, threads={self.threads}: each must be at least 1"
+            )
+        if self.max_repeats is None:
+            object.__setattr__(self, "max_repeats", self.repeats)
+        if self.max_repeats < self.repeats:
+            raise ValueError(f"max_repeats={self.max_repeats} is below repeats={self.repeats}")
+        if not self.cell_seconds >= 0 or not 0 < self.target < 1:
+            raise ValueError(
+                f"cell_seconds={self.cell_seconds}, target={self.target}: seconds >= 0 and 0 < target < 1 are allowed"
             )
         short = {f: n for f, n in self.steps.items() if n < 3}
         if short:
@@ -72,6 +84,8 @@ class Settings:
         backends: tuple[str, ...] = BACKENDS,
         steps: int | None = None,
         repeats: int | None = None,
+        max_repeats: int | None = None,
+        cell_seconds: float | None = None,
         warmup: int | None = None,
         threads: int | None = None,
         models: Mapping[str, str | Path] | None = None,
@@ -92,6 +106,11 @@ class Settings:
             backends=tuple(backends),
             steps=dict(preset.steps) if steps is None else dict.fromkeys(preset.steps, steps),
             repeats=_given(repeats, preset.repeats),
+            # --repeats alone fixes the count; the preset's adaptive range applies otherwise
+            max_repeats=_given(max_repeats, preset.max_repeats if repeats is None else repeats),
+            cell_seconds=_given(cell_seconds, preset.cell_seconds),
+            # the preset's choice applies to its own batch sizes; sizes given explicitly all run compiled
+            compiled_batch_sizes=preset.compiled_batch_sizes if batch_sizes is None else None,
             warmup=_given(warmup, preset.warmup),
             threads=_given(threads, preset.threads),
             models={k: Path(v) for k, v in (models or {}).items()},

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..hub import resolve_dir, resolve_file
 from . import lora_layers
-from .lora_conversion import convert_lora_state_dict, read_metadata
+from .lora_conversion import METADATA_KEY, convert_lora_state_dict, read_metadata
 
 # File names tried in a folder / repo when `weight_name` is not given (Diffusers' save_lora_weights names).
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -114,8 +114,11 @@ class LoRAAdapters:
         source: str,
         adapter_name: str | None,
         default_component: str | None,
+        hotswap: bool = False,
     ) -> str:
         present = self.all_adapters()
+        if hotswap:
+            return self._hotswap(state_dict, metadata, source, adapter_name, default_component)
         if adapter_name is None:
             counts = [len(v) for v in self.adapters().values()]
             adapter_name = f"default_{max(counts, default=0)}"
@@ -128,6 +131,32 @@ class LoRAAdapters:
                                             default_component=default_component)  # fmt: skip
         for name, layers in per_model.items():
             lora_layers.register_adapter(self.models[name], adapter_name, layers)
+        return adapter_name
+
+    def _hotswap(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any] | None,
+        source: str,
+        adapter_name: str | None,
+        default_component: str | None,
+    ) -> str:
+        """Replace a loaded adapter's weights in place (same layers and ranks): a compiled model does not recompile."""
+        present = self.all_adapters()
+        if adapter_name not in present:
+            raise ValueError(
+                f"hotswap=True needs the adapter_name of a loaded adapter ({present}), got {adapter_name!r}"
+            )
+        per_model = convert_lora_state_dict(state_dict, self.models, f"{source} into {self.owner}", metadata,
+                                            default_component=default_component)  # fmt: skip
+        for name, model in self.models.items():
+            state = lora_layers.lora_state(model)
+            if (state is not None and adapter_name in state.adapters) or name in per_model:
+                why = lora_layers.hotswap_mismatch(model, adapter_name, per_model.get(name, {}))
+                if why:
+                    raise ValueError(f"cannot hotswap {source} into adapter {adapter_name!r} of the {name}: {why}")
+        for name, layers in per_model.items():
+            lora_layers.hotswap(self.models[name], adapter_name, layers)
         return adapter_name
 
     def _check_names(self, names: list[str], what: str) -> None:
@@ -224,13 +253,13 @@ class StableDiffusionLoraLoaderMixin:
     ) -> None:
         """Load a LoRA (Diffusers/PEFT, Kohya/A1111 incl. LoCon, or Diffusers' older formats) into the UNet and the
         text encoder, as adapter `adapter_name` (default `default_<n>`), which becomes the active adapter.
+        hotswap=True replaces the weights of the loaded adapter `adapter_name` in place instead (same layers and
+        ranks; a compiled model does not recompile).
 
         kwargs: weight_name, subfolder, use_safetensors, cache_dir, local_files_only, revision, token.
         """
-        if hotswap:
-            raise ValueError("hotswap=True is not supported by rapiddiff: load under a new adapter_name instead")
         state_dict, metadata, source = read_lora_weights(pretrained_model_name_or_path_or_dict, **kwargs)
-        self._lora().load(state_dict, metadata, source, adapter_name, default_component="unet")
+        self._lora().load(state_dict, metadata, source, adapter_name, default_component="unet", hotswap=hotswap)
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
         """Activate exactly these adapters, with these weights (1.0 by default); the others stay loaded, inactive."""
@@ -279,6 +308,49 @@ class StableDiffusionLoraLoaderMixin:
         """Remove every adapter (the layers become plain Linear/Conv2d again); fused weights stay fused."""
         self._lora().unload()
 
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        unet_lora_layers: Mapping[str, torch.Tensor | nn.Module] | None = None,
+        text_encoder_lora_layers: Mapping[str, torch.Tensor | nn.Module] | None = None,
+        weight_name: str | None = None,
+        safe_serialization: bool = True,
+        unet_lora_adapter_metadata: Mapping[str, Any] | None = None,
+        text_encoder_lora_adapter_metadata: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write PEFT-format LoRA layers as Diffusers does (`unet.` / `text_encoder.` prefixes, adapter metadata in
+        the safetensors header); returns the file written."""
+        layers = {"unet": unet_lora_layers, "text_encoder": text_encoder_lora_layers}
+        metadata = {"unet": unet_lora_adapter_metadata, "text_encoder": text_encoder_lora_adapter_metadata}
+        if not any(layers.values()):
+            raise ValueError("save_lora_weights needs unet_lora_layers and/or text_encoder_lora_layers")
+        state: dict[str, torch.Tensor] = {}
+        packed: dict[str, Any] = {}
+        for prefix, entries in layers.items():
+            for key, value in (entries or {}).items():
+                tensors = value.state_dict() if isinstance(value, nn.Module) else {"": value}
+                for sub, tensor in tensors.items():
+                    state[".".join(p for p in (prefix, key, sub) if p)] = tensor.detach().cpu().contiguous()
+            packed.update({f"{prefix}.{k}": v for k, v in (metadata[prefix] or {}).items()})
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (weight_name or LORA_WEIGHT_NAMES[0 if safe_serialization else 1])
+        if safe_serialization:
+            import json
+
+            import safetensors.torch
+
+            header = {"format": "pt"}
+            if packed:
+                header[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True, default=list)
+            safetensors.torch.save_file(state, str(path), metadata=header)
+        else:
+            if packed:
+                raise ValueError("adapter metadata needs safe_serialization=True (it lives in the safetensors header)")
+            torch.save(state, str(path))
+        return path
+
 
 class LoraModelMixin:
     """Diffusers' model-level LoRA API (`PeftAdapterMixin`) for rapiddiff's UNet."""
@@ -297,8 +369,6 @@ class LoraModelMixin:
         **kwargs: Any,
     ) -> None:
         """Load a LoRA into this model; `prefix` selects the keys of a pipeline file (e.g. "unet"), None takes all."""
-        if hotswap:
-            raise ValueError("hotswap=True is not supported by rapiddiff: load under a new adapter_name instead")
         state_dict, metadata, source = read_lora_weights(pretrained_model_name_or_path_or_dict, **kwargs)
         if prefix is not None:
             state_dict = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
@@ -310,7 +380,9 @@ class LoraModelMixin:
                     for k, v in metadata.items()
                     if k.startswith(f"{prefix}.")
                 }
-        self._lora().load(state_dict, metadata, source, adapter_name, default_component=self._lora_component)
+        self._lora().load(
+            state_dict, metadata, source, adapter_name, default_component=self._lora_component, hotswap=hotswap
+        )
 
     def set_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
         self._lora().set_adapters(adapter_names, weights)

@@ -224,8 +224,8 @@ def convert_lora_state_dict(
             errors.add(f"the {missing} matrix of the pair is missing", next(iter(parts.values()))[0])
             continue
         (down_key, down), (up_key, up) = parts["down"], parts["up"]
-        rank = down.shape[0]
-        if up.ndim < 2 or up.shape[1] != rank:
+        rank = down.shape[0] if down.ndim >= 2 else -1
+        if rank <= 0 or up.ndim < 2 or up.shape[1] != rank:
             errors.add(f"rank mismatch (down has rank {rank}, up {tuple(up.shape)})", up_key)
             continue
         module = models[component].get_submodule(module_name)

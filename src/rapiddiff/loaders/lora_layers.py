@@ -97,12 +97,27 @@ def _convert(layer: nn.Module) -> None:
     layer.register_buffer("lora_scale", w.new_zeros(0), persistent=False)
 
 
-def _restore(layer: LoRALayerMixin) -> None:
+# A layer's adapters while it is a plain layer again (fused): (down, up, slots).
+Stash = tuple[torch.Tensor, torch.Tensor, dict[str, AdapterSlot]]
+
+
+def _restore(layer: LoRALayerMixin) -> Stash:
+    """Make the layer a plain Linear / Conv2d again; returns its adapters."""
+    stash = (layer.lora_down, layer.lora_up, layer.lora_slots)
     for name in ("lora_down", "lora_up", "lora_scale"):
         delattr(layer, name)
     base = layer.lora_base_class
     del layer.lora_slots, layer.lora_base_class
     layer.__class__ = base
+    return stash
+
+
+def _reattach(layer: nn.Module, stash: Stash) -> None:
+    down, up, slots = stash
+    _convert(layer)
+    layer.lora_down, layer.lora_up = _like_weight(down, layer.weight), _like_weight(up, layer.weight)
+    layer.lora_scale = layer.weight.new_zeros(down.shape[0])
+    layer.lora_slots = slots
 
 
 def _like_weight(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -154,6 +169,9 @@ class LoRAState:
     fused: list[str] = dataclasses.field(default_factory=list)
     # Original weights of fused layers (on the CPU), copied back by `unfuse` so it is exact.
     backups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # While fused, every layer is a plain Linear / Conv2d (no low-rank path to pay for: fused is free); its adapters
+    # wait here for `unfuse`.
+    stash: dict[str, Stash] = dataclasses.field(default_factory=dict)
 
 
 def lora_state(model: nn.Module) -> LoRAState | None:
@@ -198,12 +216,43 @@ def refresh_scales(model: nn.Module) -> None:
 def register_adapter(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
     """Add a checked adapter {module name: (down, up, alpha / rank)} to `model`; it becomes the only active one."""
     state = state_for_loading(model)
+    _check_not_fused(state, "loading another adapter")
     modules = dict(model.named_modules())
     with torch.no_grad():
         for module_name, (down, up, scale) in layers.items():
             add_to_layer(modules[module_name], name, down, up, scale)
     state.adapters.append(name)
     state.weights = {name: 1.0}  # as Diffusers: the adapter just loaded is the active one
+    refresh_scales(model)
+
+
+def hotswap_mismatch(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> str:
+    """Why `layers` cannot replace adapter `name` in place ('' if it can): same layers, same ranks."""
+    state = lora_state(model)
+    if state is None or name not in state.adapters:
+        return f"adapter {name!r} is not loaded here"
+    if state.fused:
+        return f"adapter(s) {state.fused} are fused"
+    have = {n: layer.lora_slots[name] for n, layer in lora_layers(model) if name in layer.lora_slots}
+    if set(have) != set(layers):
+        diff = sorted(set(have) ^ set(layers))
+        return f"the new LoRA adapts other layers ({len(diff)} differ, e.g. {diff[:3]})"
+    for n, (down, _, _) in layers.items():
+        if have[n].stop - have[n].start != down.shape[0]:
+            return f"rank {down.shape[0]} != {have[n].stop - have[n].start} at {n}"
+    return ""
+
+
+def hotswap(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    """Replace adapter `name`'s weights in place (checked by `hotswap_mismatch`): no new shapes, no recompile."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for n, (down, up, scale) in layers.items():
+            layer = modules[n]
+            slot = layer.lora_slots[name]
+            layer.lora_down[slot.start : slot.stop].copy_(down)
+            layer.lora_up[:, slot.start : slot.stop].copy_(up)
+            slot.scale = scale
     refresh_scales(model)
 
 
@@ -252,8 +301,7 @@ def delete_adapters(model: nn.Module, names: Sequence[str]) -> None:
     names = [n for n in names if n in state.adapters]
     if not names:
         return
-    if any(n in state.fused for n in names):
-        raise ValueError(f"adapter(s) {sorted(set(names) & set(state.fused))} are fused: call unfuse_lora() first")
+    _check_not_fused(state, "deleting adapters")
     for _, layer in list(lora_layers(model)):
         remove_from_layer(layer, names)
     state.adapters = [n for n in state.adapters if n not in names]
@@ -262,43 +310,61 @@ def delete_adapters(model: nn.Module, names: Sequence[str]) -> None:
     refresh_scales(model)
 
 
+def _check_not_fused(state: LoRAState, what: str) -> None:
+    if state.fused:
+        raise ValueError(f"adapter(s) {state.fused} are fused: call unfuse_lora() before {what}")
+
+
 def fuse(
     model: nn.Module, lora_scale: float = 1.0, adapter_names: Sequence[str] | None = None, safe: bool = False
 ) -> None:
     """Add the adapters' scaled low-rank products to the weights in place (keeping the originals to unfuse).
 
+    Afterwards every adapted layer is a plain Linear / Conv2d again: a fused LoRA costs nothing per step, and a model
+    compiled before the LoRA was loaded runs its first graph again (the weights changed in place: no recompile).
     safe: check every fused weight is finite first (nothing is fused if one is not).
     """
     state = lora_state(model)
     if state is None:
         return
     names = list(state.weights) if adapter_names is None else [n for n in adapter_names if n in state.adapters]
+    names = [n for n in names if n not in state.fused]  # as peft: an adapter is merged once
     if not names:
         return
     weights = {n: state.weights.get(n, 1.0) * lora_scale for n in names}
-    scales: dict[str, torch.Tensor] = {}  # layer -> per-rank scale of the adapters being fused
-    for layer_name, layer in lora_layers(model):
-        values = [0.0] * layer.lora_scale.shape[0]
-        for name, slot in layer.lora_slots.items():
-            if name in weights:
-                values[slot.start : slot.stop] = [weights[name] * slot.scale] * (slot.stop - slot.start)
-        if any(values):
-            scales[layer_name] = torch.tensor(values, dtype=layer.lora_scale.dtype, device=layer.lora_scale.device)
-    layers = dict(lora_layers(model))
-    with torch.no_grad():
-        if safe:
-            bad = [
-                n for n, sc in scales.items() if not torch.isfinite(layers[n].weight + layers[n].lora_delta(sc)).all()
-            ]
-            if bad:
-                raise ValueError(f"safe_fusing: fusing the LoRA gives non-finite weights in {bad[:5]}; nothing fused")
-        for layer_name, scale in scales.items():
-            layer = layers[layer_name]
-            if layer_name not in state.backups:
-                state.backups[layer_name] = layer.weight.detach().to("cpu", copy=True)
-            layer.weight.add_(layer.lora_delta(scale))
-    state.fused = list(dict.fromkeys(state.fused + names))
-    refresh_scales(model)
+    _unstash(model, state)
+    try:
+        scales: dict[str, torch.Tensor] = {}  # layer -> per-rank scale of the adapters being fused
+        for layer_name, layer in lora_layers(model):
+            values = [0.0] * layer.lora_scale.shape[0]
+            for name, slot in layer.lora_slots.items():
+                if name in weights:
+                    values[slot.start : slot.stop] = [weights[name] * slot.scale] * (slot.stop - slot.start)
+            if any(values):
+                scales[layer_name] = torch.tensor(values, dtype=layer.lora_scale.dtype, device=layer.lora_scale.device)
+        layers = dict(lora_layers(model))
+        with torch.no_grad():
+            if safe:
+                bad = [n for n, sc in scales.items() if not torch.isfinite(layers[n].weight + layers[n].lora_delta(sc)).all()]  # fmt: skip
+                if bad:
+                    raise ValueError(f"safe_fusing: fusing gives non-finite weights in {bad[:5]}; nothing fused")
+            for layer_name, scale in scales.items():
+                layer = layers[layer_name]
+                if layer_name not in state.backups:
+                    state.backups[layer_name] = layer.weight.detach().to("cpu", copy=True)
+                layer.weight.add_(layer.lora_delta(scale))
+        state.fused = list(dict.fromkeys(state.fused + names))
+    finally:
+        if state.fused:  # as peft: while fused, no unfused adapter runs, so every layer can be plain
+            state.stash = {name: _restore(layer) for name, layer in list(lora_layers(model))}
+        refresh_scales(model)
+
+
+def _unstash(model: nn.Module, state: LoRAState) -> None:
+    modules = dict(model.named_modules())
+    for layer_name, stash in state.stash.items():
+        _reattach(modules[layer_name], stash)
+    state.stash = {}
 
 
 def unfuse(model: nn.Module) -> None:
@@ -312,6 +378,7 @@ def unfuse(model: nn.Module) -> None:
             modules[layer_name].weight.copy_(original)
     state.backups.clear()
     state.fused = []
+    _unstash(model, state)
     refresh_scales(model)
 
 
@@ -322,10 +389,10 @@ def unload(model: nn.Module) -> None:
         return
     for _, layer in list(lora_layers(model)):
         _restore(layer)
-    del model.__dict__["_lora_state"]
+    getattr(model, "_orig_mod", model).__dict__.pop("_lora_state")
 
 
 def _drop_state_if_empty(model: nn.Module) -> None:
     state = lora_state(model)
     if state is not None and not state.adapters and not state.fused:
-        del model.__dict__["_lora_state"]
+        getattr(model, "_orig_mod", model).__dict__.pop("_lora_state")

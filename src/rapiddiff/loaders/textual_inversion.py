@@ -24,7 +24,9 @@ TI_WEIGHT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 _HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "hf_token", "subfolder", "weight_name", "use_safetensors")
 
 
-def _read(source: Any, weight_name: str | None, subfolder: str | None, **hub: Any) -> tuple[Any, str]:
+def _read(
+    source: Any, weight_name: str | None, subfolder: str | None, use_safetensors: bool | None, **hub: Any
+) -> tuple[Any, str]:
     """(state dict or tensor, description) of one textual-inversion source."""
     if isinstance(source, (Mapping, torch.Tensor)):
         return source, "(a state dict)" if isinstance(source, Mapping) else "(a tensor)"
@@ -34,8 +36,10 @@ def _read(source: Any, weight_name: str | None, subfolder: str | None, **hub: An
     elif weight_name is not None:
         file = resolve_file(source, weight_name, subfolder, **hub)
     else:
-        folder = resolve_dir(source, subfolder, allow_patterns=[f"{subfolder}/*" if subfolder else "*"], **hub)
-        found = [folder / n for n in TI_WEIGHT_NAMES if (folder / n).is_file()]
+        names = {None: TI_WEIGHT_NAMES, True: TI_WEIGHT_NAMES[:1], False: TI_WEIGHT_NAMES[::-1]}[use_safetensors]
+        patterns = [f"{subfolder}/{n}" if subfolder else n for n in names]
+        folder = resolve_dir(source, subfolder, allow_patterns=patterns, **hub)
+        found = [folder / n for n in names if (folder / n).is_file()]
         if not found:
             raise FileNotFoundError(f"no textual inversion in {source!r}: looked for {', '.join(TI_WEIGHT_NAMES)}; "
                                     "pass weight_name= for another file name")  # fmt: skip
@@ -115,9 +119,10 @@ class TextualInversionLoaderMixin:
         sources = pretrained_model_name_or_path
         sources = list(sources) if isinstance(sources, list) else [sources]
         tokens = list(token) if isinstance(token, list) else [token] * len(sources)
-        hub = {("token" if k == "hf_token" else k): v for k, v in kwargs.items() if k != "use_safetensors"}
+        hub = {("token" if k == "hf_token" else k): v for k, v in kwargs.items()}
         weight_name, subfolder = hub.pop("weight_name", None), hub.pop("subfolder", None)
-        loaded = [_read(s, weight_name, subfolder, **hub) for s in sources]
+        use_safetensors = hub.pop("use_safetensors", None)
+        loaded = [_read(s, weight_name, subfolder, use_safetensors, **hub) for s in sources]
         if len(loaded) == 1 and isinstance(loaded[0][0], torch.Tensor) and len(tokens) > 1:
             # One (n, dim) tensor with n tokens: one vector per token (Diffusers).
             tensor, what = loaded[0]

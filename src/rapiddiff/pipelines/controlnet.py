@@ -7,21 +7,24 @@ built before the loop, read as device tensors: no host sync, and a compiled Cont
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
-from .denoise import StepEndCallback, denoise, retrieve_timesteps
+from .checks import check_finite, check_number
+from .denoise import Scheduler, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
-from .pipeline_utils import _unwrap, check_number
+from .loading import _unwrap
 from .stable_diffusion import (
     StableDiffusionBase,
     StableDiffusionPipelineOutput,
     check_unet_in_channels,
     required,
 )
+from .template import CallArgs, StepHooks
 
 
 def per_net(name: str, value: Any, n: int) -> list[float]:
@@ -42,6 +45,23 @@ def control_keep(num_steps: int, starts: Sequence[float], ends: Sequence[float])
     ]
 
 
+@dataclasses.dataclass
+class ControlNetArgs(CallArgs):
+    """The ControlNet call: control image(s), scales, guess mode and guidance window. The checks turn `image` into
+    one preprocessed (B, C, H, W) tensor per ControlNet and the numbers into lists of one per ControlNet."""
+
+    image: PipelineImageInput | list[PipelineImageInput] | None = None
+    controlnet_conditioning_scale: float | list[float] = 1.0
+    guess_mode: bool = False
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.guess_mode, bool):
+            raise TypeError(f"guess_mode must be a bool, got {self.guess_mode!r}")
+
+
 class StableDiffusionControlNetPipeline(StableDiffusionBase):
     """Stable Diffusion with one ControlNet, or several (a list, or a MultiControlNetModel: residuals summed)."""
 
@@ -54,7 +74,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         tokenizer: Any,
         unet: Any,
         controlnet: ControlNetModel | Sequence[ControlNetModel] | MultiControlNetModel,
-        scheduler: Any,
+        scheduler: Scheduler,
         safety_checker: Any,
         feature_extractor: Any,
         image_encoder: Any = None,
@@ -126,60 +146,52 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         inside its [start, end] fraction of the schedule. guess_mode: the ControlNets see the conditional batch only
         (for prompt-free control; guidance_scale 3-5 recommended). Other arguments as text-to-image.
         """
+        return self.generate(ControlNetArgs.from_locals(locals()))
+
+    def check_inputs(self, args: ControlNetArgs) -> None:
+        super().check_inputs(args)
         # Given sizes must be multiples of 8 (not rounded silently); a missing one is the control image's.
-        self.check_size(8 if height is None else height, 8 if width is None else width)
-        batch_size, callback_names = self.check_common_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            guidance_rescale=0.0,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type=output_type,
-            cross_attention_kwargs=cross_attention_kwargs,
-            clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+        self.check_size(8 if args.height is None else args.height, 8 if args.width is None else args.width)
         nets = self.controlnets
         self.check_models(nets)
-        scales = per_net("controlnet_conditioning_scale", controlnet_conditioning_scale, len(nets))
-        window = self.check_guidance_window(control_guidance_start, control_guidance_end, len(nets))
-        if not isinstance(guess_mode, bool):
-            raise TypeError(f"guess_mode must be a bool, got {guess_mode!r}")
-        guess_mode = guess_mode or nets[0].config.global_pool_conditions
-        images = [
-            self.control_image_processor.preprocess(x, height=height, width=width).to(torch.float32)
-            for x in self.split_control_images(required("image", image), len(nets))
-        ]
-        self.check_control_images(images, batch_size // num_images_per_prompt)
-        height, width = images[0].shape[-2:]
-        channels = self.unet.config.in_channels
-        self.check_latents(latents, self.latent_shape(batch_size, channels, height, width))
-        self._start_call(guidance_scale, 0.0, clip_skip)
-        device = self._execution_device
-
-        tensors = self.encode_conditioning(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+        args.controlnet_conditioning_scale = per_net(
+            "controlnet_conditioning_scale", args.controlnet_conditioning_scale, len(nets)
         )
-        dtype = tensors["prompt_embeds"].dtype
+        args.control_guidance_start, args.control_guidance_end = self.check_guidance_window(
+            args.control_guidance_start, args.control_guidance_end, len(nets)
+        )
+        args.guess_mode = args.guess_mode or nets[0].config.global_pool_conditions
+        args.image = [
+            self.control_image_processor.preprocess(x, height=args.height, width=args.width).to(torch.float32)
+            for x in self.split_control_images(required("image", args.image), len(nets))
+        ]
+        for x in args.image:
+            check_finite("image", x)
+        self.check_control_images(args.image, args.prompts)
+        args.height, args.width = args.image[0].shape[-2:]
+        channels = self.unet.config.in_channels
+        self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
+
+    def prepare_denoising(
+        self, args: ControlNetArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, StepHooks]:
+        """The initial noise and the hook running the ControlNets on each step's model input."""
+        guess_mode = args.guess_mode
         control = [
-            self.expand_control_image(x, batch_size, num_images_per_prompt, device, self.controlnet.dtype, guess_mode)
-            for x in images
+            self.expand_control_image(
+                x, args.batch_size, args.num_images_per_prompt, device, self.controlnet.dtype, guess_mode
+            )
+            for x in args.image
         ]
         tensors["image"] = control if self.is_multi else control[0]
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        channels = self.unet.config.in_channels
+        dtype = tensors["prompt_embeds"].dtype
+        latents = self.prepare_latents(
+            args.batch_size, channels, args.height, args.width, dtype, device, args.generator, args.latents
         )
-        latents = self.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
-        keep = control_keep(len(timesteps), *window)
+        keep = control_keep(len(timesteps), args.control_guidance_start, args.control_guidance_end)
         # (steps, nets) scales on the device: step i reads row i without a host sync
+        scales = args.controlnet_conditioning_scale
         step_scales = torch.tensor([[s * k for s, k in zip(scales, row)] for row in keep], device=device)
 
         def control_residuals(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -203,18 +215,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
                 mid = torch.cat([torch.zeros_like(mid), mid])
             return x, {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-        latents = denoise(
-            self,
-            latents,
-            timesteps,
-            num_inference_steps,
-            self.unet_noise_predictor(tensors, control_residuals),
-            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-            tensors=tensors,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_names,
-        )
-        return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+        return latents, StepHooks(model_inputs=control_residuals)
 
     # --- checks -------------------------------------------------------------------------------------------------
     def check_models(self, nets: list[ControlNetModel]) -> None:

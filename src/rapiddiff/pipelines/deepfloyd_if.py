@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,28 +23,13 @@ from transformers import CLIPConfig, CLIPVisionModelWithProjection, PreTrainedMo
 from ..configuration import Config
 from ..models.modeling_utils import ModelMixin
 from ..utils.torch_utils import randn_tensor
-from .denoise import (
-    PredictNoise,
-    ScaleModelInput,
-    StepCallback,
-    check_timesteps_args,
-    combine_guidance,
-    denoise,
-    extra_step_kwargs,
-    retrieve_timesteps,
-    step_callback,
-)
+from .checks import check_finite, check_generator, check_positive_int
+from .denoise import PredictNoise, Scheduler, StepCallback, combine_guidance
 from .image_processor import VaeImageProcessor
-from .pipeline_utils import (
-    BaseOutput,
-    DiffusionPipeline,
-    check_generator,
-    check_number,
-    check_output_type,
-    check_positive_int,
-)
-from .prompt import PromptInput, check_prompt_inputs, encode_prompt
+from .pipeline_utils import BaseOutput
+from .prompt import PromptInput, encode_prompt
 from .safety_checker import NSFW_WARNING, black_out, check_safety_components, run_safety_checker
+from .template import CallArgs, DenoisingPipeline, ModelInputs, StepHooks
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +128,31 @@ class IFWatermarker(ModelMixin):
 
 
 # --- the pipelines -------------------------------------------------------------------------------------------------
-class IFPipelineBase(DiffusionPipeline):
-    """What both IF stages share: T5 prompt encoding, argument checks, the guided noise predictor and the outputs."""
+@dataclasses.dataclass
+class IFArgs(CallArgs):
+    """The IF stages' call: the common arguments plus `clean_caption`."""
+
+    clean_caption: bool = True
+
+
+@dataclasses.dataclass
+class IFSuperResolutionArgs(IFArgs):
+    """Stage II's call: the stage-I image (a (B, C, h, w) tensor after the checks) and its noise level."""
+
+    image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None = None
+    noise_level: int = 250
+
+
+class IFPipelineBase(DenoisingPipeline):
+    """The DeepFloyd IF family on the call template: T5 prompt encoding, pixel-space noise, guidance of the noise
+    channels only (the learned variance is the conditional branch's), IF's safety checker and watermark."""
 
     _optional_components = ("tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker")
     model_cpu_offload_seq = "text_encoder->unet"  # Diffusers' offload order and exclusions
     _exclude_from_cpu_offload = ("watermarker",)
+    output_types = IF_OUTPUT_TYPES
+    hook_before_scaling = True
+    _keep_variance: bool = False  # call state: the scheduler uses the UNet's learned variance channels
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         check_safety_components(
@@ -192,11 +195,26 @@ class IFPipelineBase(DiffusionPipeline):
             attention_mask=True,
         )
 
+    def encode_conditioning(self, args: CallArgs, device: torch.device) -> dict[str, torch.Tensor | None]:
+        guided = self.do_classifier_free_guidance
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            args.prompt,
+            guided,
+            args.num_images_per_prompt,
+            device,
+            args.negative_prompt,
+            args.prompt_embeds,
+            args.negative_prompt_embeds,
+        )
+        if guided:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+
     # --- argument checks --------------------------------------------------------------------------------------------
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         size = self.unet.config.sample_size
         default_h, default_w = (size, size) if isinstance(size, int) else size
-        return height or default_h, width or default_w
+        return (default_h if height is None else height, default_w if width is None else width)
 
     def check_size(self, height: Any, width: Any) -> None:
         """IF's UNets halve and double the maps with no size correction: sides must divide by the total factor."""
@@ -206,41 +224,15 @@ class IFPipelineBase(DiffusionPipeline):
             if value % factor:
                 raise ValueError(f"{name} must be a multiple of {factor} for this UNet, got {value}")
 
-    def check_common_inputs(
-        self,
-        *,
-        prompt: PromptInput,
-        negative_prompt: PromptInput,
-        prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        num_inference_steps: int,
-        timesteps: Sequence[int] | None,
-        guidance_scale: float,
-        num_images_per_prompt: int,
-        eta: float,
-        generator: torch.Generator | list[torch.Generator] | None,
-        output_type: str,
-        callback: StepCallback | None,
-        callback_steps: int,
-        clean_caption: bool,
-        cross_attention_kwargs: dict[str, Any] | None,
-    ) -> int:
-        """The checks both stages share, before any heavy work; returns the number of prompts."""
-        prompts = check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        check_timesteps_args(self.scheduler, num_inference_steps, timesteps, None)
-        check_number("guidance_scale", guidance_scale)
-        check_number("eta", eta, 0.0)
-        check_generator(generator, prompts * num_images_per_prompt)
-        check_output_type(output_type, IF_OUTPUT_TYPES)
-        step_callback(callback, callback_steps)
-        check_clean_caption(clean_caption, prompt, negative_prompt if guidance_scale > 1 else None)
-        if cross_attention_kwargs is not None:
+    def check_inputs(self, args: IFArgs) -> None:
+        super().check_inputs(args)
+        self.resolve_size(args)
+        check_clean_caption(args.clean_caption, args.prompt, args.negative_prompt if args.guidance_scale > 1 else None)
+        if args.cross_attention_kwargs is not None:
             raise ValueError(
-                f"cross_attention_kwargs={cross_attention_kwargs!r} is not supported by rapiddiff (no LoRA scale or "
-                "custom attention arguments); pass None"
+                f"cross_attention_kwargs={args.cross_attention_kwargs!r} is not supported by rapiddiff's IF pipelines "
+                "(no LoRA scale or custom attention arguments); pass None"
             )
-        return prompts
 
     # --- denoising --------------------------------------------------------------------------------------------------
     def prepare_intermediate_images(
@@ -258,83 +250,38 @@ class IFPipelineBase(DiffusionPipeline):
         noise = randn_tensor((batch_size, num_channels, height, width), generator=generator, device=device, dtype=dtype)
         return noise * self.scheduler.init_noise_sigma
 
-    def noise_predictor(
-        self,
-        prompt_embeds: torch.Tensor,
-        guidance_scale: float,
-        upscaled: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-    ) -> PredictNoise:
-        """predict_noise(images, t, i, scale_model_input) for `denoise`: one UNet pass over [unconditional;
-        conditional] when guiding.
+    def guide(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
+        """Guide the noise channels; the variance channels are the conditional branch's."""
+        uncond, cond = model_output.chunk(2)
+        guided = combine_guidance(uncond[:, :channels], cond[:, :channels], self._guidance_scale)
+        return self.unguided(torch.cat([guided, cond[:, channels:]], dim=1), channels)
 
-        Stage II feeds the noised, upscaled stage-I image beside the sample (`upscaled`, with its noise level as
-        `class_labels`). The UNet's learned variance channels are kept for the scheduler when it uses them.
-        """
-        guided = guidance_scale > 1
-        learned = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
+    def noise_predictor(self, tensors: dict[str, Any], model_inputs: ModelInputs | None = None) -> PredictNoise:
+        # read once per call, outside the step (a compiled whole step sees a plain bool)
+        self._keep_variance = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
+        return super().noise_predictor(tensors, model_inputs)
 
-        def predict_noise(
-            images: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
-        ) -> torch.Tensor:
-            c = images.shape[1]
-            x = images if upscaled is None else torch.cat([images, upscaled], dim=1)
-            x = scale_model_input(torch.cat([x] * 2) if guided else x)
-            out = self.unet(x, t, encoder_hidden_states=prompt_embeds, class_labels=class_labels, return_dict=False)[0]
-            if guided:  # guide the noise; the variance is the conditional branch's
-                uncond, cond = out.chunk(2)
-                out = torch.cat([combine_guidance(uncond[:, :c], cond[:, :c], guidance_scale), cond[:, c:]], dim=1)
-            return out if learned else out[:, :c]
-
-        return predict_noise
-
-    def run_denoising(
-        self,
-        images: torch.Tensor,
-        timesteps: torch.Tensor,
-        num_inference_steps: int,
-        predict_noise: PredictNoise,
-        generator: torch.Generator | list[torch.Generator] | None,
-        eta: float,
-        callback: StepCallback | None,
-        callback_steps: int,
-    ) -> torch.Tensor:
-        return denoise(
-            self,
-            images,
-            timesteps,
-            num_inference_steps,
-            predict_noise,
-            extra_step_kwargs=extra_step_kwargs(self.scheduler, generator, eta),
-            callback_on_step_end=step_callback(callback, callback_steps),
-            callback_on_step_end_tensor_inputs=("latents",),
-        )
-
-    def prepare_timesteps(
-        self, num_inference_steps: int, timesteps: Sequence[int] | None, device: torch.device
-    ) -> tuple[torch.Tensor, int]:
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
-        self.scheduler.set_begin_index(0)
-        return timesteps, num_inference_steps
+    def unguided(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
+        """The learned variance channels are kept for a scheduler that uses them, dropped otherwise."""
+        return model_output if self._keep_variance else model_output[:, :channels]
 
     # --- outputs ----------------------------------------------------------------------------------------------------
     def to_output(
-        self, images: torch.Tensor, output_type: str, return_dict: bool, dtype: torch.dtype
+        self, images: torch.Tensor, args: CallArgs, dtype: torch.dtype
     ) -> IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]:
         """ "pt": the sample as is. "np"/"pil": [0, 1], safety-checked (flagged images black); "pil" watermarked."""
         nsfw = watermark = None
-        if output_type != "pt":
+        if args.output_type != "pt":
             images = VaeImageProcessor.pt_to_numpy(VaeImageProcessor.denormalize(images))
             if self.safety_checker is not None:
                 images, nsfw, watermark = run_safety_checker(
                     self.safety_checker, self.feature_extractor, images, self._execution_device, dtype
                 )
-            if output_type == "pil":
+            if args.output_type == "pil":
                 images = VaeImageProcessor.numpy_to_pil(images)
                 if self.watermarker is not None:
                     images = self.watermarker.apply_watermark(images, self.unet.config.sample_size)
-        self.maybe_free_model_hooks()  # model CPU offload: every model back to the CPU
-        return IFPipelineOutput(images, nsfw, watermark) if return_dict else (images, nsfw, watermark)
+        return IFPipelineOutput(images, nsfw, watermark) if args.return_dict else (images, nsfw, watermark)
 
 
 class IFPipeline(IFPipelineBase):
@@ -345,7 +292,7 @@ class IFPipeline(IFPipelineBase):
         tokenizer: Any,
         text_encoder: Any,
         unet: Any,
-        scheduler: Any,
+        scheduler: Scheduler,
         safety_checker: IFSafetyChecker | None,
         feature_extractor: Any,
         watermarker: IFWatermarker | None,
@@ -391,48 +338,17 @@ class IFPipeline(IFPipelineBase):
         (Diffusers' default) needs caption cleaning that rapiddiff does not implement: pass clean_caption=False with
         text prompts. Returns IFPipelineOutput(images, nsfw_detected, watermark_detected), or that tuple.
         """
-        height, width = self.default_size(height, width)
-        self.check_size(height, width)
-        prompts = self.check_common_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type=output_type,
-            callback=callback,
-            callback_steps=callback_steps,
-            clean_caption=clean_caption,
-            cross_attention_kwargs=cross_attention_kwargs,
-        )
-        device = self._execution_device
-        guided = guidance_scale > 1
+        return self.generate(IFArgs.from_locals(locals()))
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, guided, num_images_per_prompt, device, negative_prompt, prompt_embeds, negative_prompt_embeds
-        )
-        if guided:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        timesteps, num_inference_steps = self.prepare_timesteps(num_inference_steps, timesteps, device)
+    def prepare_denoising(
+        self, args: IFArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, StepHooks]:
+        channels = self.unet.config.in_channels
+        dtype = tensors["prompt_embeds"].dtype
         images = self.prepare_intermediate_images(
-            prompts * num_images_per_prompt,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
+            args.batch_size, channels, args.height, args.width, dtype, device, args.generator
         )
-        predict_noise = self.noise_predictor(prompt_embeds, guidance_scale)
-        images = self.run_denoising(
-            images, timesteps, num_inference_steps, predict_noise, generator, eta, callback, callback_steps
-        )
-        return self.to_output(images, output_type, return_dict, prompt_embeds.dtype)
+        return images, StepHooks()
 
 
 class IFSuperResolutionPipeline(IFPipelineBase):
@@ -444,8 +360,8 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         tokenizer: Any,
         text_encoder: Any,
         unet: Any,
-        scheduler: Any,
-        image_noising_scheduler: Any,
+        scheduler: Scheduler,
+        image_noising_scheduler: Scheduler,
         safety_checker: IFSafetyChecker | None,
         feature_extractor: Any,
         watermarker: IFWatermarker | None,
@@ -525,56 +441,35 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         of `image_noising_scheduler` the upscaled image is noised to, in [0, num_train_timesteps). Other arguments,
         outputs and clean_caption as `IFPipeline`.
         """
-        height, width = self.default_size(height, width)
-        self.check_size(height, width)
-        prompts = self.check_common_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type=output_type,
-            callback=callback,
-            callback_steps=callback_steps,
-            clean_caption=clean_caption,
-            cross_attention_kwargs=cross_attention_kwargs,
-        )
-        self.check_noise_level(noise_level)
-        image = if_image_to_tensor(image)
-        self.check_image(image, prompts, height, width)
-        device = self._execution_device
-        guided = guidance_scale > 1
+        return self.generate(IFSuperResolutionArgs.from_locals(locals()))
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, guided, num_images_per_prompt, device, negative_prompt, prompt_embeds, negative_prompt_embeds
-        )
-        if guided:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        timesteps, num_inference_steps = self.prepare_timesteps(num_inference_steps, timesteps, device)
+    def check_inputs(self, args: IFSuperResolutionArgs) -> None:
+        super().check_inputs(args)
+        self.check_noise_level(args.noise_level)
+        args.image = if_image_to_tensor(args.image)
+        check_finite("image", args.image)
+        self.check_image(args.image, args.prompts, args.height, args.width)
+
+    def prepare_denoising(
+        self, args: IFSuperResolutionArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, StepHooks]:
+        """The initial noise, then the upscaled stage-I image noised to `noise_level` (Diffusers' order), and the hook
+        appending it to every model input (before scaling, as Diffusers) with its noise level as class label."""
+        channels = self.unet.config.in_channels // 2
+        dtype = tensors["prompt_embeds"].dtype
         images = self.prepare_intermediate_images(
-            prompts * num_images_per_prompt,
-            self.unet.config.in_channels // 2,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
+            args.batch_size, channels, args.height, args.width, dtype, device, args.generator
         )
         upscaled, class_labels = self.noised_upscale(
-            image, num_images_per_prompt, height, width, noise_level, generator
+            args.image, args.num_images_per_prompt, args.height, args.width, args.noise_level, args.generator
         )
-        if guided:
-            class_labels = torch.cat([class_labels] * 2)
-        predict_noise = self.noise_predictor(prompt_embeds, guidance_scale, upscaled, class_labels)
-        images = self.run_denoising(
-            images, timesteps, num_inference_steps, predict_noise, generator, eta, callback, callback_steps
-        )
-        return self.to_output(images, output_type, return_dict, prompt_embeds.dtype)
+        if self.do_classifier_free_guidance:
+            upscaled, class_labels = torch.cat([upscaled] * 2), torch.cat([class_labels] * 2)
+
+        def with_upscaled(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+            return torch.cat([x, upscaled], dim=1), {"class_labels": class_labels}
+
+        return images, StepHooks(model_inputs=with_upscaled)
 
     def noised_upscale(
         self,

@@ -9,15 +9,14 @@ whatever the scheduler's dtype), so a compiled model sees the same graph at ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .pipeline_utils import DiffusionPipeline
 
 # scale_model_input(x): the scheduler's scaling of this step's model input, given by the step runner (eager: the
 # scheduler's `scale_model_input(x, t)`; a compiled whole step: the step plan's, whose scale is a graph input).
@@ -28,13 +27,40 @@ StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], di
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+class Scheduler(Protocol):
+    """What the pipelines and the loop use of a scheduler (rapiddiff's six, or any Diffusers-style scheduler)."""
+
+    order: int
+    timesteps: torch.Tensor
+    init_noise_sigma: float | torch.Tensor
+    config: Any
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor: ...
+
+    def step(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any: ...
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+
+class ProgressBar(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+
+
+# progress(total=n) -> a context manager yielding a bar with `update()` (the pipeline's tqdm bar).
+ProgressReporter = Callable[..., AbstractContextManager[ProgressBar]]
+
+
 # --- timesteps -------------------------------------------------------------------------------------------------------
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
 def check_timesteps_args(
-    scheduler: Any, num_inference_steps: Any, timesteps: Sequence[int] | None, sigmas: Sequence[float] | None
+    scheduler: Scheduler, num_inference_steps: Any, timesteps: Sequence[int] | None, sigmas: Sequence[float] | None
 ) -> None:
     """Validate a call's schedule arguments up front (what `retrieve_timesteps` will do)."""
     if timesteps is not None and sigmas is not None:
@@ -52,7 +78,7 @@ def check_timesteps_args(
 
 
 def retrieve_timesteps(
-    scheduler: Any,
+    scheduler: Scheduler,
     num_inference_steps: int | None,
     device: torch.device | str | None,
     timesteps: Sequence[int] | None = None,
@@ -70,7 +96,7 @@ def retrieve_timesteps(
     return scheduler.timesteps, len(scheduler.timesteps)
 
 
-def truncate_timesteps(scheduler: Any, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
+def truncate_timesteps(scheduler: Scheduler, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
     """img2img/inpainting: keep the last `strength` share of the schedule; (timesteps, steps actually run)."""
     init = min(int(num_inference_steps * strength), num_inference_steps)
     start = max(num_inference_steps - init, 0)
@@ -80,7 +106,7 @@ def truncate_timesteps(scheduler: Any, num_inference_steps: int, strength: float
     return timesteps, num_inference_steps - start
 
 
-def extra_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:
+def extra_step_kwargs(scheduler: Scheduler, generator: Any, eta: float) -> dict[str, Any]:
     """`eta` and `generator` for the schedulers whose `step` takes them (DDIM, ancestral samplers)."""
     kwargs: dict[str, Any] = {}
     if _accepts(scheduler.step, "eta"):
@@ -133,7 +159,7 @@ def step_callback(callback: StepCallback | None, callback_steps: Any, order: int
 class StepParts:
     """What every step of one loop runs: the pipeline's model call, its scheduler and their fixed arguments."""
 
-    scheduler: Any
+    scheduler: Scheduler
     predict_noise: PredictNoise
     step_kwargs: dict[str, Any]
     after_step: AfterStep | None = None
@@ -149,8 +175,8 @@ class StepParts:
         return self.after_step(latents, i, t) if self.after_step is not None else latents
 
 
-# runner(parts, latents, t, i) -> latents: how `denoise` runs a step. `run_step` unless the pipeline sets its
-# `_step_runner` (rapiddiff.compile: a whole step compiled as one graph, or a step checked for host syncs).
+# runner(parts, latents, t, i) -> latents: how `denoise` runs a step. `run_step` unless the pipeline's public
+# `step_runner` says otherwise (rapiddiff.compile: a whole step compiled as one graph, or a step checked for host syncs).
 StepRunner = Callable[[StepParts, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -163,36 +189,38 @@ def run_step(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -
 
 # --- the loop ----------------------------------------------------------------------------------------------------------
 def denoise(
-    pipe: DiffusionPipeline,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
     num_inference_steps: int,
     predict_noise: PredictNoise,
     *,
+    scheduler: Scheduler,
+    step_runner: StepRunner | None = None,
+    progress: ProgressReporter | None = None,
     extra_step_kwargs: dict[str, Any] | None = None,
     after_step: AfterStep | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    pipe: Any = None,
     callback_on_step_end: StepEndCallback | None = None,
     callback_on_step_end_tensor_inputs: Sequence[str] = (),
 ) -> torch.Tensor:
-    """Run `pipe.scheduler` over `timesteps` from `latents`; returns the final latents.
+    """Run `scheduler` over `timesteps` from `latents`; returns the final latents.
 
+    step_runner: how one step runs (None: `run_step`). progress: the progress bar factory (None: no bar).
     tensors: the conditioning tensors a step-end callback may read and replace (prompt_embeds...); `predict_noise`
         reads them from this same dict, so a replacement takes effect at the next step.
     after_step(latents, i, t): applied after each scheduler step (4-channel inpainting pastes the known region back).
+    pipe: what step-end callbacks receive; a callback stops the loop early by setting `pipe._interrupt`.
     """
-    scheduler = pipe.scheduler
     if getattr(scheduler, "begin_index", 0) is None:  # the loop starts the schedule: no lookup of `t` (a value read)
         scheduler.set_begin_index(0)
     parts = StepParts(scheduler, predict_noise, extra_step_kwargs or {}, after_step)
-    run = pipe._step_runner or run_step
+    run = step_runner or run_step
     tensors = tensors if tensors is not None else {}
-    pipe._num_timesteps = len(timesteps)
-    pipe._interrupt = False
     warmup = len(timesteps) - num_inference_steps * scheduler.order
-    with pipe.progress_bar(total=num_inference_steps) as bar:
+    with (progress or _no_progress)(total=num_inference_steps) as bar:
         for i, t in enumerate(timesteps):
-            if pipe.interrupt:  # set by a callback to stop early, as in Diffusers
+            if pipe is not None and pipe.interrupt:  # set by a callback to stop early, as in Diffusers
                 continue
             latents = run(parts, latents, t, i)
             if callback_on_step_end is not None:
@@ -204,8 +232,17 @@ def denoise(
     return latents
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _no_progress(total: int | None = None) -> AbstractContextManager[ProgressBar]:
+    return contextlib.nullcontext(_NoBar())
+
+
 def _run_callback(
-    pipe: DiffusionPipeline,
+    pipe: Any,
     callback: StepEndCallback,
     names: Sequence[str],
     i: int,

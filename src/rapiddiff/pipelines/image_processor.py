@@ -228,7 +228,12 @@ class VaeImageProcessor:
     ) -> torch.Tensor:
         """Any supported image input -> (B, C, H, W) tensor, normalised to [-1, 1] if configured.
 
-        Tensors whose channel count equals vae_latent_channels are taken to be latents and returned untouched.
+        Tensors whose channel count equals vae_latent_channels are taken to be latents and returned untouched; other
+        tensors must have 3 (RGB) or 1 (gray) channels. PIL images and numpy arrays are always images, never latents
+        (Diffusers reads a 4-channel RGBA image as latents): unless the processor converts them itself
+        (do_convert_rgb / do_convert_grayscale), images with an alpha channel (RGBA, LA, transparent palettes) lose
+        it with a warning (as PIL's `convert("RGB")`: colour values kept, not composited on a background), and other
+        multi-band PIL modes (palette, CMYK, YCbCr...) are converted to RGB.
         Tensors with negative values are taken to be in [-1, 1] already (not normalised again; Diffusers warns).
         """
         images = self._as_list(image)
@@ -242,13 +247,14 @@ class VaeImageProcessor:
                     f"got {type(first).__name__}"
                 )
             if isinstance(first, np.ndarray):
-                batch = self.numpy_to_pt(np.concatenate(images) if first.ndim == 4 else np.stack(images))
+                batch = self._as_rgb(self.numpy_to_pt(np.concatenate(images) if first.ndim == 4 else np.stack(images)))
             else:
                 batch = torch.cat(images) if first.ndim == 4 else torch.stack(images)
                 if batch.ndim == 3:  # a stack of (H, W) masks
                     batch = batch.unsqueeze(1)
                 if batch.shape[1] == self.config.vae_latent_channels:
                     return batch
+                self._check_tensor_channels(batch)
             if self.config.do_resize:
                 batch = self.resize(batch, *self.get_default_height_width(batch, height, width))
 
@@ -284,10 +290,37 @@ class VaeImageProcessor:
             images = [self.convert_to_rgb(i) for i in images]
         elif self.config.do_convert_grayscale:
             images = [self.convert_to_grayscale(i) for i in images]
+        elif any(_needs_rgb(i) for i in images):
+            alpha = sorted({i.mode for i in images if i.has_transparency_data})
+            if alpha:
+                _warn_alpha_dropped(f"PIL image(s) of mode {', '.join(alpha)}")
+            images = [self.convert_to_rgb(i) if _needs_rgb(i) else i for i in images]
         sizes = {i.size for i in images}
         if len(sizes) > 1:
             raise ValueError(f"image: the PIL images have different sizes {sorted(sizes)} and do_resize is False")
         return self.numpy_to_pt(self.pil_to_numpy(images))
+
+    def _as_rgb(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) from a numpy image: RGB and gray as they are, RGBA and gray + alpha without their alpha (with
+        a warning). A grayscale processor (masks) takes it as it is."""
+        channels = batch.shape[1]
+        if self.config.do_convert_grayscale or channels in (1, 3):
+            return batch
+        if channels not in (2, 4):
+            raise ValueError(
+                f"image: a numpy image has {channels} channels; allowed: 3 (RGB), 4 (RGBA), 1 (gray) or 2 (gray + alpha)"
+            )
+        _warn_alpha_dropped(f"a numpy image with {channels} channels")
+        return batch[:, : channels - 1]
+
+    def _check_tensor_channels(self, batch: torch.Tensor) -> None:
+        if self.config.do_convert_grayscale or batch.shape[1] in (1, 3):
+            return
+        raise ValueError(
+            f"image: a tensor with {batch.shape[1]} channels is neither an RGB (3) or gray (1) image nor latents "
+            f"({self.config.vae_latent_channels} channels, the VAE's); pass RGBA or grayscale images as PIL images or "
+            "numpy arrays, which are converted to RGB"
+        )
 
     def _as_list(self, image: PipelineImageInput) -> list:
         """Validate the input and return a list of same-typed images (4-D batches stay whole)."""
@@ -391,6 +424,20 @@ class VaeImageProcessor:
         image = image.convert("RGBA")
         image.alpha_composite(kept)
         return image.convert("RGB")
+
+
+def _needs_rgb(image: PIL.Image.Image) -> bool:
+    """Whether a PIL image must be converted to RGB to be read as one: anything but RGB and single-band gray."""
+    return image.mode != "RGB" and not (len(image.getbands()) == 1 and image.mode != "P")
+
+
+def _warn_alpha_dropped(what: str) -> None:
+    warnings.warn(
+        f"image: {what} converted to RGB by dropping the alpha channel (colour values kept as they are, not "
+        "composited on a background); pass RGB images to choose another conversion",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _grow_span(lo: int, hi: int, length: float, limit: int) -> tuple[int, int]:

@@ -98,16 +98,18 @@ def encode_text(
     max_length: int | None = None,
     clip_skip: int | None = None,
     attention_mask: bool | None = None,
+    argument: str = "prompt",
 ) -> torch.Tensor:
     """Token embeddings (batch, max_length, hidden) of `texts`, padded to max_length (tokenizer.model_max_length).
 
     attention_mask: whether the encoder sees the padding mask; None reads the config's `use_attention_mask` (CLIP).
     DeepFloyd IF's T5 always gets it.
+    argument: the call argument `texts` came from, named by the truncation warning.
     """
     max_length = max_length or tokenizer.model_max_length
     tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids = tokens.input_ids
-    _warn_if_truncated(tokenizer, texts, ids)
+    _warn_if_truncated(tokenizer, texts, ids, argument)
     if attention_mask is None:
         attention_mask = getattr(text_encoder.config, "use_attention_mask", False)
     mask = tokens.attention_mask.to(device) if attention_mask else None
@@ -120,11 +122,25 @@ def encode_text(
     return final_layer_norm(hidden[-(clip_skip + 1)])
 
 
-def _warn_if_truncated(tokenizer: Any, texts: list[str], ids: torch.Tensor) -> None:
-    full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > ids.shape[-1]:
-        removed = tokenizer.batch_decode(full[:, ids.shape[-1] - 1 : -1])
-        logger.warning("part of the prompt was truncated to the text encoder's %d tokens: %s", ids.shape[-1], removed)
+TRUNCATED_SHOWN = 80  # characters of the cut text a truncation warning shows
+
+
+def _warn_if_truncated(tokenizer: Any, texts: list[str], ids: torch.Tensor, argument: str) -> None:
+    """One warning per text cut to the encoder's length: the argument, its token counts, the start of what was cut."""
+    full = tokenizer(texts, padding="longest", return_tensors="pt")
+    limit = ids.shape[-1]
+    if full.input_ids.shape[-1] <= limit:
+        return
+    for i, n in enumerate(full.attention_mask.sum(-1).tolist()):
+        if n <= limit:
+            continue
+        cut = tokenizer.decode(full.input_ids[i, limit - 1 : n - 1])  # what the end token replaced, up to the end
+        shown = cut if len(cut) <= TRUNCATED_SHOWN else cut[:TRUNCATED_SHOWN] + "..."
+        where = f"{argument}[{i}]" if len(texts) > 1 else argument
+        logger.warning(
+            "%s has %d tokens; the text encoder takes %d, so the last %d were cut: %r",
+            where, n, limit, n - limit, shown,
+        )  # fmt: skip
 
 
 def _per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
@@ -177,7 +193,13 @@ def encode_prompt(
     if negative_prompt_embeds is None:
         negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
         negative_prompt_embeds = encode_text(
-            tokenizer, text_encoder, negatives, device, max_length=prompt_embeds.shape[1], attention_mask=attention_mask
+            tokenizer,
+            text_encoder,
+            negatives,
+            device,
+            max_length=prompt_embeds.shape[1],
+            attention_mask=attention_mask,
+            argument="negative_prompt",
         )
     negative_prompt_embeds = _per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
     return prompt_embeds, negative_prompt_embeds

@@ -1,15 +1,15 @@
 """Stable Diffusion pipelines (Diffusers' call signatures, same seed -> same image).
 
-`StableDiffusionBase` holds what every CLIP-conditioned latent pipeline shares - the components, prompt encoding,
-argument checks, initial noise, the UNet noise predictor with classifier-free guidance, VAE decoding with the safety
-checker - so text-to-image, img2img, inpainting and ControlNet each only write their own `__call__`.
+`StableDiffusionBase` is the model family on the call template (`template.py`): CLIP prompt encoding, latent noise,
+classifier-free guidance, VAE decoding with the safety checker. Each pipeline writes its signature, its checks and
+its hooks (`prepare_timesteps`, `prepare_denoising`); the rest is `DenoisingPipeline.generate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,36 +20,22 @@ from ..loaders import lora_layers
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..utils.torch_utils import randn_tensor
+from .checks import check_finite, check_generator, check_number, check_positive_int
 from .denoise import (
-    PredictNoise,
-    ScaleModelInput,
+    Scheduler,
     StepEndCallback,
-    apply_guidance,
-    check_timesteps_args,
-    denoise,
     extra_step_kwargs,
     retrieve_timesteps,
     truncate_timesteps,
 )
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .memory import StableDiffusionMixin
-from .pipeline_utils import (
-    BaseOutput,
-    DiffusionPipeline,
-    callback_tensor_names,
-    check_generator,
-    check_number,
-    check_output_type,
-    check_positive_int,
-)
-from .prompt import check_clip_skip, check_prompt_inputs, encode_prompt
+from .pipeline_utils import BaseOutput
+from .prompt import check_clip_skip, encode_prompt
 from .safety_checker import check_safety_components, run_safety_checker
+from .template import CallArgs, DenoisingPipeline, ModelInputs, StepHooks  # noqa: F401 - ModelInputs re-exported
 
 logger = logging.getLogger(__name__)
-
-# (x, t, i) -> (x, extra UNet kwargs): runs on the scaled model input before the UNet (inpainting appends the mask
-# channels, ControlNet computes its residuals).
-ModelInputs = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, Any]]]
 
 
 @dataclasses.dataclass
@@ -59,19 +45,15 @@ class StableDiffusionPipelineOutput(BaseOutput):
 
 
 class StableDiffusionBase(
-    StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, StableDiffusionMixin, DiffusionPipeline
+    StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, StableDiffusionMixin, DenoisingPipeline
 ):
-    """Shared pieces of the SD pipelines; subclasses define `__init__` (their components) and `__call__`."""
+    """The Stable Diffusion family on the call template; subclasses define `__init__` (their components), their
+    `__call__` signature, checks and hooks."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"  # Diffusers' offload order and exclusions
     _exclude_from_cpu_offload = ("safety_checker",)
-
-    _guidance_scale: float = 7.5
-    _guidance_rescale: float = 0.0
-    _clip_skip: int | None = None
-    _cross_attention_kwargs: dict[str, Any] | None = None
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         """What every SD `__init__` does after naming its components."""
@@ -88,34 +70,15 @@ class StableDiffusionBase(
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # --- call state, read by step-end callbacks (Diffusers' properties) ---------------------------------------------
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self) -> float:
-        return self._guidance_rescale
-
-    @property
-    def clip_skip(self) -> int | None:
-        return self._clip_skip
-
-    @property
-    def cross_attention_kwargs(self) -> dict[str, Any] | None:
-        return self._cross_attention_kwargs
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        """guidance_scale <= 1 runs the UNet on the conditional batch only (a callback may lower it mid-run)."""
-        return self._guidance_scale > 1
-
     # --- argument checks --------------------------------------------------------------------------------------------
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The UNet's trained size in pixels for whichever of height/width is not given."""
         size = self.unet.config.sample_size
         default_h, default_w = (size, size) if isinstance(size, int) else size
-        return height or default_h * self.vae_scale_factor, width or default_w * self.vae_scale_factor
+        return (
+            default_h * self.vae_scale_factor if height is None else height,
+            default_w * self.vae_scale_factor if width is None else width,
+        )
 
     def check_size(self, height: Any, width: Any) -> None:
         for name, value in (("height", height), ("width", width)):
@@ -123,48 +86,18 @@ class StableDiffusionBase(
             if value % 8:
                 raise ValueError(f"{name} must be divisible by 8, got {value}")
 
-    def check_common_inputs(
-        self,
-        *,
-        prompt: str | list[str] | None,
-        negative_prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        num_inference_steps: int,
-        timesteps: Sequence[int] | None,
-        sigmas: Sequence[float] | None,
-        guidance_scale: float,
-        guidance_rescale: float,
-        num_images_per_prompt: int,
-        eta: float,
-        generator: torch.Generator | list[torch.Generator] | None,
-        output_type: str,
-        cross_attention_kwargs: dict[str, Any] | None,
-        clip_skip: int | None,
-        callback_on_step_end: StepEndCallback | None,
-        callback_on_step_end_tensor_inputs: Sequence[str],
-    ) -> tuple[int, list[str]]:
-        """The checks every SD `__call__` shares, before any heavy work; (images in the batch, callback tensor names)."""
-        prompts = check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        check_timesteps_args(self.scheduler, num_inference_steps, timesteps, sigmas)
-        check_number("guidance_scale", guidance_scale)
-        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
-        check_number("eta", eta, 0.0)
-        check_generator(generator, prompts * num_images_per_prompt)
-        check_output_type(output_type)
-        check_clip_skip(clip_skip, self.text_encoder)
-        check_cross_attention_kwargs(cross_attention_kwargs)
-        self._cross_attention_kwargs = cross_attention_kwargs
-        names = callback_tensor_names(
-            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
-        )
-        return prompts * num_images_per_prompt, names
+    def check_inputs(self, args: CallArgs) -> None:
+        super().check_inputs(args)
+        check_clip_skip(args.clip_skip, self.text_encoder)
+        check_cross_attention_kwargs(args.cross_attention_kwargs)
 
-    def _start_call(self, guidance_scale: float, guidance_rescale: float, clip_skip: int | None) -> None:
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
+    def prepare_timesteps(self, args: CallArgs, device: torch.device) -> tuple[torch.Tensor, int]:
+        """A call with a `strength` (img2img, inpainting) runs the last `strength` share of the schedule."""
+        if isinstance(args, Img2ImgArgs):
+            return strength_timesteps(
+                self.scheduler, args.num_inference_steps, device, args.timesteps, args.sigmas, args.strength
+            )
+        return super().prepare_timesteps(args, device)
 
     # --- prompt, noise, model ---------------------------------------------------------------------------------------
     def encode_prompt(
@@ -207,31 +140,19 @@ class StableDiffusionBase(
                 dtype=unet.dtype if unet is not None else None,
             )
 
-    def encode_conditioning(
-        self,
-        prompt: str | list[str] | None,
-        device: torch.device,
-        num_images_per_prompt: int,
-        negative_prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor | None]:
-        """The tensors the denoising loop conditions on, by callback name.
-
-        With guidance, "prompt_embeds" is batched [negative; positive] for one UNet pass, as in Diffusers. The call's
-        LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder and is set on the UNet's adapters for
-        this call (a buffer update: no recompile).
-        """
+    def encode_conditioning(self, args: CallArgs, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """The call's LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder and is set on the UNet's
+        adapters for this call (a buffer update: no recompile)."""
         lora_scale = (self.cross_attention_kwargs or {}).get("scale")
         lora_layers.set_call_scale(getattr(self, "unet", None), 1.0 if lora_scale is None else lora_scale)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
+            args.prompt,
             device,
-            num_images_per_prompt,
+            args.num_images_per_prompt,
             self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
+            args.negative_prompt,
+            args.prompt_embeds,
+            args.negative_prompt_embeds,
             lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
@@ -282,30 +203,8 @@ class StableDiffusionBase(
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype)
 
-    def prepare_extra_step_kwargs(self, generator: Any, eta: float) -> dict[str, Any]:
+    def prepare_extra_step_kwargs(self, generator: Any, eta: float) -> dict[str, Any]:  # Diffusers' method
         return extra_step_kwargs(self.scheduler, generator, eta)
-
-    def unet_noise_predictor(
-        self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
-    ) -> PredictNoise:
-        """predict_noise(latents, t, i, scale_model_input) for `denoise`: one UNet pass over [unconditional;
-        conditional], guided.
-
-        Reads the text embeddings from `tensors` at each step, so a step-end callback can replace them.
-        """
-
-        def predict_noise(
-            latents: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
-        ) -> torch.Tensor:
-            guided = self.do_classifier_free_guidance
-            x = scale_model_input(torch.cat([latents] * 2) if guided else latents)
-            extra: dict[str, Any] = {}
-            if model_inputs is not None:
-                x, extra = model_inputs(x, t, i)
-            noise = self.unet(x, t, encoder_hidden_states=tensors["prompt_embeds"], return_dict=False, **extra)[0]
-            return apply_guidance(noise, self._guidance_scale, self._guidance_rescale) if guided else noise
-
-        return predict_noise
 
     # --- latents to images ------------------------------------------------------------------------------------------
     def run_safety_checker(
@@ -313,20 +212,19 @@ class StableDiffusionBase(
     ) -> tuple[torch.Tensor | np.ndarray, list[bool] | None]:
         return run_safety_checker(self.safety_checker, self.feature_extractor, image, device, dtype)
 
-    def decode_latents_to_output(
-        self, latents: torch.Tensor, output_type: str, return_dict: bool, dtype: torch.dtype
+    def to_output(
+        self, latents: torch.Tensor, args: CallArgs, dtype: torch.dtype
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """VAE decode, safety check (flagged images come back black), post-process to `output_type`."""
-        if output_type == "latent":
+        if args.output_type == "latent":
             image, nsfw = latents, None
         else:
             # In the VAE's dtype like Diffusers' SD pipelines; float32 again only if float16 overflowed (force_upcast).
             image = self.vae.decode_finite((latents / self.vae.config.scaling_factor).to(self.vae.dtype))
             image, nsfw = self.run_safety_checker(image, latents.device, dtype)
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
-        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-        self.maybe_free_model_hooks()  # model CPU offload: every model back to the CPU
-        return StableDiffusionPipelineOutput(image, nsfw) if return_dict else (image, nsfw)
+        image = self.image_processor.postprocess(image, output_type=args.output_type, do_denormalize=denormalize)
+        return StableDiffusionPipelineOutput(image, nsfw) if args.return_dict else (image, nsfw)
 
 
 def check_cross_attention_kwargs(cross_attention_kwargs: Any) -> None:
@@ -342,7 +240,7 @@ def check_cross_attention_kwargs(cross_attention_kwargs: Any) -> None:
         check_number('cross_attention_kwargs["scale"]', cross_attention_kwargs["scale"])
 
 
-def _fix_legacy_scheduler(scheduler: Any) -> Any:
+def _fix_legacy_scheduler(scheduler: Scheduler | None) -> Scheduler | None:
     """Diffusers rewrites outdated SD scheduler configs (steps_offset != 1, clip_sample) on load; so do we."""
     if scheduler is None:
         return None
@@ -366,7 +264,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
         text_encoder: Any,
         tokenizer: Any,
         unet: Any,
-        scheduler: Any,
+        scheduler: Scheduler,
         safety_checker: Any,
         feature_extractor: Any,
         image_encoder: Any = None,
@@ -414,52 +312,28 @@ class StableDiffusionPipeline(StableDiffusionBase):
         guidance_scale <= 1 turns classifier-free guidance off (one UNet pass per step). output_type: "pil", "np",
         "pt" or "latent". Returns StableDiffusionPipelineOutput(images, nsfw_content_detected), or that tuple.
         """
-        height, width = self.default_size(height, width)
-        self.check_size(height, width)
-        batch_size, callback_names = self.check_common_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type=output_type,
-            cross_attention_kwargs=cross_attention_kwargs,
-            clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        channels = self.unet.config.in_channels
-        self.check_latents(latents, self.latent_shape(batch_size, channels, height, width))
-        self._start_call(guidance_scale, guidance_rescale, clip_skip)
-        device = self._execution_device
+        return self.generate(CallArgs.from_locals(locals()))
 
-        tensors = self.encode_conditioning(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+    def check_inputs(self, args: CallArgs) -> None:
+        super().check_inputs(args)
+        self.resolve_size(args)
+        channels = self.unet.config.in_channels
+        self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
+
+    def prepare_denoising(
+        self, args: CallArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, StepHooks]:
+        latents = self.prepare_latents(
+            args.batch_size,
+            self.unet.config.in_channels,
+            args.height,
+            args.width,
+            tensors["prompt_embeds"].dtype,
+            device,
+            args.generator,
+            args.latents,
         )
-        dtype = tensors["prompt_embeds"].dtype
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
-        )
-        latents = self.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
-        latents = denoise(
-            self,
-            latents,
-            timesteps,
-            num_inference_steps,
-            self.unet_noise_predictor(tensors),
-            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-            tensors=tensors,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_names,
-        )
-        return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+        return latents, StepHooks()
 
 
 # --- image-conditioned pipelines: img2img and inpainting ------------------------------------------------------------
@@ -501,7 +375,7 @@ def encode_image_latents(
 
 
 def strength_timesteps(
-    scheduler: Any,
+    scheduler: Scheduler,
     num_inference_steps: int,
     device: torch.device,
     timesteps: Sequence[int] | None,
@@ -517,6 +391,33 @@ def strength_timesteps(
             f"allowed: strength >= {1 / steps:g}, or more steps"
         )
     return timesteps, steps_run
+
+
+@dataclasses.dataclass
+class Img2ImgArgs(CallArgs):
+    """img2img's call: the image and the share of the schedule that runs."""
+
+    image: PipelineImageInput | None = None
+    strength: float = 0.8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("strength", self.strength, 0.0, 1.0)
+
+
+@dataclasses.dataclass
+class InpaintArgs(Img2ImgArgs):
+    """Inpainting's call: img2img's plus the mask."""
+
+    mask_image: PipelineImageInput | None = None
+    masked_image_latents: torch.Tensor | None = None
+    padding_mask_crop: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.padding_mask_crop is not None:
+            raise ValueError(f"padding_mask_crop={self.padding_mask_crop!r} is not supported by rapiddiff; pass None")
+        check_finite("masked_image_latents", self.masked_image_latents)
 
 
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
@@ -556,53 +457,23 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         strength in [0, 1]: the share of the `num_inference_steps` schedule that runs. Other arguments as
         text-to-image (no height/width: the image's size, rounded down to a multiple of the VAE factor).
         """
-        batch_size, callback_names = self.check_common_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            guidance_rescale=0.0,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type=output_type,
-            cross_attention_kwargs=cross_attention_kwargs,
-            clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        check_number("strength", strength, 0.0, 1.0)
-        check_unet_in_channels(self.unet, {self.vae.config.latent_channels: "the VAE's latent channels"})
-        image = self.image_processor.preprocess(required("image", image))
-        batch_repeats("image", image.shape[0], batch_size)
-        self._start_call(guidance_scale, 0.0, clip_skip)
-        device = self._execution_device
+        return self.generate(Img2ImgArgs.from_locals(locals()))
 
-        timesteps, num_inference_steps = strength_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas, strength
-        )
-        tensors = self.encode_conditioning(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
-        )
+    def check_inputs(self, args: Img2ImgArgs) -> None:
+        super().check_inputs(args)
+        check_unet_in_channels(self.unet, {self.vae.config.latent_channels: "the VAE's latent channels"})
+        args.image = self.image_processor.preprocess(required("image", args.image))
+        check_finite("image", args.image)
+        batch_repeats("image", args.image.shape[0], args.batch_size)
+
+    def prepare_denoising(
+        self, args: Img2ImgArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, StepHooks]:
+        start = timesteps[:1].repeat(args.batch_size)
         dtype = tensors["prompt_embeds"].dtype
-        start = timesteps[:1].repeat(batch_size)
-        latents = self.prepare_image_latents(image, start, batch_size, dtype, device, generator)
-        latents = denoise(
-            self,
-            latents,
-            timesteps,
-            num_inference_steps,
-            self.unet_noise_predictor(tensors),
-            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-            tensors=tensors,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_names,
-        )
-        return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+        return self.prepare_image_latents(
+            args.image, start, args.batch_size, dtype, device, args.generator
+        ), StepHooks()
 
     def prepare_image_latents(
         self,
@@ -680,60 +551,43 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         strength < 1 starts from the noised image instead of pure noise. masked_image_latents: (B, 4, h, w) latents of
         the masked image, instead of encoding it. padding_mask_crop is not supported (must be None).
         """
-        height, width = self.default_size(height, width)
-        self.check_size(height, width)
-        batch_size, callback_names = self.check_common_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            guidance_rescale=0.0,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type=output_type,
-            cross_attention_kwargs=cross_attention_kwargs,
-            clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        check_number("strength", strength, 0.0, 1.0)
-        if padding_mask_crop is not None:
-            raise ValueError(f"padding_mask_crop={padding_mask_crop!r} is not supported by rapiddiff; pass None")
+        return self.generate(InpaintArgs.from_locals(locals()))
+
+    def check_inputs(self, args: InpaintArgs) -> None:
+        super().check_inputs(args)
+        self.resolve_size(args)
         channels = self.vae.config.latent_channels
         check_unet_in_channels(
             self.unet,
             {channels: "a plain UNet", 2 * channels + 1: "an inpainting UNet: latents + mask + masked image latents"},
         )
-        latent_shape = self.latent_shape(batch_size, channels, height, width)
-        self.check_latents(latents, latent_shape)
-        init_image, mask = self.preprocess_image_and_mask(
-            required("image", image), required("mask_image", mask_image), height, width, batch_size
+        latent_shape = self.latent_shape(args.batch_size, channels, args.height, args.width)
+        self.check_latents(args.latents, latent_shape)
+        args.image, args.mask_image = self.preprocess_image_and_mask(
+            required("image", args.image),
+            required("mask_image", args.mask_image),
+            args.height,
+            args.width,
+            args.batch_size,
         )
-        self.check_masked_image_latents(masked_image_latents, latent_shape)
-        self._start_call(guidance_scale, 0.0, clip_skip)
-        device = self._execution_device
+        check_finite("image", args.image)
+        self.check_masked_image_latents(args.masked_image_latents, latent_shape)
 
-        timesteps, num_inference_steps = strength_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas, strength
-        )
-        tensors = self.encode_conditioning(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
-        )
+    def prepare_denoising(
+        self, args: InpaintArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, StepHooks]:
         dtype = tensors["prompt_embeds"].dtype
-        plain_unet = self.unet.config.in_channels == channels
+        plain_unet = self.unet.config.in_channels == self.vae.config.latent_channels
         # Generators are consumed in Diffusers' order: image latents, noise, masked image latents.
+        start = timesteps[:1].repeat(args.batch_size)
         latents, noise, image_latents = self.prepare_inpaint_latents(
-            init_image, timesteps[:1].repeat(batch_size), strength, plain_unet, dtype, device, generator, latents
+            args.image, start, args.strength, plain_unet, dtype, device, args.generator, args.latents
         )
+        masked_image_latents = args.masked_image_latents
         if masked_image_latents is None:
-            masked_image = (init_image * (mask < 0.5)).to(device=device, dtype=dtype)
-            masked_image_latents = encode_image_latents(self.vae, masked_image, generator)
-        tensors.update(self.prepare_mask_latents(mask, masked_image_latents, batch_size, dtype, device))
+            masked_image = (args.image * (args.mask_image < 0.5)).to(device=device, dtype=dtype)
+            masked_image_latents = encode_image_latents(self.vae, masked_image, args.generator)
+        tensors.update(self.prepare_mask_latents(args.mask_image, masked_image_latents, args.batch_size, dtype, device))
 
         def with_mask_channels(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
             return torch.cat([x, tensors["mask"], tensors["masked_image_latents"]], dim=1), {}
@@ -745,19 +599,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                 known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
             return (1 - mask) * known + mask * latents
 
-        latents = denoise(
-            self,
-            latents,
-            timesteps,
-            num_inference_steps,
-            self.unet_noise_predictor(tensors, None if plain_unet else with_mask_channels),
-            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-            after_step=paste_known_region if plain_unet else None,
-            tensors=tensors,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_names,
-        )
-        return self.decode_latents_to_output(latents, output_type, return_dict, dtype)
+        if plain_unet:
+            return latents, StepHooks(after_step=paste_known_region)
+        return latents, StepHooks(model_inputs=with_mask_channels)
 
     def prepare_inpaint_latents(
         self,

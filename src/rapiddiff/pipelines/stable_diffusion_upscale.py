@@ -8,21 +8,32 @@ input's size; the VAE (scaling factor 0.08333, two upsamplings) decodes them at 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 
 from ..utils.torch_utils import randn_tensor
-from .denoise import StepCallback, denoise, retrieve_timesteps, step_callback
+from .checks import check_finite
+from .denoise import Scheduler, StepCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .prompt import PromptInput
 from .safety_checker import check_safety_components, run_safety_checker
 from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
+from .template import CallArgs, StepHooks
 
 logger = logging.getLogger(__name__)
 
 X4_SCALING_FACTOR = 0.08333
+
+
+@dataclasses.dataclass
+class UpscaleArgs(CallArgs):
+    """The x4 upscaler's call: the low-resolution image (a (B, C, h, w) tensor after the checks) and its noise level."""
+
+    image: PipelineImageInput | None = None
+    noise_level: int = 20
 
 
 class StableDiffusionUpscalePipeline(StableDiffusionBase):
@@ -37,8 +48,8 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         text_encoder: Any,
         tokenizer: Any,
         unet: Any,
-        low_res_scheduler: Any,
-        scheduler: Any,
+        low_res_scheduler: Scheduler,
+        scheduler: Scheduler,
         safety_checker: Any = None,
         feature_extractor: Any = None,
         watermarker: Any = None,
@@ -123,65 +134,43 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         output_type: "pil", "np", "pt" or "latent". Returns StableDiffusionPipelineOutput(images,
         nsfw_content_detected), or that tuple.
         """
-        if image is None:
-            raise ValueError("image is required: the low-resolution image(s) to upscale")
-        batch_size, _ = self.check_common_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            timesteps=None,
-            sigmas=None,
-            guidance_scale=guidance_scale,
-            guidance_rescale=0.0,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type=output_type,
-            cross_attention_kwargs=cross_attention_kwargs,
-            clip_skip=clip_skip,
-            callback_on_step_end=None,
-            callback_on_step_end_tensor_inputs=(),
-        )
-        on_step_end = step_callback(callback, callback_steps, order=self.scheduler.order)
-        self.check_noise_level(noise_level)
-        image = self.image_processor.preprocess(image)
-        prompts = batch_size // num_images_per_prompt
-        self.check_image(image, prompts)
-        height, width = (s * self.vae_scale_factor for s in image.shape[2:])  # the output size
-        channels = self.vae.config.latent_channels
-        self.check_latents(latents, self.latent_shape(batch_size, channels, height, width))
-        self._start_call(guidance_scale, 0.0, clip_skip)
-        device = self._execution_device
+        return self.generate(UpscaleArgs.from_locals(locals()))
 
-        tensors = self.encode_conditioning(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
-        )
+    def check_inputs(self, args: UpscaleArgs) -> None:
+        if args.image is None:
+            raise ValueError("image is required: the low-resolution image(s) to upscale")
+        super().check_inputs(args)
+        self.check_noise_level(args.noise_level)
+        args.image = self.image_processor.preprocess(args.image)
+        check_finite("image", args.image)
+        self.check_image(args.image, args.prompts)
+        args.height, args.width = (s * self.vae_scale_factor for s in args.image.shape[2:])  # the output size
+        channels = self.vae.config.latent_channels
+        self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
+
+    def callback_step_order(self) -> int:
+        return self.scheduler.order
+
+    def prepare_denoising(
+        self, args: UpscaleArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, StepHooks]:
+        """The noised low-resolution image (drawn first, as in Diffusers), the initial noise, and the hook appending
+        the image to every model input with its noise level as class label."""
         dtype = tensors["prompt_embeds"].dtype
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        image, levels = self.noised_image(image.to(device=device, dtype=dtype), noise_level, generator)
+        image, levels = self.noised_image(args.image.to(device=device, dtype=dtype), args.noise_level, args.generator)
         # Diffusers tiles the whole batch (not per prompt) for the guidance halves and the images per prompt.
-        copies = (2 if self.do_classifier_free_guidance else 1) * num_images_per_prompt
+        copies = (2 if self.do_classifier_free_guidance else 1) * args.num_images_per_prompt
         image = image.repeat(copies, 1, 1, 1)
         levels = levels.repeat(image.shape[0])
-        latents = self.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
+        channels = self.vae.config.latent_channels
+        latents = self.prepare_latents(
+            args.batch_size, channels, args.height, args.width, dtype, device, args.generator, args.latents
+        )
 
         def with_image(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
             return torch.cat([x, image], dim=1), {"class_labels": levels}
 
-        latents = denoise(
-            self,
-            latents,
-            timesteps,
-            num_inference_steps,
-            self.unet_noise_predictor(tensors, with_image),
-            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-            tensors=tensors,
-            callback_on_step_end=on_step_end,
-            callback_on_step_end_tensor_inputs=("latents",),
-        )
-        return self.decode_to_output(latents, output_type, return_dict, dtype)
+        return latents, StepHooks(model_inputs=with_image)
 
     def noised_image(
         self, image: torch.Tensor, noise_level: int, generator: torch.Generator | list[torch.Generator] | None
@@ -194,13 +183,13 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         noise = randn_tensor(image.shape, generator=generator, device=image.device, dtype=image.dtype)
         return self.low_res_scheduler.add_noise(image, noise, levels), levels
 
-    def decode_to_output(
-        self, latents: torch.Tensor, output_type: str, return_dict: bool, dtype: torch.dtype
+    def to_output(
+        self, latents: torch.Tensor, args: CallArgs, dtype: torch.dtype
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """VAE decode (in float32 for a float16 VAE with force_upcast, as Diffusers), safety check, post-process,
         watermark PIL outputs."""
         nsfw = None
-        if output_type == "latent":
+        if args.output_type == "latent":
             images = latents
         else:
             # Cast before scaling, in the dtype the VAE decodes in: Diffusers' order, so float16 rounds the same.
@@ -211,8 +200,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
                     self.safety_checker, self.feature_extractor, images, self._execution_device, dtype
                 )
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
-        images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
-        if output_type == "pil" and self.watermarker is not None:
+        images = self.image_processor.postprocess(images, output_type=args.output_type, do_denormalize=denormalize)
+        if args.output_type == "pil" and self.watermarker is not None:
             images = self.watermarker.apply_watermark(images)
-        self.maybe_free_model_hooks()  # model CPU offload: every model back to the CPU
-        return StableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
+        return StableDiffusionPipelineOutput(images, nsfw) if args.return_dict else (images, nsfw)

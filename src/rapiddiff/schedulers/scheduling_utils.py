@@ -52,6 +52,15 @@ DIFFUSERS_SCHEDULER_KEYS = frozenset(
     solver_type steps_offset thresholding time_shift_type timestep_spacing timestep_type trained_betas use_beta_sigmas
     use_dynamic_shifting use_exponential_sigmas use_flow_sigmas use_karras_sigmas use_lu_lambdas variance_type""".split()
 )
+# ... and of the consistency-model schedulers (LCM, TCD) and the DPM-Solver SDE.
+DIFFUSERS_SCHEDULER_KEYS |= {"noise_sampler_seed", "original_inference_steps", "timestep_scaling"}
+# Diffusers' KarrasDiffusionSchedulers: what a Stable Diffusion pipeline's scheduler can be swapped for (`compatibles`).
+KARRAS_SCHEDULERS = tuple(
+    """DDIMScheduler DDPMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler HeunDiscreteScheduler
+    EulerAncestralDiscreteScheduler DPMSolverMultistepScheduler DPMSolverSinglestepScheduler KDPM2DiscreteScheduler
+    KDPM2AncestralDiscreteScheduler DEISMultistepScheduler UniPCMultistepScheduler DPMSolverSDEScheduler
+    EDMEulerScheduler""".split()
+)
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
 
 S = TypeVar("S", bound="SchedulerMixin")
@@ -332,6 +341,8 @@ class SchedulerMixin(ConfigMixin):
     init_noise_sigma: ClassVar[float] = 1.0  # std of the initial noise (the Euler schedulers compute theirs)
     # Sigma schedulers pin the last alphas_cumprod at 2**-24 under rescale_betas_zero_snr (a zero gives sigma = inf).
     _pin_zero_snr: ClassVar[bool] = False
+    # Names of the schedulers this one can be swapped for, as Diffusers lists them (see `compatibles`).
+    _compatibles: ClassVar[tuple[str, ...]] = KARRAS_SCHEDULERS
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config = self._parse_config(config, kwargs, source=type(self).__name__)
@@ -409,6 +420,15 @@ class SchedulerMixin(ConfigMixin):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.to_dict()})"
+
+    @property
+    def compatibles(self) -> list[type[SchedulerMixin]]:
+        """This class and the rapiddiff schedulers it can be swapped for (`from_config`), as Diffusers' property
+        (names in `_compatibles` that rapiddiff does not implement are left out, as Diffusers leaves out missing ones)."""
+        import rapiddiff  # the package's lazy name table; resolved here, at call time
+
+        names = dict.fromkeys((type(self).__name__, *self._compatibles))
+        return [getattr(rapiddiff, name) for name in names if name in rapiddiff._EXPORTS]
 
     # --- schedule -----------------------------------------------------------------------------------------------
     def _check_num_inference_steps(self, num_inference_steps: Any) -> int:

@@ -13,7 +13,6 @@ inputs (--image, --mask, --control-image) select img2img / inpainting / ControlN
 from __future__ import annotations
 
 import argparse
-import importlib
 import secrets
 import sys
 from pathlib import Path
@@ -21,8 +20,12 @@ from typing import Any
 
 import torch
 
-from ..batch import checks
-from ..batch import cli as batch_cli
+import rapiddiff
+
+from .batch import checks
+from .batch import cli as batch_cli
+from .compile import compile_pipeline
+from .models.attention_processor import Attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCHEDULER_ALIASES = {
@@ -138,8 +141,6 @@ def call_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dict[st
 
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
-    import rapiddiff
-
     name = choose_pipeline(args)
     cls = getattr(rapiddiff, name) if name else rapiddiff.DiffusionPipeline
     extra: dict[str, Any] = {}
@@ -151,18 +152,12 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         pipe.scheduler = getattr(rapiddiff, args.scheduler).from_config(pipe.scheduler.config)
     set_attention(pipe, args.attention)
     if args.compile:
-        try:
-            compile_module = importlib.import_module("rapiddiff.compile")
-        except ModuleNotFoundError as e:
-            raise ValueError(f"--compile: rapiddiff.compile is not available in this installation ({e})") from e
-        pipe = compile_module.compile_pipeline(pipe) or pipe
+        pipe = compile_pipeline(pipe)
     return pipe
 
 
 def set_attention(pipe: Any, kind: str) -> None:
     """Every attention layer of the pipeline's rapiddiff models on SDPA or on the vanilla processor."""
-    from ..models.attention_processor import Attention
-
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             for layer in component.modules():
