@@ -43,7 +43,14 @@ def test_strengths_match_diffusers(pipes, strength):
 
 @pytest.mark.parametrize(
     "scheduler",
-    ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler"],
+    [
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "LCMScheduler",
+        "HeunDiscreteScheduler",  # order 2: the pipeline's begin index is t_start * 2
+        "KDPM2AncestralDiscreteScheduler",  # order 2, with step noise from the generator
+    ],
 )
 def test_other_schedulers(pipes, tiny_sd_dir, scheduler):
     use_scheduler(pipes, scheduler, tiny_sd_dir)  # Euler ancestral also draws step noise from the generator

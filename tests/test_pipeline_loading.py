@@ -61,6 +61,22 @@ def test_diffusion_pipeline_dispatches_on_class_name(tiny_sd_dir):
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
 
 
+def test_checkpoint_naming_a_new_scheduler_loads(tiny_sd_dir, tmp_path):
+    folder = _copy(tiny_sd_dir, tmp_path)
+    _edit_index(folder, scheduler=["diffusers", "KDPM2AncestralDiscreteScheduler"])
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text()) | {"_class_name": "KDPM2AncestralDiscreteScheduler"}
+    config_path.write_text(json.dumps(config))
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe.scheduler).__name__ == "KDPM2AncestralDiscreteScheduler" and pipe.scheduler.order == 2
+    ref = diffusers.DiffusionPipeline.from_pretrained(folder)
+    assert type(ref.scheduler).__name__ == "KDPM2AncestralDiscreteScheduler"
+    assert {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")} == {
+        k: v for k, v in dict(ref.scheduler.config).items() if not k.startswith("_")
+    }
+    assert torch.isfinite(torch.as_tensor(_image(pipe))).all()  # runs its interleaved two-evaluation loop
+
+
 def test_specific_class_loads_and_matches_generic(tiny_sd_dir):
     a = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     b = DiffusionPipeline.from_pretrained(tiny_sd_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import sys
@@ -134,6 +135,42 @@ CASES = [
     ("DPMSolverMultistepScheduler", dict(**SD, use_lu_lambdas=True), {}, 10),
     ("DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True), {}, 10),
 ]
+# LMS, Heun, KDPM2 (ancestral), EDM Euler: every sigma spacing and prediction type at least once (img2img starts:
+# test_img2img_start_matches_diffusers runs every case).
+CASES += [
+    ("LMSDiscreteScheduler", {}, {}, 10),
+    ("LMSDiscreteScheduler", dict(**SD, use_karras_sigmas=True, prediction_type="v_prediction"), {}, 10),
+    ("LMSDiscreteScheduler", dict(use_exponential_sigmas=True, timestep_spacing="leading", steps_offset=1), {}, 12),
+    ("LMSDiscreteScheduler", dict(use_beta_sigmas=True, prediction_type="sample"), dict(order=3), 9),
+    ("HeunDiscreteScheduler", {}, {}, 10),
+    (
+        "HeunDiscreteScheduler",
+        dict(use_karras_sigmas=True, prediction_type="v_prediction", clip_sample=True, clip_sample_range=0.5),
+        {},
+        8,
+    ),
+    ("HeunDiscreteScheduler", dict(**SD, use_exponential_sigmas=True, timestep_spacing="trailing"), {}, 8),
+    ("HeunDiscreteScheduler", dict(use_beta_sigmas=True, prediction_type="sample", beta_schedule="exp"), {}, 7),
+    ("KDPM2DiscreteScheduler", {}, {}, 10),
+    ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction"), {}, 8),
+    ("KDPM2DiscreteScheduler", dict(use_beta_sigmas=True, timestep_spacing="leading", steps_offset=1), {}, 8),
+    ("KDPM2AncestralDiscreteScheduler", {}, {}, 10),
+    (
+        "KDPM2AncestralDiscreteScheduler",
+        dict(use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+        {},
+        8,
+    ),
+    ("KDPM2AncestralDiscreteScheduler", dict(**SD, use_exponential_sigmas=True), {}, 7),
+    ("EDMEulerScheduler", {}, {}, 10),
+    (
+        "EDMEulerScheduler",
+        dict(sigma_schedule="exponential", prediction_type="v_prediction", final_sigmas_type="sigma_min"),
+        {},
+        8,
+    ),
+    ("EDMEulerScheduler", dict(sigma_max=20.0, rho=5.0, sigma_data=1.0), dict(s_churn=1.0, s_tmin=0.1, s_tmax=10), 8),
+]
 # The exponential-integrator and consistency schedulers (issue 12): Karras / exponential sigmas, v-prediction, orders,
 # the SDE variants. DPMSolverSDE's Brownian tree is seeded by its config (unseeded, it draws from the global RNG).
 SOLVER_CASES = [
@@ -243,8 +280,15 @@ CASES += SOLVER_CASES
 IDS = [f"{name[:-9]}-{i}" for i, (name, *_) in enumerate(CASES)]
 
 
+@functools.cache
+def _reference(name: str, config_json: str):
+    return getattr(diffusers, name)(**json.loads(config_json))
+
+
 def pair(name: str, config: dict) -> tuple:
-    return getattr(diffusers, name)(**config), getattr(rapiddiff, name)(**config)
+    # Diffusers' KDPM2 schedulers take seconds to build (a Python loop over 1000 sigmas): build each config once
+    reference = copy.deepcopy(_reference(name, json.dumps(config, sort_keys=True)))
+    return reference, getattr(rapiddiff, name)(**config)
 
 
 def channels(config: dict) -> int:
@@ -353,8 +397,10 @@ def test_custom_timesteps_and_sigmas_match_diffusers():
         ("DPMSolverMultistepScheduler", dict(timesteps=[999, 800, 600, 400, 200, 50])),
         ("EulerDiscreteScheduler", dict(timesteps=[999.0, 750.5, 500.0, 250.0, 10.0])),
         ("EulerDiscreteScheduler", dict(sigmas=[14.6, 6.0, 2.5, 1.0, 0.3, 0.0])),
+        ("HeunDiscreteScheduler", dict(timesteps=[999.0, 750.5, 500.0, 250.0, 10.0])),
+        ("EDMEulerScheduler", dict(sigmas=torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0]))),  # ramp points, as Diffusers
     ]:
-        ref, ours = pair(name, SD)
+        ref, ours = pair(name, {} if name.startswith("EDM") else SD)
         ref.set_timesteps(**custom)
         ours.set_timesteps(**custom)
         assert_same_schedule(ref, ours)
@@ -428,6 +474,11 @@ SWAP_TARGETS = [
     "DPMSolverMultistepScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "EDMEulerScheduler",
     "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
     "DPMSolverSinglestepScheduler",
@@ -539,6 +590,11 @@ def test_unknown_and_unsupported_keys_raise(tmp_path):
         ("DDPMScheduler", "variance_type", "fixed_large_log"),
         ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
         ("PNDMScheduler", "prediction_type", "sample"),
+        ("KDPM2DiscreteScheduler", "prediction_type", "sample"),
+        ("LMSDiscreteScheduler", "beta_schedule", "exp"),  # Heun's only
+        ("EDMEulerScheduler", "sigma_schedule", "linear"),
+        ("EDMEulerScheduler", "final_sigmas_type", "one"),
+        ("EDMEulerScheduler", "beta_schedule", "linear"),  # EDM has no betas: not one of its keys
     ]:
         with pytest.raises(ConfigError, match=key):
             getattr(rapiddiff, cls)(**{key: value})
@@ -668,6 +724,31 @@ def test_sigma_spacing_options_raise_naming_the_key(monkeypatch):
         rapiddiff.DPMSolverMultistepScheduler(use_beta_sigmas=True)
 
 
+def test_new_scheduler_step_options_raise():
+    lms = rapiddiff.LMSDiscreteScheduler()
+    lms.set_timesteps(4)
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="order"):
+        lms.step(x, lms.timesteps[0], x, order=5)
+    edm = rapiddiff.EDMEulerScheduler()
+    with pytest.raises(ValueError, match="sigmas"):
+        edm.set_timesteps(sigmas=[0.0, 1.5])
+    with pytest.raises(ValueError, match="custom timesteps"):
+        rapiddiff.HeunDiscreteScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900.0, 100.0])
+
+
+def test_sigma_bounds_of_a_swapped_config_as_diffusers_reads_them():
+    """Diffusers' Karras / exponential conversions read config.sigma_min / sigma_max even when they are another
+    scheduler's keys (hidden); LMS's Karras conversion does not."""
+    euler = dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)
+    for target in ("DPMSolverMultistepScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler"):
+        ref = getattr(diffusers, target).from_config(diffusers.EulerDiscreteScheduler(**euler).config)
+        ours = getattr(rapiddiff, target).from_config(rapiddiff.EulerDiscreteScheduler(**euler).config)
+        ref.set_timesteps(6)
+        ours.set_timesteps(6)
+        assert_same_schedule(ref, ours)
+
+
 # --- the solvers of issue 12: options, swaps, the Brownian tree, the compiled whole step ----------------------------
 def test_solver_options_raise_naming_the_key():
     for cls, key, value in [
@@ -758,7 +839,8 @@ def test_dpmsolver_sde_needs_torchsde(monkeypatch):
         rapiddiff.DPMSolverSDEScheduler()
 
 
-# One case per scheduler of issue 12: the whole step compiled as one graph gives the eager loop's latents.
+# One case per scheduler of issue 12 (LMS's history, Heun / KDPM2's two evaluations per interval included): the whole
+# step compiled as one graph gives the eager loop's latents.
 WHOLE_STEP_SOLVERS = [
     ("UniPCMultistepScheduler", dict(solver_order=3), {}),
     ("DEISMultistepScheduler", dict(solver_order=3), {}),
@@ -767,6 +849,10 @@ WHOLE_STEP_SOLVERS = [
     ("DPMSolverSDEScheduler", dict(noise_sampler_seed=0), {}),
     ("LCMScheduler", {}, {}),
     ("TCDScheduler", {}, dict(eta=0.5)),
+    ("LMSDiscreteScheduler", {}, {}),
+    ("HeunDiscreteScheduler", dict(use_karras_sigmas=True), {}),  # two evaluations per interval: one graph
+    ("KDPM2AncestralDiscreteScheduler", {}, {}),  # and noise at every second evaluation
+    ("EDMEulerScheduler", {}, {}),
 ]
 
 
@@ -785,7 +871,7 @@ def test_whole_step_of_the_solvers_matches_the_eager_loop(name, config, kwargs):
         return 0.3 * x + torch.cos(0.7 * x + t / 1000)
 
     def loop(runner, n, begin, seed):
-        scheduler = getattr(rapiddiff, name)(**SD, **config)
+        scheduler = getattr(rapiddiff, name)(**({} if name.startswith("EDM") else SD), **config)  # EDM: no betas
         scheduler.set_timesteps(n)
         scheduler.set_begin_index(begin * scheduler.order)
         parts = StepParts(scheduler, predict, step_kwargs(scheduler, kwargs, seed))

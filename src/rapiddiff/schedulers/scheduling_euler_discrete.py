@@ -52,6 +52,16 @@ class EulerSchedulerMixin(SchedulerMixin):
         timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, False)
         return timesteps.astype(np.float32)
 
+    def _respaced_schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`n` spaced timesteps and their sigmas (descending), respaced per use_karras / exponential / beta sigmas;
+        then the timesteps are the new sigmas' fractional training timesteps (float64, as Diffusers has them)."""
+        timesteps = self._spaced_timesteps(n)
+        sigmas = self._spaced_sigmas(timesteps)
+        respaced = self._respaced_sigmas(sigmas, n)
+        if respaced is None:
+            return timesteps, sigmas
+        return sigma_to_t(respaced, np.log(self._train_sigmas())), respaced
+
     def _check_timestep(self, timestep: float | torch.Tensor) -> None:
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
             raise ValueError(

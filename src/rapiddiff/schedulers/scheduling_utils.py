@@ -30,7 +30,7 @@ import dataclasses
 import math
 import operator
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -162,15 +162,23 @@ class SchedulerConfig(Config):
 
 
 # --- tables --------------------------------------------------------------------------------------------------------
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """GLIDE's squaredcos_cap_v2 schedule: betas from alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2)."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
+def _alpha_bar_betas(
+    num_train_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> torch.Tensor:
+    """Betas of a continuous alpha_bar(t), t in [0, 1] (Diffusers' `betas_for_alpha_bar`)."""
     n = num_train_timesteps
     betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
     return torch.tensor(betas, dtype=torch.float32)
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    """GLIDE's squaredcos_cap_v2 schedule."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _exp_alpha_bar(t: float) -> float:
+    """Diffusers' "exp" schedule (HeunDiscreteScheduler only)."""
+    return math.exp(t * -12.0)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -192,8 +200,10 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
         betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
     elif config.beta_schedule == "scaled_linear":  # latent diffusion's schedule
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
+    elif config.beta_schedule == "exp":
+        betas = _alpha_bar_betas(n, _exp_alpha_bar)
     else:
-        betas = _cosine_betas(n)
+        betas = _alpha_bar_betas(n, _cosine_alpha_bar)
     if config.own("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas
@@ -213,9 +223,12 @@ def spaced_timesteps(
     return timesteps[::-1].copy()
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. (2022) noise levels: `n` sigmas from sigma_max to sigma_min, uniform in sigma^(1/rho)."""
-    ramp = np.linspace(0, 1, n)
+def karras_sigmas(
+    sigma_min: float, sigma_max: float, n: int, rho: float = 7.0, ramp: np.ndarray | torch.Tensor | None = None
+) -> np.ndarray:
+    """Karras et al. (2022) noise levels: `n` sigmas from sigma_max to sigma_min, uniform in sigma^(1/rho) (at the
+    points of `ramp` in [0, 1] when given)."""
+    ramp = np.linspace(0, 1, n) if ramp is None else ramp
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
@@ -250,13 +263,17 @@ SIGMA_SPACINGS = {
 }
 
 
-def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional training timesteps of `sigmas`: linear interpolation of log-sigma over the training table."""
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray, keep_float32: bool = False) -> np.ndarray:
+    """Fractional training timesteps of `sigmas`: linear interpolation of log-sigma over the training table.
+
+    keep_float32: the last interpolation in float32 too (as Diffusers' KDPM2 computes it with torch tensors)."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]  # (num_train, n)
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     high = low + 1
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    if keep_float32:
+        low, high = low.astype(np.float32), high.astype(np.float32)
     return ((1 - w) * low + w * high).reshape(sigmas.shape)
 
 
@@ -456,11 +473,16 @@ class SchedulerMixin(ConfigMixin):
         return None
 
     def _set_schedule(
-        self, timesteps: np.ndarray, device: str | torch.device | None, num_inference_steps: int | None
+        self,
+        timesteps: np.ndarray,
+        device: str | torch.device | None,
+        num_inference_steps: int | None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Install a schedule: `timesteps` on `device` (int64, or float32 for the Euler schedulers), its Python
-        values for the step, and a fresh step index."""
-        dtype = torch.float32 if np.issubdtype(timesteps.dtype, np.floating) else torch.int64
+        """Install a schedule: `timesteps` on `device` (int64, or float32 for the Euler schedulers, unless `dtype`
+        says otherwise), its Python values for the step, and a fresh step index."""
+        if dtype is None:
+            dtype = torch.float32 if np.issubdtype(timesteps.dtype, np.floating) else torch.int64
         timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(dtype)
         self._timestep_values: list[float] = timesteps.tolist()
         self.timesteps = to_device(timesteps, device)
