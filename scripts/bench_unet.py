@@ -6,6 +6,10 @@ drift hits both. On the CPU the defaults shrink the latent and the repeat count 
 
     python scripts/bench_unet.py                              # CUDA: fp16, 64x64 latents; CPU: fp32, 16x16
     python scripts/bench_unet.py --batch 4 --attn vanilla --iters 30
+    python scripts/bench_unet.py --formats contiguous          # one memory format only
+
+Each memory format is a table row: steps/s of each backend (median of the rounds) and the speed-up with its spread
+(lowest-highest ratio of the rounds, each round timing both backends back to back).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from rapiddiff.bench.components import random_model
 from rapiddiff.bench.measure import synchronize
 from rapiddiff.bench.presets import PRESETS, preset_config
 
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
 
 def parse_args() -> argparse.Namespace:
     cuda = torch.cuda.is_available()
@@ -31,7 +37,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20 if cuda else 2, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend; the median is reported")
     p.add_argument("--attn", choices=["sdpa", "vanilla"], default="sdpa")
-    p.add_argument("--no-channels-last", action="store_true", help="keep the default memory format")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=list(FORMATS),
+        default=list(FORMATS),
+        help="memory formats to measure, one after the other on the same models (default: both)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads for torch (a loaded machine: 1)")
     return p.parse_args()
 
@@ -51,8 +63,6 @@ def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     for model in models.values():
         if args.attn == "vanilla":
             model.set_default_attn_processor()
-        if not args.no_channels_last:
-            model.to(memory_format=torch.channels_last)
     return models
 
 
@@ -71,27 +81,30 @@ def main() -> None:
     def step(model: torch.nn.Module) -> torch.Tensor:
         return model(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        outputs = {name: step(model) for name, model in models.items()}  # warm-up, and the parity check
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                synchronize(device)
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    step(model)
-                synchronize(device)
-                seconds[name].append((time.perf_counter() - start) / args.iters)
-
     print(f"SD 1.5 UNet, {args.device} {args.dtype}, batch {args.batch} (UNet batch {n}), latent {args.latent}, "
-          f"attention {args.attn}, channels_last {not args.no_channels_last}, torch threads {torch.get_num_threads()}")  # fmt: skip
-    rate = {name: 1.0 / statistics.median(s) for name, s in seconds.items()}
-    for name, r in rate.items():
-        print(f"  {name:9s} {r:8.2f} steps/s  (rounds: {' '.join(f'{1 / s:.2f}' for s in seconds[name])})")
-    print(f"  rapiddiff / diffusers: {rate['rapiddiff'] / rate['diffusers']:.3f}x")
-    diff = (outputs["rapiddiff"].float() - outputs["diffusers"].float()).abs().max().item()
-    scale = outputs["diffusers"].float().abs().max().item()
-    print(f"  outputs: max abs difference {diff:.3e} (output scale {scale:.3e})")
+          f"attention {args.attn}, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds of "
+          f"{args.iters} steps")  # fmt: skip
+    for label in args.formats:
+        for model in models.values():
+            model.to(memory_format=FORMATS[label])
+        seconds: dict[str, list[float]] = {name: [] for name in models}
+        with torch.inference_mode():
+            outputs = {name: step(model) for name, model in models.items()}  # warm-up, and the parity check
+            for _ in range(args.rounds):
+                for name, model in models.items():
+                    synchronize(device)
+                    start = time.perf_counter()
+                    for _ in range(args.iters):
+                        step(model)
+                    synchronize(device)
+                    seconds[name].append((time.perf_counter() - start) / args.iters)
+        ratios = [d / r for r, d in zip(seconds["rapiddiff"], seconds["diffusers"])]
+        rate = {name: 1.0 / statistics.median(s) for name, s in seconds.items()}
+        diff = (outputs["rapiddiff"].float() - outputs["diffusers"].float()).abs().max().item()
+        scale = outputs["diffusers"].float().abs().max().item()
+        print(f"  {label:13s} rapiddiff {rate['rapiddiff']:7.3f} steps/s, diffusers {rate['diffusers']:7.3f} steps/s: "
+              f"{rate['rapiddiff'] / rate['diffusers']:.3f}x (rounds {min(ratios):.3f}-{max(ratios):.3f}); "
+              f"max abs difference {diff:.1e} (output scale {scale:.1e})")  # fmt: skip
 
 
 if __name__ == "__main__":

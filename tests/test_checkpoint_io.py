@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 
 import diffusers
 import pytest
 import safetensors.torch
 import torch
+from transformers import CLIPImageProcessor
 
-from rapiddiff import AutoencoderKL, UNet2DConditionModel
+from rapiddiff import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from rapiddiff.configuration import ConfigError
+from rapiddiff.presets import PRESETS_DIR
 from rapiddiff.utils import atomic_io
 
 TINY_VAE = dict(
@@ -209,3 +220,123 @@ def test_reader_during_saves_sees_old_or_new(tmp_path):
     assert errors == []
     assert seen and all(len(s) == 1 for s in seen)  # each load is exactly one of the saves
     assert _leftovers(tmp_path) == []
+
+
+# --- pipelines -------------------------------------------------------------------------------------------------------
+def _pipe(tiny_sd_dir, perturb: float = 0.0) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    with torch.no_grad():
+        for p in [*pipe.unet.parameters(), *pipe.vae.parameters()]:
+            p.add_(perturb)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def two_pipes(tiny_sd_dir) -> list[StableDiffusionPipeline]:
+    """The tiny SD pipeline, and a copy whose UNet and VAE weights differ (loaded once: saving is what is tested)."""
+    return [_pipe(tiny_sd_dir), _pipe(tiny_sd_dir, 0.01)]
+
+
+def test_pipeline_save_failing_on_kth_file_leaves_old_checkpoint(two_pipes, tmp_path, monkeypatch):
+    target = tmp_path / "sd"
+    two_pipes[0].save_pretrained(target)
+    (target / "README.md").write_text("mine")
+    before = _tree(target)
+    calls = []
+    real = safetensors.torch.save_file
+
+    def fail_second(tensors, filename, metadata=None):  # the VAE is written, then the UNet fails
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_second)
+    with pytest.raises(OSError, match="No space"):
+        two_pipes[1].save_pretrained(target)
+    assert len(calls) == 2 and _tree(target) == before and _leftovers(tmp_path) == []
+
+
+def test_pipeline_save_replaces_components_and_shards(two_pipes, tmp_path):
+    target = tmp_path / "sd"
+    a, b = two_pipes
+    a.save_pretrained(target, variant="fp16")
+    (target / "notes").mkdir()
+    (target / "notes" / "a.txt").write_text("kept")
+    b.save_pretrained(target, max_shard_size="200KB")
+    unet_files = sorted(p.name for p in (target / "unet").iterdir())
+    assert "diffusion_pytorch_model.safetensors.index.json" in unet_files
+    assert not [f for f in unet_files if "fp16" in f]  # a's variant did not survive
+    assert (target / "notes" / "a.txt").read_text() == "kept"
+    with pytest.raises(ValueError, match="variant='fp16'"):  # no stale fp16 files to load a's weights from
+        StableDiffusionPipeline.from_pretrained(target, variant="fp16")
+    loaded = StableDiffusionPipeline.from_pretrained(target)
+    assert _same_weights(loaded.unet, b.unet) and _same_weights(loaded.vae, b.vae)
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(target / "unet")  # Diffusers reads the shards
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in b.unet.state_dict().items())
+
+
+def test_pipeline_reader_during_saves_sees_old_or_new(two_pipes, tmp_path):
+    target = tmp_path / "sd"
+    pipes = two_pipes
+    pipes[0].save_pretrained(target)
+    seen, errors, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                p = StableDiffusionPipeline.from_pretrained(target)
+            except Exception as e:
+                errors.append(e)
+                return
+            seen.append(({i for i, q in enumerate(pipes) if _same_weights(p.unet, q.unet)},
+                         {i for i, q in enumerate(pipes) if _same_weights(p.vae, q.vae)}))  # fmt: skip
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for i in range(3):
+            pipes[(i + 1) % 2].save_pretrained(target)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive() and errors == []
+    assert seen and all(len(u) == 1 and u == v for u, v in seen)  # UNet and VAE always from the same save
+
+
+def test_pipeline_loading_arguments(tiny_sd_dir, tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, dtype=torch.bfloat16)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="not both"):
+        StableDiffusionPipeline.from_pretrained(tiny_sd_dir, dtype=torch.float16, torch_dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "bf16")
+    auto = StableDiffusionPipeline.from_pretrained(tmp_path / "bf16", torch_dtype="auto")
+    assert auto.unet.dtype == auto.vae.dtype == auto.text_encoder.dtype == torch.bfloat16
+    # an old model_index.json naming CLIPFeatureExtractor (transformers 5 has only CLIPImageProcessor)
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_sd_dir, folder)
+    shutil.copytree(PRESETS_DIR / "stable-diffusion-v1-5" / "feature_extractor", folder / "feature_extractor")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPFeatureExtractor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert isinstance(StableDiffusionPipeline.from_pretrained(folder).feature_extractor, CLIPImageProcessor)
+    # a corrupt tokenizer file is named
+    (folder / "tokenizer" / "tokenizer.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match=r"tokenizer.*tokenizer\.json is not valid JSON"):
+        StableDiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        StableDiffusionPipeline.from_pretrained(folder / "model_index.json")
+
+
+def test_from_pipe_shares_components(tiny_sd_dir):
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(sd)
+    assert type(img2img) is StableDiffusionImg2ImgPipeline
+    assert all(getattr(img2img, n) is c for n, c in sd.components.items() if c is not None)
+    assert img2img.config["requires_safety_checker"] is False
+    with pytest.raises(ValueError, match=r"\['controlnet'\]"):
+        StableDiffusionControlNetPipeline.from_pipe(sd)
+    net = ControlNetModel.from_unet(sd.unet)
+    control = StableDiffusionControlNetPipeline.from_pipe(sd, controlnet=net)
+    assert control.controlnet is net and control.unet is sd.unet
+    assert type(DiffusionPipeline.from_pipe(sd)) is StableDiffusionPipeline

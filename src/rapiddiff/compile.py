@@ -55,6 +55,8 @@ def compile_pipeline(
     dynamic: bool | None = False,
     whole_step: bool = False,
     backend: str | Callable[..., Any] = "inductor",
+    freezing: bool | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Any:
     """Apply channels_last and torch.compile in place to the pipeline's models; returns `pipe`.
 
@@ -68,8 +70,20 @@ def compile_pipeline(
         denoisers alone; see `WholeStep` for the schedulers it supports.
     backend: torch.compile's backend (a name or a callable); "eager" / "aot_eager" check graph capture without
         generating code.
+    freezing: inductor's freezing (weights folded into the compiled code as constants, convolution and linear
+        weights prepacked for the CPU's kernels; see `FrozenWeightsCall` for how later weight changes are caught).
+        None (default): on for modules whose weights are on the CPU, where it measured 2x and more (docs/compile.md),
+        off on accelerators until a GPU run shows it wins there. Inductor only; the whole-step graph never freezes.
+    options: more inductor options (torch.compile's `options=`, on top of the mode's), e.g. {"conv_1x1_as_mm": True};
+        `scripts/compile_levers.py` measures them. Inductor only.
     """
     _check_args(mode, memory_format, dynamic, backend)
+    if freezing not in (None, True, False):
+        raise ValueError(f"freezing={freezing!r}; allowed: None (on for CPU modules), True or False")
+    if (freezing or options) and backend != "inductor":
+        raise ValueError(f"freezing=True and options= are inductor's; backend={backend!r} takes neither")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of inductor options, got {options!r}")
     if whole_step and getattr(pipe, "controlnet", None) is not None:
         raise ValueError(
             "whole_step=True does not support ControlNet pipelines: which ControlNets run at a step "
@@ -83,7 +97,15 @@ def compile_pipeline(
             continue
         module_mode = mode if name in DENOISERS else _WITHOUT_CUDAGRAPHS.get(mode, mode)
         check_compilable(module)  # sequential CPU offload's hooks cannot run inside a graph
-        module.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs(backend, module_mode))
+        kwargs = compile_kwargs(backend, module_mode)
+        if backend == "inductor" and (options or _freezes(freezing, module)):
+            kwargs = inductor_options(module_mode, dynamic, {**(options or {}), "freezing": _freezes(freezing, module)})
+        if kwargs.get("options", {}).get("freezing"):
+            module._compiled_call_impl = FrozenWeightsCall(
+                module, cpu_only=freezing is None, fullgraph=fullgraph, dynamic=dynamic, **kwargs
+            )
+        else:
+            module.compile(fullgraph=fullgraph, dynamic=dynamic, **kwargs)
         if dynamic:
             module._compiled_call_impl = without_duck_shapes(module._compiled_call_impl)
     if whole_step:
@@ -145,6 +167,73 @@ def _resolve(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part, None)
     return obj
+
+
+# --- frozen weights --------------------------------------------------------------------------------------------------
+def _freezes(freezing: bool | None, module: nn.Module) -> bool:
+    if freezing is None:
+        return next(module.parameters()).device.type == "cpu"
+    return freezing
+
+
+def inductor_options(mode: str | None, dynamic: bool | None, options: dict[str, Any]) -> dict[str, Any]:
+    """torch.compile arguments for inductor with `options` on top of `mode`'s (torch takes one or the other)."""
+    base = torch._inductor.list_mode_options(mode, dynamic) if mode not in (None, "default") else {}
+    return {"backend": "inductor", "options": {**base, **options}}
+
+
+def weights_fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(storage address, version counter) of every parameter and buffer: changes when a tensor is replaced (a new
+    state dict loaded with assign, `.to()`, a submodule swapped, `param.data = ...`) or written in place under
+    no_grad (`load_state_dict`, `copy_`, a LoRA fused with `add_`)."""
+    return tuple(
+        (t.data_ptr(), -1 if t.is_inference() else t._version) for t in (*module.parameters(), *module.buffers())
+    )
+
+
+class FrozenWeightsCall:
+    """A module's compiled call with inductor's `freezing`, which bakes the weights into the compiled code.
+
+    Baked weights must never go stale: before each call the host compares `weights_fingerprint(module)` with the one
+    taken at compile time (about 0.3 ms for the SD UNet's ~700 tensors, no device sync) and compiles anew when it
+    differs. Each module gets a code object of its own to compile, so that torch's compile cache (kept per code
+    object) never hands one module a graph holding another's weights. Not caught: an in-place write through
+    `param.data` (it bypasses the version counter); call `refresh()` after one.
+
+    cpu_only (compile_pipeline's freezing=None): freeze only while the weights are on the CPU; weights moved to an
+    accelerator (`pipe.to("cuda")` after compiling, model offload) compile once more, without freezing and without
+    the per-call check.
+    """
+
+    def __init__(self, module: nn.Module, cpu_only: bool = False, **compile_kwargs: Any):
+        """compile_kwargs: torch.compile's, with options holding freezing=True (`inductor_options`)."""
+        self._compile_kwargs = compile_kwargs
+        self._module = module
+        self._cpu_only = cpu_only
+        self.compiles = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Compile anew from the module's current weights (at the next call)."""
+        module = self._module
+        self.frozen = not self._cpu_only or next(module.parameters()).device.type == "cpu"
+        kwargs = self._compile_kwargs
+        if not self.frozen:
+            kwargs = dict(kwargs, options={**kwargs["options"], "freezing": False})
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return module._call_impl(*args, **kwargs)
+
+        # a fresh code object: torch.compile's cache of graphs (frozen weights included) is per code object
+        call.__code__ = call.__code__.replace(co_name=f"frozen_{type(module).__name__}_{id(self):x}")
+        self._compiled = torch.compile(call, **kwargs)
+        self._fingerprint = weights_fingerprint(module)
+        self.compiles += 1
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.frozen and weights_fingerprint(self._module) != self._fingerprint:
+            self.refresh()
+        return self._compiled(*args, **kwargs)
 
 
 # --- whole step ------------------------------------------------------------------------------------------------------

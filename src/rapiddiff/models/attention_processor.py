@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_projections import fuse_projections, fused_qkv
+from .layout import tokens_to_map
+
 logger = logging.getLogger(__name__)
 
 # Diffusers' processor classes by the layers they fit: plain layers, or layers with added text key/values (IF).
@@ -230,6 +233,7 @@ class Attention(nn.Module):
         if only_cross_attention and added_kv_proj_dim is None:
             raise ValueError("only_cross_attention=True needs added_kv_proj_dim")
         kv_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.fused_projections = False  # fuse_projections(): one to_qkv / to_kv matmul
 
         self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups is not None else None
         if cross_attention_norm is None:
@@ -282,6 +286,10 @@ class Attention(nn.Module):
     def get_processor(self) -> Any:
         return self.processor
 
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """Diffusers' `Attention.fuse_projections`: one stacked `to_qkv` (self-attention) or `to_kv` (cross)."""
+        fuse_projections(self, fuse)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -330,8 +338,11 @@ class Attention(nn.Module):
             x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
         context = x if encoder_hidden_states is None else self.norm_context(encoder_hidden_states)
 
-        q = self.split_heads(self.to_q(x))
-        if self.added_kv_proj_dim is not None:
+        fused = fused_qkv(self, x, context, encoder_hidden_states is None) if self.fused_projections else None
+        if fused is not None:
+            q, k, v = (self.split_heads(t) for t in fused)
+        elif self.added_kv_proj_dim is not None:
+            q = self.split_heads(self.to_q(x))
             # Text tokens are projected by add_k/add_v and put in front of the image's own keys and values.
             k = self.split_heads(self.add_k_proj(context))
             v = self.split_heads(self.add_v_proj(context))
@@ -339,6 +350,7 @@ class Attention(nn.Module):
                 k = torch.cat([k, self.split_heads(self.to_k(x))], dim=2)
                 v = torch.cat([v, self.split_heads(self.to_v(x))], dim=2)
         else:
+            q = self.split_heads(self.to_q(x))
             k = self.split_heads(self.to_k(context))
             v = self.split_heads(self.to_v(context))
 
@@ -347,7 +359,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         out = self.to_out[0](out)
         if hidden_states.ndim == 4:
-            out = out.transpose(1, 2).reshape(residual.shape)
+            out = tokens_to_map(out, residual)  # in the input's memory format (models/layout.py)
         if self.residual_connection:
             out = out + residual
         if self.rescale_output_factor != 1.0:

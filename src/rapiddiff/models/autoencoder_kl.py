@@ -18,6 +18,7 @@ from ..configuration import MODEL_MINIMUMS, Config, ConfigError
 from ..utils.offload import onload
 from ..utils.torch_utils import randn_tensor
 from .attention_processor import Attention
+from .fused_projections import FusedProjectionsMixin
 from .modeling_utils import ModelMixin
 from .resnet import ACTIVATIONS, Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -216,7 +217,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(ModelMixin, FusedProjectionsMixin):
     """Diffusers' AutoencoderKL. `encode(x).latent_dist.sample(generator)` and `decode(z).sample` as in Diffusers.
 
     Latents are unscaled here: pipelines multiply by `config.scaling_factor` after encoding and divide before decoding.

@@ -41,16 +41,29 @@ LOADING_ARGS = (
 )
 
 
-def resolve_dtype_arg(torch_dtype: Any, dtype: Any, where: str) -> torch.dtype | str:
-    """`dtype=` (Diffusers 0.42's name) or `torch_dtype=`, not both: a torch.dtype, "auto" (as stored) or float32."""
+def dtype_argument(torch_dtype: Any, dtype: Any, where: str, per_component: bool = False) -> Any:
+    """`dtype=` (Diffusers 0.42's name) or `torch_dtype=`, not both: a torch.dtype or "auto" (as stored); pipelines
+    also take a dict per component. Returns the value given (None if neither)."""
     if torch_dtype is not None and dtype is not None:
         raise TypeError(f"{where}: pass dtype= or torch_dtype= (the same argument), not both")
-    value = dtype if dtype is not None else torch_dtype
-    if value is None:
-        return torch.float32
-    if value == "auto" or isinstance(value, torch.dtype):
-        return value
-    raise TypeError(f"{where}: dtype must be a torch.dtype such as torch.float16 or 'auto', got {value!r}")
+    name, value = ("dtype", dtype) if dtype is not None else ("torch_dtype", torch_dtype)
+    values = value.values() if per_component and isinstance(value, Mapping) else [value]
+    if any(
+        v is not None and not isinstance(v, torch.dtype) and not (isinstance(v, str) and v == "auto") for v in values
+    ):
+        per = (
+            " or a dict of them per component ({'unet': torch.float16, 'default': torch.float32})"
+            if per_component
+            else ""
+        )
+        raise TypeError(f"{where}: {name} must be a torch.dtype such as torch.float16 or 'auto'{per}, got {value!r}")
+    return value
+
+
+def resolve_dtype_arg(torch_dtype: Any, dtype: Any, where: str) -> torch.dtype | str:
+    """One model's dtype: the argument given, else float32 (as Diffusers)."""
+    value = dtype_argument(torch_dtype, dtype, where)
+    return torch.float32 if value is None else value
 
 
 def _add_variant(name: str, variant: str | None) -> str:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_processor import Attention
+from .layout import residual_add
 
 
 def conv1x1_on_tokens(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -151,4 +152,4 @@ class Transformer2DModel(nn.Module):
             x = self.proj_out(x)
         else:  # the 1x1 conv is a linear map of the channels: applied to the tokens, as the same matmul
             x = conv1x1_on_tokens(self.proj_out, x)
-        return x.reshape(b, h, w, -1).permute(0, 3, 1, 2) + residual
+        return residual_add(residual, x)

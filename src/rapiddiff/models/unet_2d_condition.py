@@ -17,6 +17,7 @@ from torch import nn
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..loaders.lora import LoraModelMixin
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
+from .fused_projections import FusedProjectionsMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS, activation
 from .unet_blocks import (
@@ -222,7 +223,7 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin):
+class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig

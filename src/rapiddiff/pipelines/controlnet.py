@@ -17,7 +17,7 @@ from ..models.controlnet import ControlNetModel, MultiControlNetModel
 from .checks import check_finite, check_number
 from .denoise import Scheduler, StepCallback, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
-from .loading import _unwrap
+from .loading import _unwrap, is_compiled
 from .stable_diffusion import (
     StableDiffusionBase,
     StableDiffusionPipelineOutput,
@@ -215,6 +215,10 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             if split:  # zero residuals for the unconditional half
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                 mid = torch.cat([torch.zeros_like(mid), mid])
+            elif is_compiled(self.controlnet):
+                # A compiled ControlNet's outputs live in its CUDA graphs' memory, which the UNet's graph may reuse
+                # before reading them (pytorch issue 160281): the UNet gets copies the loop owns.
+                down, mid = [d.clone() for d in down], mid.clone()
             return x, {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
         return latents, StepHooks(model_inputs=control_residuals)

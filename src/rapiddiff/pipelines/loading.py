@@ -7,14 +7,16 @@ adding it to that table.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..configuration import read_json
 from ..hub import IGNORED_REPO_PATTERNS, resolve_dir
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,8 @@ PIPELINE_COMPONENT_LIBRARY = {
     "IFWatermarker": "deepfloyd_if",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# transformers classes that model_index.json files name by an old name (Diffusers maps them the same way).
+TRANSFORMERS_ALIASES = {"CLIPFeatureExtractor": "CLIPImageProcessor"}
 # `DiffusionPipeline.from_pretrained(checkpoint, controlnet=...)` loads a text-to-image checkpoint into its ControlNet
 # pipeline (what Diffusers' AutoPipelineForText2Image does with a `controlnet` argument).
 CONTROLNET_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionControlNetPipeline"}
@@ -56,7 +60,7 @@ def _component_class(library: str, class_name: str, what: str) -> type:
         import transformers
 
         try:
-            return getattr(transformers, class_name)
+            return getattr(transformers, TRANSFORMERS_ALIASES.get(class_name, class_name))
         except AttributeError as e:
             raise ValueError(f"{what}: transformers has no class {class_name!r}") from e
     raise ValueError(
@@ -68,6 +72,11 @@ def _component_class(library: str, class_name: str, what: str) -> type:
 def _unwrap(module: Any) -> Any:
     """The module under a `torch.compile` wrapper (its config, class and weights are the original's)."""
     return getattr(module, "_orig_mod", module)
+
+
+def is_compiled(module: Any) -> bool:
+    """Whether calling `module` runs torch.compile'd code (`torch.compile(module)` or `module.compile()`)."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
 
 
 def library_entry(component: Any) -> tuple[str | None, str | None]:
@@ -125,15 +134,6 @@ def _folder_has_variant(folder: Path, variant: str | None) -> bool:
     return variant is not None and any(_is_weight(p.name) and file_variant(p.name) == variant for p in folder.iterdir())
 
 
-def _check_dtype_arg(torch_dtype: Any) -> None:
-    values = torch_dtype.values() if isinstance(torch_dtype, Mapping) else [torch_dtype]
-    if any(v is not None and not isinstance(v, torch.dtype) for v in values):
-        raise TypeError(
-            "torch_dtype must be a torch.dtype (e.g. torch.float16) or a dict of them per component "
-            f"({{'unet': torch.float16, 'default': torch.float32}}), got {torch_dtype!r}"
-        )
-
-
 def _check_variant_present(root: Path, names: list[str], variant: str | None, source: str) -> None:
     """Components without the variant load their plain weights, but a variant that no component has is a mistake."""
     if variant is None:
@@ -168,15 +168,35 @@ def _load_component(
         kwargs["use_safetensors"] = use_safetensors
         if _folder_has_variant(folder, variant):  # else the plain weights, as Diffusers does
             kwargs["variant"] = variant
-    return cls.from_pretrained(folder, **kwargs)
+    if library in RAPIDDIFF_LIBRARIES:
+        return cls.from_pretrained(folder, **kwargs)
+    try:  # transformers' errors about a corrupt file rarely name it
+        return cls.from_pretrained(folder, **kwargs)
+    except Exception as e:
+        raise ValueError(f"could not load {what} from {folder}: {_corrupt_files(folder)}{type(e).__name__}: {e}") from e
 
 
-def _save_component(component: Any, folder: Path, safe_serialization: bool, variant: str | None) -> None:
+def _corrupt_files(folder: Path) -> str:
+    """Name the JSON files of a component folder that do not parse (the usual cause of a failed tokenizer load)."""
+    bad = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            bad.append(f"{path} is not valid JSON ({e})")
+    return "".join(f"{b}; " for b in bad)
+
+
+def _save_component(
+    component: Any, folder: Path, safe_serialization: bool, variant: str | None, max_shard_size: int | str | None
+) -> None:
     if not hasattr(component, "save_pretrained"):
         raise TypeError(f"cannot save component {type(component).__name__} to {folder}: it has no save_pretrained")
     kwargs: dict[str, Any] = {}
     if isinstance(component, torch.nn.Module):
         kwargs["variant"] = variant
+        if max_shard_size is not None:
+            kwargs["max_shard_size"] = max_shard_size
         if not _is_transformers_model(component) or _transformers_version() < (5, 0):
             kwargs["safe_serialization"] = safe_serialization
         elif not safe_serialization:
@@ -217,3 +237,12 @@ def _list_repo_files(repo_id: str, hub: dict[str, Any]) -> list[str] | None:
     except Exception as e:  # no network: fall back to the local cache, which names itself if empty
         logger.warning("could not list the files of %r on the Hub (%s); using the local cache", repo_id, e)
         return None
+
+
+def _indexed_components(directory: Path) -> list[str]:
+    """The component folders an existing checkpoint's model_index.json names (they are replaced, not kept)."""
+    try:
+        index = read_json(directory / MODEL_INDEX)
+    except (OSError, ValueError):
+        return []
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple))]

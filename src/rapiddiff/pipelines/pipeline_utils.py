@@ -22,6 +22,8 @@ import torch
 from .. import DIFFUSERS_VERSION
 from ..configuration import read_json
 from ..hub import _is_local, resolve_file
+from ..models.modeling_utils import dtype_argument
+from ..utils.atomic_io import atomic_folder, read_lock
 from .checks import (  # noqa: F401 - re-exported: pipelines and tests import the checks from here
     callback_tensor_names,
     check_generator,
@@ -32,9 +34,9 @@ from .checks import (  # noqa: F401 - re-exported: pipelines and tests import th
 from .loading import (  # noqa: F401 - re-exported
     CONTROLNET_PIPELINES,
     MODEL_INDEX,
-    _check_dtype_arg,
     _check_variant_present,
     _fetch_components,
+    _indexed_components,
     _load_component,
     _save_component,
     _unwrap,
@@ -206,23 +208,25 @@ class DiffusionPipeline(MemoryMixin):
     def from_pretrained(
         cls: type[P],
         pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
+        torch_dtype: torch.dtype | str | Mapping[str, torch.dtype | str] | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
         local_files_only: bool = False,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
+        dtype: torch.dtype | str | Mapping[str, torch.dtype | str] | None = None,
         **kwargs: Any,
     ) -> P:
         """Load a pipeline saved in Diffusers' layout (a local folder or a Hub id).
 
-        `torch_dtype`: one dtype for every torch component, or {"unet": ..., "default": ...}; float32 if not given.
+        `dtype` (Diffusers 0.42's name) or `torch_dtype`, not both: one dtype for every torch component, "auto" (as
+        stored), or {"unet": ..., "default": ...}; float32 if not given.
         Keyword arguments named after components replace them (`safety_checker=None`, `controlnet=...`); those named
         after config values (`requires_safety_checker=False`) replace model_index.json's.
         """
         kwargs.pop("low_cpu_mem_usage", None)  # always the case: models are built on the meta device
-        _check_dtype_arg(torch_dtype)
+        torch_dtype = dtype_argument(torch_dtype, dtype, f"{cls.__name__}.from_pretrained", per_component=True)
         hub = dict(local_files_only=local_files_only, revision=revision, cache_dir=cache_dir, token=token)
         source = str(pretrained_model_name_or_path)
         index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
@@ -240,11 +244,16 @@ class DiffusionPipeline(MemoryMixin):
             root = _fetch_components(source, list(to_load), variant, use_safetensors, hub)
         _check_variant_present(root, list(to_load), variant, source)
         loaded: dict[str, Any] = {n: None for n in entries}
-        for name, (library, class_name) in to_load.items():
-            dtype = (
-                torch_dtype.get(name, torch_dtype.get("default")) if isinstance(torch_dtype, Mapping) else torch_dtype
-            )
-            loaded[name] = _load_component(root, name, library, class_name, dtype, variant, use_safetensors)
+        with read_lock(root):  # a save_pretrained swapping this folder waits: old or new, never a mix
+            for name, (library, class_name) in to_load.items():
+                component_dtype = (
+                    torch_dtype.get(name, torch_dtype.get("default"))
+                    if isinstance(torch_dtype, Mapping)
+                    else torch_dtype
+                )
+                loaded[name] = _load_component(
+                    root, name, library, class_name, component_dtype, variant, use_safetensors
+                )
         pipe = pipeline_cls(**loaded, **overrides, **config)
         pipe._name_or_path = source
         return pipe
@@ -317,17 +326,57 @@ class DiffusionPipeline(MemoryMixin):
             )
         return entries | {n: (None, None) for n in missing}
 
+    @classmethod
+    def from_pipe(cls: type[P], pipeline: DiffusionPipeline, **kwargs: Any) -> P:
+        """A pipeline of this class on `pipeline`'s components (the same objects, no copy), as Diffusers' `from_pipe`.
+
+        Keyword arguments named after components or config values replace them; `dtype=` / `torch_dtype=` moves the
+        new pipeline's modules (and so the shared ones). Components this class has and `pipeline` lacks are None
+        if optional, else an error naming them.
+        """
+        if not isinstance(pipeline, DiffusionPipeline):
+            raise TypeError(f"from_pipe takes a rapiddiff pipeline, got {type(pipeline).__name__}")
+        target = type(pipeline) if cls is DiffusionPipeline else cls
+        dtype = dtype_argument(
+            kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), f"{target.__name__}.from_pipe"
+        )
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{target.__name__}.from_pipe: dtype must be one torch.dtype, got {dtype!r}")
+        overrides, config = target._split_kwargs(kwargs)
+        components = {n: overrides.get(n, getattr(pipeline, n, None)) for n in target.component_names()}
+        missing = [n for n, c in components.items() if c is None and n not in target._optional_components]
+        if missing:
+            raise ValueError(
+                f"{target.__name__}.from_pipe: {type(pipeline).__name__} has no component(s) {missing}; pass them, "
+                f"e.g. {missing[0]}=..."
+            )
+        old_config = pipeline.config
+        config = {k: old_config[k] for k in target.config_names() if k in old_config} | config
+        new = target(**components, **config)
+        new._name_or_path = pipeline.name_or_path
+        if isinstance(dtype, torch.dtype):
+            new.to(dtype=dtype)
+        return new
+
     # --- saving -----------------------------------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
     ) -> None:
-        """Write Diffusers' layout: model_index.json and one folder per component (Diffusers can load it)."""
+        """Write Diffusers' layout: model_index.json and one folder per component (Diffusers can load it).
+
+        Atomic: the whole checkpoint is written beside `save_directory` and swapped in at the end, so a failure
+        leaves the old checkpoint as it was, and component folders hold only what this save wrote (no stale variant,
+        format or shard). Files of the folder that belong to no component (a README) are kept.
+        """
         directory = Path(save_directory)
-        if directory.is_file():
-            raise ValueError(f"save_directory {str(save_directory)!r} is a file, expected a folder")
-        directory.mkdir(parents=True, exist_ok=True)
         index = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items() if k != "_name_or_path"}
-        (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for name, component in self.components.items():
-            if component is not None:
-                _save_component(_unwrap(component), directory / name, safe_serialization, variant)
+        owned = {MODEL_INDEX, *self.component_names(), *_indexed_components(directory)}
+        with atomic_folder(directory, keep=lambda name: name not in owned) as tmp:
+            (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            for name, component in self.components.items():
+                if component is not None:
+                    _save_component(_unwrap(component), tmp / name, safe_serialization, variant, max_shard_size)

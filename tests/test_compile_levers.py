@@ -1,0 +1,70 @@
+"""Speed levers of compile_pipeline: inductor's freezing (weights baked into the compiled code) never serves stale
+weights; fused Q/K/V under torch.compile. Marked `compile` (inductor on the CPU, tiny modules)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_rel
+from test_compile import fresh_dynamo, no_recompiles  # noqa: F401 (autouse fixture)
+from torch import nn
+
+from rapiddiff.compile import FrozenWeightsCall, compile_pipeline, inductor_options
+
+pytestmark = pytest.mark.compile
+
+
+class Tiny(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def frozen(module: nn.Module) -> FrozenWeightsCall:
+    kwargs = inductor_options("reduce-overhead", False, {"freezing": True})
+    module._compiled_call_impl = FrozenWeightsCall(module, fullgraph=True, **kwargs)
+    return module._compiled_call_impl
+
+
+def test_frozen_weights_follow_every_weight_change():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a, b = Tiny(0).eval(), Tiny(1).eval()
+    calls = frozen(a), frozen(b)
+
+    def check(m: nn.Module, what: str) -> None:
+        with torch.no_grad():
+            expected = m._call_impl(x)  # eager, with the module's current weights
+            assert_close_rel(m(x), expected, rel=1e-5, what=what)
+
+    with torch.no_grad():
+        check(a, "first compile")
+        check(b, "a second module of the same class and shapes: its own weights, not a's")
+        with no_recompiles():
+            check(a, "weights unchanged")
+        assert calls[0].compiles == 1
+        a.conv.weight.add_(0.5)  # a LoRA fused in place
+        check(a, "in-place update")
+        a.load_state_dict(b.state_dict())
+        check(a, "load_state_dict")
+        a.proj = nn.Linear(8, 4)  # a component swapped
+        check(a, "submodule swapped")
+    assert calls[0].compiles == 4
+    assert calls[1].compiles == 1
+
+
+def test_freezing_is_on_for_cpu_modules_by_default_and_can_be_turned_off(tiny_sd_dir):
+    from test_compile import txt2img
+
+    pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"])
+    assert isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall)
+    pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"], freezing=False)
+    assert not isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall)
+    with pytest.raises(ValueError, match="inductor's"):
+        compile_pipeline(txt2img(tiny_sd_dir), backend="eager", freezing=True)
+    with pytest.raises(ValueError, match="freezing='yes'"):
+        compile_pipeline(txt2img(tiny_sd_dir), freezing="yes")
