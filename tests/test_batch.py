@@ -232,6 +232,7 @@ def test_ray_engine_gives_the_torchrun_images(reference, tiny_sd_dir, tmp_path):
 
 
 @pytest.mark.compile
+@pytest.mark.slow  # two inductor compiles (about 45 s here); save/load itself is in test_compile.py's default run
 def test_compile_cache_is_saved_then_loaded(tiny_sd_dir, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
     cache = tmp_path / "cache" / "sd.bin"

@@ -304,10 +304,32 @@ def test_modes_apply_and_undo():
 
 
 @pytest.mark.compile
-def test_compiled_mode_both_backends(fake_clock):
+@pytest.mark.parametrize("inductor", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_compiled_mode_both_backends(fake_clock, monkeypatch, inductor):
+    """The compiled column compiles both libraries' denoisers (with inductor: a minute here, so the default run checks
+    the plumbing on dynamo's eager backend and the slow run compiles for real)."""
+    import torch
+
+    import rapiddiff
+
+    compiled = []
+    if not inductor:
+        real_compile, real_pipeline = torch.compile, rapiddiff.compile_pipeline
+
+        def eager_compile(model, **kwargs):
+            compiled.append(type(model).__module__.split(".")[0])
+            return real_compile(model, backend="eager", fullgraph=kwargs.get("fullgraph", False))
+
+        def eager_pipeline(pipe, **kwargs):
+            compiled.append("rapiddiff")
+            return real_pipeline(pipe, backend="eager", **kwargs)
+
+        monkeypatch.setattr(torch, "compile", eager_compile)
+        monkeypatch.setattr(rapiddiff, "compile_pipeline", eager_pipeline)
     doc = sweep(pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("compiled",), backends=("rapiddiff", "diffusers"))
     for cell in doc["cells"]:
         assert cell["status"] == "ok", cell["error"]
+    assert inductor or {"diffusers", "rapiddiff"} <= set(compiled)
 
 
 # --- interleaving, intervals, results kept (issues 10 and 14) --------------------------------------------------------

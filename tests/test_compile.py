@@ -237,6 +237,7 @@ CALLS = {
         dict(prompt=PROMPT, image=random_image(16, 16, seed=4), scheduler="EulerDiscreteScheduler"),
     ],
 }
+PIPELINE_ATOL = 2e-3
 IF_SIZES = {"if-i": dict(height=16, width=16), "if-ii": dict(height=32, width=32)}
 
 
@@ -264,11 +265,12 @@ def test_pipeline_calls_never_recompile(family, tiny_sd_dir, tiny_upscaler_dir):
     # one graph per model (UNet, ControlNet, VAE decoder), and the ControlNet pipeline's UNet without residuals
     models = (pipe.unet, getattr(pipe, "controlnet", None), getattr(pipe, "vae", None))
     graphs = sum(m is not None for m in models) + (family == "controlnet")
-    np.testing.assert_allclose(call(pipe, family, first), expected[0], atol=1e-4)
+    # channels_last changes the convolutions' summation order: the pipelines' tolerance (2e-3), not the models' (1e-4)
+    np.testing.assert_allclose(call(pipe, family, first), expected[0], atol=PIPELINE_ATOL)
     assert counter.frame_count == graphs
     with no_recompiles():
         for spec, want in zip(others, expected[1:]):
-            np.testing.assert_allclose(call(pipe, family, spec), want, atol=1e-4)
+            np.testing.assert_allclose(call(pipe, family, spec), want, atol=PIPELINE_ATOL)
     assert counter.frame_count == graphs
 
 
@@ -306,7 +308,7 @@ def test_compile_pipeline_argument_errors(tiny_sd_dir):
 
 def test_cli_compile_flag_compiles_the_pipeline(tiny_sd_dir, tmp_path, monkeypatch):
     """`rapiddiff generate --compile` goes through compile_pipeline (here on the eager backend) and writes the image."""
-    import rapiddiff.compile
+    import rapiddiff.cli_generate
 
     seen = []
 
@@ -314,7 +316,7 @@ def test_cli_compile_flag_compiles_the_pipeline(tiny_sd_dir, tmp_path, monkeypat
         seen.append(pipe)
         return compile_pipeline(pipe, backend="eager", **kwargs)
 
-    monkeypatch.setattr(rapiddiff.compile, "compile_pipeline", eager_compile)
+    monkeypatch.setattr(rapiddiff.cli_generate, "compile_pipeline", eager_compile)
     out = tmp_path / "x.png"
     argv = ["generate", PROMPT, "--model", str(tiny_sd_dir), "-o", str(out), "--compile", "--steps", "2"]
     assert rapiddiff.cli.main(argv) == 0
