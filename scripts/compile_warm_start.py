@@ -3,7 +3,7 @@
     python scripts/compile_warm_start.py                       # every model, every mode; table + compile_warm_start.json
     python scripts/compile_warm_start.py --models sd-unet --modes cold warm
 
-Models are built from their real configs (shared/configs beside the repository) with every width divided down to a
+Models are built from their real configs (the package's presets, rapiddiff/presets) with every width divided down to a
 32-channel first level ("narrow"): the same module tree, so the same graph and the same number of kernels to generate,
 at a fraction of the compute. `--models sd-unet-full` runs the SD 1.5 UNet at its real widths (not in the default run:
 its calls take seconds each on a CPU). Each compiles with fullgraph=True on inductor (mode "default": no CUDA graphs on a CPU).
@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+from rapiddiff.presets import PRESETS_DIR as CONFIGS  # (the package ships the real configs)
+
 MODELS = {  # name -> (config folder, latent/sample size of the real pipeline, second size for "dynamic")
     "sd-unet": ("stable-diffusion-v1-5/unet", 64, (48, 80)),
     "controlnet": ("sd-controlnet-canny", 64, (48, 80)),

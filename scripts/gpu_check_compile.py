@@ -5,7 +5,7 @@ From the repository root on the GPU machine (see shared/gpu/README.md):
     PYTHONPATH=src python scripts/gpu_check_compile.py     # table on stdout, details in $OUT/gpu_check_compile.json
     python scripts/gpu_check_compile.py --smoke              # a CPU dry run of the logic: narrow model, no inductor
 
-SD 1.5 architecture from shared/configs, random fp16 weights, 512x512 (64x64 latents), guidance (UNet batch 2).
+SD 1.5 architecture from the package's presets, random fp16 weights, 512x512 (64x64 latents), guidance (UNet batch 2).
   1. UNet alone: eager (SDPA, channels_last) and the recipe (channels_last, reduce-overhead, fullgraph) - steps/s
      and the first call's compile time - for rapiddiff and, when importable, for diffusers in this same process.
   2. txt2img loop it/s ((S_long - S_short) / (T_long - T_short): prompt encoding cancels) with the recipe.
@@ -37,10 +37,10 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="rapidd
 
 import torch  # noqa: E402
 
+from rapiddiff.presets import PRESETS_DIR  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT.parent / "shared" / "configs" / "stable-diffusion-v1-5"
-if not CONFIGS.is_dir():  # the GPU machine's copy of the repository carries shared/ inside it
-    CONFIGS = ROOT / "shared" / "configs" / "stable-diffusion-v1-5"
+CONFIGS = PRESETS_DIR / "stable-diffusion-v1-5"  # the package ships the real configs
 OUT = Path(os.environ.get("OUT", "."))
 PROMPT = "ghibli style, a fantasy landscape with castles"
 DIFFUSERS_ANCHOR = "shared/gpu/README.md: SD 1.5 UNet, H100, fp16, batch 1: 137.9 steps/s compiled, 52 s compile"

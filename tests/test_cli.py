@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -55,10 +53,3 @@ def test_generate_reports_bad_input(tiny_sd_dir, tmp_path, capsys):
 def test_generate_rejects_bad_options(tiny_sd_dir, bad):
     with pytest.raises(SystemExit):
         cli.main(["generate", "x", "--model", str(tiny_sd_dir), *bad])
-
-
-@pytest.mark.skipif(importlib.util.find_spec("rapiddiff.compile") is not None, reason="rapiddiff.compile exists")
-def test_compile_without_compile_module(tiny_sd_dir, tmp_path, capsys):
-    argv = ["generate", "x", "--model", str(tiny_sd_dir), "-o", str(tmp_path / "x.png"), "--compile", *ARGS]
-    assert cli.main(argv) == 2
-    assert "rapiddiff.compile is not available" in capsys.readouterr().err

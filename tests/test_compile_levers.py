@@ -31,7 +31,7 @@ def frozen(module: nn.Module) -> FrozenWeightsCall:
     return module._compiled_call_impl
 
 
-def test_frozen_weights_follow_every_weight_change():
+def test_frozen_weights_follow_every_weight_change(caplog):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     a, b = Tiny(0).eval(), Tiny(1).eval()
     calls = frozen(a), frozen(b)
@@ -48,7 +48,9 @@ def test_frozen_weights_follow_every_weight_change():
             check(a, "weights unchanged")
         assert calls[0].compiles == 1
         a.conv.weight.add_(0.5)  # a LoRA fused in place
-        check(a, "in-place update")
+        with caplog.at_level("WARNING", logger="rapiddiff.compile"):
+            check(a, "in-place update")
+        assert "Tiny: weights changed since it was compiled with inductor freezing; compiling it again" in caplog.text
         a.load_state_dict(b.state_dict())
         check(a, "load_state_dict")
         a.proj = nn.Linear(8, 4)  # a component swapped
@@ -68,3 +70,36 @@ def test_freezing_is_on_for_cpu_modules_by_default_and_can_be_turned_off(tiny_sd
         compile_pipeline(txt2img(tiny_sd_dir), backend="eager", freezing=True)
     with pytest.raises(ValueError, match="freezing='yes'"):
         compile_pipeline(txt2img(tiny_sd_dir), freezing="yes")
+
+
+def test_default_freezing_steps_aside_for_lora_layers():
+    """freezing=None: a LoRA's scales change between calls, so a module holding LoRA layers compiles unfrozen (its
+    scales stay graph inputs); a LoRA loaded after a frozen compile makes the next call compile once, unfrozen."""
+    from rapiddiff.loaders.lora_layers import add_to_layer
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = Tiny(0).eval()
+    kwargs = inductor_options("reduce-overhead", False, {"freezing": True})
+    call = m._compiled_call_impl = FrozenWeightsCall(m, cpu_only=True, fullgraph=True, **kwargs)
+    assert call.frozen
+    with torch.no_grad():
+        m(x)
+        add_to_layer(m.proj, "a", torch.randn(2, 8), torch.randn(4, 2), 1.0)
+        m.proj.lora_scale.fill_(0.5)
+        assert_close_rel(m(x), m._call_impl(x), rel=1e-5, what="LoRA loaded after compiling")
+        assert (call.compiles, call.frozen) == (2, False)
+        with no_recompiles():
+            m.proj.lora_scale.fill_(0.25)  # a new adapter scale: an input of the unfrozen graph
+            assert_close_rel(m(x), m._call_impl(x), rel=1e-5, what="scale changed")
+    assert call.compiles == 2
+
+
+def test_whole_step_refuses_model_offload(tiny_sd_dir):
+    from test_compile import txt2img
+
+    from rapiddiff.utils.offload import ModelOffloadHook
+
+    pipe = txt2img(tiny_sd_dir)
+    ModelOffloadHook(pipe.unet, torch.device("cpu")).attach()
+    with pytest.raises(ValueError, match=r"whole_step=True with model CPU offload \(unet offloaded\)"):
+        compile_pipeline(pipe, whole_step=True, backend="eager")

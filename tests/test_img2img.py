@@ -124,6 +124,7 @@ def test_loads_through_diffusion_pipeline_and_shares_components(pipes, tmp_path)
         (dict(strength=1.5), "strength must be <= 1.0, got 1.5"),
         (dict(strength=0.1, num_inference_steps=4), "strength=0.1 runs no denoising step of num_inference_steps=4"),
         (dict(image=None), "image is required"),
+        (dict(image=PIL.Image.new("RGB", (1, 1))), "image of 1x1 pixels .* at least the VAE's scale factor, 2"),
         (dict(prompt=["a", "b"], image=[IMAGE] * 3), "image has a batch of 3, which does not fit the 2 images"),
         (dict(prompt=["a", "b"], num_images_per_prompt=2, image=[IMAGE] * 3), "allowed: a batch that divides 4"),
     ],

@@ -340,6 +340,12 @@ BAD_INPUTS = [
     (dict(callback_on_step_end="not callable"), TypeError, "callback_on_step_end must be callable"),
     (dict(timesteps=[10, 5], sigmas=[1.0, 0.5]), ValueError, "at most one of timesteps and sigmas"),
     (dict(timesteps=[10, 5]), ValueError, "PNDMScheduler.set_timesteps does not accept custom timesteps"),
+    (
+        dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 64)),
+        ValueError,
+        r"prompt_embeds has shape \(1, 77, 64\): the UNet reads text embeddings of width 32",
+    ),
+    (dict(negative_prompt_embeds=torch.zeros(1, 77, 48)), ValueError, "negative_prompt_embeds has shape"),
 ]
 
 

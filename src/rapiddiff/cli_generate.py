@@ -177,6 +177,7 @@ def output_paths(output: Path, count: int, seed: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     try:
         batch_cli.check_batch_args(args)
+        checks.check_guidance_and_strength(args.guidance, args.strength)
         if args.prompts is not None:
             return batch_cli.run_command(args, load_pipeline, DTYPES)
         # Everything that can be wrong with the command is checked before the model loads (issue 14).

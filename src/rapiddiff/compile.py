@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,9 +30,12 @@ import torch.fx.experimental._config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .loaders.lora_layers import LoRALayerMixin
 from .pipelines.denoise import StepParts, run_step
 from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
-from .utils.offload import check_compilable
+from .utils.offload import check_compilable, offload_hook
+
+logger = logging.getLogger(__name__)
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MEMORY_FORMATS = (None, torch.channels_last, torch.contiguous_format)
@@ -89,7 +93,16 @@ def compile_pipeline(
             "whole_step=True does not support ControlNet pipelines: which ControlNets run at a step "
             "(control_guidance_start/end) is host state the step's graph would bake in; use whole_step=False"
         )
-    for name, module in _targets(pipe, components):
+    targets = _targets(pipe, components)
+    if whole_step:
+        offloaded = [name for name in DENOISERS if offload_hook(getattr(pipe, name, None)) is not None]
+        if offloaded:
+            raise ValueError(
+                f"whole_step=True with model CPU offload ({', '.join(offloaded)} offloaded): the step's graph calls "
+                "the UNet from inside compiled code, where the offload hook cannot move it to the device; use "
+                "whole_step=False (the models compile and offload together) or pipe.remove_all_hooks() first"
+            )
+    for name, module in targets:
         if memory_format is not None:
             module.to(memory_format=memory_format)
         # With whole_step the denoisers run inside the step's graph: compiling them alone too would only add guards.
@@ -172,8 +185,15 @@ def _resolve(obj: Any, path: str) -> Any:
 # --- frozen weights --------------------------------------------------------------------------------------------------
 def _freezes(freezing: bool | None, module: nn.Module) -> bool:
     if freezing is None:
-        return next(module.parameters()).device.type == "cpu"
+        return _default_freezes(module)
     return freezing
+
+
+def _default_freezes(module: nn.Module) -> bool:
+    """freezing=None: on for CPU weights, off for a module holding LoRA layers (whose scales and adapters change
+    between calls: frozen, each change would compile anew; unfrozen, the graph reads them as inputs)."""
+    on_cpu = next(module.parameters()).device.type == "cpu"
+    return on_cpu and not any(isinstance(m, LoRALayerMixin) for m in module.modules())
 
 
 def inductor_options(mode: str | None, dynamic: bool | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -200,9 +220,10 @@ class FrozenWeightsCall:
     object) never hands one module a graph holding another's weights. Not caught: an in-place write through
     `param.data` (it bypasses the version counter); call `refresh()` after one.
 
-    cpu_only (compile_pipeline's freezing=None): freeze only while the weights are on the CPU; weights moved to an
-    accelerator (`pipe.to("cuda")` after compiling, model offload) compile once more, without freezing and without
-    the per-call check.
+    cpu_only (compile_pipeline's freezing=None): freeze only while the weights are on the CPU and the module holds no
+    LoRA layers; weights moved to an accelerator (`pipe.to("cuda")` after compiling, model offload) or a LoRA loaded
+    compile once more, without freezing and without the per-call check. Every compile after the first is logged
+    (a warning): a weight change costs a full compile with freezing, and `freezing=False` avoids it.
     """
 
     def __init__(self, module: nn.Module, cpu_only: bool = False, **compile_kwargs: Any):
@@ -216,7 +237,15 @@ class FrozenWeightsCall:
     def refresh(self) -> None:
         """Compile anew from the module's current weights (at the next call)."""
         module = self._module
-        self.frozen = not self._cpu_only or next(module.parameters()).device.type == "cpu"
+        self.frozen = not self._cpu_only or _default_freezes(module)
+        if self.compiles:
+            logger.warning(
+                "%s: weights changed since it was compiled with inductor freezing; compiling it again%s (compile "
+                "#%d). compile_pipeline(..., freezing=False) keeps one graph across weight changes.",
+                type(module).__name__,
+                "" if self.frozen else " without freezing",
+                self.compiles + 1,
+            )
         kwargs = self._compile_kwargs
         if not self.frozen:
             kwargs = dict(kwargs, options={**kwargs["options"], "freezing": False})

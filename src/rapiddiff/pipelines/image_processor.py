@@ -142,6 +142,11 @@ class VaeImageProcessor:
         height = size[0] if height is None else height
         width = size[1] if width is None else width
         f = self.config.vae_scale_factor
+        if height < f or width < f:  # rounding down would give a size of 0
+            raise ValueError(
+                f"image of {size[0]}x{size[1]} pixels (height x width; height={height}, width={width} used): both must "
+                f"be at least the VAE's scale factor, {f}"
+            )
         return height - height % f, width - width % f
 
     def input_size(self, image: PipelineImageInput) -> tuple[int, int]:

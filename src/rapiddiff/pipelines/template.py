@@ -246,6 +246,20 @@ class DenoisingPipeline(DiffusionPipeline):
         )
         if self.deprecated_step_callback:
             warn_deprecated_callback_args(args.callback, args.callback_steps)
+        self.check_embeds_width(args)
+
+    def check_embeds_width(self, args: CallArgs) -> None:
+        """Given text embeddings must have the width the UNet's cross-attention reads (SD: cross_attention_dim; IF:
+        the T5 width, encoder_hid_dim), or the UNet fails deep inside with a bare shape error."""
+        config = self.unet.config
+        width = getattr(config, "encoder_hid_dim", None) or config.cross_attention_dim
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            embeds = getattr(args, name)
+            if embeds is not None and isinstance(width, int) and embeds.shape[-1] != width:
+                raise ValueError(
+                    f"{name} has shape {tuple(embeds.shape)}: the UNet reads text embeddings of width {width} "
+                    f"(batch, tokens, {width}); were they made by another model's text encoder?"
+                )
 
     def resolve_size(self, args: CallArgs) -> None:
         """height/width: the family's default for whichever is None (`default_size`), then its `check_size`."""
