@@ -46,12 +46,13 @@ VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "diffusers-recipe": ("diffusers", True, {}),  # channels_last + compile(reduce-overhead, fullgraph)
     "rapiddiff-eager": ("rapiddiff", False, {}),
     "rapiddiff-recipe": ("rapiddiff", True, {"freezing": False}),  # the seed's recipe
-    "rapiddiff-default": ("rapiddiff", True, {}),  # compile_pipeline's default (freezing on a CPU)
+    "rapiddiff-default": ("rapiddiff", True, {}),  # compile_pipeline's default
+    "rapiddiff-freezing": ("rapiddiff", True, {"freezing": None}),  # inductor freezing for CPU weights
     "rapiddiff-fused-qkv": ("rapiddiff", True, {"fuse_qkv": True}),
     "rapiddiff-conv1x1-mm": ("rapiddiff", True, {"options": {"conv_1x1_as_mm": True}}),
     "rapiddiff-max-autotune": ("rapiddiff", True, {"mode": "max-autotune"}),
 }
-DEFAULT_VARIANTS = ["diffusers-eager", "diffusers-recipe", "rapiddiff-eager", "rapiddiff-recipe", "rapiddiff-default"]
+DEFAULT_VARIANTS = ["diffusers-eager", "diffusers-recipe", "rapiddiff-eager", "rapiddiff-default", "rapiddiff-freezing"]
 
 
 def parse_args() -> argparse.Namespace:

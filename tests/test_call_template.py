@@ -161,6 +161,7 @@ def test_non_finite_result_warns_once_after_the_loop(nan_unet_pipe, caplog):
     assert len(warnings) == 1
     assert "image(s) [0, 1] of the batch of 2" in warnings[0] and "weights" in warnings[0]
     assert out.images.isnan().any()
+    assert nan_unet_pipe.non_finite_images == [True, True]
 
 
 def test_non_finite_result_strict(nan_unet_pipe):
@@ -171,5 +172,6 @@ def test_non_finite_result_strict(nan_unet_pipe):
 
 def test_finite_result_is_silent(sd, caplog):
     with caplog.at_level(logging.WARNING):
-        sd(PROMPT, num_inference_steps=2, output_type="latent")
+        sd([PROMPT] * 2, num_inference_steps=2, output_type="latent")
     assert not [r for r in caplog.records if "nan/inf" in r.getMessage()]
+    assert sd.non_finite_images == [False, False]

@@ -59,13 +59,13 @@ def test_frozen_weights_follow_every_weight_change(caplog):
     assert calls[1].compiles == 1
 
 
-def test_freezing_is_on_for_cpu_modules_by_default_and_can_be_turned_off(tiny_sd_dir):
+def test_freezing_is_off_by_default_and_on_for_cpu_modules_with_none(tiny_sd_dir):
     from test_compile import txt2img
 
     pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"])
-    assert isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall)
-    pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"], freezing=False)
     assert not isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall)
+    pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"], freezing=None)
+    assert isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall) and pipe.unet._compiled_call_impl.frozen
     with pytest.raises(ValueError, match="inductor's"):
         compile_pipeline(txt2img(tiny_sd_dir), backend="eager", freezing=True)
     with pytest.raises(ValueError, match="freezing='yes'"):

@@ -59,7 +59,7 @@ def compile_pipeline(
     dynamic: bool | None = False,
     whole_step: bool = False,
     backend: str | Callable[..., Any] = "inductor",
-    freezing: bool | None = None,
+    freezing: bool | None = False,
     options: dict[str, Any] | None = None,
 ) -> Any:
     """Apply channels_last and torch.compile in place to the pipeline's models; returns `pipe`.
@@ -76,8 +76,9 @@ def compile_pipeline(
         generating code.
     freezing: inductor's freezing (weights folded into the compiled code as constants, convolution and linear
         weights prepacked for the CPU's kernels; see `FrozenWeightsCall` for how later weight changes are caught).
-        None (default): on for modules whose weights are on the CPU, where it measured 2x and more (docs/compile.md),
-        off on accelerators until a GPU run shows it wins there. Inductor only; the whole-step graph never freezes.
+        False (default): off - measured side by side on a quiet CPU it ran at the recipe's speed (0.99x-1.01x,
+        docs/compile.md section 9) while costing a compile on every weight change. None: on for modules whose
+        weights are on the CPU and that hold no LoRA layers. Inductor only; the whole-step graph never freezes.
     options: more inductor options (torch.compile's `options=`, on top of the mode's), e.g. {"conv_1x1_as_mm": True};
         `scripts/compile_levers.py` measures them. Inductor only.
     """
@@ -139,6 +140,8 @@ def without_duck_shapes(compiled: Callable[..., Any]) -> Callable[..., Any]:
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             return compiled(*args, **kwargs)
 
+    if isinstance(compiled, FrozenWeightsCall):  # keep `module._compiled_call_impl.refresh()` reachable
+        call.refresh = compiled.refresh  # type: ignore[attr-defined]
     return call
 
 

@@ -28,7 +28,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class Scheduler(Protocol):
-    """What the pipelines and the loop use of a scheduler (rapiddiff's six, or any Diffusers-style scheduler)."""
+    """What the pipelines and the loop use of a scheduler (any of rapiddiff's, or a Diffusers-style scheduler)."""
 
     order: int
     timesteps: torch.Tensor

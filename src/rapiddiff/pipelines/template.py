@@ -146,6 +146,8 @@ class DenoisingPipeline(DiffusionPipeline):
     step_runner: StepRunner | None = None
     # A generation that ends with nan/inf latents warns once after the loop; True makes it a FloatingPointError.
     strict_non_finite: bool = False
+    # Per image of the last call (as `nsfw_content_detected`): True where its final latents held nan/inf.
+    non_finite_images: list[bool] | None = None
     # Whether the `model_inputs` hook runs before the scheduler scales the model input (IF-II: its upscaled image is
     # scaled with the sample, as in Diffusers) or after (SD: mask channels, control residuals, the x4's image).
     hook_before_scaling: ClassVar[bool] = False
@@ -352,6 +354,7 @@ class DenoisingPipeline(DiffusionPipeline):
     def report_non_finite(self, latents: torch.Tensor) -> None:
         """One check after the loop (never inside it: no host sync per step): nan/inf in the final latents."""
         finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
+        self.non_finite_images = [not ok for ok in finite]
         if all(finite):
             return
         bad = [k for k, ok in enumerate(finite) if not ok]
