@@ -226,8 +226,12 @@ def test_a_changed_setting_is_refused(reference, tiny_sd_dir, tmp_path, capsys):
 @pytest.mark.dist  # a local Ray with 2 actors: about 15 s on 2 quiet cores
 def test_ray_engine_gives_the_torchrun_images(reference, tiny_sd_dir, tmp_path):
     pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'rapiddiff[ray]')")
+    import signal
+
     prompts, one = reference
+    handler = signal.getsignal(signal.SIGTERM)
     assert generate(tiny_sd_dir, prompts, tmp_path / "ray", "--engine", "ray", "--workers", "2") == 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # Ray's driver handler does not outlive the run
     records = manifest(tmp_path / "ray")
     assert without_worker(records) == without_worker(manifest(one))
     assert all(r["worker"]["name"].startswith("ray-") for r in records)

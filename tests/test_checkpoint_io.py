@@ -183,6 +183,27 @@ def test_failing_writer_leaves_old_model(tmp_path, monkeypatch, k):
     assert _leftovers(tmp_path) == []
 
 
+def test_temporaries_of_a_killed_save_are_removed_by_the_next(tmp_path):
+    """A save killed mid-write leaves its hidden temporary (named with the writer's pid); the next save of that folder
+    removes it, but not one whose writer is still running."""
+    import os
+    import subprocess
+    import sys
+
+    _vae(0).save_pretrained(tmp_path / "vae")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    dead = tmp_path / f".vae.saving-{dead_pid}-deadbeef"
+    dead.mkdir()
+    (dead / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+    (tmp_path / f".vae.old-{dead_pid}-0badcafe").mkdir()
+    alive = tmp_path / f".vae.saving-{os.getppid()}-a11ce000"  # a live process (pytest's parent) writing
+    alive.mkdir()
+    _vae(1).save_pretrained(tmp_path / "vae")
+    assert _leftovers(tmp_path) == [alive.name]
+    assert _same_weights(AutoencoderKL.from_pretrained(tmp_path / "vae"), _vae(1))
+
+
 def test_unreplaceable_folder_fails_before_writing(tmp_path, monkeypatch):
     # Tests run as root, for whom a read-only folder is writable: inject what os.access would say for a normal user.
     _vae(0).save_pretrained(tmp_path / "vae")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +60,7 @@ def run_ray(
         raise ValueError(f"--engine ray needs Ray Data: pip install 'rapiddiff[ray]' ({e})") from None
     pending = job.pending(Worker())
     started = False
+    handlers = _signal_handlers()  # ray.init installs its own SIGTERM handler in the driver; put ours back after
     if pending and not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
@@ -72,9 +75,21 @@ def run_ray(
     finally:
         if started:
             ray.shutdown()
+            _restore_signal_handlers(handlers)
     if merge_manifest(job.layout, job.index.num_chunks):
         log(f"ray: all {job.index.total_images} image(s) done: {job.layout.manifest}")
     return 0
+
+
+def _signal_handlers() -> dict[int, Any]:
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: installed outside Python, cannot be restored from here
+                signal.signal(sig, handler)
 
 
 def run_chunks(

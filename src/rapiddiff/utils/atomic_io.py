@@ -30,7 +30,8 @@ _AT_FDCWD = -100
 
 
 def _temp_name(target: Path, kind: str) -> Path:
-    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+    """`.name.kind-PID-RANDOM` beside the target: the pid tells a later save whether its writer can still finish."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @contextlib.contextmanager
@@ -45,6 +46,7 @@ def atomic_folder(target: str | os.PathLike, keep: Callable[[str], bool] = lambd
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         _check_removable(target)
+    _remove_stale_temporaries(target)
     tmp = _temp_name(target, "saving")
     tmp.mkdir()
     try:
@@ -58,6 +60,28 @@ def atomic_folder(target: str | os.PathLike, keep: Callable[[str], bool] = lambd
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Temporaries of earlier saves of `target` whose writing process is gone (killed mid-save): their names carry
+    the writer's pid (`_temp_name`), and a pid that no longer exists on this machine cannot finish them."""
+    for path in [*target.parent.glob(f".{target.name}.saving-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        pid = path.name.rsplit("-", 2)[-2] if path.name.count("-") >= 2 else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted save", path)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
