@@ -3,6 +3,8 @@ weights; fused Q/K/V under torch.compile. Marked `compile` (inductor on the CPU,
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import assert_close_rel
@@ -103,3 +105,30 @@ def test_whole_step_refuses_model_offload(tiny_sd_dir):
     ModelOffloadHook(pipe.unet, torch.device("cpu")).attach()
     with pytest.raises(ValueError, match=r"whole_step=True with model CPU offload \(unet offloaded\)"):
         compile_pipeline(pipe, whole_step=True, backend="eager")
+
+
+@pytest.mark.parametrize(
+    "lever",
+    [dict(freezing=True), dict(options={"conv_1x1_as_mm": True}), dict(fuse_qkv=True)],
+    ids=["freezing", "conv_1x1_as_mm", "fused-qkv"],
+)
+def test_each_lever_matches_eager_and_does_not_recompile(tiny_sd_dir, lever):
+    """Every lever of docs/compile.md section 9 under inductor: the UNet's eager output (1e-4 of its scale), and a
+    second call with new values (latents, timestep, text) under error_on_recompile."""
+    from test_compile import txt2img
+
+    unet = txt2img(tiny_sd_dir).unet
+    g = torch.Generator().manual_seed(3)
+    inputs = [
+        (torch.randn(2, 4, 16, 24, generator=g), torch.tensor(t), torch.randn(2, 7, 32, generator=g))
+        for t in (437.0, 21.0)
+    ]
+    with torch.no_grad():
+        expected = [unet(*x).sample for x in inputs]
+        kwargs = dict(lever)
+        if kwargs.pop("fuse_qkv", False):
+            unet.fuse_qkv_projections()
+        compile_pipeline(types.SimpleNamespace(unet=unet), components=["unet"], **kwargs)
+        assert_close_rel(unet(*inputs[0]).sample, expected[0], rel=1e-4, what=f"{lever}: first call")
+        with no_recompiles():
+            assert_close_rel(unet(*inputs[1]).sample, expected[1], rel=1e-4, what=f"{lever}: new values")
