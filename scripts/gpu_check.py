@@ -15,6 +15,8 @@ What it measures (real architectures from rapiddiff.presets, random fp16 weights
             encoding and decoding cancel): SD txt2img, img2img, inpainting, ControlNet (the compiled ControlNet ->
             UNet handoff), IF stage I; each compiled image against the same pipeline's eager image.
   whole     rapiddiff txt2img with whole_step=True.
+  levers    the UNet at batch 1 with each candidate lever on top of rapiddiff's default (docs/compile.md section 9):
+            inductor freezing, fused Q/K/V, max-autotune, cudnn.benchmark (last: it is a process-wide switch).
 Every job records inductor's cudagraph_skips, FX-graph cache hits/misses and dynamo's recompiles.
 
 Time: compiling is what costs (about 50 s per UNet graph on an H100). Phase 1 compiles every job in parallel worker
@@ -45,6 +47,14 @@ import torch  # noqa: E402
 OUT = Path(os.environ.get("OUT", "."))
 FIGURES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if_stage_1")
 UNET_BATCHES = {"real": (1, 4, 16), "dry": (1, 2)}
+# Candidate levers on top of compile_pipeline's default, measured on the UNet at batch 1: compile_pipeline keyword
+# arguments, plus fuse_qkv (before compiling) and cudnn_benchmark (process-wide, so it runs last).
+LEVERS: dict[str, dict[str, Any]] = {
+    "rapiddiff-freezing": {"compile": {"freezing": True}},
+    "rapiddiff-fusedqkv": {"fuse_qkv": True},
+    "rapiddiff-autotune": {"compile": {"mode": "max-autotune"}},
+    "rapiddiff-cudnn": {"cudnn_benchmark": True},
+}
 
 
 class Run:
@@ -100,7 +110,8 @@ def jobs(dry: bool) -> list[str]:
     """In order of importance: the UNet table, the pipelines (rapiddiff first), the whole step."""
     unet = [f"unet:{lib}:{b}" for b in UNET_BATCHES["dry" if dry else "real"] for lib in ("diffusers", "rapiddiff")]
     pipes = [f"pipeline:{lib}:{fig}" for lib in ("rapiddiff", "diffusers") for fig in FIGURES]
-    return unet + pipes + ["whole:rapiddiff:sd_txt2img"]
+    levers = [f"unet:{name}:1" for name in LEVERS]
+    return unet + pipes + ["whole:rapiddiff:sd_txt2img"] + levers
 
 
 def unet_config(run: Run) -> dict[str, Any]:
@@ -140,7 +151,13 @@ def compile_unet(run: Run, library: str, model: torch.nn.Module) -> Any:
     if library == "diffusers":  # the seed's recipe
         model.to(memory_format=torch.channels_last)
         return torch.compile(model, fullgraph=True, **(run.backend or {"mode": "reduce-overhead"}))
-    compile_pipeline(SimpleNamespace(unet=model), components=["unet"], **run.backend)
+    lever = LEVERS.get(library, {})
+    if lever.get("fuse_qkv"):
+        model.fuse_qkv_projections()
+    if lever.get("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+    options = {} if run.dry else lever.get("compile", {})  # the dry run compiles nothing: inductor options do not apply
+    compile_pipeline(SimpleNamespace(unet=model), components=["unet"], **run.backend, **options)
     return model
 
 
@@ -321,6 +338,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ours, theirs = unet.get(f"unet:rapiddiff:{batch}"), unet.get(f"unet:diffusers:{batch}")
         if ours and theirs:
             print(f"UNet batch {batch}: rapiddiff / Diffusers-with-recipe = {ours / theirs:.2f}x")
+    theirs = unet.get("unet:diffusers:1")
+    for name in LEVERS:
+        ours = unet.get(f"unet:{name}:1")
+        if ours and theirs:
+            print(f"UNet batch 1, {name}: / Diffusers-with-recipe = {ours / theirs:.2f}x")
 
 
 if __name__ == "__main__":
