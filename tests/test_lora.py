@@ -127,6 +127,43 @@ def test_lora_formats_match_diffusers_and_unload_restores(fmt, tiny_sd_dir, tmp_
     assert all(torch.equal(a, b) for a, b in zip(after, base)), "unload_lora_weights must restore the exact outputs"
 
 
+def test_lcm_lora_workflow_matches_diffusers(tiny_sd_dir, tmp_path):
+    """The LCM-LoRA recipe of Diffusers' docs: a LoRA, LCMScheduler from the pipeline's config, 4 steps, guidance 1,
+    then fused; same images as Diffusers (list of prompts, non-square, two seeds)."""
+    import diffusers
+
+    ref, ours = load_pipes(tiny_sd_dir)
+    source, kwargs = save_lora(make_lora(ref, "peft", seed=5), tmp_path / "lcm", "peft")
+    for pipe, lib in ((ref, diffusers), (ours, rapiddiff)):
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = lib.LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(source, adapter_name="lcm", **kwargs)
+    args = dict(prompt=["a red cube", "two blue spheres"], seed=[0, 1], num_inference_steps=4, guidance_scale=1.0)
+    args |= dict(height=32, width=48)
+    assert_same_images(*run_both((ref, ours), **args))
+    for pipe in (ref, ours):
+        pipe.fuse_lora()
+    assert_same_images(*run_both((ref, ours), **args))
+
+
+def test_lora_on_the_controlnet_pipeline_matches_diffusers(tiny_sd_dir, tmp_path):
+    """load_lora_weights on StableDiffusionControlNetPipeline adapts its UNet and text encoder as Diffusers does."""
+    import diffusers
+    from conftest import random_image
+
+    ref, ours = load_pipes(tiny_sd_dir)
+    source, kwargs = save_lora(make_lora(ref, "kohya", seed=6), tmp_path / "cn", "kohya")
+    pipes = []
+    for pipe, lib in ((ref, diffusers), (ours, rapiddiff)):
+        controlnet = lib.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
+        pipe = lib.StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(source, adapter_name="style", **kwargs)
+        pipes.append(pipe)
+    control = random_image(32, 48, seed=2)
+    assert_same_images(*run_both(pipes, prompt=["a red cube", "a cat"], image=control, height=32, width=48))
+
+
 def test_adapters_weights_disable_fuse_unfuse_delete(tiny_sd_dir, tmp_path):
     ref, ours = load_pipes(tiny_sd_dir)
     base = outputs(ours)
