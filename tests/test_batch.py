@@ -255,10 +255,13 @@ def test_bench_scale_summary_from_worker_timestamps():
     def rec(name, ready, end):
         return {"worker": {"name": name, "ready": ready, "chunk_start": end - 1, "chunk_end": end}}
 
+    # worker 0/2: one chunk of 2 images (11-12); worker 1/2: chunks 12-13 (its first: compile) and 15-16
     records = [rec("0/2", 10, 12), rec("0/2", 10, 12), rec("1/2", 11, 13), rec("1/2", 11, 16)]
     row = summarize(records, launch=0.0, finish=17.0, workers=2)
     assert row["startup_s"] == 10.5 and row["idle_tail_s"] == 4 and row["wall_s"] == 17
-    assert row["steady_images_per_s"] == pytest.approx(2 / 2 + 2 / 5)
+    assert row["first_chunk_s"] == 1.0
+    # the steady state: worker 0/2 over its only chunk since ready (2 images / 2 s), worker 1/2 after its first chunk
+    assert row["steady_images_per_s"] == pytest.approx(2 / 2 + 1 / 3)
 
 
 class FakePipe:
