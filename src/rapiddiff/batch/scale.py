@@ -1,8 +1,8 @@
 """`rapiddiff bench scale --model PATH --workers 1 2`: batch generation under torchrun at several worker counts.
 
 For each worker count W it runs `torchrun --standalone --nproc-per-node W -m rapiddiff generate --prompts ...` on a
-synthetic prompt file and reads the timestamps the workers leave in the manifest: start-up (launch to pipeline ready:
-imports, weight loading, compile), steady-state images/s, per-worker efficiency against W = 1, the idle tail (from
+synthetic prompt file and reads the timestamps the workers leave in the manifest: start-up (launch to pipeline loaded:
+imports, weight loading), the first chunk (with --compile: the compile), steady-state images/s after it, per-worker efficiency against W = 1, the idle tail (from
 the first worker done to the last), and whether the images are the same as with the first W. See docs/scale.md.
 """
 
