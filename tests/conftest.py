@@ -207,3 +207,24 @@ def assert_same_images(ref_out, our_out, atol: float = PIPELINE_ATOL) -> None:
     assert isinstance(actual, np.ndarray) and actual.shape == expected.shape and actual.dtype == np.float32
     np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
     assert our_out.nsfw_content_detected == ref_out.nsfw_content_detected
+
+
+# --- an offline Hugging Face cache holding folders written by the tests ---------------------------------------------
+def fake_hub_cache(tmp_path, monkeypatch, repos: dict) -> None:
+    """Make `repo_id -> local folder` loadable by Hub id, offline: each folder is copied into a Hub cache layout
+    (models--org--name/snapshots/<commit>, refs/main) under tmp_path, and huggingface_hub is pointed at it."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo_id, folder in repos.items():
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -344,6 +344,27 @@ def test_textual_inversion_formats_match_diffusers(tiny_sd_dir, tmp_path):
     assert torch.equal(ours.encode_prompt("a <cat> in <style> with <e>", "cpu", 1, False)[0], base)
 
 
+def test_lora_and_textual_inversion_from_a_hub_id(tiny_sd_dir, tmp_path, monkeypatch):
+    """load_lora_weights / load_textual_inversion take a Hub id (here from an offline cache) like a local folder."""
+    import safetensors.torch
+    from conftest import fake_hub_cache
+
+    ref, ours = load_pipes(tiny_sd_dir)
+    source, _ = save_lora(make_lora(ref, "peft", seed=7), tmp_path / "lora", "peft")
+    (tmp_path / "ti").mkdir()
+    embeds = {"<toy>": torch.randn(32, generator=torch.Generator().manual_seed(8))}
+    safetensors.torch.save_file(embeds, tmp_path / "ti" / "learned_embeds.safetensors")
+    fake_hub_cache(tmp_path, monkeypatch, {"tiny-org/pixel-lora": source, "tiny-org/toy": tmp_path / "ti"})
+    local = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    local.load_lora_weights(source, adapter_name="pixel")
+    local.load_textual_inversion(str(tmp_path / "ti"))
+    ours.load_lora_weights("tiny-org/pixel-lora", adapter_name="pixel")
+    ours.load_textual_inversion("tiny-org/toy")
+    assert_parity(outputs(local, ("a <toy>", "b")), outputs(ours, ("a <toy>", "b")))
+    with pytest.raises((FileNotFoundError, OSError, ValueError), match="tiny-org/not-there"):
+        ours.load_lora_weights("tiny-org/not-there")
+
+
 # --- torch.compile ---------------------------------------------------------------------------------------------------
 @pytest.mark.compile
 def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):

@@ -8,7 +8,7 @@ import shutil
 import diffusers
 import pytest
 import torch
-from conftest import tiny_sd_components
+from conftest import fake_hub_cache, tiny_sd_components
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from rapiddiff import (
@@ -127,18 +127,7 @@ def test_bin_and_safetensors(tmp_path):
 
 
 def test_hub_id_from_offline_cache(tiny_sd_dir, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    repo = cache / "models--tiny-org--tiny-sd"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_sd_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fake_hub_cache(tmp_path, monkeypatch, {"tiny-org/tiny-sd": tiny_sd_dir})
     pipe = DiffusionPipeline.from_pretrained("tiny-org/tiny-sd")
     assert type(pipe) is StableDiffusionPipeline and pipe.name_or_path == "tiny-org/tiny-sd"
     assert pipe.unet.config.block_out_channels == (32, 64)
