@@ -139,9 +139,9 @@ def test_batch_option_errors(tmp_path, monkeypatch, capsys, argv, message):
         (["--seed", "-1"], "--seed -1: must be in"),
         (["--image", "missing.png"], "--image missing.png: no such file"),
         (["--image", "notes.txt"], "--image notes.txt: cannot read the image"),
-        (["--guidance", "nan"], "--guidance nan: must be a finite number"),
-        (["--guidance", "inf"], "--guidance inf: must be a finite number"),
-        (["--image", "notes.txt", "--strength", "1.5"], "--strength 1.5: must be in [0, 1]"),
+        (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+        (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+        (["--image", "notes.txt", "--strength", "1.5"], "--strength must be <= 1.0, got 1.5"),
     ],
 )
 def test_generate_checks_before_loading(tmp_path, monkeypatch, capsys, argv, message):

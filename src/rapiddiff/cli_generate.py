@@ -26,6 +26,7 @@ from .batch import checks
 from .batch import cli as batch_cli
 from .compile import compile_pipeline
 from .models.attention_processor import Attention
+from .pipelines.checks import check_number
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCHEDULER_ALIASES = {
@@ -177,7 +178,10 @@ def output_paths(output: Path, count: int, seed: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     try:
         batch_cli.check_batch_args(args)
-        checks.check_guidance_and_strength(args.guidance, args.strength)
+        # the pipelines' own checks, before the model loads: inf guidance gives NaN images, nan turns guidance off
+        check_number("--guidance", args.guidance)
+        if args.strength is not None:
+            check_number("--strength", args.strength, 0.0, 1.0)
         if args.prompts is not None:
             return batch_cli.run_command(args, load_pipeline, DTYPES)
         # Everything that can be wrong with the command is checked before the model loads (issue 14).

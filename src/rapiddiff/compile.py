@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .loaders.lora_layers import LoRALayerMixin
 from .pipelines.denoise import StepParts, run_step
 from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
-from .utils.offload import check_compilable, offload_hook
+from .utils.offload import check_compilable, check_whole_step_compilable
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +94,9 @@ def compile_pipeline(
             "whole_step=True does not support ControlNet pipelines: which ControlNets run at a step "
             "(control_guidance_start/end) is host state the step's graph would bake in; use whole_step=False"
         )
-    targets = _targets(pipe, components)
     if whole_step:
-        offloaded = [name for name in DENOISERS if offload_hook(getattr(pipe, name, None)) is not None]
-        if offloaded:
-            raise ValueError(
-                f"whole_step=True with model CPU offload ({', '.join(offloaded)} offloaded): the step's graph calls "
-                "the UNet from inside compiled code, where the offload hook cannot move it to the device; use "
-                "whole_step=False (the models compile and offload together) or pipe.remove_all_hooks() first"
-            )
-    for name, module in targets:
+        check_whole_step_compilable(pipe, DENOISERS)
+    for name, module in _targets(pipe, components):
         if memory_format is not None:
             module.to(memory_format=memory_format)
         # With whole_step the denoisers run inside the step's graph: compiling them alone too would only add guards.

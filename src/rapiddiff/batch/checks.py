@@ -4,7 +4,6 @@ one-line error before any work, never a traceback after it (issue 14: nothing lo
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -70,14 +69,6 @@ def check_seed(seed: int | None, count: int = 1) -> None:
     """Seeds seed .. seed + count - 1 must all fit torch's generator."""
     if seed is not None and not 0 <= seed <= MAX_SEED - count:
         raise ValueError(f"--seed {seed}: must be in [0, {MAX_SEED - count}] (torch generators take 64-bit seeds)")
-
-
-def check_guidance_and_strength(guidance: float, strength: float | None) -> None:
-    """--guidance must be finite (inf gives NaN images, nan turns guidance off); --strength in [0, 1]."""
-    if not math.isfinite(guidance):
-        raise ValueError(f"--guidance {guidance}: must be a finite number (7.5 is usual; <= 1 turns guidance off)")
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise ValueError(f"--strength {strength}: must be in [0, 1] (the share of the schedule that runs)")
 
 
 def open_image(path: Path, mode: str, option: str) -> Any:

@@ -122,3 +122,14 @@ def check_compilable(module: nn.Module) -> None:
             "inside every submodule's forward: it cannot be compiled. Use enable_model_cpu_offload() with "
             "torch.compile / compile_pipeline, or call remove_all_hooks() first."
         )
+
+
+def check_whole_step_compilable(pipe: Any, denoisers: tuple[str, ...]) -> None:
+    """A whole-step graph calls the denoisers from inside compiled code, where a model offload hook cannot move them."""
+    offloaded = [name for name in denoisers if offload_hook(getattr(pipe, name, None)) is not None]
+    if offloaded:
+        raise ValueError(
+            f"whole_step=True with model CPU offload ({', '.join(offloaded)} offloaded): the step's graph calls "
+            "the UNet from inside compiled code, where the offload hook cannot move it to the device; use "
+            "whole_step=False (the models compile and offload together) or pipe.remove_all_hooks() first"
+        )
