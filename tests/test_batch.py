@@ -194,7 +194,7 @@ def test_crash_with_two_workers_resume_with_one(reference, tiny_sd_dir, tmp_path
     assert result.returncode != 0
     committed = Layout(out).committed()
     assert 0 in committed and 2 not in committed and not (out / "manifest.jsonl").exists()
-    assert (out / "images" / "000000" / "000000007.png.tmp").exists()
+    assert list((out / "images" / "000000").glob("000000007.png.tmp-*"))  # pid-tagged
     kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for c in committed for p in _chunk_files(out, c)}
     assert cli.main(["manifest", str(out), "--verify"]) == 1
     assert "missing:" in capsys.readouterr().out

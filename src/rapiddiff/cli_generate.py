@@ -73,6 +73,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"replace the checkpoint's scheduler: {', '.join(SCHEDULER_ALIASES)} or a class name")  # fmt: skip
     parser.add_argument("-o", "--output", type=Path, default=Path("outputs"),
                         help="a .png file, or a folder (default ./outputs)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output images (without it, an existing file is an error); with "
+                             "--prompts: discard a run with other settings in the folder and start afresh")  # fmt: skip
     images = parser.add_argument_group("image inputs (they choose the pipeline)")
     images.add_argument("--image", type=Path, help="img2img: the image to transform; with --mask: the image to inpaint")
     images.add_argument("--mask", type=Path, help="inpainting: white pixels are repainted, black ones kept")
@@ -194,17 +197,18 @@ def run(args: argparse.Namespace) -> int:
         dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
         checks.check_seed(args.seed)
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+        paths = output_paths(args.output, args.num_images, seed)
+        if not args.overwrite:
+            checks.check_not_there(paths)
+        checks.check_generate_memory(args, device, dtype)
         kwargs = call_kwargs(args, torch.Generator("cpu").manual_seed(seed))  # opens the image files before loading
         pipe = load_pipeline(args, device, dtype)
         images = pipe(**kwargs).images
+        for image, path in zip(images, paths):
+            checks.write_image(image, path, args.overwrite)
+            print(f"wrote {path}", flush=True)
     except (ValueError, OSError) as e:
         print(f"rapiddiff generate: error: {e}", file=sys.stderr)
         return 2
-    for image, path in zip(images, output_paths(args.output, len(images), seed)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # written whole, then renamed: never half a file
-        image.save(tmp)
-        tmp.replace(path)
-        print(f"wrote {path}", flush=True)
     print(f"seed: {seed}")
     return 0

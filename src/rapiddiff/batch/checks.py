@@ -1,14 +1,19 @@
-"""Checks `rapiddiff generate` runs before it loads a model: a bad output path, device, seed or input image is a
-one-line error before any work, never a traceback after it (issue 14: nothing lost)."""
+"""Checks `rapiddiff generate` runs before it loads a model: a bad output path, device, seed or input image, an output
+that exists, a request too large for the memory there is are one-line errors before any work, never a traceback
+after it; and the one way it writes an output image."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..pipelines.checks import MemoryRequest, check_memory
+from ..utils.atomic_io import process_alive
 
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes [0, 2**64)
 
@@ -82,3 +87,70 @@ def open_image(path: Path, mode: str, option: str) -> Any:
             return image.convert(mode)
     except (PIL.Image.UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"{option} {path}: cannot read the image ({e})") from None
+
+
+def check_not_there(paths: list[Path]) -> None:
+    """Output images are never overwritten unless asked: an existing one is an error (before any model loads)."""
+    there = [p for p in paths if os.path.lexists(p)]
+    if there:
+        more = f" and {len(there) - 1} more" if len(there) > 1 else ""
+        raise ValueError(f"-o/--output: {there[0]}{more} already exists; pass --overwrite to replace, or another -o")
+
+
+def write_image(image: Any, path: Path, overwrite: bool) -> None:
+    """Write `image` whole at `path` (a pid-tagged temporary, then a rename); without `overwrite`, the final step is
+    a hard link, which fails rather than replace a file another process wrote meanwhile. An OSError names the path;
+    temporaries left by dead processes are removed first."""
+    from .run import writing  # one temporary-file rule for every output
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stray in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = stray.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            stray.unlink(missing_ok=True)
+    with writing(path, replace=overwrite) as tmp:
+        image.save(tmp, format=_FORMATS.get(path.suffix.lower(), "PNG"))
+
+
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _unet_config(model: str) -> tuple[dict[str, Any], int] | None:
+    """(the UNet's config, the VAE's scale factor) of a local checkpoint folder; None for a Hub id or an unreadable
+    config (the loader reports those, naming the file)."""
+    root = Path(os.path.expanduser(model))
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae_file = root / "vae" / "config.json"
+        blocks = (
+            json.loads(vae_file.read_text(encoding="utf-8")).get("block_out_channels") if vae_file.is_file() else None
+        )
+    except (OSError, ValueError):
+        return None
+    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 1
+    return (unet, factor) if isinstance(unet, dict) else None
+
+
+def check_memory_before_loading(model: str, images: int, guidance: float, height: int | None, width: int | None,
+                                dtype: torch.dtype, device: torch.device, what: str) -> None:  # fmt: skip
+    """The pipelines' memory check (pipelines/checks.py), from the checkpoint's config files before it loads."""
+    found = _unet_config(model) if height is not None and width is not None else None
+    if found is None:
+        return
+    config, factor = found
+    request = MemoryRequest.for_unet(config, images, guidance > 1, height, width, factor, dtype)
+    check_memory(request, device, what)
+
+
+def check_generate_memory(args: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """`rapiddiff generate PROMPT`: --num-images at --height x --width."""
+    check_memory_before_loading(args.model, args.num_images, args.guidance, args.height, args.width, dtype, device,
+                                f"--num-images {args.num_images} at --height {args.height} --width {args.width}")  # fmt: skip
+
+
+def check_request_memory(settings: Any, index: Any) -> None:
+    """`generate --prompts`: one call of --batch-size images at --height x --width (every chunk runs at that shape)."""
+    dtype = getattr(torch, settings.dtype)
+    check_memory_before_loading(settings.model, settings.batch_size, settings.guidance, settings.height,
+                                settings.width, dtype, torch.device(settings.device_type),
+                                f"--batch-size {settings.batch_size} at --height {settings.height} --width {settings.width}")  # fmt: skip

@@ -18,7 +18,17 @@ from typing import Any
 import torch
 
 from . import checks
-from .run import BatchJob, BatchSettings, Layout, Worker, log_stderr, merge_manifest, pixel_hash, run_workers
+from .run import (
+    BatchJob,
+    BatchSettings,
+    Layout,
+    Worker,
+    log_stderr,
+    merge_manifest,
+    pixel_hash,
+    read_run_file,
+    run_workers,
+)
 
 ENGINES = ("torchrun", "ray")
 DEFAULT_BATCH_SIZE = 4
@@ -94,13 +104,16 @@ def run_command(args: argparse.Namespace, load_pipeline: Callable[..., Any], dty
         device_type=device_type,
         compile=args.compile,
     )
-    job = BatchJob.prepare(settings, args.prompts, args.output, args.compile_cache)
-    if args.engine == "ray":
-        from .ray_engine import run_ray
+    job = BatchJob.prepare(settings, args.prompts, args.output, args.compile_cache, worker, args.overwrite)
+    try:
+        if args.engine == "ray":
+            from .ray_engine import run_ray
 
-        return run_ray(job, args, load_pipeline, dtypes[dtype], args.workers, log_stderr)
-    load = functools.partial(load_pipeline, args, device, dtypes[dtype])
-    return run_workers(job, worker, load, log_stderr)
+            return run_ray(job, args, load_pipeline, dtypes[dtype], args.workers, log_stderr)
+        load = functools.partial(load_pipeline, args, device, dtypes[dtype])
+        return run_workers(job, worker, load, log_stderr)
+    finally:
+        job.release()
 
 
 # --- rapiddiff manifest DIR [--verify] ----------------------------------------------------------------------------
@@ -118,20 +131,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def manifest_command(args: argparse.Namespace) -> int:
+    """Merge when complete; with --verify, check the committed parts against the image files. A file that cannot be
+    read is named with what is wrong (exit 2 for run.json, a verify problem for the others), never a traceback."""
     layout = Layout(args.folder)
     if not layout.run_file.is_file():
         print(f"rapiddiff manifest: error: {args.folder} has no {layout.run_file.name} (not a batch output folder)")
         return 2
-    expected = json.loads(layout.run_file.read_text())["prompts"]["images"]
-    batch_size = json.loads(layout.run_file.read_text())["settings"]["batch_size"]
-    num_chunks = -(-expected // batch_size)
-    if merge_manifest(layout, num_chunks):
+    try:
+        run = read_run_file(layout.run_file)
+        expected, batch_size = run["prompts"]["images"], run["settings"]["batch_size"]
+        num_chunks = -(-expected // batch_size)
+        merged = merge_manifest(layout, num_chunks)
+    except (ValueError, OSError) as e:
+        print(f"rapiddiff manifest: error: {e}")
+        return 2
+    if merged:
         print(f"{layout.manifest}: {expected} image(s), all {num_chunks} chunk(s) committed")
     else:
         print(f"{len(layout.committed())} of {num_chunks} chunk(s) committed; rerun the generate command to finish")
     if not args.verify:
         return 0
     problems = verify(layout, expected)
+    if not merged and layout.manifest.is_file():
+        problems.append(
+            f"{layout.manifest.name} is stale: it was merged when every chunk was committed, and some are not now"
+        )
     for line in problems[:50]:
         print(line)
     if len(problems) > 50:
@@ -141,21 +165,27 @@ def manifest_command(args: argparse.Namespace) -> int:
 
 
 def verify(layout: Layout, expected: int) -> list[str]:
-    """Missing and duplicated image numbers, missing files and pixel-hash mismatches."""
+    """Missing and duplicated image numbers, unreadable parts, missing or unreadable files and pixel-hash mismatches,
+    from the committed parts (the source of truth; manifest.jsonl is only their merge)."""
     import PIL.Image
 
     seen: dict[int, int] = {}
     problems: list[str] = []
-    for record in _records(layout):
+    for record in _records(layout, problems):
         n = record["n"]
         seen[n] = seen.get(n, 0) + 1
         path = layout.root / record["file"]
         if not path.is_file():
             problems.append(f"image {n} (line {record['line']}): file {record['file']} is missing")
             continue
-        with PIL.Image.open(path) as image:
-            if pixel_hash(image) != record["sha256"]:
-                problems.append(f"image {n} (line {record['line']}): {record['file']} has other pixels than recorded")
+        try:
+            with PIL.Image.open(path) as image:
+                digest = pixel_hash(image)
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt: PIL raises OSError / SyntaxError
+            problems.append(f"image {n} (line {record['line']}): {record['file']} cannot be read ({e})")
+            continue
+        if digest != record["sha256"]:
+            problems.append(f"image {n} (line {record['line']}): {record['file']} has other pixels than recorded")
     missing = [n for n in range(expected) if n not in seen]
     if missing:
         problems.append(f"missing: {len(missing)} image(s), numbers {_ranges(missing)}")
@@ -165,16 +195,35 @@ def verify(layout: Layout, expected: int) -> list[str]:
     return problems
 
 
-def _records(layout: Layout) -> Iterator[dict[str, Any]]:
-    """The manifest's records: manifest.jsonl if it was merged, else the committed parts."""
-    if layout.manifest.is_file():
-        sources = [layout.manifest]
-    else:
-        sources = [layout.part(c) for c in sorted(layout.committed())]
-    for source in sources:
-        with open(source, encoding="utf-8") as f:
-            for text in f:
-                yield json.loads(text)
+RECORD_KEYS = {"n": int, "line": int, "file": str, "sha256": str}
+
+
+def _records(layout: Layout, problems: list[str]) -> Iterator[dict[str, Any]]:
+    """The records of the committed parts; a line that is not a whole record (a truncated part) is a problem naming
+    the part and the line."""
+    for chunk in sorted(layout.committed()):
+        part = layout.part(chunk)
+        name = part.relative_to(layout.root).as_posix()
+        try:
+            text = part.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{name}: cannot be read ({e})")
+            continue
+        if text and not text.endswith("\n"):
+            problems.append(f"{name}: truncated (its last line has no end)")
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{name} line {number}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            bad = [
+                k for k, t in RECORD_KEYS.items() if not isinstance(record, dict) or not isinstance(record.get(k), t)
+            ]
+            if bad:
+                problems.append(f"{name} line {number}: not a manifest record (missing or wrong {', '.join(bad)})")
+                continue
+            yield record
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -134,13 +134,19 @@ def _int(obj: dict[str, Any], key: str, default: int | None, low: int, high: int
     return value
 
 
+def _decode(raw: bytes, offset: int) -> str:
+    """A line of the file without its newline; the file's first line loses a UTF-8 byte-order mark (utf-8-sig), as
+    editors on Windows write one, so it never becomes part of the first prompt."""
+    return raw.decode("utf-8-sig" if offset == 0 else "utf-8").rstrip("\r\n")
+
+
 def _lines(path: Path, start: int = 0) -> Iterator[tuple[int, str]]:
     """(byte offset, decoded line without its newline) from `start`; blank lines included."""
     with open(path, "rb") as f:
         f.seek(start)
         offset = start
         for raw in f:
-            yield offset, raw.decode("utf-8").rstrip("\r\n")
+            yield offset, _decode(raw, offset)
             offset += len(raw)
 
 
@@ -163,7 +169,7 @@ def scan_prompt_file(path: str | Path, batch_size: int, defaults: Defaults) -> C
             digest.update(raw)
             line_offset, offset = offset, offset + len(raw)
             try:
-                text = raw.decode("utf-8").rstrip("\r\n")
+                text = _decode(raw, line_offset)
             except UnicodeDecodeError as e:
                 num_errors += 1
                 if len(errors) < MAX_REPORTED:

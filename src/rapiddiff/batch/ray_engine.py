@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .run import BatchJob, ChunkRunner, Worker, merge_manifest, remove_stray_temporaries, warm_pipeline
+from .run import BatchJob, ChunkRunner, Worker, merge_manifest, warm_pipeline
 
 RETRIES = 3  # actor restarts and chunk retries before the job fails (a retried chunk is regenerated whole)
 
@@ -33,13 +33,12 @@ class ChunkActor:
         self.job = job
         pipe = warm_pipeline(lambda: load_pipeline(args, device, dtype), job, Worker())
         name = f"ray-{ray.get_runtime_context().get_actor_id()[:8]}"
-        self.runner = ChunkRunner(pipe, job.settings, job.prompts, job.index, job.layout, name)
+        self.runner = ChunkRunner(pipe, job.settings, job.prompts, job.index, job.layout, name, job.fingerprint)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = []
         for chunk in batch["chunk"]:
             chunk = int(chunk)
-            remove_stray_temporaries(self.job.layout, self.job.chunk_images(chunk))
             images.append(len(self.runner.run_chunk(chunk)))
         return {"chunk": list(batch["chunk"]), "images": images}
 

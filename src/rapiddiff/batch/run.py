@@ -2,7 +2,9 @@
 
 Layout of the output folder DIR:
 
-    DIR/run.json                      the run's settings (`fingerprint`); a rerun with other settings is refused
+    DIR/run.json                      the run's settings (`fingerprint`), written with the first commit; a rerun with
+                                      other settings is refused (or, with --overwrite, starts the folder afresh)
+    DIR/.locks/                       the run's advisory locks (`lock.py`): a second run into the folder is refused
     DIR/images/NNNNNN/NNNNNNNNN.png   image number n (global, in prompt-file order), 1000 to a subfolder
     DIR/parts/CCCCCCCC.jsonl          chunk c's manifest lines; its existence commits the chunk
     DIR/manifest.jsonl                all parts merged, sorted by image number (written when every chunk is committed)
@@ -12,25 +14,32 @@ c goes to worker c mod W. Every image has its own generator (the line's seed + k
 as a batch of exactly `batch_size` (the last one padded, the padding discarded), so an image's pixels do not depend on
 the number of workers or on what was already done. A chunk is written image by image (temporary name, then rename) and
 committed by renaming its manifest part into place: a crash leaves uncommitted chunks, which a rerun regenerates whole.
+Temporary names carry the writer's pid (`NAME.tmp-PID`); a failed write removes its own, and the next run removes
+those of the chunks it takes (a chunk is only ever written by the worker holding its lock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..utils.file_hash import file_digests
 from . import checks
+from .lock import RunLock, setup_lock
 from .prompts import ChunkIndex, Defaults, ImageTask, iter_chunk, scan_prompt_file
 
 RUN_FILE = "run.json"
@@ -39,7 +48,7 @@ PARTS = "parts"
 IMAGES = "images"
 IMAGES_PER_FOLDER = 1000
 TMP = ".tmp"
-FORMAT = 1
+FORMAT = 2  # 2: model files by content hash (1: by size)
 # Testing hook: "WORKER:CHUNKS" makes that worker die (os._exit) after committing CHUNKS chunks, in the middle of
 # writing the next one (one image renamed, one left as a temporary), as a preempted node would.
 CRASH_ENV = "_RAPIDDIFF_BATCH_CRASH"
@@ -103,17 +112,16 @@ class BatchSettings:
 
 
 def model_fingerprint(model: str) -> dict[str, Any]:
-    """The checkpoint's files: every file's size, and the hash of its small (config, tokenizer) files; a hub id as is."""
+    """The checkpoint's files by content (blake2b of each whole file, cached by path, size and mtime: a weight file
+    changed in place, even to the same size, is a different model); a hub id as is."""
     root = Path(os.path.expanduser(model))
     if not root.is_dir():
         return {"id": model}
-    files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        size = path.stat().st_size
-        small = path.suffix in (".json", ".txt", ".model") and size < 16 * 2**20
-        files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if small else size
-    return {"files": files}
+    paths = sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(q.startswith(".") for q in p.relative_to(root).parts)
+    )
+    digests = file_digests(paths)
+    return {"files": {p.relative_to(root).as_posix(): digests[p] for p in paths}}
 
 
 class Layout:
@@ -137,30 +145,115 @@ class Layout:
         return {int(p[:-6]) for p in os.listdir(self.parts) if p.endswith(".jsonl") and p[:-6].isdigit()}
 
 
+def temporary(path: Path) -> Path:
+    """This process's temporary name for `path` (pid-tagged: two processes never share one)."""
+    return path.with_name(f"{path.name}{TMP}-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def writing(path: Path, replace: bool = True) -> Iterator[Path]:
+    """`with writing(path) as tmp:` write `tmp`; it is renamed to `path` on success, removed on any failure, and an
+    OSError (disk full, permission) names `path`. `replace=False` never replaces an existing `path` (a hard link
+    takes the place of the rename: it fails if another process created `path` meanwhile)."""
+    tmp = temporary(path)
+    try:
+        yield tmp
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_no_clobber(tmp, path)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{path} already exists (written by another process meanwhile); it was not replaced") from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _link_no_clobber(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path` unless `path` exists (FileExistsError); where hard links are not supported, a check then
+    a rename."""
+    try:
+        os.link(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file renamed into place (readers see all of it or nothing)."""
-    tmp = path.with_name(path.name + TMP + f"-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with writing(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def check_run_file(layout: Layout, fingerprint: dict[str, Any]) -> None:
-    """Write run.json on the first run; on a rerun, refuse any difference (a mix of settings is never resumed)."""
-    if layout.run_file.exists():
-        old = json.loads(layout.run_file.read_text())
+def read_run_file(path: Path) -> dict[str, Any]:
+    """run.json as written by `write_run_file`; ValueError naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a run file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); corrupt?") from None
+    if not isinstance(data, dict) or not isinstance(data.get("prompts"), dict):
+        raise ValueError(f"{path}: not a run file (no 'prompts' section)")
+    for section, key in (("prompts", "images"), ("settings", "batch_size")):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {section}.{key} must be a positive integer, got {value!r}; corrupt?")
+    return data
+
+
+def check_run_file(layout: Layout, fingerprint: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse a folder holding a run with other settings (a mix of settings is never resumed); with `overwrite`,
+    clear that run's results instead. Called under the setup lock; run.json itself is written with the first commit
+    (`write_run_file`), once the pipeline has accepted the settings."""
+    if not layout.run_file.exists():
+        return
+    try:
+        old = read_run_file(layout.run_file)
+        problem = None
         old = {k: old.get(k) for k in fingerprint}
         if old != fingerprint:
-            diffs = _differences(old, fingerprint)
-            raise ValueError(
-                f"{layout.root} holds a run with other settings ({'; '.join(diffs[:6])}): "
-                "rerun with the same settings to resume it, or use another --output folder"
-            )
+            problem = f"holds a run with other settings ({'; '.join(_differences(old, fingerprint)[:6])})"
+    except ValueError as e:
+        problem = f"holds a run whose settings cannot be read ({e})"
+    if problem is None:
         return
-    layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write(layout.run_file, (json.dumps(fingerprint, indent=1, sort_keys=True) + "\n").encode())
+    if not overwrite:
+        raise ValueError(
+            f"{layout.root} {problem}: rerun with the same settings to resume it, use another --output folder, or "
+            "pass --overwrite to discard that run's images"
+        )
+    clear_run(layout)
+
+
+def clear_run(layout: Layout) -> None:
+    """--overwrite: remove an earlier run's settings, commits, manifest and images (nothing else in the folder)."""
+    for path in (layout.run_file, layout.manifest):
+        path.unlink(missing_ok=True)
+    for folder in (layout.parts, layout.root / IMAGES):
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            raise OSError(f"--overwrite: could not remove {folder}")
+
+
+def write_run_file(layout: Layout, fingerprint: dict[str, Any]) -> None:
+    """Under the setup lock, at a worker's first commit: write run.json, or check that it holds these settings (a run
+    with other settings that started meanwhile wins; this one is refused before it writes an image)."""
+    with setup_lock(layout.root):
+        check_run_file(layout, fingerprint)
+        if not layout.run_file.exists():
+            atomic_write(layout.run_file, (json.dumps(fingerprint, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -206,8 +299,10 @@ class ChunkRunner:
     """Generates and commits whole chunks with one loaded pipeline; shared by the torchrun and Ray engines."""
 
     def __init__(self, pipe: Any, settings: BatchSettings, prompts: Path, index: ChunkIndex, layout: Layout,
-                 worker: str):  # fmt: skip
+                 worker: str, fingerprint: dict[str, Any] | None = None):  # fmt: skip
         self.pipe, self.settings, self.prompts, self.index, self.layout = pipe, settings, prompts, index, layout
+        # Written (or checked) as run.json before this runner's first image: None when the caller wrote it already.
+        self.fingerprint = fingerprint
         # Timestamps (time.time()) in the worker field feed `rapiddiff bench scale`: ready = pipeline loaded.
         self.worker = {"name": worker, "host": socket.gethostname(), "pid": os.getpid(), "ready": time.time()}
         self.committed_here = 0
@@ -219,17 +314,20 @@ class ChunkRunner:
         """Generate chunk `chunk`, write its images, commit it; returns its manifest records."""
         start = time.time()
         tasks = iter_chunk(self.prompts, self.index, chunk, self.settings.defaults)
+        remove_stray_temporaries(self.layout, [t.n for t in tasks], chunk)
         images = self.generate(tasks)
+        if self.fingerprint is not None:  # the pipeline accepted every setting: now the folder is this run's
+            write_run_file(self.layout, self.fingerprint)
+            self.fingerprint = None
         records = []
         crash = self._crash_after is not None and self.committed_here == self._crash_after
         for i, (task, image) in enumerate(zip(tasks, images)):
             path = self.layout.image(task.n)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + TMP)  # deterministic: a rerun overwrites a stray one
-            image.save(tmp, format="PNG")
-            if crash and i == 1:
-                os._exit(1)  # testing hook (CRASH_ENV): one image renamed, this one left as a temporary
-            os.replace(tmp, path)
+            with writing(path) as tmp:
+                image.save(tmp, format="PNG")
+                if crash and i == 1:
+                    os._exit(1)  # testing hook (CRASH_ENV): one image renamed, this one left as a temporary
             records.append(self.record(task, path, pixel_hash(image), chunk))
         end = time.time()
         for record in records:
@@ -289,23 +387,31 @@ class ChunkRunner:
 
 
 def merge_manifest(layout: Layout, num_chunks: int) -> bool:
-    """Write DIR/manifest.jsonl from the parts if every chunk is committed; True if written."""
+    """Write DIR/manifest.jsonl from the parts if every chunk is committed; True if written. Under the setup lock:
+    a manifest temporary found there is a leftover of a failed merge."""
     committed = layout.committed()
     if any(c not in committed for c in range(num_chunks)):
         return False
-    tmp = layout.manifest.with_name(MANIFEST + TMP + f"-{os.getpid()}")
-    with open(tmp, "wb") as out:
-        for c in range(num_chunks):
-            out.write(layout.part(c).read_bytes())
-    os.replace(tmp, layout.manifest)  # several workers may merge at once: each writes the same file
+    with setup_lock(layout.root):
+        for stray in layout.root.glob(f"{MANIFEST}{TMP}-*"):
+            stray.unlink(missing_ok=True)
+        with writing(layout.manifest) as tmp, open(tmp, "wb") as out:
+            for c in range(num_chunks):
+                out.write(layout.part(c).read_bytes())
     return True
 
 
-def remove_stray_temporaries(layout: Layout, chunk_images: Iterable[int]) -> None:
-    """Temporaries a crashed run left for these images (the chunk is regenerated whole, so they are garbage)."""
+def remove_stray_temporaries(layout: Layout, chunk_images: Iterable[int], chunk: int | None = None) -> None:
+    """Temporaries a killed or failed run left for these images and chunk `chunk`'s part, whichever process wrote
+    them: the chunk is regenerated whole by the one worker holding its lock, so they are garbage."""
     for n in chunk_images:
         path = layout.image(n)
-        path.with_name(path.name + TMP).unlink(missing_ok=True)
+        for stray in path.parent.glob(f"{path.name}{TMP}*"):
+            stray.unlink(missing_ok=True)
+    if chunk is not None:
+        part = layout.part(chunk)
+        for stray in part.parent.glob(f"{part.name}{TMP}*"):
+            stray.unlink(missing_ok=True)
 
 
 @dataclass
@@ -317,16 +423,38 @@ class BatchJob:
     index: ChunkIndex
     layout: Layout
     compile_cache: Path | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    # this process's worker lock on the folder (not sent to Ray actors: they work for the driver that holds it)
+    lock: RunLock | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def prepare(cls, settings: BatchSettings, prompts: Path, output: Path, compile_cache: Path | None) -> BatchJob:
+    def prepare(cls, settings: BatchSettings, prompts: Path, output: Path, compile_cache: Path | None,
+                worker: Worker | None = None, overwrite: bool = False) -> BatchJob:  # fmt: skip
+        """Every check that needs no model (nothing written), then the folder's lock and its settings check."""
         checks.check_output_folder(output)
         if compile_cache is not None:
             checks.check_output_file(compile_cache, "--compile-cache")
         index = scan_prompt_file(prompts, settings.batch_size, settings.defaults)
+        checks.check_request_memory(settings, index)
+        fingerprint = settings.fingerprint(index)
         layout = Layout(output)
-        check_run_file(layout, settings.fingerprint(index))
-        return cls(settings, prompts, index, layout, compile_cache)
+        worker = worker or Worker()
+        lock = RunLock(output, worker.index, worker.count, worker.name)
+        lock.acquire()
+        try:
+            with setup_lock(output, worker.name):
+                check_run_file(layout, fingerprint, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(settings, prompts, index, layout, compile_cache, fingerprint, lock)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "lock": None}
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def pending(self, worker: Worker) -> list[int]:
         """This worker's chunks that are not committed yet."""
@@ -350,12 +478,11 @@ def run_workers(job: BatchJob, worker: Worker, load: Callable[[], Any], log: Cal
             log(
                 f"worker {worker.name}: {len(pending)} chunk(s) to do, pipeline ready in {time.perf_counter() - start:.1f}s"
             )
-            runner = ChunkRunner(pipe, job.settings, job.prompts, job.index, job.layout, worker.name)
+            runner = ChunkRunner(pipe, job.settings, job.prompts, job.index, job.layout, worker.name, job.fingerprint)
             for done, chunk in enumerate(pending):
                 if stop.set:
                     log(f"worker {worker.name}: SIGTERM: stopped after {done} chunk(s); rerun the command to resume")
                     return 143
-                remove_stray_temporaries(job.layout, job.chunk_images(chunk))
                 runner.run_chunk(chunk)
                 if done == 0:
                     save_compile_cache_once(job, worker)
@@ -388,9 +515,8 @@ def save_compile_cache_once(job: BatchJob, worker: Worker) -> None:
         return
     from ..compile import save_compile_cache
 
-    tmp = job.compile_cache.with_name(job.compile_cache.name + TMP + f"-{os.getpid()}")
-    save_compile_cache(tmp)
-    os.replace(tmp, job.compile_cache)
+    with writing(job.compile_cache) as tmp:
+        save_compile_cache(tmp)
     log_stderr(f"worker {worker.name}: saved the compile cache {job.compile_cache}")
 
 

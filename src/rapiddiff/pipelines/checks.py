@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -81,3 +82,118 @@ def python_scalars(value: Any) -> Any:
     if isinstance(value, list) and any(isinstance(v, (np.integer, np.floating)) for v in value):
         return [python_scalars(v) for v in value]
     return value
+
+
+# --- request size against memory ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MemoryRequest:
+    """The least memory a denoising call needs, from shapes alone (docs/reliability.md):
+
+        bytes = itemsize x latent_height x latent_width x (images x latent_channels + skips x model_batch x width)
+
+    the initial latents (images = prompts x num_images_per_prompt) plus the UNet's full-resolution activations: its
+    down path keeps `layers_per_block + 1` of them, each (model_batch, block_out_channels[0], h, w), for the up path,
+    and one more is being computed (skips = layers_per_block + 2); model_batch is 2 x images with classifier-free
+    guidance. Text encoder, VAE, attention and the lower resolutions come on top, so this is an underestimate: a call
+    is refused only when even this cannot fit."""
+
+    images: int
+    model_batch: int
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    width: int
+    skips: int
+    itemsize: int
+
+    @property
+    def bytes(self) -> int:
+        area = self.latent_height * self.latent_width
+        return self.itemsize * area * (self.images * self.latent_channels + self.skips * self.model_batch * self.width)
+
+    @classmethod
+    def for_unet(cls, config: Any, images: int, guided: bool, height: int, width: int, scale_factor: int,
+                 dtype: torch.dtype) -> MemoryRequest | None:  # fmt: skip
+        """From a UNet config (object or dict: in_channels, block_out_channels, layers_per_block) and pixel sizes."""
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+        channels, blocks, layers = get("in_channels"), get("block_out_channels"), get("layers_per_block")
+        layers = layers[0] if isinstance(layers, (list, tuple)) and layers else layers
+        if not (isinstance(channels, int) and isinstance(blocks, (list, tuple)) and blocks and isinstance(layers, int)):
+            return None
+        return cls(images, images * (2 if guided else 1), channels, max(height // scale_factor, 1),
+                   max(width // scale_factor, 1), int(blocks[0]), layers + 2, torch.empty((), dtype=dtype).element_size())  # fmt: skip
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes a new allocation can get, where): CUDA's free memory plus what torch's caching allocator holds unused;
+    the host's MemAvailable (psutil where installed, else /proc/meminfo); None where unknown (MPS, other systems)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached, f"{device}"
+    if device.type != "cpu":
+        return None, str(device)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "the host"
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "the host"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "the host"
+
+
+def check_memory(request: MemoryRequest | None, device: torch.device, what: str) -> None:
+    """ValueError when `request` clearly cannot fit in the memory `device` has available, before any model runs."""
+    if request is None:
+        return
+    available, where = available_memory(device)
+    need = request.bytes
+    if available is None or need <= available:
+        return
+    raise ValueError(
+        f"{what} cannot fit: it needs at least {_gib(need)} ({request.images} image(s) of "
+        f"{request.latent_height}x{request.latent_width} latents x {request.latent_channels} channels and the "
+        f"UNet's full-resolution activations, batch {request.model_batch} x {request.width} channels x "
+        f"{request.skips} tensors), but {where} has {_gib(available)} available; lower the image count or size"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def pixel_size(args: Any) -> tuple[int, int] | None:
+    """The call's height and width in pixels: given (or resolved by the checks), else the input image's."""
+    height, width = getattr(args, "height", None), getattr(args, "width", None)
+    if isinstance(height, int) and isinstance(width, int):
+        return height, width
+    image = getattr(args, "image", None)
+    image = image[0] if isinstance(image, (list, tuple)) and image else image
+    if hasattr(image, "size") and isinstance(getattr(image, "width", None), int):  # PIL
+        return image.height, image.width
+    if isinstance(image, np.ndarray) and image.ndim >= 3:  # HWC / NHWC
+        return int(image.shape[-3]), int(image.shape[-2])
+    if isinstance(image, torch.Tensor) and image.ndim >= 3:  # CHW / NCHW
+        return int(image.shape[-2]), int(image.shape[-1])
+    return None
+
+
+def check_call_memory(pipe: Any, args: Any) -> None:
+    """The shared call check: a request whose latents and UNet activations cannot fit is refused before any model
+    runs. An input image's size over the VAE factor is a lower bound of the latents (the x4 upscaler's are larger)."""
+    unet, size = getattr(pipe, "unet", None), pixel_size(args)
+    if unet is None or size is None:
+        return
+    vae = getattr(pipe, "vae", None)
+    factor = getattr(pipe, "vae_scale_factor", 1) if vae is not None else 1
+    guided = isinstance(args.guidance_scale, (int, float)) and args.guidance_scale > 1
+    request = MemoryRequest.for_unet(unet.config, args.batch_size, guided, *size, factor, unet.dtype)
+    check_memory(request, pipe._execution_device, f"this call ({args.batch_size} image(s) at {size[0]}x{size[1]})")

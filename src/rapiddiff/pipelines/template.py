@@ -28,6 +28,7 @@ import torch
 
 from .checks import (
     callback_tensor_names,
+    check_call_memory,
     check_finite,
     check_generator,
     check_number,
@@ -209,6 +210,7 @@ class DenoisingPipeline(DiffusionPipeline):
     def generate(self, args: CallArgs) -> Any:
         """Checks, then encode -> timesteps -> initial latents -> denoise -> output (see the module docstring)."""
         self.check_inputs(args)
+        check_call_memory(self, args)  # the request against the memory there is, before any model runs
         self.start_call(args)
         device = self._execution_device
         timesteps, num_inference_steps = self.prepare_timesteps(args, device)

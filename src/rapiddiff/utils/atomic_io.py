@@ -67,12 +67,12 @@ def _remove_stale_temporaries(target: Path) -> None:
     the writer's pid (`_temp_name`), and a pid that no longer exists on this machine cannot finish them."""
     for path in [*target.parent.glob(f".{target.name}.saving-*"), *target.parent.glob(f".{target.name}.old-*")]:
         pid = path.name.rsplit("-", 2)[-2] if path.name.count("-") >= 2 else ""
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed %s, left by an interrupted save", path)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # no signal sent: only whether the process exists (PermissionError: another user's)
     except ProcessLookupError:
