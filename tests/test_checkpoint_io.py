@@ -216,6 +216,24 @@ def test_unreplaceable_folder_fails_before_writing(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
+def test_save_through_a_symlinked_folder(tmp_path):
+    """`save_pretrained("link")`, link -> a folder: the folder it points to gets the new save, the link stays a link
+    (Diffusers writes through it), and no hidden leftover remains."""
+    import os
+
+    real = tmp_path / "real"
+    _vae(0).save_pretrained(real)
+    (real / "README.md").write_text("kept")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    _vae(1).save_pretrained(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert _same_weights(AutoencoderKL.from_pretrained(real), _vae(1))
+    assert _same_weights(AutoencoderKL.from_pretrained(link), _vae(1))
+    assert (real / "README.md").read_text() == "kept"
+    assert _leftovers(tmp_path) == []
+
+
 def test_reader_during_saves_sees_old_or_new(tmp_path):
     models = [_vae(0), _vae(1)]
     models[0].save_pretrained(tmp_path / "vae")

@@ -5,6 +5,9 @@ the entries of the old folder that the save does not own are carried over (hard 
 temporary swapped with the target. A failure before the swap removes the temporary and leaves the old folder
 untouched; files the new save does not write (another variant, the other format, stale shards) do not survive.
 
+A target that is a symbolic link to a folder is written through: the folder it points to is swapped, the link is
+left as it is and so points at the new save.
+
 Readers and writers of this process and others agree through `flock` on the folders themselves (no lock files):
 a reader holds a shared lock on the folder it loads and on its parent for the whole load; a writer takes exclusive
 locks on the same two folders only for the swap. A reader therefore never sees a mix of two saves.
@@ -41,6 +44,8 @@ def atomic_folder(target: str | os.PathLike, keep: Callable[[str], bool] = lambd
     `keep(name)`: entries of the old folder the save does not own, carried into the new one unless it wrote them.
     """
     target = Path(target)
+    if target.is_symlink():  # write through the link (as Diffusers does): the link stays, pointing at the new save
+        target = Path(os.path.realpath(target))
     if target.is_file():
         raise ValueError(f"save_directory {str(target)!r} is a file, expected a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +89,9 @@ def process_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def read_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold shared locks on `folder` and its parent while loading from it, so no save is swapped in meanwhile."""
-    folder = Path(folder)
+    """Hold shared locks on `folder` and its parent while loading from it, so no save is swapped in meanwhile (a
+    symlinked folder: the folder it points to, which is what a save through the link swaps)."""
+    folder = Path(os.path.realpath(folder))
     with contextlib.ExitStack() as stack:
         for path in (folder.parent, folder):
             stack.enter_context(_locked(path, fcntl.LOCK_SH))
