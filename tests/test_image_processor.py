@@ -218,3 +218,16 @@ def test_bad_inputs():
     assert torch.equal(out, torch.full((1, 3, 8, 8), -0.5))  # taken to be in [-1, 1]: not normalised again
     with pytest.raises(ValueError, match="both"):
         VaeImageProcessor(do_convert_rgb=True, do_convert_grayscale=True)
+
+
+@pytest.mark.parametrize("make", [lambda x: x, lambda x: x.permute(0, 2, 3, 1).numpy()], ids=["tensor", "array"])
+def test_images_outside_the_value_range_are_refused(make):
+    """Values in [-5, 5] or 0-255 are not images in [0, 1] / [-1, 1] (Diffusers encodes them as they are)."""
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    x = torch.linspace(-5, 5, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"image has values in \[-5, 5\]"):
+        processor.preprocess(make(x))
+    with pytest.raises(ValueError, match=r"image has values in \[0, 255\]"):
+        processor.preprocess(make((x + 5) * 25.5))
+    edge = (x / 5 * 1.005).clamp(-1.005, 1.005)  # rounding slack of a previous stage's [-1, 1] sample
+    assert processor.preprocess(make(edge)).shape == (1, 3, 16, 16)

@@ -408,6 +408,26 @@ def test_custom_timesteps_and_sigmas_match_diffusers():
         run_loop(ref, ours, SD, {}, sample, ref.timesteps, f"{name} {custom}")
 
 
+@pytest.mark.parametrize(
+    "sigmas, problem",
+    [
+        ([1.0, 5.0, 14.0], "strictly decreasing"),  # ascending
+        ([14.0, 5.0, 5.0, 0.0], "strictly decreasing"),
+        ([14.0, -1.0], "non-negative"),
+        ([14.0, float("nan"), 0.0], "finite"),
+        ([float("inf"), 1.0, 0.0], "finite"),
+        ([14.0], "at least 2"),
+    ],
+)
+def test_custom_sigmas_are_checked_like_timesteps(sigmas, problem):
+    """Custom sigmas: finite, non-negative, strictly decreasing (a trailing 0 is the usual final level)."""
+    scheduler = rapiddiff.EulerDiscreteScheduler(**SD)
+    with pytest.raises(ValueError, match=f"sigmas must .*{problem}.*got"):
+        scheduler.set_timesteps(sigmas=sigmas)
+    scheduler.set_timesteps(sigmas=[14.0, 3.0, 0.5, 0.0])  # valid, with the final 0
+    assert scheduler.sigmas.tolist() == [14.0, 3.0, 0.5, 0.0]
+
+
 @pytest.mark.parametrize("name", ["PNDMScheduler", "DPMSolverMultistepScheduler"])
 def test_history_survives_an_overwritten_model_output_buffer(name):
     """With CUDA graphs the model writes every output into the same buffer: stored outputs must be copies."""

@@ -11,6 +11,7 @@ Masks use the same class configured as Diffusers' inpainting pipeline does:
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import numpy as np
@@ -260,6 +261,7 @@ class VaeImageProcessor:
                 if batch.shape[1] == self.config.vae_latent_channels:
                     return batch
                 self._check_tensor_channels(batch)
+            check_image_range(batch)
             if self.config.do_resize:
                 batch = self.resize(batch, *self.get_default_height_width(batch, height, width))
 
@@ -454,3 +456,23 @@ def _grow_span(lo: int, hi: int, length: float, limit: int) -> tuple[int, int]:
     if lo < 0:
         lo, hi = 0, hi - lo
     return lo, min(hi, limit)
+
+
+# Rounding slack around [-1, 1] (a float16 sample of a previous stage may end a hair outside it).
+RANGE_TOLERANCE = 1e-2
+
+
+def check_image_range(batch: torch.Tensor) -> None:
+    """An image tensor or array must hold values in [0, 1] (or [-1, 1]: taken as normalised already). Values beyond
+    (0-255 pixel values, unnormalised features) would reach the VAE as they are: a ValueError names the range found.
+    Diffusers takes them silently. Non-finite values are left to the finiteness check, which names them."""
+    if not batch.is_floating_point() or batch.numel() == 0:
+        return
+    low, high = float(batch.min()), float(batch.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return
+    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"image has values in [{low:g}, {high:g}]; image tensors and arrays must be in [0, 1] (or [-1, 1], taken as "
+            "normalised already): rescale it (0-255 pixel values: divide by 255)"
+        )

@@ -146,9 +146,7 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         if sigmas is not None:
             if num_inference_steps is not None or timesteps is not None:
                 raise ValueError("pass only one of num_inference_steps, timesteps or sigmas to set_timesteps")
-            sigmas = np.array(sigmas).astype(np.float32)
-            if sigmas.ndim != 1 or len(sigmas) < 2:
-                raise ValueError(f"sigmas must list at least 2 noise levels, got {sigmas.tolist()}")
+            sigmas = self._check_custom_sigmas(sigmas)
             timesteps = sigma_to_t(sigmas[:-1], np.log(self._train_sigmas()))
             steps = len(timesteps)
         else:
