@@ -7,6 +7,7 @@ text encoder's embeddings and one UNet pass (cheap); one test runs the whole pip
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close_rel, assert_same_images, run_both
@@ -409,3 +410,37 @@ def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):
         assert torch.equal(check("unfused"), mixed)
         unet.load_lora_adapter(make_lora(pipe, "peft", seed=8), prefix="unet", adapter_name="a", hotswap=True)
         assert not torch.allclose(check("hotswapped"), mixed)
+
+
+def test_non_finite_numbers_through_the_side_doors_change_nothing(tiny_sd_dir, tmp_path):
+    """nan/inf in adapter weights, a fuse scale, a LoRA file or a textual-inversion file: a ValueError naming it,
+    before any weight or layer changes (as cross_attention_kwargs={"scale": nan} is refused)."""
+    import safetensors.torch
+
+    pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    good = make_lora(pipe, "kohya", seed=5)
+    poisoned = dict(good)
+    key = sorted(poisoned)[3]
+    poisoned[key] = poisoned[key].clone()
+    poisoned[key].view(-1)[0] = float("nan")
+    safetensors.torch.save_file(poisoned, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=rf"nan.safetensors.*tensor '{key}' holds 1 non-finite value"):
+        pipe.load_lora_weights(str(tmp_path / "nan.safetensors"))
+    assert pipe.get_list_adapters() == {} and lora_layer_count(pipe) == 0
+
+    pipe.load_lora_weights(good, adapter_name="a")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="adapter_weights must be finite"):
+            pipe.set_adapters(["a"], adapter_weights=[bad])
+        with pytest.raises(ValueError, match="lora_scale must be a finite number"):
+            pipe.fuse_lora(lora_scale=bad)
+    pipe.fuse_lora(lora_scale=np.float32(0.5))  # numpy numbers still work
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+    safetensors.torch.save_file({"<bad>": torch.tensor([1.0, float("inf")] + [0.0] * 30)}, tmp_path / "ti.safetensors")
+    with pytest.raises(ValueError, match=r"ti.safetensors: the embedding of token '<bad>' holds 1 non-finite"):
+        pipe.load_textual_inversion(str(tmp_path / "ti.safetensors"))
+    assert len(pipe.tokenizer) == 49408

@@ -8,6 +8,8 @@ models, so the pipeline mixin (UNet + CLIP text encoder) and the model mixin (on
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -184,6 +186,8 @@ class LoRAAdapters:
         for w in weights:
             if isinstance(w, bool) or not isinstance(w, (int, float)):
                 raise TypeError(f"adapter_weights must be numbers, got {w!r}")
+            if not math.isfinite(w):  # checked before any layer changes: a nan weight would give nan images
+                raise ValueError(f"adapter_weights must be finite numbers, got {weights}")
         for model in self.models.values():
             state = lora_layers.lora_state(model)
             if state is not None:
@@ -215,6 +219,10 @@ class LoRAAdapters:
     def fuse(
         self, components: Sequence[str], lora_scale: float, safe_fusing: bool, adapter_names: Sequence[str] | None
     ) -> None:
+        if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
+            raise TypeError(f"lora_scale must be a number, got {lora_scale!r}")
+        if not math.isfinite(lora_scale):  # fusing adds it into the weights in place: nan would stay there for good
+            raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}; the weights were not changed")
         if adapter_names is not None:
             adapter_names = _as_list(adapter_names)
             self._check_names(adapter_names, "fuse_lora")

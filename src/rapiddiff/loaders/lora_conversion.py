@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils.torch_utils import first_non_finite
 from .lora_layers import expected_shapes, lora_capable
 
 # Key suffix of one LoRA matrix -> which half of the pair (checked in this order: the longest first).
@@ -192,6 +193,11 @@ def convert_lora_state_dict(
     default_component: str | None = "unet",
 ) -> dict[str, dict[str, LayerLoRA]]:
     """Check a LoRA state dict against the pipeline's models and return it per component and layer."""
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        key, count, size = bad
+        raise ValueError(f"{source}: tensor {key!r} holds {count} non-finite value(s) (nan/inf) out of {size}; nothing "
+                         "was loaded (fusing or running it would turn the model's outputs into nan)")  # fmt: skip
     errors = _Errors()
     if not state_dict:
         errors.add("the state dict is empty", "(no keys)")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..hub import resolve_dir, resolve_file
+from ..utils.torch_utils import first_non_finite
 
 TI_WEIGHT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 _HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "hf_token", "subfolder", "weight_name", "use_safetensors")
@@ -74,6 +75,10 @@ def _token_and_embedding(state: Any, token: str | None, source: str) -> tuple[st
         raise ValueError(f"{source}: the embedding does not name its token: pass token=")
     if not isinstance(embedding, torch.Tensor) or embedding.ndim not in (1, 2) or embedding.shape[0] == 0:
         raise ValueError(f"{source}: the embedding must be a (dim,) or (vectors, dim) tensor, got {embedding!r:.100}")
+    bad = first_non_finite({token: embedding})
+    if bad is not None:
+        raise ValueError(f"{source}: the embedding of token {token!r} holds {bad[1]} non-finite value(s) (nan/inf) "
+                         f"out of {bad[2]}; nothing was loaded")  # fmt: skip
     return token, embedding.detach().reshape(-1, embedding.shape[-1])
 
 

@@ -6,11 +6,23 @@ device, a list of generators draws one batch entry per generator.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 Generator = torch.Generator | Sequence[torch.Generator]
+
+
+def first_non_finite(tensors: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """(key, non-finite count, size) of the first floating-point tensor holding nan/inf, or None: weights read from a
+    file are checked once, before they touch a model (a nan there would poison the weights for good)."""
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                return key, int((~finite).sum()), value.numel()
+    return None
 
 
 def to_device(tensor: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
