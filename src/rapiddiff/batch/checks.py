@@ -101,7 +101,7 @@ def write_image(image: Any, path: Path, overwrite: bool) -> None:
     """Write `image` whole at `path` (a pid-tagged temporary, then a rename); without `overwrite`, the final step is
     a hard link, which fails rather than replace a file another process wrote meanwhile. An OSError names the path;
     temporaries left by dead processes are removed first."""
-    from .run import writing  # one temporary-file rule for every output
+    from .run import save_synced, writing  # one temporary-file rule for every output
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for stray in path.parent.glob(f"{path.name}.tmp-*"):
@@ -109,7 +109,7 @@ def write_image(image: Any, path: Path, overwrite: bool) -> None:
         if pid.isdigit() and not process_alive(int(pid)):
             stray.unlink(missing_ok=True)
     with writing(path, replace=overwrite) as tmp:
-        image.save(tmp, format=_FORMATS.get(path.suffix.lower(), "PNG"))
+        save_synced(image, tmp, _FORMATS.get(path.suffix.lower(), "PNG"))
 
 
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

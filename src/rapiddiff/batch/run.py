@@ -188,6 +188,15 @@ def _link_no_clobber(tmp: Path, path: Path) -> None:
     tmp.unlink()
 
 
+def save_synced(image: Any, path: Path, format: str) -> None:
+    """Encode `image` into `path` and flush it to disk (before the commit that lists it, so a power cut never leaves
+    a committed chunk pointing at an empty file)."""
+    with open(path, "wb") as f:
+        image.save(f, format=format)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file renamed into place (readers see all of it or nothing)."""
     with writing(path) as tmp, open(tmp, "wb") as f:
@@ -325,7 +334,7 @@ class ChunkRunner:
             path = self.layout.image(task.n)
             path.parent.mkdir(parents=True, exist_ok=True)
             with writing(path) as tmp:
-                image.save(tmp, format="PNG")
+                save_synced(image, tmp, "PNG")
                 if crash and i == 1:
                     os._exit(1)  # testing hook (CRASH_ENV): one image renamed, this one left as a temporary
             records.append(self.record(task, path, pixel_hash(image), chunk))
