@@ -294,3 +294,34 @@ def test_cli_huge_size_fails_fast(tiny_sd_dir, tmp_path, capsys, batch):
     err = capsys.readouterr().err
     assert "at --height 100000 --width 100000 cannot fit" in err and "available" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.dist
+def test_two_runs_started_together_one_is_refused(tiny_sd_dir, tmp_path):
+    """Two `generate --prompts` processes into one new folder at the same moment, with different --steps: one runs,
+    the other is refused (by the lock, or by the settings of the run that got there first); nothing is mixed."""
+    import subprocess
+    import sys
+
+    import rapiddiff
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    out = tmp_path / "out"
+    src = str(Path(rapiddiff.__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": src, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = [
+        subprocess.Popen([sys.executable, "-m", "rapiddiff", "generate", "--prompts", str(prompts), "--model",
+                          str(tiny_sd_dir), "-o", str(out), "--height", "32", "--width", "32", "--batch-size", "1",
+                          "--steps", steps], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for steps in ("2", "3")
+    ]  # fmt: skip
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    winner = ("2", "3")[[code for code, _ in results].index(0)]
+    loser = next(err for code, err in results if code == 2)
+    assert "is in use by pid" in loser or "holds a run with other settings" in loser, loser
+    assert json.loads((out / "run.json").read_text())["settings"]["steps"] == int(winner)
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records] == [int(winner)] * 2
