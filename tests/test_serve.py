@@ -4,6 +4,7 @@ thread (client disconnects) and the command in a subprocess (SIGTERM), all on 12
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -245,13 +246,11 @@ def test_out_of_memory_at_the_smallest_size_is_503_and_the_server_stays_up(pipe)
         assert metric(client, "rapiddiff_rejections_total", {"reason": "out_of_memory"}) == 1
 
 
-def test_a_disconnected_client_s_queued_work_is_dropped(pipe):
-    """Through a real uvicorn server on 127.0.0.1 (TestClient cannot hang up): the first request holds the worker,
-    the second one's client gives up while it is queued, and its work never runs."""
+@contextlib.contextmanager
+def running(app):
+    """The app on a uvicorn server in a thread, on 127.0.0.1 and a free port: yields its URL."""
     import uvicorn
 
-    wrapped = Wrapped(pipe, sleeping(1.5))
-    app = create_app(wrapped, "tiny", ServeSettings(max_batch_size=1, batch_wait_ms=0))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -260,21 +259,27 @@ def test_a_disconnected_client_s_queued_work_is_dropped(pipe):
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
             time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(httpx.post, url + ENDPOINT, json=body(seed=1), timeout=30)
-            time.sleep(0.5)  # the first is running
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(url + ENDPOINT, json=body(seed=2), timeout=0.5)
-            assert first.result().status_code == 200
-        assert app.state.batcher.wait_idle(10)
-        text = httpx.get(url + "/metrics").text
-        assert 'rapiddiff_rejections_total{reason="client_disconnected"} 1.0' in text
-        assert wrapped.calls == [1]  # the second request's work was dropped
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_a_disconnected_client_s_queued_work_is_dropped(pipe):
+    """Through a real uvicorn server on 127.0.0.1 (TestClient cannot hang up): the first request holds the worker,
+    the second one's client gives up while it is queued, and its work never runs."""
+    wrapped = Wrapped(pipe, sleeping(1.5))
+    app = create_app(wrapped, "tiny", ServeSettings(max_batch_size=1, batch_wait_ms=0))
+    with running(app) as url, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url + ENDPOINT, json=body(seed=1), timeout=30)
+        time.sleep(0.5)  # the first is running
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + ENDPOINT, json=body(seed=2), timeout=0.5)
+        assert first.result().status_code == 200
+        assert app.state.batcher.wait_idle(10)
+        text = httpx.get(url + "/metrics").text
+    assert 'rapiddiff_rejections_total{reason="client_disconnected"} 1.0' in text
+    assert wrapped.calls == [1]  # the second request's work was dropped
 
 
 # --- endpoints -------------------------------------------------------------------------------------------------------
@@ -319,13 +324,50 @@ def test_the_page(pipe):
     assert 'value="32x32"' in html and '<code id="model">tiny</code>' in html
 
 
+HARNESS = """<!doctype html><html><body><iframe id="page" src="/" width="700" height="700"></iframe><pre id="out"></pre>
+<script>
+const frame = document.getElementById("page");
+frame.onload = () => {
+  const doc = frame.contentDocument;
+  doc.getElementById("steps").value = "2";
+  doc.getElementById("seed").value = "5";
+  doc.getElementById("go").click();
+  const poll = setInterval(() => {
+    if (!doc.body.dataset.state) return;
+    clearInterval(poll);
+    const image = doc.getElementById("result");
+    document.getElementById("out").textContent =
+      `state=${doc.body.dataset.state} shown=${!image.hidden} width=${image.naturalWidth} status=${doc.getElementById("status").textContent}`;
+  }, 50);
+};
+</script></body></html>"""
+
+
 def test_the_page_shows_an_image_in_headless_chromium(pipe, tmp_path):
-    """The page in Chromium: a harness page (this test's, same origin) fills the form in an iframe, clicks Generate and
-    reports the image it shows; a screenshot of the result is checked for the image's pixels."""
+    """The page in headless Chromium: a harness page (this test's, same origin) fills the form in an iframe, clicks
+    Generate and writes what the page shows; a screenshot must hold the image's pixels."""
+    import PIL.Image
+    from fastapi.responses import HTMLResponse
+
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:
         pytest.skip("no chromium on this machine")
-    pytest.skip("todo")
+    app = create_app(pipe, "tiny", ServeSettings())
+    app.add_api_route("/harness", lambda: HTMLResponse(HARNESS))
+    with running(app) as url:
+        browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=720,760",
+                   f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000"]  # fmt: skip
+        run = dict(capture_output=True, text=True, timeout=120)
+        dom = subprocess.run([*browser, "--dump-dom", url + "/harness"], **run)
+        shot = subprocess.run([*browser, f"--screenshot={tmp_path / 'page.png'}", url + "/harness"], **run)
+    assert dom.returncode == 0 and shot.returncode == 0, dom.stderr[-2000:] + shot.stderr[-2000:]
+    report = re.search(r'<pre id="out">([^<]*)</pre>', dom.stdout).group(1)
+    assert report.startswith("state=done shown=true width=32 status=done in"), report
+    with PIL.Image.open(tmp_path / "page.png") as screenshot:
+        pixels = np.asarray(screenshot.convert("RGB")).astype(int)
+    # the page itself is black, grey and white; the image (256 x 256 on screen) is random colours
+    colourful = ((pixels.max(-1) - pixels.min(-1)) > 40).sum()
+    assert colourful > 128 * 128, f"the screenshot shows no generated image ({colourful} colourful pixels)"
 
 
 # --- the command -----------------------------------------------------------------------------------------------------
