@@ -415,3 +415,20 @@ def test_sigterm_drains_in_flight_requests(tiny_sd_dir, tmp_path):
             server.kill()
             server.wait()
         log.close()
+
+
+def test_the_command_checks_before_serving(tiny_upscaler_dir, tmp_path, capsys):
+    from rapiddiff.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "x", "--max-batch-size", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "x", "--request-timeout", "inf"])
+    assert "must be a finite number > 0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "70000"]) == 2
+    assert "--port 70000 must be in [1, 65535]" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "rapiddiff serve: error:" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_upscaler_dir)]) == 2
+    assert "loads as StableDiffusionUpscalePipeline" in capsys.readouterr().err

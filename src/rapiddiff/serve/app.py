@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html
 import io
 import time
 from collections.abc import AsyncIterator
@@ -111,8 +112,8 @@ def create_app(pipe: Any, model_name: str, settings: ServeSettings) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        html = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
-        return html.replace("{{MODEL}}", _html_escape(model.name)).replace(
+        page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+        return page.replace("{{MODEL}}", html.escape(model.name)).replace(
             "{{SIZE}}", f"{model.default_width}x{model.default_height}"
         )
 
@@ -132,9 +133,3 @@ def _encode(images: list[Any], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
         image.save(buffer, format="PNG")
         data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "seed": seed})
     return data
-
-
-def _html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text, quote=True)

@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         device = checks.resolve_device(None)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = rapiddiff.DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+        if type(pipe) is not rapiddiff.StableDiffusionPipeline:
+            raise ValueError(f"--model {args.model} loads as {type(pipe).__name__}; this server runs text-to-image "
+                             "Stable Diffusion checkpoints (StableDiffusionPipeline)")  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"rapiddiff serve: error: {e}", file=sys.stderr)
         return 2
