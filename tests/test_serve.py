@@ -151,6 +151,24 @@ def test_padding_to_compiled_sizes_keeps_the_images(pipe):
             np.testing.assert_allclose(decode(item), expected, rtol=0, atol=PNG_ATOL)
 
 
+@pytest.mark.compile
+@pytest.mark.slow  # a CPU compile: 40 s to 2 min on two busy cores
+def test_compiled_pipeline_pads_to_one_shape(pipe, tiny_sd_dir):
+    """--compile: 1 + 2 images batched, then 3 images, each run as a call of 4: one compile; the eager images."""
+    compiled = rapiddiff.compile_pipeline(rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir))
+    compiled.set_progress_bar_config(disable=True)
+    requests = [body("a red cube", seed=1), body("a blue sphere", seed=2, n=2)]
+    with client_for(compiled, max_batch_size=4, batch_wait_ms=1000, pad_to_compiled=True) as client:
+        first = post_all(client, requests)
+        again = client.post(ENDPOINT, json=body("a green cone", seed=4, n=3))
+        assert metric(client, "rapiddiff_compiled_shapes_total") == 1
+    for request, response in zip([*requests, body("a green cone", seed=4, n=3)], [*first, again]):
+        for k, item in enumerate(response.json()["data"]):
+            np.testing.assert_allclose(
+                decode(item), direct(pipe, request["prompt"], request["seed"] + k), atol=PNG_ATOL
+            )
+
+
 def test_batch_settings_pad_to_powers_of_two():
     settings = ServeSettings(max_batch_size=6, pad_to_compiled=True)
     assert [settings.padded_size(n) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]

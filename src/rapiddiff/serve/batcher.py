@@ -15,6 +15,7 @@ that batch's requests (500), never the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -350,6 +351,7 @@ def answer_in_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> C
             future.set_result(images)
 
     def done(images: list[Any] | None, error: RequestError | None) -> None:
-        loop.call_soon_threadsafe(resolve, images, error)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped, nobody waits for this
+            loop.call_soon_threadsafe(resolve, images, error)
 
     return done
