@@ -189,6 +189,7 @@ BAD_FIELDS = [
     (dict(num_inference_steps=0), 422, "num_inference_steps", "greater than or equal to 1"),
     (dict(guidance_scale=-1), 422, "guidance_scale", "greater than or equal to 0"),
     (dict(guidance_scale="high"), 422, "guidance_scale", "valid number"),
+    (dict(guidance_scale="nan"), 422, "guidance_scale", "finite number"),
     (dict(seed=-3), 422, "seed", "greater than or equal to 0"),
     (dict(seed=2**64 - 1, n=2), 400, "seed", "must be in [0, "),
     (dict(scheduler="fastest"), 422, "scheduler", "allowed: pndm"),
@@ -208,6 +209,13 @@ def test_bad_fields_are_refused_naming_the_field(pipe, fields, status, param, fr
     error = response.json()["error"]
     assert error["param"] == param and fragment in error["message"], error
     assert wrapped.calls == []  # refused before it was queued
+
+
+def test_a_body_that_is_not_json_is_refused(pipe):
+    with client_for(pipe) as client:
+        for content in (b"{not json", b""):
+            response = client.post(ENDPOINT, content=content, headers={"Content-Type": "application/json"})
+            assert response.status_code == 422 and "must be a JSON object" in response.json()["error"]["message"]
 
 
 def test_a_flood_gets_429_with_retry_after(pipe):
@@ -286,7 +294,7 @@ def running(app):
 def test_a_disconnected_client_s_queued_work_is_dropped(pipe):
     """Through a real uvicorn server on 127.0.0.1 (TestClient cannot hang up): the first request holds the worker,
     the second one's client gives up while it is queued, and its work never runs."""
-    wrapped = Wrapped(pipe, sleeping(1.5))
+    wrapped = Wrapped(pipe, sleeping(2.5))
     app = create_app(wrapped, "tiny", ServeSettings(max_batch_size=1, batch_wait_ms=0))
     with running(app) as url, ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, url + ENDPOINT, json=body(seed=1), timeout=30)

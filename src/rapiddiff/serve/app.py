@@ -63,6 +63,9 @@ def create_app(pipe: Any, model_name: str, settings: ServeSettings) -> FastAPI:
         if first["type"] == "extra_forbidden":
             allowed = ", ".join(ImageRequest.model_fields)
             message = f"unknown field {param!r}; allowed: {allowed}"
+        elif first["type"] == "json_invalid" or param is None:  # loc: ("body", offset) or ("body",)
+            param = None
+            message = f"the body must be a JSON object with a 'prompt' ({detail})"
         return refuse(RequestError(422, message, param=param))
 
     @app.post("/v1/images/generations")
