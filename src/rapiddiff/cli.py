@@ -1,4 +1,4 @@
-"""`rapiddiff` command line: `rapiddiff generate ...`, `rapiddiff bench ...`, `rapiddiff manifest ...`.
+"""`rapiddiff` command line: `rapiddiff generate ...`, `rapiddiff bench ...`, `rapiddiff manifest ...`, `rapiddiff serve`.
 
 Each subcommand lives next to what it drives and registers itself through `add_parser(subparsers)`.
 """
@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "generate": "rapiddiff.cli_generate",
     "bench": "rapiddiff.bench.cli",
     "manifest": "rapiddiff.batch.cli",
+    "serve": "rapiddiff.serve.cli",
 }
 
 
