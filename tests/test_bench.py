@@ -441,3 +441,112 @@ def test_sigterm_to_a_running_bench_keeps_a_readable_report(tmp_path):
     statuses = [c["status"] for c in report.load_document(results)["cells"]]
     assert statuses[0] == "ok" and "interrupted" in statuses
     assert "## Not run" in (tmp_path / "report.md").read_text()
+
+
+# --- the time budget -----------------------------------------------------------------------------------------------
+def test_planner_lowers_rounds_then_cuts_the_least_important_groups():
+    from rapiddiff.bench.budget import Group, Limits, cut_order, plan
+
+    groups = [
+        Group("sd_txt2img", 1, "eager-sdpa", setup_s=1.0, round_s=2.0, figure_rank=0),
+        Group("sd_txt2img", 1, "compiled", setup_s=60.0, round_s=2.0, figure_rank=0),
+        Group("sd_txt2img", 2, "eager-sdpa", setup_s=1.0, round_s=3.0, figure_rank=0),
+        Group("if_stage_1", 1, "eager-sdpa", setup_s=1.0, round_s=2.0, figure_rank=4),
+        Group("if_stage_1", 1, "compiled", setup_s=60.0, round_s=2.0, figure_rank=4),
+    ]
+    keys = [g.key for g in groups]
+    assert [g.key for g in cut_order(groups)] == [keys[2], keys[4], keys[1], keys[3], keys[0]]
+    limits = Limits(low=2, high=9, repeats=3, cell_seconds=1000.0)  # every cell runs as many rounds as planned
+    builds = {"sd_txt2img": 4.0, "if_stage_1": 3.0}
+    kw = dict(limits=limits, builds=builds, reserve_s=5.0)
+    # no budget, or plenty: everything at the most rounds
+    full = 5 + 7 + 123 + 9 * (2 + 2 + 3 + 2 + 2)
+    for budget, elapsed in ((None, 0.0), (full, 0.0), (full + 100, 100.0)):
+        p = plan(groups, budget_s=budget, elapsed_s=elapsed, **kw)
+        assert (p.rounds, p.keep, p.cut) == (9, tuple(keys), ())
+    assert plan(groups, budget_s=full, elapsed_s=0, **kw).needed_s == full
+    # a little short: fewer rounds, nothing cut
+    p = plan(groups, budget_s=full, elapsed_s=30.0, **kw)
+    assert p.rounds == 6 and p.cut == () and p.needed_s <= full - 30
+    # shorter: never below the minimum for an interval, then the batch-2 group goes, then IF's compiled one
+    at_low = 5 + 7 + 123 + 2 * 11
+    p = plan(groups, budget_s=at_low - 1, elapsed_s=0.0, **kw)
+    assert p.rounds == 2 and p.cut == (keys[2],)
+    # once cut, the time saved goes to the rounds of the groups kept
+    p = plan(groups, budget_s=at_low - 10, elapsed_s=0.0, **kw)
+    assert p.cut == (keys[2], keys[4]) and p.rounds == 9 and p.needed_s == 5 + 7 + 62 + 9 * 6
+    # at batch 1 compiled goes before eager; a figure none of whose groups is kept costs no build
+    p = plan(groups, budget_s=22.0, elapsed_s=0.0, **kw)
+    assert p.keep == (keys[0], keys[3]) and p.rounds == 2 and p.needed_s == 5 + 7 + 2 * (1 + 2 * 2)
+    p = plan(groups, budget_s=21.0, elapsed_s=0.0, **kw)
+    assert p.keep == (keys[0],) and p.rounds == 5  # 5 + 4 + 1 + 2 * 5: IF's 3 s build no longer counted
+    # past the budget, nothing is kept
+    p = plan(groups, budget_s=100.0, elapsed_s=100.0, **kw)
+    assert p.keep == () and p.cut == tuple(g.key for g in cut_order(groups))
+    # cell_seconds ends a cell after the round that passes it: a round cap above that costs nothing more
+    assert Limits(low=2, high=9, repeats=3, cell_seconds=5.0).rounds_run(9, 2.0) == 3
+    assert Limits(low=2, high=9, repeats=3, cell_seconds=0.0).rounds_run(9, 2.0) == 3
+    assert Limits(low=2, high=9, repeats=3, cell_seconds=0.0).rounds_run(2, 2.0) == 2
+
+
+class FakeClock:
+    """Monotonic seconds that pass only in timed calls: 1 s + 0.1 s per step, as `fake_timed`."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def now(self):
+        return self.t
+
+    def timed(self, call, steps, device):
+        call(steps)
+        self.t += 1.0 + 0.1 * steps
+        return 1.0 + 0.1 * steps
+
+
+def test_budget_replans_as_cells_finish_and_resume_runs_what_was_cut(monkeypatch, tmp_path):
+    """The tiny preset's estimates are far below the fake clock's times: the plan made before the first cell keeps
+    everything; once the first group shows the real cost, rounds are lowered, then the least important group is cut,
+    listed with the reason in the results and the report, and a resumed run measures it."""
+    clock = FakeClock()
+    monkeypatch.setattr(measure, "timed", clock.timed)
+    kw = dict(device="cpu", steps=3, warmup=1, backends=("diffusers",), progress=False, modes=("eager-sdpa",))
+    settings = Settings.create(TINY, pipelines=("sd_txt2img", "sd_img2img"), batch_sizes=(1, 2), repeats=4,
+                               time_budget=30.0, **kw)  # fmt: skip
+    doc = run(settings, clock=clock.now)
+    cells = cells_by_id(doc)
+    rounds = {key: len(c["seconds"]) for key, c in cells.items()}
+    assert rounds["sd_txt2img/1/eager-sdpa/diffusers"] == 4  # planned with the preset's estimates: the most rounds
+    assert rounds["sd_txt2img/2/eager-sdpa/diffusers"] == 2  # re-planned: fewer rounds, not below 2
+    cut = cells["sd_img2img/2/eager-sdpa/diffusers"]
+    assert (cut["status"], cut["summary"]) == ("cut", "cut: time budget")  # the largest batch, the last figure
+    assert cells["sd_img2img/1/eager-sdpa/diffusers"]["status"] == "ok"
+    budget = doc["runs"][0]["budget"]
+    assert clock.t - 100.0 <= 30.0 and budget["elapsed_s"] == pytest.approx(clock.t - 100.0)
+    assert budget["rounds"] == 2 and budget["max_rounds"] == 4
+    assert (
+        list(budget["cut"]) == ["sd_img2img/2/eager-sdpa"]
+        and "time budget 30 s" in budget["cut"]["sd_img2img/2/eager-sdpa"]
+    )
+    markdown = report.render_markdown(doc)
+    assert "## Cut by the time budget" in markdown and "`sd_img2img/2/eager-sdpa`: time budget 30 s" in markdown
+    assert "rounds per cell lowered to at most 2 (of 4)" in markdown
+    assert table_rows(markdown, 2)["SD - img2img"] == ["cut: time budget"]
+
+    report.write_outputs(doc, tmp_path, charts=False)
+    assert cli.main(["--resume", "--time-budget", "0", "-o", str(tmp_path), "--no-progress"]) == 0
+    resumed = report.load_document(tmp_path / "results.json")
+    assert [c["status"] for c in resumed["cells"]] == ["ok"] * 4
+    assert [c["run"] for c in resumed["cells"]] == [0, 0, 0, 1]
+    assert "## Cut by the time budget" not in (tmp_path / "report.md").read_text()
+
+
+def test_budget_planned_before_the_first_cell(monkeypatch):
+    """A budget too short for anything, known from the estimates alone: nothing is built, every cell says why."""
+    built = []
+    monkeypatch.setattr(sweep_module, "build_pipeline", lambda *a: built.append(a))
+    settings = Settings.create(TINY, device="cpu", pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("eager-sdpa",),
+                               backends=("diffusers",), progress=False, time_budget=0.5)  # fmt: skip
+    doc = run(settings, clock=FakeClock().now)
+    assert built == [] and {c["status"] for c in doc["cells"]} == {"cut"}
+    assert "time budget 0.5 s: 0 s left after 0 s" in doc["runs"][0]["budget"]["cut"]["sd_txt2img/1/eager-sdpa"]

@@ -41,6 +41,20 @@ def _model_arg(text: str) -> tuple[str, str]:
     return key, path
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds >= 0 (0: no budget)")
+    return value
+
+
+def _budgets() -> str:
+    return ", ".join(f"{p.name} {p.time_budget:g} s" if p.time_budget else f"{p.name} none" for p in PRESETS.values())
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench",
@@ -71,6 +85,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", type=_model_arg, default=[], metavar="NAME=PATH",
                         help=f"a real Diffusers checkpoint instead of random weights; NAME: {', '.join(CHECKPOINTS)}")  # fmt: skip
     parser.add_argument("-o", "--output", default=DEFAULT_OUT, type=Path, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--time-budget", type=_seconds, metavar="SECONDS",
+                        help="the whole run's seconds, building and compiling included: fewer rounds, then the least "
+                             "important cells cut, when short (listed in the report; --resume runs them); 0: none. "
+                             f"Default: the preset's ({_budgets()})")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--resume", action="store_true",
                         help="finish the interrupted sweep in --output with its own settings (no matrix options)")  # fmt: skip
@@ -93,9 +111,13 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         out = check_output(args.output)
         resume = _resumed(args, out) if args.resume else None
-        settings = settings_from_dict(
-            resume["runs"][-1]["settings"], progress=not args.no_progress
-        ) if resume else _settings(args)  # fmt: skip
+        if resume:
+            run_options = {"progress": not args.no_progress}
+            if args.time_budget is not None:
+                run_options["time_budget"] = args.time_budget
+            settings = settings_from_dict(resume["runs"][-1]["settings"], **run_options)
+        else:
+            settings = _settings(args)
     except (ValueError, OSError) as e:
         print(f"rapiddiff bench: error: {e}", file=sys.stderr)
         return 2
@@ -104,6 +126,12 @@ def run_command(args: argparse.Namespace) -> int:
     paths = write_outputs(doc, out)
     print(batch_tables(doc))
     print(f"\nreport: {paths['markdown']}  (results: {paths['json']}, {paths['csv']})")
+    cut = sum(c["status"] == "cut" for c in doc["cells"])
+    if cut:
+        print(
+            f"time budget: {cut} cell(s) cut (listed in the report); `rapiddiff bench --resume -o {out}` runs them",
+            file=sys.stderr,
+        )
     interrupted = sum(c["status"] == "interrupted" for c in doc["cells"])
     if interrupted:
         print(
@@ -131,6 +159,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         threads=args.threads,
         models=dict(args.model),
         progress=not args.no_progress,
+        time_budget=args.time_budget,
     )
 
 

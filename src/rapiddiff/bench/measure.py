@@ -36,6 +36,8 @@ import torch
 
 from .backends import Unavailable
 
+NOT_DONE = ("pending", "running", "interrupted", "cut")  # the statuses a resumed sweep runs
+
 
 @dataclasses.dataclass
 class Cell:
@@ -46,7 +48,8 @@ class Cell:
     mode: str
     backend: str
     # ok | failed | unavailable (the backend lacks a class) | skipped (IF II/III at batch > 1) | pending (not run yet) |
-    # running | interrupted (the sweep was stopped before it finished; `rapiddiff bench --resume` runs it)
+    # running | interrupted (the sweep was stopped before it finished) | cut (by the time budget); `rapiddiff bench
+    # --resume` runs the interrupted and cut ones
     status: str = "ok"
     it_per_s: float | None = None  # from the median short and long times
     seconds: list[list[float]] = dataclasses.field(default_factory=list)  # [short, long] call times per repeat
@@ -73,7 +76,7 @@ class Cell:
     @property
     def done(self) -> bool:
         """Measured, failed or skipped: a resumed sweep does not run it again."""
-        return self.status not in ("pending", "running", "interrupted")
+        return self.status not in NOT_DONE
 
 
 class StepCounter:

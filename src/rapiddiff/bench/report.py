@@ -53,20 +53,27 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
         "modes": list(settings.modes),
         "backends": list(settings.backends),
         "models": {k: str(v) for k, v in settings.models.items()},
+        "time_budget": settings.time_budget,
     }
 
 
 def make_document(
-    settings: Settings, env: dict[str, Any], cells: Iterable[Cell], prior_runs: Sequence[dict[str, Any]] = ()
+    settings: Settings,
+    env: dict[str, Any],
+    cells: Iterable[Cell],
+    prior_runs: Sequence[dict[str, Any]] = (),
+    budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The document of this run, after `prior_runs` (those of an interrupted run it resumes)."""
+    """The document of this run, after `prior_runs` (those of an interrupted run it resumes); `budget`: the time
+    budget's record (`sweep.Budget.record`): seconds, time used, fewest rounds planned, cut groups and why."""
     rows = [dataclasses.asdict(c) for c in cells]
-    runs = [*prior_runs, {"env": env, "settings": settings_dict(settings)}]
+    run = {"env": env, "settings": settings_dict(settings)}
+    runs = [*prior_runs, run | {"budget": budget} if budget is not None else run]
     return {"format": FORMAT, "runs": runs, "cells": _ordered(rows)}
 
 
 def settings_from_dict(s: dict[str, Any], **extra: Any) -> Settings:
-    """The Settings a document's run was made with (`--resume`); `extra`: fault, progress."""
+    """The Settings a document's run was made with (`--resume`); `extra`: progress, time_budget."""
     from .presets import PRESETS
     from .settings import DTYPES
 
@@ -89,7 +96,7 @@ def settings_from_dict(s: dict[str, Any], **extra: Any) -> Settings:
         cell_seconds=s.get("cell_seconds", 0.0),
         target=s.get("target", 0.05),
         compiled_batch_sizes=tuple(s["compiled_batch_sizes"]) if s.get("compiled_batch_sizes") else None,
-        **extra,
+        **{"time_budget": s.get("time_budget", 0.0), **extra},
     )
 
 
@@ -118,6 +125,10 @@ def merge_documents(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _key(cell: dict[str, Any]) -> tuple:
     return (cell["figure"], cell["batch_size"], cell["mode"], cell["backend"])
+
+
+def _group(cell: dict[str, Any]) -> str:
+    return f"{cell['figure']}/{cell['batch_size']}/{cell['mode']}"
 
 
 def _rank(order: Sequence[str], name: str) -> int:
@@ -255,6 +266,8 @@ def _environment(doc: dict[str, Any]) -> list[str]:
             f"{s['warmup']} warm-up call(s), {_repeats_text(s)}"
             + (f", checkpoints {s['models']}" if s["models"] else ", random weights")
         )
+        if run.get("budget") and run["budget"]["seconds"]:
+            lines.append(f"  {_budget_text(run['budget'])}")
     facts = [{**{k: r["env"].get(k) for k in COMPARABLE_KEYS}, "preset": r["settings"]["preset"]} for r in runs]
     differing = [k for k in facts[0] if len({str(f[k]) for f in facts}) > 1]
     if differing:
@@ -268,6 +281,15 @@ def _repeats_text(s: dict[str, Any]) -> str:
         return f"median of {most} repeat(s)"
     return (f"backends interleaved, {s['repeats']} to {most} rounds a cell (until the speed-up's 95 % interval is "
             f"within ±{100 * s.get('target', 0.05):.0f} % or {s.get('cell_seconds', 0):g} s of timed calls)")  # fmt: skip
+
+
+def _budget_text(b: dict[str, Any]) -> str:
+    rounds = b["rounds"] if b["rounds"] < b["max_rounds"] else None
+    return (
+        f"time budget {b['seconds']:g} s (`--time-budget`): the sweep took {b['elapsed_s']:.0f} s"
+        + (f"; rounds per cell lowered to at most {rounds} (of {b['max_rounds']}) to fit" if rounds else "")
+        + (f"; {len(b['cut'])} group(s) cut to fit" if b["cut"] else "")
+    )
 
 
 def _steps_text(steps: dict[str, int]) -> str:
@@ -293,6 +315,14 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
               "*fixed s*: its time outside the loop. *first call s*: the first warm-up call (includes compilation). "
               "*iterations*: short/long loop lengths.",
               _details(doc)]  # fmt: skip
+    reasons = {key: why for r in doc["runs"] for key, why in (r.get("budget") or {}).get("cut", {}).items()}
+    cut = {_group(c): reasons.get(_group(c), "cut") for c in doc["cells"] if c["status"] == "cut"}
+    if cut:
+        parts += ["## Cut by the time budget",
+                  "Least important first: the largest batch size, then eager-vanilla, compiled, eager-sdpa, then the "
+                  "last pipelines. `rapiddiff bench --resume -o FOLDER` runs them (`--time-budget` to give it more "
+                  "time) and keeps the rest.",
+                  "\n".join(f"- `{key}`: {why}" for key, why in cut.items())]  # fmt: skip
     unfinished = [c for c in doc["cells"] if c["status"] in ("pending", "running", "interrupted")]
     if unfinished:
         parts += ["## Not run", f"{len(unfinished)} cell(s) did not run (the sweep was interrupted or is still "

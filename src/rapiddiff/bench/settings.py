@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ class Settings:
     cell_seconds: float = 0.0  # no new round after this many seconds of timed calls, once `repeats` are done
     target: float = 0.05  # stop a cell early once its speed-up's 95 % interval is within +-target
     compiled_batch_sizes: tuple[int, ...] | None = None  # the batch sizes the compiled mode runs at (None: all)
+    time_budget: float = 0.0  # seconds for the whole run, building and compiling included (0: none; see budget.py)
 
     def __post_init__(self) -> None:
         _check_names("pipelines", self.pipelines, PIPELINES)
@@ -62,6 +64,8 @@ class Settings:
             raise ValueError(
                 f"cell_seconds={self.cell_seconds}, target={self.target}: seconds >= 0 and 0 < target < 1 are allowed"
             )
+        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
+            raise ValueError(f"time_budget={self.time_budget}: give seconds > 0, or 0 for no budget")
         short = {f: n for f, n in self.steps.items() if n < 3}
         if short:
             raise ValueError(
@@ -91,6 +95,7 @@ class Settings:
         models: Mapping[str, str | Path] | None = None,
         fault: str | None = None,
         progress: bool = True,
+        time_budget: float | None = None,
     ) -> Settings:
         """Settings from a preset; every argument left as None takes the preset's (or the machine's) default."""
         if dtype is not None and dtype not in DTYPES:
@@ -116,6 +121,7 @@ class Settings:
             models={k: Path(v) for k, v in (models or {}).items()},
             fault=fault if fault is not None else os.environ.get(FAULT_ENV) or None,
             progress=progress,
+            time_budget=_given(time_budget, preset.time_budget),
         )
 
 
