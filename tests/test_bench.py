@@ -550,3 +550,80 @@ def test_budget_planned_before_the_first_cell(monkeypatch):
     doc = run(settings, clock=FakeClock().now)
     assert built == [] and {c["status"] for c in doc["cells"]} == {"cut"}
     assert "time budget 0.5 s: 0 s left after 0 s" in doc["runs"][0]["budget"]["cut"]["sd_txt2img/1/eager-sdpa"]
+
+
+# --- an output folder holding results -------------------------------------------------------------------------------
+def test_a_second_run_into_the_same_folder_is_refused_before_any_work(fake_clock, tmp_path, monkeypatch, capsys):
+    argv = ["--preset", "tiny", "--pipelines", "sd_txt2img", "--batch-sizes", "1", "--modes", "eager-sdpa",
+            "--backends", "diffusers", "--steps", "3", "-o", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in report.FILES.values()}
+    built = []
+    monkeypatch.setattr(sweep_module, "build_pipeline", lambda *a: built.append(a))
+    capsys.readouterr()
+    for other in (["--batch-sizes", "2"], ["--modes", "eager-vanilla"], []):  # other settings, or the same again
+        assert cli.main(argv + other) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "already holds a benchmark run" in err and "--overwrite" in err
+        assert "--resume" in err and "Traceback" not in err
+    assert built == [] and {name: (tmp_path / name).read_bytes() for name in report.FILES.values()} == before
+    assert cli.main(argv + ["--resume"]) == 2 and "drop --preset" in capsys.readouterr().err
+    assert cli.main(["--resume", "--overwrite", "-o", str(tmp_path)]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(measure, "timed", fake_timed)
+    assert cli.main(argv + ["--batch-sizes", "2", "--overwrite"]) == 0
+    assert [c["batch_size"] for c in report.load_document(tmp_path / "results.json")["cells"]] == [2]
+
+
+def _valid_document():
+    from rapiddiff.bench import env
+
+    settings = Settings.create(TINY, device="cpu", pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("eager-sdpa",))
+    cells = [Cell("sd_txt2img", 1, "eager-sdpa", b, status="interrupted") for b in settings.backends]
+    return report.make_document(settings, env.collect(settings.device, settings.dtype), cells)
+
+
+def _set(path, value):
+    def damage(doc):
+        *parents, last = path
+        for key in parents:
+            doc = doc[key]
+        if value is KeyError:
+            del doc[last]
+        else:
+            doc[last] = value
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", "is not valid JSON (Expecting ',' delimiter: line 1"),
+        ("[1, 2]", "is not a rapiddiff bench result"),
+        (_set(["runs"], []), "damaged: 'runs' is not a non-empty list"),
+        (_set(["runs", 0, "env", "device_name"], KeyError), "damaged: runs[0]['env'] lacks device_name"),
+        (_set(["runs", 0, "settings", "steps"], KeyError), "damaged: runs[0]['settings'] lacks steps"),
+        (_set(["cells", 0, "mode"], KeyError), "damaged: cells[0] lacks mode"),
+        (_set(["cells", 1, "run"], 3), "damaged: cells[1] names run 3; the file has 1 run(s)"),
+        (_set(["runs", 0, "settings", "dtype"], "int8"), "settings cannot be read back (KeyError: 'int8')"),
+        (_set(["runs", 0, "settings", "batch_sizes"], [0]), "settings cannot be read back (batch_sizes=(0,)"),
+    ],
+)
+def test_resume_of_a_damaged_results_json_is_a_clear_error(tmp_path, capsys, damage, message):
+    """Whatever is wrong with results.json, --resume (and merge) says which file and what, in one line."""
+    doc = _valid_document()
+    if callable(damage):
+        damage(doc)
+        text = json.dumps(doc)
+    else:
+        text = json.dumps(doc)[:-20] if damage == "truncated" else damage
+    (tmp_path / "results.json").write_text(text)
+    assert cli.main(["--resume", "-o", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(tmp_path / "results.json") in err and message in err
+    if "read back" not in message:  # merge needs no settings to be valid, only present
+        assert cli.main(["merge", str(tmp_path / "results.json"), "-o", str(tmp_path / "m")]) == 2
+        assert message in capsys.readouterr().err

@@ -3,11 +3,13 @@
 rapiddiff bench                                    # GPU: the seed's matrix; CPU: the `cpu` preset, minutes
 rapiddiff bench --pipelines sd_txt2img if --batch-sizes 1 4 --modes compiled -o out1
 rapiddiff bench merge out1/results.json out2/results.json -o report
-rapiddiff bench --resume -o out1                   # finish a sweep that was interrupted (Ctrl-C, SIGTERM)
+rapiddiff bench --time-budget 300 -o out2          # the whole run in 5 minutes: fewer rounds, the least important cut
+rapiddiff bench --resume -o out1                   # finish a sweep that was interrupted (Ctrl-C, SIGTERM) or cut
+rapiddiff bench --overwrite -o out1                # a folder holding a run is refused without it
 rapiddiff bench scale --model ./sd15 --workers 1 2 4 8    # batch generation under torchrun (docs/scale.md)
 
 Results are written after every cell; Ctrl-C or SIGTERM stops the sweep, writes the report of the cells done and
-marks the rest "interrupted".
+marks the rest "interrupted". The time budget (default: the preset's) includes building and compiling; docs/bench.md.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..batch.scale import add_parser as add_scale_parser
 from .backends import BACKENDS
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
-from .report import batch_tables, load_document, merge_documents, settings_from_dict, write_outputs
+from .report import FILES, batch_tables, load_document, merge_documents, settings_from_dict, write_outputs
 from .settings import PIPELINES, Settings
 from .sweep import run
 
@@ -90,6 +92,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "important cells cut, when short (listed in the report; --resume runs them); 0: none. "
                              f"Default: the preset's ({_budgets()})")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --output (refused without it)")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="finish the interrupted sweep in --output with its own settings (no matrix options)")  # fmt: skip
     parser.set_defaults(func=run_command)
@@ -110,14 +114,11 @@ MATRIX_OPTIONS = ("preset", "pipelines", "batch_sizes", "modes", "backends", "st
 def run_command(args: argparse.Namespace) -> int:
     try:
         out = check_output(args.output)
-        resume = _resumed(args, out) if args.resume else None
-        if resume:
-            run_options = {"progress": not args.no_progress}
-            if args.time_budget is not None:
-                run_options["time_budget"] = args.time_budget
-            settings = settings_from_dict(resume["runs"][-1]["settings"], **run_options)
+        if args.resume:
+            resume, settings = _resumed(args, out)
         else:
-            settings = _settings(args)
+            check_not_overwriting(out, args.overwrite)
+            resume, settings = None, _settings(args)
     except (ValueError, OSError) as e:
         print(f"rapiddiff bench: error: {e}", file=sys.stderr)
         return 2
@@ -142,6 +143,16 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_not_overwriting(out: Path, overwrite: bool) -> None:
+    """A folder holding another run's results is refused (before any work) unless --overwrite says to replace it."""
+    found = [name for name in FILES.values() if (out / name).exists()]
+    if found and not overwrite:
+        raise ValueError(
+            f"-o/--output {str(out)!r} already holds a benchmark run ({', '.join(found)}); `--resume -o {out}` "
+            "finishes that run with its own settings, --overwrite replaces it, or give another folder"
+        )
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.create(
         resolve_preset(args.preset, torch.cuda.is_available()),
@@ -163,14 +174,25 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _resumed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _resumed(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Settings]:
+    """The interrupted run's document and its settings (with this command's run options: progress, time budget)."""
     given = [f"--{name.replace('_', '-')}" for name in MATRIX_OPTIONS if getattr(args, name) not in (None, [], "auto")]
     if given:
         raise ValueError(f"--resume runs the interrupted sweep with its own settings; drop {' '.join(given)}")
-    path = out / "results.json"
+    if args.overwrite:
+        raise ValueError("--resume keeps the results in --output and --overwrite replaces them: give one of them")
+    path = out / FILES["json"]
     if not path.is_file():
         raise ValueError(f"--resume: no results.json in {out} to resume")
-    return load_document(path)
+    doc = load_document(path)
+    options: dict[str, Any] = {"progress": not args.no_progress}
+    if args.time_budget is not None:
+        options["time_budget"] = args.time_budget
+    try:
+        return doc, settings_from_dict(doc["runs"][-1]["settings"], **options)
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path}: its last run's settings cannot be read back ({detail})") from None
 
 
 def check_output(path: Path) -> Path:
@@ -205,7 +227,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    doc = merge_documents([load_document(p) for p in args.inputs])
+    try:
+        doc = merge_documents([load_document(p) for p in args.inputs])
+    except (ValueError, OSError) as e:
+        print(f"rapiddiff bench merge: error: {e}", file=sys.stderr)
+        return 2
     paths = write_outputs(doc, args.output)
     print(batch_tables(doc))
     print(f"\nreport: {paths['markdown']}")

@@ -30,6 +30,11 @@ FORMAT = "rapiddiff-bench/1"
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 ENV_COLUMNS = ("device_name", "dtype", "torch", "rapiddiff", "diffusers", "git_revision")
 FILES = {"json": "results.json", "csv": "results.csv", "markdown": "report.md"}
+# what a run's entry must hold to be resumed and reported (later keys have defaults for older files)
+ENV_KEYS = ("device", "device_name", "dtype", "torch", "rapiddiff", "diffusers", "transformers", "cpu", "cpu_count",
+            "torch_threads", "git_revision", "started")  # fmt: skip
+SETTINGS_KEYS = ("preset", "device", "dtype", "sizes", "steps", "repeats", "warmup", "threads", "pipelines",
+                 "batch_sizes", "modes", "backends", "models")  # fmt: skip
 
 
 # --- the document ------------------------------------------------------------------------------------------------
@@ -105,10 +110,41 @@ def cells_of(doc: dict[str, Any]) -> list[Cell]:
 
 
 def load_document(path: str | Path) -> dict[str, Any]:
-    doc = json.loads(Path(path).read_text())
+    """A results.json, checked whole; ValueError naming the file and what is wrong with it."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file ({e.reason} at byte {e.start})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path} is not a rapiddiff bench result (expected format {FORMAT!r})")
+    problem = _document_problem(doc)
+    if problem:
+        raise ValueError(f"{path} is damaged: {problem}")
     return doc
+
+
+def _document_problem(doc: dict[str, Any]) -> str | None:
+    runs, cells = doc.get("runs"), doc.get("cells")
+    if not isinstance(runs, list) or not runs:
+        return "'runs' is not a non-empty list"
+    for i, run in enumerate(runs):
+        if not (isinstance(run, dict) and isinstance(run.get("env"), dict) and isinstance(run.get("settings"), dict)):
+            return f"runs[{i}] lacks its 'env' or 'settings'"
+        for part, keys in (("env", ENV_KEYS), ("settings", SETTINGS_KEYS)):
+            missing = [k for k in keys if k not in run[part]]
+            if missing:
+                return f"runs[{i}]['{part}'] lacks {', '.join(missing)}"
+    if not isinstance(cells, list):
+        return "'cells' is not a list"
+    for i, cell in enumerate(cells):
+        missing = [f for f in CELL_FIELDS if f not in cell] if isinstance(cell, dict) else ["all fields"]
+        if missing:
+            return f"cells[{i}] lacks {', '.join(missing)}"
+        if not (isinstance(cell["run"], int) and 0 <= cell["run"] < len(runs)):
+            return f"cells[{i}] names run {cell['run']!r}; the file has {len(runs)} run(s)"
+    return None
 
 
 def merge_documents(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
