@@ -20,7 +20,7 @@ from rapiddiff.bench import sweep as sweep_module
 from rapiddiff.bench.backends import Backend, Unavailable
 from rapiddiff.bench.measure import Cell
 from rapiddiff.bench.presets import PRESETS
-from rapiddiff.bench.settings import FAULT_ENV, PIPELINES, Settings
+from rapiddiff.bench.settings import PIPELINES, Settings
 from rapiddiff.bench.sweep import run
 from rapiddiff.bench.workloads import FIGURES
 
@@ -29,7 +29,8 @@ pytest.importorskip("diffusers")
 TINY = PRESETS["tiny"]
 MODES = ("eager-sdpa", "eager-vanilla")
 BATCHES = (1, 2)
-FAULT = "sd_inpaint/2/eager-vanilla/diffusers@timed:2,if_stage_1/*/*/diffusers@build"
+OOM_TIMED = ("sd_inpaint/2/eager-vanilla/diffusers", "after warm-up (timed call 2)")  # an OOM in this cell's call
+OOM_BUILD = ("if_stage_1", "diffusers")  # and one while building this pipeline
 
 
 def fake_timed(call, steps, device):
@@ -49,10 +50,30 @@ def sweep(**kwargs):
     return run(Settings.create(TINY, **kwargs))
 
 
+def inject_faults(mp: pytest.MonkeyPatch) -> None:
+    """Out-of-memory errors where OOM_TIMED and OOM_BUILD say."""
+    real_enter, real_build = measure.Measurement.enter, sweep_module.build_pipeline
+
+    def enter(self, where):
+        real_enter(self, where)
+        if (self.cell.id, where) == OOM_TIMED:
+            raise measure.torch.cuda.OutOfMemoryError(f"injected for {self.cell.id} {where}")
+
+    def build(figure, backend, settings):
+        if (figure.name, backend.name) == OOM_BUILD:
+            raise measure.torch.cuda.OutOfMemoryError(f"injected while building {figure.name} for {backend.name}")
+        return real_build(figure, backend, settings)
+
+    mp.setattr(measure.Measurement, "enter", enter)
+    mp.setattr(sweep_module, "build_pipeline", build)
+
+
 @pytest.fixture(scope="module")
 def full(fake_clock, tmp_path_factory):
     """All five pipelines x batch 1, 2 x two modes, with an injected OOM at run time and one at build time."""
-    doc = sweep(batch_sizes=BATCHES, modes=MODES, fault=FAULT)
+    with pytest.MonkeyPatch.context() as mp:
+        inject_faults(mp)
+        doc = sweep(batch_sizes=BATCHES, modes=MODES)
     out = tmp_path_factory.mktemp("bench")
     return doc, report.write_outputs(doc, out)
 
@@ -256,7 +277,39 @@ def test_backend_resolution():
         Backend("onnx")
 
 
-def test_settings_validation(monkeypatch):
+def test_only_a_missing_diffusers_is_unavailable(monkeypatch):
+    """diffusers not installed: its cells say so. A broken install or a missing rapiddiff module is an error."""
+    import importlib
+    import types
+
+    def missing(module):
+        def import_module(name):
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+        return import_module
+
+    monkeypatch.setattr(importlib, "import_module", missing("diffusers"))
+    with pytest.raises(Unavailable, match="diffusers is not installed"):
+        Backend("diffusers").get("StableDiffusionPipeline")
+    monkeypatch.setattr(importlib, "import_module", missing("huggingface_hub"))  # diffusers' own dependency
+    with pytest.raises(ModuleNotFoundError, match="huggingface_hub"):
+        Backend("diffusers").get("StableDiffusionPipeline")
+    monkeypatch.setattr(importlib, "import_module", missing("rapiddiff"))
+    with pytest.raises(ModuleNotFoundError):
+        Backend("rapiddiff").get("StableDiffusionPipeline")
+    monkeypatch.undo()
+
+    class LazyExports(types.ModuleType):
+        def __getattr__(self, name):
+            raise ModuleNotFoundError("No module named 'rapiddiff.pipelines.gone'", name="rapiddiff.pipelines.gone")
+
+    backend = Backend("rapiddiff")
+    backend._module = LazyExports("rapiddiff")
+    with pytest.raises(ModuleNotFoundError, match="gone"):  # a lazy export naming a missing module: a bug, said so
+        backend.get("SomePipeline")
+
+
+def test_settings_validation():
     with pytest.raises(ValueError, match="unknown \\['sdxl'\\]"):
         Settings.create(TINY, pipelines=("sdxl",))
     with pytest.raises(ValueError, match="batch_sizes"):
@@ -265,8 +318,9 @@ def test_settings_validation(monkeypatch):
         Settings.create(TINY, repeats=0)
     with pytest.raises(ValueError, match="at least 3 steps"):
         Settings.create(TINY, steps=2)
-    monkeypatch.setenv(FAULT_ENV, "sd_txt2img/*@warm-up")
-    assert Settings.create(TINY).fault == "sd_txt2img/*@warm-up"
+    with pytest.raises(ValueError, match="time_budget=-1"):
+        Settings.create(TINY, time_budget=-1.0)
+    assert Settings.create(TINY).time_budget == 0 and Settings.create(PRESETS["cpu"]).time_budget == 600
 
 
 def test_cli_registration_and_no_diffusers_import():

@@ -1,6 +1,6 @@
-"""`rapiddiff bench`: the seed's benchmark, rapiddiff and diffusers side by side.
+"""`rapiddiff bench`: the reference page's benchmark, rapiddiff and diffusers side by side.
 
-rapiddiff bench                                    # GPU: the seed's matrix; CPU: the `cpu` preset, minutes
+rapiddiff bench                                    # GPU: the reference matrix; CPU: the `cpu` preset, minutes
 rapiddiff bench --pipelines sd_txt2img if --batch-sizes 1 4 --modes compiled -o out1
 rapiddiff bench merge out1/results.json out2/results.json -o report
 rapiddiff bench --time-budget 300 -o out2          # the whole run in 5 minutes: fewer rounds, the least important cut

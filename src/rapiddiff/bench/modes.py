@@ -24,7 +24,7 @@ def eager_sdpa(pipe: Any, figure: Figure, backend: Backend) -> Undo:
 
 
 def eager_vanilla(pipe: Any, figure: Figure, backend: Backend) -> Undo:
-    """The vanilla (matmul + softmax) processors: `set_default_attn_processor()`, as the seed shows."""
+    """The vanilla (matmul + softmax) processors: `set_default_attn_processor()`, as the reference page shows."""
     modules = [getattr(pipe, name) for name in figure.denoisers]
     saved = [m.attn_processors for m in modules]
     for m in modules:
@@ -38,11 +38,11 @@ def eager_vanilla(pipe: Any, figure: Figure, backend: Backend) -> Undo:
 
 
 def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
-    """The seed's recipe: denoisers through torch.compile(mode="reduce-overhead", fullgraph=True).
+    """Diffusers' recipe (the reference page's): the denoisers through torch.compile(**REFERENCE_COMPILE).
 
-    rapiddiff uses its own `compile_pipeline` with its defaults (compiled in place), on the same modules as the seed
-    (the denoisers: its default would add the VAE decoder, which runs outside the timed loop and would only lengthen
-    the first call); where that does not exist, the seed's torch.compile calls. A module compiled in place
+    rapiddiff uses its own `compile_pipeline` with its defaults (compiled in place), on the same modules as Diffusers'
+    recipe (the denoisers: its default would add the VAE decoder, which runs outside the timed loop and would only
+    lengthen the first call); a backend without `compile_pipeline` gets Diffusers' recipe. A module compiled in place
     stays compiled, which is why Settings runs this mode last; the undo drops the compiled graphs, so the next cell
     compiles afresh and its first call's time is its compile time.
     """

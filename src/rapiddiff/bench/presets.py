@@ -1,7 +1,7 @@
 """Benchmark presets: image sizes, step counts and the model configs each workload is built from.
 
 Every preset starts from the real checkpoints' configs shipped in `rapiddiff/presets/`. `gpu` uses them as they are
-(the seed's workloads); `cpu` and `tiny` shrink widths and depths through `overrides` so the same architectures (block
+(the reference page's workloads); `cpu` and `tiny` shrink widths and depths through `overrides` so the same architectures (block
 types, attention layout, IF's text projection) run in minutes on two cores, or in seconds in the tests.
 """
 
@@ -24,7 +24,7 @@ CHECKPOINTS = {
     "if_stage_3": "stable-diffusion-x4-upscaler",
 }
 
-# The seed's default step counts (the pipelines' own defaults).
+# The reference page's step counts (the pipelines' own defaults).
 REFERENCE_STEPS = {
     "sd_txt2img": 50,
     "sd_img2img": 50,
@@ -160,7 +160,7 @@ PRESETS = {
     for p in (
         Preset(
             name="gpu",
-            description="the seed's matrix: real architectures, fp16, SD 512x512, default steps",
+            description="the reference matrix: real architectures, fp16, SD 512x512, default steps",
             dtype="float16",
             sd_size=512,
             if_sizes=(64, 256),

@@ -1,4 +1,4 @@
-"""Results: the JSON document, its CSV rows, the Markdown report laid out like the seed's tables, and PNG charts.
+"""Results: the JSON document, its CSV rows, the Markdown report laid out like the reference page's tables, and PNG charts.
 
 A document is {"format", "runs": [{"env", "settings"}], "cells": [...]}; each cell names its run. Split runs merge by
 concatenating runs and cells (a later run's cell replaces an earlier one of the same key), and the report is drawn from
@@ -172,7 +172,7 @@ def _rank(order: Sequence[str], name: str) -> int:
 
 
 def _ordered(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The report's fixed order: the seed's figures, batch size, mode, backend."""
+    """The report's fixed order: the reference page's figures, batch size, mode, backend."""
     figures = [f.name for f in FIGURES]
 
     def order(c: dict[str, Any]) -> tuple:
@@ -341,7 +341,7 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
         "Iterations/s of the denoising loop (higher is better), text encoding and VAE decoding excluded: "
         "(N - n) / (T_long - T_short) over a long and a short call. *speed-up* is rapiddiff / diffusers in the same "
         "mode: the geometric mean of the ratios of rounds timed back to back, with its 95 % interval; *same* when "
-        "that interval holds 1.00. IF stages II and III run at batch 1 only, as in the seed.",
+        "that interval holds 1.00. IF stages II and III run at batch 1 only, as on the reference page.",
         "## Iterations per second",
         batch_tables(doc),
     ]
@@ -410,7 +410,7 @@ def chart_specs(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, str], tu
 
 
 def write_charts(doc: dict[str, Any], out_dir: Path) -> tuple[list[str], str | None]:
-    """Speed-up bar charts (figures x batch sizes), as the seed's; (file names, note when skipped)."""
+    """Speed-up bar charts (figures x batch sizes), as the reference page's; (file names, note when skipped)."""
     specs = chart_specs(doc)
     if not specs:
         return [], None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,6 @@ from .presets import CHECKPOINTS, Preset
 
 PIPELINES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-# Fault injection for tests: "CELL@PHASE[,CELL@PHASE...]", CELL as `figure/batch/mode/backend` (fnmatch wildcards),
-# PHASE one of build, warm-up, timed:N. The cell raises torch.OutOfMemoryError there.
-FAULT_ENV = "RAPIDDIFF_BENCH_FAULT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +32,6 @@ class Settings:
     warmup: int
     threads: int | None  # torch's CPU threads during the run; None: as they are
     models: Mapping[str, Path] = dataclasses.field(default_factory=dict)  # checkpoint key -> real checkpoint folder
-    fault: str | None = None
     progress: bool = True
     max_repeats: int | None = None  # rounds per cell at most (None: `repeats`)
     cell_seconds: float = 0.0  # no new round after this many seconds of timed calls, once `repeats` are done
@@ -93,7 +87,6 @@ class Settings:
         warmup: int | None = None,
         threads: int | None = None,
         models: Mapping[str, str | Path] | None = None,
-        fault: str | None = None,
         progress: bool = True,
         time_budget: float | None = None,
     ) -> Settings:
@@ -119,7 +112,6 @@ class Settings:
             warmup=_given(warmup, preset.warmup),
             threads=_given(threads, preset.threads),
             models={k: Path(v) for k, v in (models or {}).items()},
-            fault=fault if fault is not None else os.environ.get(FAULT_ENV) or None,
             progress=progress,
             time_budget=_given(time_budget, preset.time_budget),
         )

@@ -28,7 +28,6 @@ from .measure import (
     Rounds,
     StepCounter,
     free_memory,
-    inject_fault,
     measure_interleaved,
     short_steps,
 )
@@ -251,8 +250,6 @@ def _run_figure(figure: Figure, settings: Settings, budget: Budget, bar: Any, re
         mine = [c for c in cells if c.backend == name]
         bar.set_description(f"{figure.name}/{name}: building")
         try:
-            for cell in mine:
-                inject_fault(settings.fault, cell.id, "build")
             pipe = build_pipeline(figure, Backend(name), settings)
             pipes[name] = (pipe, StepCounter(pipe.scheduler))
         except Exception as e:
@@ -287,7 +284,7 @@ def _run_group(
             continue
         cell.status = "running"
         pipe, counter = pipes[cell.backend]
-        contender = Contender(Measurement(cell, settings.device, settings.fault), _caller(pipe, inputs), counter)
+        contender = Contender(Measurement(cell, settings.device), _caller(pipe, inputs), counter)
         try:
             undos.append(MODES[cell.mode](pipe, figure, Backend(cell.backend)))
         except Exception as e:
