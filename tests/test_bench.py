@@ -384,6 +384,7 @@ def test_compiled_mode_both_backends(fake_clock, monkeypatch, inductor):
     for cell in doc["cells"]:
         assert cell["status"] == "ok", cell["error"]
     assert inductor or {"diffusers", "rapiddiff"} <= set(compiled)
+    assert set(doc["runs"][0]["compiled"]["backends"]) == {"rapiddiff", "diffusers"}  # the report states both recipes
 
 
 # --- interleaving, intervals, results kept (issues 10 and 14) --------------------------------------------------------
@@ -681,3 +682,35 @@ def test_resume_of_a_damaged_results_json_is_a_clear_error(tmp_path, capsys, dam
     if "read back" not in message:  # merge needs no settings to be valid, only present
         assert cli.main(["merge", str(tmp_path / "results.json"), "-o", str(tmp_path / "m")]) == 2
         assert message in capsys.readouterr().err
+
+
+# --- what the compiled column ran -------------------------------------------------------------------------------------
+def test_compiled_column_states_each_sides_options_read_at_run_time(monkeypatch):
+    """rapiddiff: compile_pipeline's own defaults (freezing included), read from its signature when the run starts, so
+    a changed default shows; Diffusers: its recipe; both: inductor's global options in force."""
+    import torch
+
+    import rapiddiff
+    from rapiddiff.bench.modes import REFERENCE_COMPILE, compile_recipes
+
+    def compile_pipeline(pipe, *, mode="reduce-overhead", fullgraph=True, components=None, freezing=None):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(rapiddiff, "compile_pipeline", compile_pipeline)
+    monkeypatch.setattr(torch._inductor.config, "max_autotune", True)
+    recipes = compile_recipes(("rapiddiff", "diffusers"))
+    rapid, base = recipes["backends"]["rapiddiff"], recipes["backends"]["diffusers"]
+    assert rapid["arguments"] == {"mode": "reduce-overhead", "fullgraph": True, "freezing": None}
+    assert base["arguments"] == REFERENCE_COMPILE == {"mode": "reduce-overhead", "fullgraph": True}
+    assert base["call"] == "torch.compile(<each denoiser>, mode='reduce-overhead', fullgraph=True)"
+    assert rapid["mode_options"] == base["mode_options"] == {"triton.cudagraphs": True}
+    assert recipes["inductor_config"]["max_autotune"] is True and recipes["inductor_config"]["freezing"] is False
+    json.dumps(recipes)  # plain values only
+
+    doc = _valid_document()
+    doc["runs"][0]["compiled"] = recipes
+    line = next(li for li in report.render_markdown(doc).splitlines() if "compiled column" in li)
+    assert "rapiddiff: `rapiddiff.compile_pipeline(pipe, components=<the denoisers>) with its defaults (mode=reduce-" \
+           "overhead, fullgraph=True, freezing=None)`" in line  # fmt: skip
+    assert "diffusers: `torch.compile(<each denoiser>, mode='reduce-overhead', fullgraph=True)`" in line
+    assert "inductor's global config: freezing=False, max_autotune=True" in line

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,13 @@ def make_document(
     env: dict[str, Any],
     cells: Iterable[Cell],
     prior_runs: Sequence[dict[str, Any]] = (),
-    budget: dict[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The document of this run, after `prior_runs` (those of an interrupted run it resumes); `budget`: the time
-    budget's record (`sweep.Budget.record`): seconds, time used, fewest rounds planned, cut groups and why."""
+    """The document of this run, after `prior_runs` (those of an interrupted run it resumes). `record`: more of the
+    run's entry: "budget" (`sweep.Budget.record`: seconds, time used, fewest rounds planned, cut groups and why) and
+    "compiled" (`modes.compile_recipes`: what the compiled column ran)."""
     rows = [dataclasses.asdict(c) for c in cells]
-    run = {"env": env, "settings": settings_dict(settings)}
-    runs = [*prior_runs, run | {"budget": budget} if budget is not None else run]
+    runs = [*prior_runs, {"env": env, "settings": settings_dict(settings), **(record or {})}]
     return {"format": FORMAT, "runs": runs, "cells": _ordered(rows)}
 
 
@@ -304,6 +304,8 @@ def _environment(doc: dict[str, Any]) -> list[str]:
         )
         if run.get("budget") and run["budget"]["seconds"]:
             lines.append(f"  {_budget_text(run['budget'])}")
+        if run.get("compiled"):
+            lines.append(f"  {_compiled_text(run['compiled'])}")
     facts = [{**{k: r["env"].get(k) for k in COMPARABLE_KEYS}, "preset": r["settings"]["preset"]} for r in runs]
     differing = [k for k in facts[0] if len({str(f[k]) for f in facts}) > 1]
     if differing:
@@ -326,6 +328,22 @@ def _budget_text(b: dict[str, Any]) -> str:
         + (f"; rounds per cell lowered to at most {rounds} (of {b['max_rounds']}) to fit" if rounds else "")
         + (f"; {len(b['cut'])} group(s) cut to fit" if b["cut"] else "")
     )
+
+
+def _compiled_text(c: dict[str, Any]) -> str:
+    """The compiled column's recipe per backend and the inductor options in force, as recorded at run time."""
+
+    def options(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in values.items())
+
+    sides = []
+    for name, recipe in c["backends"].items():
+        call = recipe["call"]
+        if "compile_pipeline" in call:
+            call += f" with its defaults ({options(recipe['arguments'])})"
+        mode = f"; mode {recipe['arguments'].get('mode')} adds {options(recipe['mode_options'])}"
+        sides.append(f"{name}: `{call}`" + (mode if recipe["mode_options"] else ""))
+    return f"compiled column: {'; '.join(sides)}; inductor's global config: {options(c['inductor_config'])}"
 
 
 def _steps_text(steps: dict[str, int]) -> str:

@@ -31,7 +31,7 @@ from .measure import (
     measure_interleaved,
     short_steps,
 )
-from .modes import MODES
+from .modes import MODES, compile_recipes
 from .report import cells_of, make_document
 from .settings import Settings
 from .workloads import FIGURES, Figure, build_pipeline, figures_of
@@ -59,9 +59,10 @@ def run(
             if not cell.done:
                 cell.run = len(prior_runs)
         budget = Budget(settings, cells, elapsed)
+        compiled = {"compiled": compile_recipes(settings.backends)} if "compiled" in settings.modes else {}
 
         def document() -> dict[str, Any]:
-            return make_document(settings, environment, cells, prior_runs, budget.record())
+            return make_document(settings, environment, cells, prior_runs, {"budget": budget.record(), **compiled})
 
         def report() -> None:
             if on_cell is not None:
