@@ -714,3 +714,19 @@ def test_compiled_column_states_each_sides_options_read_at_run_time(monkeypatch)
            "overhead, fullgraph=True, freezing=None)`" in line  # fmt: skip
     assert "diffusers: `torch.compile(<each denoiser>, mode='reduce-overhead', fullgraph=True)`" in line
     assert "inductor's global config: freezing=False, max_autotune=True" in line
+
+
+def test_progress_shows_the_time_left_against_the_budget():
+    from rapiddiff.bench.budget import Clock
+
+    clock = FakeClock()
+    settings = Settings.create(PRESETS["cpu"], device="cpu", progress=False)
+    budget = sweep_module.Budget(settings, sweep_module.plan_cells(settings), Clock(clock.now))
+    assert budget.postfix() == "10:00 left of 10:00"
+    clock.t += 125.4
+    assert budget.postfix() == "7:55 left of 10:00"
+    clock.t += 500
+    assert budget.postfix() == "-0:25 left of 10:00"
+    fresh = sweep_module.Budget(settings, sweep_module.plan_cells(settings), Clock(clock.now))
+    first = fresh.replan()  # from the estimates alone: the cpu preset's matrix fits its budget at the preset's 3 rounds
+    assert first.cut == () and first.rounds == 3 and first.needed_s <= 600

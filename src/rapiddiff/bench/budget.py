@@ -36,7 +36,12 @@ class Group:
 
     @property
     def key(self) -> str:
-        return f"{self.figure}/{self.batch_size}/{self.mode}"
+        return group_key(self.figure, self.batch_size, self.mode)
+
+
+def group_key(figure: str, batch_size: int, mode: str) -> str:
+    """`figure/batch/mode`, as the report and results.json name a group."""
+    return f"{figure}/{batch_size}/{mode}"
 
 
 @dataclasses.dataclass(frozen=True)

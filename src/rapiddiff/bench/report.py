@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .backends import BACKENDS
+from .budget import group_key
 from .env import COMPARABLE_KEYS
 from .measure import Cell, short_steps
 from .modes import MODES
@@ -164,7 +165,7 @@ def _key(cell: dict[str, Any]) -> tuple:
 
 
 def _group(cell: dict[str, Any]) -> str:
-    return f"{cell['figure']}/{cell['batch_size']}/{cell['mode']}"
+    return group_key(cell["figure"], cell["batch_size"], cell["mode"])
 
 
 def _rank(order: Sequence[str], name: str) -> int:

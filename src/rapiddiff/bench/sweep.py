@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import env
 from .backends import Backend
-from .budget import MIN_INTERVAL_ROUNDS, Calibration, Clock, Group, Limits, Plan, format_seconds, plan
+from .budget import MIN_INTERVAL_ROUNDS, Calibration, Clock, Group, Limits, Plan, format_seconds, group_key, plan
 from .measure import (
     Cell,
     Contender,
@@ -174,7 +174,7 @@ class Budget:
         if p.keep:
             self.fewest_rounds = min(self.fewest_rounds, p.rounds)
         for key, cells in self.left.items():
-            name = "{}/{}/{}".format(*key)
+            name = group_key(*key)
             for cell in cells:
                 if name in p.cut and cell.status == "pending":
                     cell.status, cell.summary = "cut", "cut: time budget"
@@ -192,7 +192,7 @@ class Budget:
         return p
 
     def keeps(self, figure: str) -> bool:
-        return any(key[0] == figure for key in self.left if "{}/{}/{}".format(*key) not in self.cuts)
+        return any(key[0] == figure and group_key(*key) not in self.cuts for key in self.left)
 
     def take(self, key: tuple[str, int, str]) -> list[Cell]:
         """The group's cells to run now (none when cut); it leaves the plan."""
@@ -263,7 +263,7 @@ def _run_figure(figure: Figure, settings: Settings, budget: Budget, bar: Any, re
         bar.set_postfix_str(budget.postfix())
         size = len(budget.left[key])
         group = budget.take(key)
-        bar.set_description("{}/{}/{}".format(*key) + ("" if group else ": cut (time budget)"))
+        bar.set_description(group_key(*key) + ("" if group else ": cut (time budget)"))
         if group:
             start = budget.clock.elapsed()
             _run_group(group, pipes, figure, settings, budget.rounds)
