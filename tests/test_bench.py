@@ -730,3 +730,32 @@ def test_progress_shows_the_time_left_against_the_budget():
     fresh = sweep_module.Budget(settings, sweep_module.plan_cells(settings), Clock(clock.now))
     first = fresh.replan()  # from the estimates alone: the cpu preset's matrix fits its budget at the preset's 3 rounds
     assert first.cut == () and first.rounds == 3 and first.needed_s <= 600
+
+
+def test_a_cell_running_past_the_budget_is_stopped_and_cut(monkeypatch, tmp_path, capsys):
+    """The plan (tiny estimates) keeps every cell, but each call takes 0.4 s of real time: the budget's alarm stops the
+    sweep in the middle of a cell, which is cut with the rest, and the report is written within the budget."""
+    import time
+
+    def slow(call, steps, device):
+        call(steps)
+        time.sleep(0.4)
+        return 1.0 + 0.1 * steps
+
+    from rapiddiff.bench.workloads import FIGURES_BY_NAME, build_pipeline
+
+    settings = Settings.create(TINY, device="cpu", backends=("diffusers",), progress=False)
+    build_pipeline(FIGURES_BY_NAME["sd_txt2img"], Backend("diffusers"), settings)  # imports done: the build is quick
+    monkeypatch.setattr(measure, "timed", slow)
+    argv = ["--preset", "tiny", "--pipelines", "sd_txt2img", "--batch-sizes", "1", "2", "--modes", "eager-sdpa",
+            "--backends", "diffusers", "--steps", "3", "--repeats", "50", "--time-budget", "6", "-o", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    start = time.monotonic()
+    assert cli.main(argv) == 0
+    assert time.monotonic() - start < 6 + 2  # the reserve (1 s for tiny) writes the report; a loaded machine's slack
+    doc = report.load_document(tmp_path / "results.json")
+    assert {c["status"] for c in doc["cells"]} == {"cut"}, [c["error"] for c in doc["cells"]]
+    reasons = doc["runs"][0]["budget"]["cut"]
+    assert set(reasons) == {"sd_txt2img/1/eager-sdpa", "sd_txt2img/2/eager-sdpa"}
+    assert any("stopped while it ran" in why for why in reasons.values())
+    assert "cut" in capsys.readouterr().err

@@ -151,8 +151,17 @@ class Calibration:
             sums[1] += max(measured_s, 0.0)
 
     def factor(self, kind: str) -> float:
+        """This kind's ratio; before its first measurement, the ratio over all kinds (a machine slower at running
+        the models is slower at compiling them too); 1 before any."""
         estimated, measured = self._sums.get(kind, (0.0, 0.0))
+        if estimated <= 0:
+            estimated, measured = (sum(x) for x in zip((0.0, 0.0), *self._sums.values()))
         return max(self.floor, measured / estimated) if estimated > 0 else 1.0
+
+
+class BudgetSpent(BaseException):
+    """Raised (by `rapiddiff bench`'s alarm) when the budget runs out in the middle of a cell: the sweep stops there and
+    the cells not finished are cut. A BaseException, so that a cell's failure handling does not record it as its own."""
 
 
 class Clock:

@@ -27,6 +27,7 @@ import torch
 
 from ..batch.scale import add_parser as add_scale_parser
 from .backends import BACKENDS
+from .budget import BudgetSpent
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
 from .report import FILES, batch_tables, load_document, merge_documents, settings_from_dict, write_outputs
@@ -122,8 +123,13 @@ def run_command(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"rapiddiff bench: error: {e}", file=sys.stderr)
         return 2
-    with sigterm_as_interrupt():
-        doc = run(settings, on_cell=lambda d: write_outputs(d, out, charts=False), resume=resume)
+    # the alarm leaves the reserve for the report and charts
+    deadline = settings.time_budget - settings.preset.estimates.reserve_s if settings.time_budget else None
+    with sigterm_as_interrupt(), stop_at(deadline):
+        try:
+            doc = run(settings, on_cell=lambda d: write_outputs(d, out, charts=False), resume=resume)
+        except BudgetSpent:  # the alarm came as the sweep was finishing: its last write holds every result
+            doc = load_document(out / FILES["json"])
     paths = write_outputs(doc, out)
     print(batch_tables(doc))
     print(f"\nreport: {paths['markdown']}  (results: {paths['json']}, {paths['csv']})")
@@ -224,6 +230,30 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def stop_at(seconds: float | None) -> Iterator[None]:
+    """Raise BudgetSpent in the sweep after `seconds` (None: never), so that a cell running long (a compile on a busy
+    machine) cannot carry the run past its budget; the plan keeps the cells within it otherwise."""
+
+    def spent(signum: int, frame: Any) -> None:
+        raise BudgetSpent
+
+    if seconds is None:
+        yield
+        return
+    try:
+        before = signal.signal(signal.SIGALRM, spent)
+    except (ValueError, AttributeError):  # not the main thread, or no SIGALRM (Windows): the plan alone
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def merge_command(args: argparse.Namespace) -> int:

@@ -20,7 +20,18 @@ from tqdm.auto import tqdm
 
 from . import env
 from .backends import Backend
-from .budget import MIN_INTERVAL_ROUNDS, Calibration, Clock, Group, Limits, Plan, format_seconds, group_key, plan
+from .budget import (
+    MIN_INTERVAL_ROUNDS,
+    BudgetSpent,
+    Calibration,
+    Clock,
+    Group,
+    Limits,
+    Plan,
+    format_seconds,
+    group_key,
+    plan,
+)
 from .measure import (
     Cell,
     Contender,
@@ -70,6 +81,8 @@ def run(
 
         try:
             run_sweep(settings, budget, report)
+        except BudgetSpent:
+            budget.stop()
         except KeyboardInterrupt:
             for cell in cells:
                 if cell.status in ("pending", "running"):
@@ -121,7 +134,7 @@ class Budget:
     each group, with the preset's estimates scaled by what was measured so far."""
 
     def __init__(self, settings: Settings, cells: list[Cell], clock: Clock) -> None:
-        self.settings, self.clock = settings, clock
+        self.settings, self.clock, self.cells = settings, clock, cells
         self.calibration = Calibration()
         self.limits = Limits(
             low=min(settings.repeats, MIN_INTERVAL_ROUNDS),
@@ -190,6 +203,19 @@ class Budget:
             else:
                 self.cuts.pop(name, None)
         return p
+
+    def stop(self) -> None:
+        """The budget ran out during a cell (`BudgetSpent`): that cell and every one not run yet are cut."""
+        elapsed = self.clock.elapsed()
+        for cell in self.cells:
+            if cell.status in ("pending", "running"):
+                key = group_key(cell.figure, cell.batch_size, cell.mode)
+                self.cuts[key] = (
+                    f"time budget {self.seconds:g} s: stopped while it ran, after {elapsed:.0f} s"
+                    if cell.status == "running"
+                    else self.cuts.get(key, f"time budget {self.seconds:g} s: spent after {elapsed:.0f} s")
+                )
+                cell.status, cell.summary, cell.it_per_s, cell.speedup = "cut", "cut: time budget", None, None
 
     def keeps(self, figure: str) -> bool:
         return any(key[0] == figure and group_key(*key) not in self.cuts for key in self.left)
