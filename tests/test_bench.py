@@ -585,7 +585,7 @@ def test_budget_replans_as_cells_finish_and_resume_runs_what_was_cut(monkeypatch
     )
     markdown = report.render_markdown(doc)
     assert "## Cut by the time budget" in markdown and "`sd_img2img/2/eager-sdpa`: time budget 30 s" in markdown
-    assert "rounds per cell lowered to at most 2 (of 4)" in markdown
+    assert "rounds per cell lowered to as few as 2 (of 4)" in markdown
     assert table_rows(markdown, 2)["SD - img2img"] == ["cut: time budget"]
 
     report.write_outputs(doc, tmp_path, charts=False)

@@ -326,7 +326,7 @@ def _budget_text(b: dict[str, Any]) -> str:
     rounds = b["rounds"] if b["rounds"] < b["max_rounds"] else None
     return (
         f"time budget {b['seconds']:g} s (`--time-budget`): the sweep took {b['elapsed_s']:.0f} s"
-        + (f"; rounds per cell lowered to at most {rounds} (of {b['max_rounds']}) to fit" if rounds else "")
+        + (f"; rounds per cell lowered to as few as {rounds} (of {b['max_rounds']}) to fit" if rounds else "")
         + (f"; {len(b['cut'])} group(s) cut to fit" if b["cut"] else "")
     )
 

@@ -152,7 +152,7 @@ class Budget:
                         self.left[(figure.name, batch, mode)] = group
         self.built: str | None = None  # the figure whose pipelines are built
         self.rounds = self.limits.high  # of the latest plan
-        self.fewest_rounds = self.limits.high
+        self.fewest_rounds = self.limits.high  # the lowest cap a group ran with
         self.cuts: dict[str, str] = {}  # group key -> why it was cut
 
     @property
@@ -184,8 +184,6 @@ class Budget:
         limits, reserve = self.limits, self.settings.preset.estimates.reserve_s
         p = plan(groups, budget_s=self.seconds, elapsed_s=elapsed, limits=limits, builds=builds, reserve_s=reserve)
         self.rounds = p.rounds
-        if p.keep:
-            self.fewest_rounds = min(self.fewest_rounds, p.rounds)
         for key, cells in self.left.items():
             name = group_key(*key)
             for cell in cells:
@@ -221,8 +219,11 @@ class Budget:
         return any(key[0] == figure and group_key(*key) not in self.cuts for key in self.left)
 
     def take(self, key: tuple[str, int, str]) -> list[Cell]:
-        """The group's cells to run now (none when cut); it leaves the plan."""
-        return [c for c in self.left.pop(key) if c.status == "pending"]
+        """The group's cells to run now, at most `rounds` rounds (none when cut); it leaves the plan."""
+        group = [c for c in self.left.pop(key) if c.status == "pending"]
+        if group:
+            self.fewest_rounds = min(self.fewest_rounds, self.rounds)
+        return group
 
     def record_build(self, seconds: float) -> None:
         self.calibration.record("build", self.settings.preset.estimates.build_s * len(self.settings.backends), seconds)
