@@ -20,7 +20,7 @@ from rapiddiff.bench import sweep as sweep_module
 from rapiddiff.bench.backends import Backend, Unavailable
 from rapiddiff.bench.measure import Cell
 from rapiddiff.bench.presets import PRESETS
-from rapiddiff.bench.settings import FAULT_ENV, PIPELINES, Settings
+from rapiddiff.bench.settings import PIPELINES, Settings
 from rapiddiff.bench.sweep import run
 from rapiddiff.bench.workloads import FIGURES
 
@@ -29,7 +29,8 @@ pytest.importorskip("diffusers")
 TINY = PRESETS["tiny"]
 MODES = ("eager-sdpa", "eager-vanilla")
 BATCHES = (1, 2)
-FAULT = "sd_inpaint/2/eager-vanilla/diffusers@timed:2,if_stage_1/*/*/diffusers@build"
+OOM_TIMED = ("sd_inpaint/2/eager-vanilla/diffusers", "after warm-up (timed call 2)")  # an OOM in this cell's call
+OOM_BUILD = ("if_stage_1", "diffusers")  # and one while building this pipeline
 
 
 def fake_timed(call, steps, device):
@@ -49,10 +50,30 @@ def sweep(**kwargs):
     return run(Settings.create(TINY, **kwargs))
 
 
+def inject_faults(mp: pytest.MonkeyPatch) -> None:
+    """Out-of-memory errors where OOM_TIMED and OOM_BUILD say."""
+    real_enter, real_build = measure.Measurement.enter, sweep_module.build_pipeline
+
+    def enter(self, where):
+        real_enter(self, where)
+        if (self.cell.id, where) == OOM_TIMED:
+            raise measure.torch.cuda.OutOfMemoryError(f"injected for {self.cell.id} {where}")
+
+    def build(figure, backend, settings):
+        if (figure.name, backend.name) == OOM_BUILD:
+            raise measure.torch.cuda.OutOfMemoryError(f"injected while building {figure.name} for {backend.name}")
+        return real_build(figure, backend, settings)
+
+    mp.setattr(measure.Measurement, "enter", enter)
+    mp.setattr(sweep_module, "build_pipeline", build)
+
+
 @pytest.fixture(scope="module")
 def full(fake_clock, tmp_path_factory):
     """All five pipelines x batch 1, 2 x two modes, with an injected OOM at run time and one at build time."""
-    doc = sweep(batch_sizes=BATCHES, modes=MODES, fault=FAULT)
+    with pytest.MonkeyPatch.context() as mp:
+        inject_faults(mp)
+        doc = sweep(batch_sizes=BATCHES, modes=MODES)
     out = tmp_path_factory.mktemp("bench")
     return doc, report.write_outputs(doc, out)
 
@@ -256,7 +277,39 @@ def test_backend_resolution():
         Backend("onnx")
 
 
-def test_settings_validation(monkeypatch):
+def test_only_a_missing_diffusers_is_unavailable(monkeypatch):
+    """diffusers not installed: its cells say so. A broken install or a missing rapiddiff module is an error."""
+    import importlib
+    import types
+
+    def missing(module):
+        def import_module(name):
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+        return import_module
+
+    monkeypatch.setattr(importlib, "import_module", missing("diffusers"))
+    with pytest.raises(Unavailable, match="diffusers is not installed"):
+        Backend("diffusers").get("StableDiffusionPipeline")
+    monkeypatch.setattr(importlib, "import_module", missing("huggingface_hub"))  # diffusers' own dependency
+    with pytest.raises(ModuleNotFoundError, match="huggingface_hub"):
+        Backend("diffusers").get("StableDiffusionPipeline")
+    monkeypatch.setattr(importlib, "import_module", missing("rapiddiff"))
+    with pytest.raises(ModuleNotFoundError):
+        Backend("rapiddiff").get("StableDiffusionPipeline")
+    monkeypatch.undo()
+
+    class LazyExports(types.ModuleType):
+        def __getattr__(self, name):
+            raise ModuleNotFoundError("No module named 'rapiddiff.pipelines.gone'", name="rapiddiff.pipelines.gone")
+
+    backend = Backend("rapiddiff")
+    backend._module = LazyExports("rapiddiff")
+    with pytest.raises(ModuleNotFoundError, match="gone"):  # a lazy export naming a missing module: a bug, said so
+        backend.get("SomePipeline")
+
+
+def test_settings_validation():
     with pytest.raises(ValueError, match="unknown \\['sdxl'\\]"):
         Settings.create(TINY, pipelines=("sdxl",))
     with pytest.raises(ValueError, match="batch_sizes"):
@@ -265,8 +318,9 @@ def test_settings_validation(monkeypatch):
         Settings.create(TINY, repeats=0)
     with pytest.raises(ValueError, match="at least 3 steps"):
         Settings.create(TINY, steps=2)
-    monkeypatch.setenv(FAULT_ENV, "sd_txt2img/*@warm-up")
-    assert Settings.create(TINY).fault == "sd_txt2img/*@warm-up"
+    with pytest.raises(ValueError, match="time_budget=-1"):
+        Settings.create(TINY, time_budget=-1.0)
+    assert Settings.create(TINY).time_budget == 0 and Settings.create(PRESETS["cpu"]).time_budget == 600
 
 
 def test_cli_registration_and_no_diffusers_import():
@@ -330,6 +384,7 @@ def test_compiled_mode_both_backends(fake_clock, monkeypatch, inductor):
     for cell in doc["cells"]:
         assert cell["status"] == "ok", cell["error"]
     assert inductor or {"diffusers", "rapiddiff"} <= set(compiled)
+    assert set(doc["runs"][0]["compiled"]["backends"]) == {"rapiddiff", "diffusers"}  # the report states both recipes
 
 
 # --- interleaving, intervals, results kept (issues 10 and 14) --------------------------------------------------------
@@ -441,3 +496,266 @@ def test_sigterm_to_a_running_bench_keeps_a_readable_report(tmp_path):
     statuses = [c["status"] for c in report.load_document(results)["cells"]]
     assert statuses[0] == "ok" and "interrupted" in statuses
     assert "## Not run" in (tmp_path / "report.md").read_text()
+
+
+# --- the time budget -----------------------------------------------------------------------------------------------
+def test_planner_lowers_rounds_then_cuts_the_least_important_groups():
+    from rapiddiff.bench.budget import Group, Limits, cut_order, plan
+
+    groups = [
+        Group("sd_txt2img", 1, "eager-sdpa", setup_s=1.0, round_s=2.0, figure_rank=0),
+        Group("sd_txt2img", 1, "compiled", setup_s=60.0, round_s=2.0, figure_rank=0),
+        Group("sd_txt2img", 2, "eager-sdpa", setup_s=1.0, round_s=3.0, figure_rank=0),
+        Group("if_stage_1", 1, "eager-sdpa", setup_s=1.0, round_s=2.0, figure_rank=4),
+        Group("if_stage_1", 1, "compiled", setup_s=60.0, round_s=2.0, figure_rank=4),
+    ]
+    keys = [g.key for g in groups]
+    assert [g.key for g in cut_order(groups)] == [keys[2], keys[4], keys[1], keys[3], keys[0]]
+    limits = Limits(low=2, high=9, repeats=3, cell_seconds=1000.0)  # every cell runs as many rounds as planned
+    builds = {"sd_txt2img": 4.0, "if_stage_1": 3.0}
+    kw = dict(limits=limits, builds=builds, reserve_s=5.0)
+    # no budget, or plenty: everything at the most rounds
+    full = 5 + 7 + 123 + 9 * (2 + 2 + 3 + 2 + 2)
+    for budget, elapsed in ((None, 0.0), (full, 0.0), (full + 100, 100.0)):
+        p = plan(groups, budget_s=budget, elapsed_s=elapsed, **kw)
+        assert (p.rounds, p.keep, p.cut) == (9, tuple(keys), ())
+    assert plan(groups, budget_s=full, elapsed_s=0, **kw).needed_s == full
+    # a little short: fewer rounds, nothing cut
+    p = plan(groups, budget_s=full, elapsed_s=30.0, **kw)
+    assert p.rounds == 6 and p.cut == () and p.needed_s <= full - 30
+    # shorter: never below the minimum for an interval, then the batch-2 group goes, then IF's compiled one
+    at_low = 5 + 7 + 123 + 2 * 11
+    p = plan(groups, budget_s=at_low - 1, elapsed_s=0.0, **kw)
+    assert p.rounds == 2 and p.cut == (keys[2],)
+    # once cut, the time saved goes to the rounds of the groups kept
+    p = plan(groups, budget_s=at_low - 10, elapsed_s=0.0, **kw)
+    assert p.cut == (keys[2], keys[4]) and p.rounds == 9 and p.needed_s == 5 + 7 + 62 + 9 * 6
+    # at batch 1 compiled goes before eager; a figure none of whose groups is kept costs no build
+    p = plan(groups, budget_s=22.0, elapsed_s=0.0, **kw)
+    assert p.keep == (keys[0], keys[3]) and p.rounds == 2 and p.needed_s == 5 + 7 + 2 * (1 + 2 * 2)
+    p = plan(groups, budget_s=21.0, elapsed_s=0.0, **kw)
+    assert p.keep == (keys[0],) and p.rounds == 5  # 5 + 4 + 1 + 2 * 5: IF's 3 s build no longer counted
+    # past the budget, nothing is kept
+    p = plan(groups, budget_s=100.0, elapsed_s=100.0, **kw)
+    assert p.keep == () and p.cut == tuple(g.key for g in cut_order(groups))
+    # cell_seconds ends a cell after the round that passes it: a round cap above that costs nothing more
+    assert Limits(low=2, high=9, repeats=3, cell_seconds=5.0).rounds_run(9, 2.0) == 3
+    assert Limits(low=2, high=9, repeats=3, cell_seconds=0.0).rounds_run(9, 2.0) == 3
+    assert Limits(low=2, high=9, repeats=3, cell_seconds=0.0).rounds_run(2, 2.0) == 2
+
+
+class FakeClock:
+    """Monotonic seconds that pass only in timed calls: 1 s + 0.1 s per step, as `fake_timed`."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def now(self):
+        return self.t
+
+    def timed(self, call, steps, device):
+        call(steps)
+        self.t += 1.0 + 0.1 * steps
+        return 1.0 + 0.1 * steps
+
+
+def test_budget_replans_as_cells_finish_and_resume_runs_what_was_cut(monkeypatch, tmp_path):
+    """The tiny preset's estimates are far below the fake clock's times: the plan made before the first cell keeps
+    everything; once the first group shows the real cost, rounds are lowered, then the least important group is cut,
+    listed with the reason in the results and the report, and a resumed run measures it."""
+    clock = FakeClock()
+    monkeypatch.setattr(measure, "timed", clock.timed)
+    kw = dict(device="cpu", steps=3, warmup=1, backends=("diffusers",), progress=False, modes=("eager-sdpa",))
+    settings = Settings.create(TINY, pipelines=("sd_txt2img", "sd_img2img"), batch_sizes=(1, 2), repeats=4,
+                               time_budget=30.0, **kw)  # fmt: skip
+    doc = run(settings, clock=clock.now)
+    cells = cells_by_id(doc)
+    rounds = {key: len(c["seconds"]) for key, c in cells.items()}
+    assert rounds["sd_txt2img/1/eager-sdpa/diffusers"] == 4  # planned with the preset's estimates: the most rounds
+    assert rounds["sd_txt2img/2/eager-sdpa/diffusers"] == 2  # re-planned: fewer rounds, not below 2
+    cut = cells["sd_img2img/2/eager-sdpa/diffusers"]
+    assert (cut["status"], cut["summary"]) == ("cut", "cut: time budget")  # the largest batch, the last figure
+    assert cells["sd_img2img/1/eager-sdpa/diffusers"]["status"] == "ok"
+    budget = doc["runs"][0]["budget"]
+    assert clock.t - 100.0 <= 30.0 and budget["elapsed_s"] == pytest.approx(clock.t - 100.0)
+    assert budget["rounds"] == 2 and budget["max_rounds"] == 4
+    assert (
+        list(budget["cut"]) == ["sd_img2img/2/eager-sdpa"]
+        and "time budget 30 s" in budget["cut"]["sd_img2img/2/eager-sdpa"]
+    )
+    markdown = report.render_markdown(doc)
+    assert "## Cut by the time budget" in markdown and "`sd_img2img/2/eager-sdpa`: time budget 30 s" in markdown
+    assert "rounds per cell lowered to as few as 2 (of 4)" in markdown
+    assert table_rows(markdown, 2)["SD - img2img"] == ["cut: time budget"]
+
+    report.write_outputs(doc, tmp_path, charts=False)
+    assert cli.main(["--resume", "--time-budget", "0", "-o", str(tmp_path), "--no-progress"]) == 0
+    resumed = report.load_document(tmp_path / "results.json")
+    assert [c["status"] for c in resumed["cells"]] == ["ok"] * 4
+    assert [c["run"] for c in resumed["cells"]] == [0, 0, 0, 1]
+    assert "## Cut by the time budget" not in (tmp_path / "report.md").read_text()
+
+
+def test_budget_planned_before_the_first_cell(monkeypatch):
+    """A budget too short for anything, known from the estimates alone: nothing is built, every cell says why."""
+    built = []
+    monkeypatch.setattr(sweep_module, "build_pipeline", lambda *a: built.append(a))
+    settings = Settings.create(TINY, device="cpu", pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("eager-sdpa",),
+                               backends=("diffusers",), progress=False, time_budget=0.5)  # fmt: skip
+    doc = run(settings, clock=FakeClock().now)
+    assert built == [] and {c["status"] for c in doc["cells"]} == {"cut"}
+    assert "time budget 0.5 s: 0 s left after 0 s" in doc["runs"][0]["budget"]["cut"]["sd_txt2img/1/eager-sdpa"]
+
+
+# --- an output folder holding results -------------------------------------------------------------------------------
+def test_a_second_run_into_the_same_folder_is_refused_before_any_work(fake_clock, tmp_path, monkeypatch, capsys):
+    argv = ["--preset", "tiny", "--pipelines", "sd_txt2img", "--batch-sizes", "1", "--modes", "eager-sdpa",
+            "--backends", "diffusers", "--steps", "3", "-o", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in report.FILES.values()}
+    built = []
+    monkeypatch.setattr(sweep_module, "build_pipeline", lambda *a: built.append(a))
+    capsys.readouterr()
+    for other in (["--batch-sizes", "2"], ["--modes", "eager-vanilla"], []):  # other settings, or the same again
+        assert cli.main(argv + other) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "already holds a benchmark run" in err and "--overwrite" in err
+        assert "--resume" in err and "Traceback" not in err
+    assert built == [] and {name: (tmp_path / name).read_bytes() for name in report.FILES.values()} == before
+    assert cli.main(argv + ["--resume"]) == 2 and "drop --preset" in capsys.readouterr().err
+    assert cli.main(["--resume", "--overwrite", "-o", str(tmp_path)]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(measure, "timed", fake_timed)
+    assert cli.main(argv + ["--batch-sizes", "2", "--overwrite"]) == 0
+    assert [c["batch_size"] for c in report.load_document(tmp_path / "results.json")["cells"]] == [2]
+
+
+def _valid_document():
+    from rapiddiff.bench import env
+
+    settings = Settings.create(TINY, device="cpu", pipelines=("sd_txt2img",), batch_sizes=(1,), modes=("eager-sdpa",))
+    cells = [Cell("sd_txt2img", 1, "eager-sdpa", b, status="interrupted") for b in settings.backends]
+    return report.make_document(settings, env.collect(settings.device, settings.dtype), cells)
+
+
+def _set(path, value):
+    def damage(doc):
+        *parents, last = path
+        for key in parents:
+            doc = doc[key]
+        if value is KeyError:
+            del doc[last]
+        else:
+            doc[last] = value
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", "is not valid JSON (Expecting ',' delimiter: line 1"),
+        ("[1, 2]", "is not a rapiddiff bench result"),
+        (_set(["runs"], []), "damaged: 'runs' is not a non-empty list"),
+        (_set(["runs", 0, "env", "device_name"], KeyError), "damaged: runs[0]['env'] lacks device_name"),
+        (_set(["runs", 0, "settings", "steps"], KeyError), "damaged: runs[0]['settings'] lacks steps"),
+        (_set(["cells", 0, "mode"], KeyError), "damaged: cells[0] lacks mode"),
+        (_set(["cells", 1, "run"], 3), "damaged: cells[1] names run 3; the file has 1 run(s)"),
+        (_set(["runs", 0, "settings", "dtype"], "int8"), "settings cannot be read back (KeyError: 'int8')"),
+        (_set(["runs", 0, "settings", "batch_sizes"], [0]), "settings cannot be read back (batch_sizes=(0,)"),
+    ],
+)
+def test_resume_of_a_damaged_results_json_is_a_clear_error(tmp_path, capsys, damage, message):
+    """Whatever is wrong with results.json, --resume (and merge) says which file and what, in one line."""
+    doc = _valid_document()
+    if callable(damage):
+        damage(doc)
+        text = json.dumps(doc)
+    else:
+        text = json.dumps(doc)[:-20] if damage == "truncated" else damage
+    (tmp_path / "results.json").write_text(text)
+    assert cli.main(["--resume", "-o", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(tmp_path / "results.json") in err and message in err
+    if "read back" not in message:  # merge needs no settings to be valid, only present
+        assert cli.main(["merge", str(tmp_path / "results.json"), "-o", str(tmp_path / "m")]) == 2
+        assert message in capsys.readouterr().err
+
+
+# --- what the compiled column ran -------------------------------------------------------------------------------------
+def test_compiled_column_states_each_sides_options_read_at_run_time(monkeypatch):
+    """rapiddiff: compile_pipeline's own defaults (freezing included), read from its signature when the run starts, so
+    a changed default shows; Diffusers: its recipe; both: inductor's global options in force."""
+    import torch
+
+    import rapiddiff
+    from rapiddiff.bench.modes import REFERENCE_COMPILE, compile_recipes
+
+    def compile_pipeline(pipe, *, mode="reduce-overhead", fullgraph=True, components=None, freezing=None):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(rapiddiff, "compile_pipeline", compile_pipeline)
+    monkeypatch.setattr(torch._inductor.config, "max_autotune", True)
+    recipes = compile_recipes(("rapiddiff", "diffusers"))
+    rapid, base = recipes["backends"]["rapiddiff"], recipes["backends"]["diffusers"]
+    assert rapid["arguments"] == {"mode": "reduce-overhead", "fullgraph": True, "freezing": None}
+    assert base["arguments"] == REFERENCE_COMPILE == {"mode": "reduce-overhead", "fullgraph": True}
+    assert base["call"] == "torch.compile(<each denoiser>, mode='reduce-overhead', fullgraph=True)"
+    assert rapid["mode_options"] == base["mode_options"] == {"triton.cudagraphs": True}
+    assert recipes["inductor_config"]["max_autotune"] is True and recipes["inductor_config"]["freezing"] is False
+    json.dumps(recipes)  # plain values only
+
+    doc = _valid_document()
+    doc["runs"][0]["compiled"] = recipes
+    line = next(li for li in report.render_markdown(doc).splitlines() if "compiled column" in li)
+    assert "rapiddiff: `rapiddiff.compile_pipeline(pipe, components=<the denoisers>) with its defaults (mode=reduce-" \
+           "overhead, fullgraph=True, freezing=None)`" in line  # fmt: skip
+    assert "diffusers: `torch.compile(<each denoiser>, mode='reduce-overhead', fullgraph=True)`" in line
+    assert "inductor's global config: freezing=False, max_autotune=True" in line
+
+
+def test_progress_shows_the_time_left_against_the_budget():
+    from rapiddiff.bench.budget import Clock
+
+    clock = FakeClock()
+    settings = Settings.create(PRESETS["cpu"], device="cpu", progress=False)
+    budget = sweep_module.Budget(settings, sweep_module.plan_cells(settings), Clock(clock.now))
+    assert budget.postfix() == "10:00 left of 10:00"
+    clock.t += 125.4
+    assert budget.postfix() == "7:55 left of 10:00"
+    clock.t += 500
+    assert budget.postfix() == "-0:25 left of 10:00"
+    fresh = sweep_module.Budget(settings, sweep_module.plan_cells(settings), Clock(clock.now))
+    first = fresh.replan()  # from the estimates alone: the cpu preset's matrix fits its budget at the preset's 3 rounds
+    assert first.cut == () and first.rounds == 3 and first.needed_s <= 600
+
+
+def test_a_cell_running_past_the_budget_is_stopped_and_cut(monkeypatch, tmp_path, capsys):
+    """The plan (tiny estimates) keeps every cell, but each call takes 0.4 s of real time: the budget's alarm stops the
+    sweep in the middle of a cell, which is cut with the rest, and the report is written within the budget."""
+    import time
+
+    def slow(call, steps, device):
+        call(steps)
+        time.sleep(0.4)
+        return 1.0 + 0.1 * steps
+
+    from rapiddiff.bench.workloads import FIGURES_BY_NAME, build_pipeline
+
+    settings = Settings.create(TINY, device="cpu", backends=("diffusers",), progress=False)
+    build_pipeline(FIGURES_BY_NAME["sd_txt2img"], Backend("diffusers"), settings)  # imports done: the build is quick
+    monkeypatch.setattr(measure, "timed", slow)
+    argv = ["--preset", "tiny", "--pipelines", "sd_txt2img", "--batch-sizes", "1", "2", "--modes", "eager-sdpa",
+            "--backends", "diffusers", "--steps", "3", "--repeats", "50", "--time-budget", "6", "-o", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    start = time.monotonic()
+    assert cli.main(argv) == 0
+    assert time.monotonic() - start < 6 + 4  # the reserve (1 s for tiny) writes the report; slack for a loaded machine
+    doc = report.load_document(tmp_path / "results.json")
+    assert {c["status"] for c in doc["cells"]} == {"cut"}, [c["error"] for c in doc["cells"]]
+    reasons = doc["runs"][0]["budget"]["cut"]
+    assert set(reasons) == {"sd_txt2img/1/eager-sdpa", "sd_txt2img/2/eager-sdpa"}
+    assert any("stopped while it ran" in why for why in reasons.values())
+    assert "cut" in capsys.readouterr().err

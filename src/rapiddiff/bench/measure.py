@@ -23,7 +23,6 @@ warm-up") and the sweep goes on.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 import gc
 import math
@@ -36,6 +35,8 @@ import torch
 
 from .backends import Unavailable
 
+NOT_DONE = ("pending", "running", "interrupted", "cut")  # the statuses a resumed sweep runs
+
 
 @dataclasses.dataclass
 class Cell:
@@ -46,7 +47,8 @@ class Cell:
     mode: str
     backend: str
     # ok | failed | unavailable (the backend lacks a class) | skipped (IF II/III at batch > 1) | pending (not run yet) |
-    # running | interrupted (the sweep was stopped before it finished; `rapiddiff bench --resume` runs it)
+    # running | interrupted (the sweep was stopped before it finished) | cut (by the time budget); `rapiddiff bench
+    # --resume` runs the interrupted and cut ones
     status: str = "ok"
     it_per_s: float | None = None  # from the median short and long times
     seconds: list[list[float]] = dataclasses.field(default_factory=list)  # [short, long] call times per repeat
@@ -73,7 +75,7 @@ class Cell:
     @property
     def done(self) -> bool:
         """Measured, failed or skipped: a resumed sweep does not run it again."""
-        return self.status not in ("pending", "running", "interrupted")
+        return self.status not in NOT_DONE
 
 
 class StepCounter:
@@ -121,14 +123,6 @@ def free_memory() -> None:
     torch._dynamo.reset()
 
 
-def inject_fault(spec: str | None, cell_id: str, phase: str) -> None:
-    """Raise an out-of-memory error where `spec` ("CELL@PHASE,...", fnmatch patterns) names this cell and phase."""
-    for entry in (spec or "").split(","):
-        pattern, _, phase_pattern = entry.strip().partition("@")
-        if pattern and fnmatch.fnmatchcase(cell_id, pattern) and fnmatch.fnmatchcase(phase, phase_pattern or "*"):
-            raise torch.cuda.OutOfMemoryError(f"injected for {cell_id} at {phase} (fault spec {spec!r})")
-
-
 # --- timing ------------------------------------------------------------------------------------------------------
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -146,20 +140,19 @@ def timed(call: Callable[[int], Any], steps: int, device: torch.device) -> float
 class Measurement:
     """Times one cell; `where` says which phase it is in, for the failure message."""
 
-    def __init__(self, cell: Cell, device: torch.device, fault: str | None) -> None:
-        self.cell, self.device, self.fault = cell, device, fault
+    def __init__(self, cell: Cell, device: torch.device) -> None:
+        self.cell, self.device = cell, device
         self.where = "while applying the mode"
         self.pairs: list[list[tuple[int, float]]] = []  # [(iterations, seconds) short, long] per timed round
 
-    def enter(self, phase: str, where: str) -> None:
+    def enter(self, where: str) -> None:
         self.where = where
-        inject_fault(self.fault, self.cell.id, phase)
 
     def warm_up(self, call: Callable[[int], Any], short: int, warmup: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for i in range(warmup):
-            self.enter("warm-up", "in warm-up")
+            self.enter("in warm-up")
             seconds = timed(call, short, self.device)
             if i == 0:
                 self.cell.first_call_s = seconds
@@ -168,7 +161,7 @@ class Measurement:
         """One timed (short, long) pair."""
         pair = []
         for k, steps in enumerate((short, long), start=2 * len(self.pairs) + 1):
-            self.enter(f"timed:{k}", f"after warm-up (timed call {k})")
+            self.enter(f"after warm-up (timed call {k})")
             counter.count = 0
             seconds = timed(call, steps, self.device)
             if counter.count == 0:

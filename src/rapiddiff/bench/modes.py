@@ -5,7 +5,9 @@ A new mode is one function here and one entry in MODES.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +19,12 @@ if TYPE_CHECKING:
 
 Undo = Callable[[], None]
 
+# Diffusers' recipe for the compiled column: torch.compile's arguments for each denoiser
+REFERENCE_COMPILE: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True}
+# inductor's global options the report states (both backends compile under them)
+INDUCTOR_OPTIONS = ("freezing", "max_autotune", "coordinate_descent_tuning", "cpp_wrapper", "layout_optimization",
+                    "conv_1x1_as_mm", "epilogue_fusion", "fx_graph_cache", "triton.cudagraphs")  # fmt: skip
+
 
 def eager_sdpa(pipe: Any, figure: Figure, backend: Backend) -> Undo:
     """Both backends' default on PyTorch 2: scaled_dot_product_attention processors, no compile."""
@@ -24,7 +32,7 @@ def eager_sdpa(pipe: Any, figure: Figure, backend: Backend) -> Undo:
 
 
 def eager_vanilla(pipe: Any, figure: Figure, backend: Backend) -> Undo:
-    """The vanilla (matmul + softmax) processors: `set_default_attn_processor()`, as the seed shows."""
+    """The vanilla (matmul + softmax) processors: `set_default_attn_processor()`, as the reference page shows."""
     modules = [getattr(pipe, name) for name in figure.denoisers]
     saved = [m.attn_processors for m in modules]
     for m in modules:
@@ -38,11 +46,11 @@ def eager_vanilla(pipe: Any, figure: Figure, backend: Backend) -> Undo:
 
 
 def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
-    """The seed's recipe: denoisers through torch.compile(mode="reduce-overhead", fullgraph=True).
+    """Diffusers' recipe (the reference page's): the denoisers through torch.compile(**REFERENCE_COMPILE).
 
-    rapiddiff uses its own `compile_pipeline` with its defaults (compiled in place), on the same modules as the seed
-    (the denoisers: its default would add the VAE decoder, which runs outside the timed loop and would only lengthen
-    the first call); where that does not exist, the seed's torch.compile calls. A module compiled in place
+    rapiddiff uses its own `compile_pipeline` with its defaults (compiled in place), on the same modules as Diffusers'
+    recipe (the denoisers: its default would add the VAE decoder, which runs outside the timed loop and would only
+    lengthen the first call); a backend without `compile_pipeline` gets Diffusers' recipe. A module compiled in place
     stays compiled, which is why Settings runs this mode last; the undo drops the compiled graphs, so the next cell
     compiles afresh and its first call's time is its compile time.
     """
@@ -51,7 +59,7 @@ def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
         backend.get("compile_pipeline")(pipe, components=figure.denoisers)
     else:
         for name, module in originals.items():
-            setattr(pipe, name, torch.compile(module, mode="reduce-overhead", fullgraph=True))
+            setattr(pipe, name, torch.compile(module, **REFERENCE_COMPILE))
 
     def undo() -> None:
         for name, module in originals.items():
@@ -59,6 +67,39 @@ def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
         torch._dynamo.reset()
 
     return undo
+
+
+def compile_recipes(backends: Sequence[str]) -> dict[str, Any]:
+    """What the compiled column runs, read now (not restated): per backend the call and its arguments (rapiddiff:
+    `compile_pipeline`'s signature defaults, freezing included), the options the torch.compile mode adds, and
+    inductor's global options that both compile under."""
+    recipes: dict[str, Any] = {}
+    for name in backends:
+        backend = Backend(name)
+        if backend.has("compile_pipeline"):
+            function = backend.get("compile_pipeline")
+            defaults = {
+                k: _plain(p.default)
+                for k, p in inspect.signature(function).parameters.items()
+                if p.default is not inspect.Parameter.empty and k != "components"
+            }
+            call = f"{name}.compile_pipeline(pipe, components=<the denoisers>)"
+            recipes[name] = {"call": call, "arguments": defaults}
+        else:
+            call = (
+                "torch.compile(<each denoiser>, " + ", ".join(f"{k}={v!r}" for k, v in REFERENCE_COMPILE.items()) + ")"
+            )
+            recipes[name] = {"call": call, "arguments": dict(REFERENCE_COMPILE)}
+        mode = recipes[name]["arguments"].get("mode")
+        recipes[name]["mode_options"] = {k: _plain(v) for k, v in torch._inductor.list_mode_options(mode).items()}
+    config = torch._inductor.config
+    inductor = {key: _plain(functools.reduce(getattr, key.split("."), config)) for key in INDUCTOR_OPTIONS}
+    return {"backends": recipes, "inductor_config": inductor}
+
+
+def _plain(value: Any) -> Any:
+    """JSON's own types as they are; anything else (torch.channels_last, a callable) as its text."""
+    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
 
 
 MODES: dict[str, Callable[[Any, Figure, Backend], Undo]] = {

@@ -1,7 +1,7 @@
 """Benchmark presets: image sizes, step counts and the model configs each workload is built from.
 
 Every preset starts from the real checkpoints' configs shipped in `rapiddiff/presets/`. `gpu` uses them as they are
-(the seed's workloads); `cpu` and `tiny` shrink widths and depths through `overrides` so the same architectures (block
+(the reference page's workloads); `cpu` and `tiny` shrink widths and depths through `overrides` so the same architectures (block
 types, attention layout, IF's text projection) run in minutes on two cores, or in seconds in the tests.
 """
 
@@ -24,8 +24,8 @@ CHECKPOINTS = {
     "if_stage_3": "stable-diffusion-x4-upscaler",
 }
 
-# The seed's default step counts (the pipelines' own defaults).
-SEED_STEPS = {
+# The reference page's step counts (the pipelines' own defaults).
+REFERENCE_STEPS = {
     "sd_txt2img": 50,
     "sd_img2img": 50,
     "sd_inpaint": 50,
@@ -34,6 +34,21 @@ SEED_STEPS = {
     "if_stage_2": 50,
     "if_stage_3": 75,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimates:
+    """Rough seconds a preset's work takes, per backend, for planning the time budget before anything was measured.
+
+    The sweep scales them by what the groups done so far really took (`budget.Calibration`), so they need only be of
+    the right order; a pair's time scales with the step count and as `1 + batch_slope * (batch - 1)` with the batch.
+    """
+
+    pair_s: Mapping[str, float]  # figure -> one (short, long) pair at batch 1 and the preset's steps
+    compile_s: Mapping[str, float]  # figure -> the first compiled call (torch.compile of the denoisers)
+    build_s: float  # building one figure's pipeline
+    batch_slope: float
+    reserve_s: float  # the end of the run: the report and charts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +70,12 @@ class Preset:
     # torch's CPU threads; None leaves torch's default. One on the CPU presets: on a shared machine a second thread
     # spin-waits for a busy core and small models slow down tenfold, drowning any difference between the backends.
     threads: int | None
+    estimates: Estimates  # for planning the time budget
     # "<checkpoint>/<subfolder>" (or "<checkpoint>" for single-model checkpoints) -> config keys to replace
     overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     # the batch sizes of the default matrix the compiled mode runs at (None: all); each is a compile per backend
     compiled_batch_sizes: tuple[int, ...] | None = None
+    time_budget: float = 0.0  # seconds for the whole run by default (`--time-budget`); 0: none
 
 
 _SD_DENOISERS = ("sd/unet", "sd_inpaint/unet", "controlnet")
@@ -111,16 +128,43 @@ TINY_OVERRIDES: dict[str, Mapping[str, Any]] = {
     "if_stage_3/text_encoder": _clip(32, 1, 2),
 }
 
+# The 2-core CPU the `cpu` preset was tuned on (2026-12-07, quiet): compiles with a cold inductor cache, which later
+# figures of the same architecture partly reuse.
+CPU_ESTIMATES = Estimates(
+    pair_s={"sd_txt2img": 0.85, "sd_img2img": 0.7, "sd_inpaint": 0.8, "sd_controlnet": 1.25, "if_stage_1": 0.75,
+            "if_stage_2": 1.5, "if_stage_3": 0.5},
+    compile_s={"sd_txt2img": 32.0, "sd_img2img": 11.0, "sd_inpaint": 19.0, "sd_controlnet": 33.0, "if_stage_1": 37.0,
+               "if_stage_2": 36.0, "if_stage_3": 27.0},
+    build_s=4.0,  # the first one imports the library's modules too
+    batch_slope=0.55,
+    reserve_s=15.0,
+)  # fmt: skip
+
+# Not measured yet: of the right order for an H100 (SD 1.5 eager ~34 it/s at 512x512, a UNet compile about a minute).
+GPU_ESTIMATES = Estimates(
+    pair_s={"sd_txt2img": 2.0, "sd_img2img": 1.6, "sd_inpaint": 2.0, "sd_controlnet": 2.8, "if_stage_1": 4.0,
+            "if_stage_2": 3.0, "if_stage_3": 10.0},
+    compile_s=dict.fromkeys(REFERENCE_STEPS, 60.0),
+    build_s=5.0,
+    batch_slope=0.9,
+    reserve_s=15.0,
+)  # fmt: skip
+
+TINY_ESTIMATES = Estimates(
+    pair_s=dict.fromkeys(REFERENCE_STEPS, 0.1), compile_s=dict.fromkeys(REFERENCE_STEPS, 10.0), build_s=0.5,
+    batch_slope=0.5, reserve_s=1.0
+)  # fmt: skip
+
 PRESETS = {
     p.name: p
     for p in (
         Preset(
             name="gpu",
-            description="the seed's matrix: real architectures, fp16, SD 512x512, default steps",
+            description="the reference matrix: real architectures, fp16, SD 512x512, default steps",
             dtype="float16",
             sd_size=512,
             if_sizes=(64, 256),
-            steps=SEED_STEPS,
+            steps=REFERENCE_STEPS,
             batch_sizes=(1, 4, 16),
             modes=("eager-sdpa", "compiled"),
             repeats=3,
@@ -128,6 +172,8 @@ PRESETS = {
             cell_seconds=120.0,
             warmup=2,
             threads=None,
+            time_budget=1800.0,
+            estimates=GPU_ESTIMATES,
         ),
         Preset(
             name="cpu",
@@ -135,7 +181,7 @@ PRESETS = {
             dtype="float32",
             sd_size=128,
             if_sizes=(16, 64),
-            steps=dict.fromkeys(SEED_STEPS, 8),
+            steps=dict.fromkeys(REFERENCE_STEPS, 8),
             batch_sizes=(1, 2),
             modes=("eager-sdpa", "compiled"),
             repeats=3,  # odd: the median drops one call slowed by a busy machine
@@ -145,6 +191,8 @@ PRESETS = {
             threads=1,
             overrides=CPU_OVERRIDES,
             compiled_batch_sizes=(1,),  # a CPU compile takes tens of seconds: one per pipeline and backend
+            time_budget=600.0,
+            estimates=CPU_ESTIMATES,
         ),
         Preset(
             name="tiny",
@@ -152,7 +200,7 @@ PRESETS = {
             dtype="float32",
             sd_size=64,
             if_sizes=(16, 32),
-            steps=dict.fromkeys(SEED_STEPS, 6),
+            steps=dict.fromkeys(REFERENCE_STEPS, 6),
             batch_sizes=(1, 2),
             modes=("eager-sdpa", "eager-vanilla"),
             repeats=1,
@@ -161,6 +209,7 @@ PRESETS = {
             warmup=1,
             threads=1,
             overrides=TINY_OVERRIDES,
+            estimates=TINY_ESTIMATES,
         ),
     )
 }

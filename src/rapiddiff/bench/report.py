@@ -1,4 +1,4 @@
-"""Results: the JSON document, its CSV rows, the Markdown report laid out like the seed's tables, and PNG charts.
+"""Results: the JSON document, its CSV rows, the Markdown report laid out like the reference page's tables, and PNG charts.
 
 A document is {"format", "runs": [{"env", "settings"}], "cells": [...]}; each cell names its run. Split runs merge by
 concatenating runs and cells (a later run's cell replaces an earlier one of the same key), and the report is drawn from
@@ -13,13 +13,14 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .backends import BACKENDS
+from .budget import group_key
 from .env import COMPARABLE_KEYS
 from .measure import Cell, short_steps
 from .modes import MODES
@@ -30,6 +31,11 @@ FORMAT = "rapiddiff-bench/1"
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 ENV_COLUMNS = ("device_name", "dtype", "torch", "rapiddiff", "diffusers", "git_revision")
 FILES = {"json": "results.json", "csv": "results.csv", "markdown": "report.md"}
+# what a run's entry must hold to be resumed and reported (later keys have defaults for older files)
+ENV_KEYS = ("device", "device_name", "dtype", "torch", "rapiddiff", "diffusers", "transformers", "cpu", "cpu_count",
+            "torch_threads", "git_revision", "started")  # fmt: skip
+SETTINGS_KEYS = ("preset", "device", "dtype", "sizes", "steps", "repeats", "warmup", "threads", "pipelines",
+                 "batch_sizes", "modes", "backends", "models")  # fmt: skip
 
 
 # --- the document ------------------------------------------------------------------------------------------------
@@ -53,20 +59,27 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
         "modes": list(settings.modes),
         "backends": list(settings.backends),
         "models": {k: str(v) for k, v in settings.models.items()},
+        "time_budget": settings.time_budget,
     }
 
 
 def make_document(
-    settings: Settings, env: dict[str, Any], cells: Iterable[Cell], prior_runs: Sequence[dict[str, Any]] = ()
+    settings: Settings,
+    env: dict[str, Any],
+    cells: Iterable[Cell],
+    prior_runs: Sequence[dict[str, Any]] = (),
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The document of this run, after `prior_runs` (those of an interrupted run it resumes)."""
+    """The document of this run, after `prior_runs` (those of an interrupted run it resumes). `record`: more of the
+    run's entry: "budget" (`sweep.Budget.record`: seconds, time used, fewest rounds planned, cut groups and why) and
+    "compiled" (`modes.compile_recipes`: what the compiled column ran)."""
     rows = [dataclasses.asdict(c) for c in cells]
-    runs = [*prior_runs, {"env": env, "settings": settings_dict(settings)}]
+    runs = [*prior_runs, {"env": env, "settings": settings_dict(settings), **(record or {})}]
     return {"format": FORMAT, "runs": runs, "cells": _ordered(rows)}
 
 
 def settings_from_dict(s: dict[str, Any], **extra: Any) -> Settings:
-    """The Settings a document's run was made with (`--resume`); `extra`: fault, progress."""
+    """The Settings a document's run was made with (`--resume`); `extra`: progress, time_budget."""
     from .presets import PRESETS
     from .settings import DTYPES
 
@@ -89,7 +102,7 @@ def settings_from_dict(s: dict[str, Any], **extra: Any) -> Settings:
         cell_seconds=s.get("cell_seconds", 0.0),
         target=s.get("target", 0.05),
         compiled_batch_sizes=tuple(s["compiled_batch_sizes"]) if s.get("compiled_batch_sizes") else None,
-        **extra,
+        **{"time_budget": s.get("time_budget", 0.0), **extra},
     )
 
 
@@ -98,10 +111,41 @@ def cells_of(doc: dict[str, Any]) -> list[Cell]:
 
 
 def load_document(path: str | Path) -> dict[str, Any]:
-    doc = json.loads(Path(path).read_text())
+    """A results.json, checked whole; ValueError naming the file and what is wrong with it."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file ({e.reason} at byte {e.start})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path} is not a rapiddiff bench result (expected format {FORMAT!r})")
+    problem = _document_problem(doc)
+    if problem:
+        raise ValueError(f"{path} is damaged: {problem}")
     return doc
+
+
+def _document_problem(doc: dict[str, Any]) -> str | None:
+    runs, cells = doc.get("runs"), doc.get("cells")
+    if not isinstance(runs, list) or not runs:
+        return "'runs' is not a non-empty list"
+    for i, run in enumerate(runs):
+        if not (isinstance(run, dict) and isinstance(run.get("env"), dict) and isinstance(run.get("settings"), dict)):
+            return f"runs[{i}] lacks its 'env' or 'settings'"
+        for part, keys in (("env", ENV_KEYS), ("settings", SETTINGS_KEYS)):
+            missing = [k for k in keys if k not in run[part]]
+            if missing:
+                return f"runs[{i}]['{part}'] lacks {', '.join(missing)}"
+    if not isinstance(cells, list):
+        return "'cells' is not a list"
+    for i, cell in enumerate(cells):
+        missing = [f for f in CELL_FIELDS if f not in cell] if isinstance(cell, dict) else ["all fields"]
+        if missing:
+            return f"cells[{i}] lacks {', '.join(missing)}"
+        if not (isinstance(cell["run"], int) and 0 <= cell["run"] < len(runs)):
+            return f"cells[{i}] names run {cell['run']!r}; the file has {len(runs)} run(s)"
+    return None
 
 
 def merge_documents(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -120,12 +164,16 @@ def _key(cell: dict[str, Any]) -> tuple:
     return (cell["figure"], cell["batch_size"], cell["mode"], cell["backend"])
 
 
+def _group(cell: dict[str, Any]) -> str:
+    return group_key(cell["figure"], cell["batch_size"], cell["mode"])
+
+
 def _rank(order: Sequence[str], name: str) -> int:
     return order.index(name) if name in order else len(order)
 
 
 def _ordered(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The report's fixed order: the seed's figures, batch size, mode, backend."""
+    """The report's fixed order: the reference page's figures, batch size, mode, backend."""
     figures = [f.name for f in FIGURES]
 
     def order(c: dict[str, Any]) -> tuple:
@@ -255,6 +303,10 @@ def _environment(doc: dict[str, Any]) -> list[str]:
             f"{s['warmup']} warm-up call(s), {_repeats_text(s)}"
             + (f", checkpoints {s['models']}" if s["models"] else ", random weights")
         )
+        if run.get("budget") and run["budget"]["seconds"]:
+            lines.append(f"  {_budget_text(run['budget'])}")
+        if run.get("compiled"):
+            lines.append(f"  {_compiled_text(run['compiled'])}")
     facts = [{**{k: r["env"].get(k) for k in COMPARABLE_KEYS}, "preset": r["settings"]["preset"]} for r in runs]
     differing = [k for k in facts[0] if len({str(f[k]) for f in facts}) > 1]
     if differing:
@@ -270,6 +322,31 @@ def _repeats_text(s: dict[str, Any]) -> str:
             f"within ±{100 * s.get('target', 0.05):.0f} % or {s.get('cell_seconds', 0):g} s of timed calls)")  # fmt: skip
 
 
+def _budget_text(b: dict[str, Any]) -> str:
+    rounds = b["rounds"] if b["rounds"] < b["max_rounds"] else None
+    return (
+        f"time budget {b['seconds']:g} s (`--time-budget`): the sweep took {b['elapsed_s']:.0f} s"
+        + (f"; rounds per cell lowered to as few as {rounds} (of {b['max_rounds']}) to fit" if rounds else "")
+        + (f"; {len(b['cut'])} group(s) cut to fit" if b["cut"] else "")
+    )
+
+
+def _compiled_text(c: dict[str, Any]) -> str:
+    """The compiled column's recipe per backend and the inductor options in force, as recorded at run time."""
+
+    def options(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in values.items())
+
+    sides = []
+    for name, recipe in c["backends"].items():
+        call = recipe["call"]
+        if "compile_pipeline" in call:
+            call += f" with its defaults ({options(recipe['arguments'])})"
+        mode = f"; mode {recipe['arguments'].get('mode')} adds {options(recipe['mode_options'])}"
+        sides.append(f"{name}: `{call}`" + (mode if recipe["mode_options"] else ""))
+    return f"compiled column: {'; '.join(sides)}; inductor's global config: {options(c['inductor_config'])}"
+
+
 def _steps_text(steps: dict[str, int]) -> str:
     values = set(steps.values())
     return str(values.pop()) if len(values) == 1 else ", ".join(f"{f} {n}" for f, n in steps.items())
@@ -283,7 +360,7 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
         "Iterations/s of the denoising loop (higher is better), text encoding and VAE decoding excluded: "
         "(N - n) / (T_long - T_short) over a long and a short call. *speed-up* is rapiddiff / diffusers in the same "
         "mode: the geometric mean of the ratios of rounds timed back to back, with its 95 % interval; *same* when "
-        "that interval holds 1.00. IF stages II and III run at batch 1 only, as in the seed.",
+        "that interval holds 1.00. IF stages II and III run at batch 1 only, as on the reference page.",
         "## Iterations per second",
         batch_tables(doc),
     ]
@@ -293,6 +370,14 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
               "*fixed s*: its time outside the loop. *first call s*: the first warm-up call (includes compilation). "
               "*iterations*: short/long loop lengths.",
               _details(doc)]  # fmt: skip
+    reasons = {key: why for r in doc["runs"] for key, why in (r.get("budget") or {}).get("cut", {}).items()}
+    cut = {_group(c): reasons.get(_group(c), "cut") for c in doc["cells"] if c["status"] == "cut"}
+    if cut:
+        parts += ["## Cut by the time budget",
+                  "Least important first: the largest batch size, then eager-vanilla, compiled, eager-sdpa, then the "
+                  "last pipelines. `rapiddiff bench --resume -o FOLDER` runs them (`--time-budget` to give it more "
+                  "time) and keeps the rest.",
+                  "\n".join(f"- `{key}`: {why}" for key, why in cut.items())]  # fmt: skip
     unfinished = [c for c in doc["cells"] if c["status"] in ("pending", "running", "interrupted")]
     if unfinished:
         parts += ["## Not run", f"{len(unfinished)} cell(s) did not run (the sweep was interrupted or is still "
@@ -344,7 +429,7 @@ def chart_specs(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, str], tu
 
 
 def write_charts(doc: dict[str, Any], out_dir: Path) -> tuple[list[str], str | None]:
-    """Speed-up bar charts (figures x batch sizes), as the seed's; (file names, note when skipped)."""
+    """Speed-up bar charts (figures x batch sizes), as the reference page's; (file names, note when skipped)."""
     specs = chart_specs(doc)
     if not specs:
         return [], None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,6 @@ from .presets import CHECKPOINTS, Preset
 
 PIPELINES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-# Fault injection for tests: "CELL@PHASE[,CELL@PHASE...]", CELL as `figure/batch/mode/backend` (fnmatch wildcards),
-# PHASE one of build, warm-up, timed:N. The cell raises torch.OutOfMemoryError there.
-FAULT_ENV = "RAPIDDIFF_BENCH_FAULT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +32,12 @@ class Settings:
     warmup: int
     threads: int | None  # torch's CPU threads during the run; None: as they are
     models: Mapping[str, Path] = dataclasses.field(default_factory=dict)  # checkpoint key -> real checkpoint folder
-    fault: str | None = None
     progress: bool = True
     max_repeats: int | None = None  # rounds per cell at most (None: `repeats`)
     cell_seconds: float = 0.0  # no new round after this many seconds of timed calls, once `repeats` are done
     target: float = 0.05  # stop a cell early once its speed-up's 95 % interval is within +-target
     compiled_batch_sizes: tuple[int, ...] | None = None  # the batch sizes the compiled mode runs at (None: all)
+    time_budget: float = 0.0  # seconds for the whole run, building and compiling included (0: none; see budget.py)
 
     def __post_init__(self) -> None:
         _check_names("pipelines", self.pipelines, PIPELINES)
@@ -62,6 +58,8 @@ class Settings:
             raise ValueError(
                 f"cell_seconds={self.cell_seconds}, target={self.target}: seconds >= 0 and 0 < target < 1 are allowed"
             )
+        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
+            raise ValueError(f"time_budget={self.time_budget}: give seconds > 0, or 0 for no budget")
         short = {f: n for f, n in self.steps.items() if n < 3}
         if short:
             raise ValueError(
@@ -89,8 +87,8 @@ class Settings:
         warmup: int | None = None,
         threads: int | None = None,
         models: Mapping[str, str | Path] | None = None,
-        fault: str | None = None,
         progress: bool = True,
+        time_budget: float | None = None,
     ) -> Settings:
         """Settings from a preset; every argument left as None takes the preset's (or the machine's) default."""
         if dtype is not None and dtype not in DTYPES:
@@ -114,8 +112,8 @@ class Settings:
             warmup=_given(warmup, preset.warmup),
             threads=_given(threads, preset.threads),
             models={k: Path(v) for k, v in (models or {}).items()},
-            fault=fault if fault is not None else os.environ.get(FAULT_ENV) or None,
             progress=progress,
+            time_budget=_given(time_budget, preset.time_budget),
         )
 
 

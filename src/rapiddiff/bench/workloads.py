@@ -1,8 +1,8 @@
-"""The seed's workloads: each figure (row of the report) is a pipeline class, its components and its call inputs.
+"""The reference page's workloads: each figure (row of the report) is a pipeline class, its components and its call inputs.
 
 Five pipelines, seven figures: DeepFloyd IF reports one figure per stage. All inputs are made here (no downloads):
 the init image, the inpainting mask, the control (edge) image, and IF's random prompt embeddings of shape
-(batch, 2, 4096). As in the seed, only IF stage I is batched; stages II and III run at batch 1 on a stage-I-sized
+(batch, 2, 4096). As on the reference page, only IF stage I is batched; stages II and III run at batch 1 on a stage-I-sized
 image, and the x4 upscaler gets it with noise_level=100.
 """
 
@@ -33,7 +33,7 @@ DENOISERS = ("unet", "controlnet")  # the modules the modes act on (channels_las
 class Figure:
     name: str  # row of the report and key in the results
     pipeline: str  # the --pipelines name that selects it
-    label: str  # as the seed's tables print it
+    label: str  # as the reference page's tables print it
     pipeline_class: str
     components: Mapping[str, Component]  # constructor argument -> component
     inputs: Callable[[Settings, int], dict[str, Any]]  # (settings, batch) -> call kwargs, without the steps
@@ -105,7 +105,7 @@ def sd_txt2img_inputs(settings: Settings, batch: int) -> dict[str, Any]:
 
 
 def sd_img2img_inputs(settings: Settings, batch: int) -> dict[str, Any]:
-    # the size comes from the image (one per output); strength stays the pipeline's default (0.8) as in the seed
+    # the size comes from the image (one per output); strength stays the pipeline's default (0.8) as on the reference page
     return _sd_call(settings, batch, sized=False, image=[init_image(settings.preset.sd_size)] * batch)
 
 
@@ -153,12 +153,12 @@ FIGURES_BY_NAME = {f.name: f for f in FIGURES}
 
 
 def figures_of(pipelines: tuple[str, ...]) -> tuple[Figure, ...]:
-    """The figures of the selected pipelines, in the seed's order."""
+    """The figures of the selected pipelines, in the reference page's order."""
     return tuple(f for f in FIGURES if f.pipeline in pipelines)
 
 
 def build_pipeline(figure: Figure, backend: Backend, settings: Settings) -> Any:
-    """The figure's pipeline for `backend`, denoisers in channels_last (the seed's setup), progress bar off."""
+    """The figure's pipeline for `backend`, denoisers in channels_last (the reference page's setup), progress bar off."""
     cls = backend.get(figure.pipeline_class)  # first: a missing pipeline costs no model building
     parts = {arg: build_component(c, backend, settings) for arg, c in figure.components.items()}
     pipe = cls(**parts, **figure.options)
