@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -57,6 +57,9 @@ class StableDiffusionBase(
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"  # Diffusers' offload order and exclusions
     _exclude_from_cpu_offload = ("safety_checker",)
     deprecated_step_callback = True  # `callback=` / `callback_steps=` run with Diffusers' FutureWarning
+    # The outdated scheduler-config keys this pipeline's `__init__` rewrites (`fix_legacy_scheduler`): Diffusers'
+    # text-to-image, img2img and inpainting pipelines do, its ControlNet and upscaler pipelines do not.
+    _legacy_scheduler_fixes: ClassVar[tuple[str, ...]] = ()
 
     def callback_step_order(self) -> int:
         """An older `callback` gets step `i // scheduler.order`, as Diffusers' SD pipelines count."""
@@ -64,7 +67,7 @@ class StableDiffusionBase(
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         """What every SD `__init__` does after naming its components."""
-        components["scheduler"] = _fix_legacy_scheduler(components["scheduler"])
+        fix_legacy_scheduler(components["scheduler"], self._legacy_scheduler_fixes)
         check_safety_components(
             type(self).__name__,
             components.get("safety_checker"),
@@ -256,23 +259,40 @@ def check_cross_attention_kwargs(cross_attention_kwargs: Any) -> None:
         check_number('cross_attention_kwargs["scale"]', cross_attention_kwargs["scale"])
 
 
-def _fix_legacy_scheduler(scheduler: Scheduler | None) -> Scheduler | None:
-    """Diffusers rewrites outdated SD scheduler configs (steps_offset != 1, clip_sample) on load; so do we."""
+# Outdated scheduler-config values Diffusers' SD pipelines rewrite in `__init__`: key -> (outdated when, rewritten to).
+LEGACY_SCHEDULER_FIXES: dict[str, tuple[Callable[[Any], bool], Any]] = {
+    "steps_offset": (lambda v: v != 1, 1),
+    "clip_sample": (lambda v: v is True, False),
+    "skip_prk_steps": (lambda v: v is False, True),
+}
+
+
+def fix_legacy_scheduler(scheduler: Scheduler | None, keys: Sequence[str]) -> None:
+    """Rewrite the outdated values of `keys` in the scheduler's config, in place, as Diffusers' SD pipelines do.
+
+    As in Diffusers, a rewritten key stays listed in `_use_default_values` when it was defaulted (a later swap with
+    `from_config` gives the new scheduler its own default), and a key the scheduler keeps aside for swaps is rewritten
+    there."""
     if scheduler is None:
-        return None
+        return
+    config = scheduler.config
     fixes = {}
-    if scheduler.config.get("steps_offset", 1) != 1:
-        fixes["steps_offset"] = 1
-    if scheduler.config.get("clip_sample", False) is True:
-        fixes["clip_sample"] = False
+    for key in keys:
+        outdated, value = LEGACY_SCHEDULER_FIXES[key]
+        if key in config and outdated(config[key]):
+            fixes[key] = value
     if not fixes:
-        return scheduler
+        return
     logger.warning("outdated scheduler config: using %s as Diffusers does; please update scheduler_config.json", fixes)
-    return type(scheduler).from_config({**scheduler.config, **fixes})
+    own = {k: v for k, v in fixes.items() if k in config._field_names()}
+    hidden = {**config.hidden, **{k: v for k, v in fixes.items() if k not in own}}
+    scheduler.config = config.replace(**own).with_extras(hidden, config.defaulted)
 
 
 class StableDiffusionPipeline(StableDiffusionBase):
     """Text-to-image with Stable Diffusion 1.x/2.x: Diffusers' `StableDiffusionPipeline`."""
+
+    _legacy_scheduler_fixes = ("steps_offset", "clip_sample")
 
     def __init__(
         self,
@@ -446,6 +466,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """
 
     __init__ = StableDiffusionPipeline.__init__
+    _legacy_scheduler_fixes = StableDiffusionPipeline._legacy_scheduler_fixes
 
     @torch.no_grad()
     def __call__(
@@ -529,6 +550,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
     __init__ = StableDiffusionPipeline.__init__
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+    _legacy_scheduler_fixes = ("steps_offset", "skip_prk_steps", "clip_sample")
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         super()._register(requires_safety_checker, **components)
