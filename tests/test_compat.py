@@ -97,3 +97,157 @@ def test_controlnet_and_explicit_configs_are_not_rewritten(sd_components):
     sched = rapiddiff.DDIMScheduler(**DDIM_TEST_CONFIG)
     rapiddiff.StableDiffusionControlNetPipeline(**sd_components[rapiddiff], controlnet=controlnet, scheduler=sched)
     assert sched.config.steps_offset == 0
+
+
+# --- outputs are ordered dicts of their non-None fields ----------------------------------------------------------------
+def test_model_outputs_are_dict_like(tiny_sd_dir):
+    unets = [library.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet") for library in LIBRARIES]
+    args = (torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 10, torch.randn(1, 7, 32))
+    ref, ours = (unet(*args) for unet in unets)
+    assert isinstance(ours, dict) and list(ours.keys()) == list(ref.keys()) == ["sample"]
+    assert ours["sample"] is ours.sample is ours[0] is ours.to_tuple()[0] is next(iter(ours.values()))
+    torch.testing.assert_close(ours["sample"], ref["sample"], rtol=0, atol=1e-4)
+    assert list(ours) == ["sample"]  # a dict iterates its keys, as Diffusers' outputs do
+
+
+def test_outputs_skip_none_fields_like_diffusers():
+    sample = torch.ones(1, 4, 2, 2)
+    for cls_name in ("DDIMScheduler", "DPMSolverMultistepScheduler", "LCMScheduler"):
+        outs = []
+        for library in LIBRARIES:
+            sched = getattr(library, cls_name)()
+            sched.set_timesteps(4)
+            outs.append(sched.step(sample * 0.1, sched.timesteps[0], sample))
+        ref, ours = outs
+        assert list(ours.keys()) == list(ref.keys()), cls_name
+        assert len(ours.to_tuple()) == len(ref.to_tuple())
+    out = rapiddiff.pipelines.stable_diffusion.StableDiffusionPipelineOutput(
+        images=np.zeros(1), nsfw_content_detected=None
+    )
+    assert list(out.keys()) == ["images"] and len(out.to_tuple()) == 1
+    with pytest.raises(IndexError):
+        out[1]
+    with pytest.raises(KeyError):
+        out["nsfw_content_detected"]
+    with pytest.raises(TypeError):
+        out.update(images=None)
+
+
+def test_outputs_pickle_and_flatten_as_pytrees():
+    import pickle
+
+    from rapiddiff.schedulers.scheduling_utils import SchedulerOutput
+
+    out = SchedulerOutput(prev_sample=torch.ones(2), pred_original_sample=torch.zeros(2))
+    again = pickle.loads(pickle.dumps(out))
+    assert list(again.keys()) == ["prev_sample", "pred_original_sample"] and torch.equal(again[1], torch.zeros(2))
+    leaves, spec = torch.utils._pytree.tree_flatten(out)
+    assert len(leaves) == 2 and torch.utils._pytree.tree_unflatten(leaves, spec).prev_sample is out.prev_sample
+
+
+# --- configs compare equal to dicts -------------------------------------------------------------------------------------
+def test_scheduler_config_equals_a_dict(tmp_path):
+    """Diffusers' test_from_pretrained: a saved-and-loaded config equals the built one less `_use_default_values`."""
+    scheduler = rapiddiff.DDIMScheduler(beta_start=0.001, timestep_spacing="trailing")
+    scheduler.save_pretrained(tmp_path)
+    built = dict(scheduler.config)
+    assert scheduler.config == built and built == scheduler.config
+    del built["_use_default_values"]
+    loaded = rapiddiff.DDIMScheduler.from_pretrained(tmp_path).config
+    assert loaded == built and loaded != dict(built, beta_start=0.002)
+    assert loaded != 1 and loaded != rapiddiff.DDPMScheduler.from_pretrained(tmp_path).config
+
+
+def test_model_config_equals_its_json(tiny_sd_dir):
+    import json
+
+    unet = rapiddiff.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet")
+    saved = json.loads((tiny_sd_dir / "unet" / "config.json").read_text())
+    ours = {k: v for k, v in saved.items() if k in unet.config}  # lists in JSON, tuples in the config: equal
+    assert unet.config == ours and unet.config != dict(ours, in_channels=9)
+
+
+@pytest.mark.parametrize("betas", [np.array([0.1, 0.3]), [0.1, 0.3], torch.tensor([0.1, 0.3])], ids=type)
+def test_trained_betas_as_array_or_list(tmp_path, betas):
+    """Diffusers' test_trained_betas: any array-like of betas is taken, saved and loaded back."""
+    for name in ("DDIMScheduler", "EulerDiscreteScheduler", "LCMScheduler"):
+        ref = getattr(diffusers, name)(trained_betas=np.asarray(betas))
+        ours = getattr(rapiddiff, name)(trained_betas=betas)
+        assert ours.betas.tolist() == ref.betas.tolist()
+        ours.save_pretrained(tmp_path / name)
+        assert getattr(rapiddiff, name).from_pretrained(tmp_path / name).betas.tolist() == ours.betas.tolist()
+        with pytest.raises(ValueError, match="trained_betas has 2 values"):
+            ours.set_timesteps(2)  # Diffusers fails here too (an IndexError): 2 betas for 1000 training steps
+
+
+def test_trained_betas_of_full_length_match_diffusers():
+    betas = np.linspace(1e-4, 2e-2, 1000)
+    scheds = [library.DDIMScheduler(trained_betas=betas) for library in LIBRARIES]
+    for sched in scheds:
+        sched.set_timesteps(4)
+    sample = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref, ours = (s.step(sample * 0.3, s.timesteps[0], sample).prev_sample for s in scheds)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+# --- pipeline and model helpers --------------------------------------------------------------------------------------
+def test_numpy_to_pil_is_diffusers():
+    images = np.random.RandomState(0).rand(2, 8, 8, 3).astype(np.float32)
+    for batch in (images, images[0], images[..., :1]):
+        ref = diffusers.DiffusionPipeline.numpy_to_pil(batch)
+        ours = rapiddiff.DiffusionPipeline.numpy_to_pil(batch)
+        assert [(i.mode, i.size, i.tobytes()) for i in ours] == [(i.mode, i.size, i.tobytes()) for i in ref]
+
+
+def test_dtype_and_device_of_a_model_without_parameters():
+    from rapiddiff.models.modeling_utils import ModelMixin
+
+    holder = ModelMixin()  # holds no tensors: float32 on the CPU instead of a StopIteration
+    assert holder.dtype == torch.float32 and holder.device == torch.device("cpu")
+    holder.register_buffer("steps", torch.arange(3))
+    assert holder.dtype == torch.int64
+    holder.register_buffer("scale", torch.ones(1, dtype=torch.float16))
+    assert holder.dtype == torch.float16  # a floating-point buffer first, as Diffusers looks
+
+
+def test_save_pretrained_bin_with_transformers_text_encoder(tiny_sd_dir, tmp_path):
+    """Diffusers passes safe_serialization only to save methods that take it: transformers >= 5 writes safetensors
+    for the text encoder, the Diffusers-format models write .bin. Same files as Diffusers writes."""
+    folders = {}
+    for library in LIBRARIES:
+        pipe = library.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+        folders[library] = tmp_path / library.__name__
+        pipe.save_pretrained(folders[library], safe_serialization=False)
+    listing = {
+        library: sorted(p.relative_to(f).as_posix() for p in f.rglob("*") if "weight" in p.name or ".bin" in p.name)
+        for library, f in folders.items()
+    }
+    assert listing[rapiddiff] == listing[diffusers] and "unet/diffusion_pytorch_model.bin" in listing[rapiddiff]
+    again = rapiddiff.StableDiffusionPipeline.from_pretrained(folders[rapiddiff])
+    assert again.unet.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "auto", "balanced", torch.device("cpu"), {"": "cpu"}])
+def test_model_device_map_on_one_device(tiny_sd_dir, device_map):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU placement")
+    vae = rapiddiff.AutoencoderKL.from_pretrained(tiny_sd_dir / "vae", device_map=device_map)
+    assert vae.device == torch.device("cpu") and not vae.training
+
+
+@pytest.mark.parametrize("device_map", [{"encoder": "cpu", "decoder": "cuda:0"}, "nowhere", -1, 1.5])
+def test_model_device_map_that_splits_is_refused(tiny_sd_dir, device_map):
+    with pytest.raises(ValueError, match="device_map=.*one device"):
+        rapiddiff.AutoencoderKL.from_pretrained(tiny_sd_dir / "vae", device_map=device_map)
+
+
+def test_pipeline_device_map(tiny_sd_dir):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU placement")
+    for device_map in ("balanced", "cpu"):
+        pipe = rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir, device_map=device_map)
+        assert pipe.unet.device == pipe.vae.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="must be a string"):
+        rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir, device_map={"": "cpu"})
+    with pytest.raises(ValueError, match="'balanced'"):
+        rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir, device_map="auto")  # Diffusers refuses it too

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..loaders.lora import LoraModelMixin
+from ..utils.outputs import BaseOutput
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .fused_projections import FusedProjectionsMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
@@ -166,13 +167,10 @@ class UNet2DConditionConfig(Config):
 
 
 @dataclasses.dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(BaseOutput):
     """`sample`: (B, out_channels, H, W) model prediction (noise, v or x0, as trained)."""
 
     sample: torch.Tensor
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return (self.sample,)[i]
 
 
 def level_options(cfg: Any, temb_channels: int) -> list[BlockOptions]:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..configuration import Config, ConfigError, ConfigMixin
+from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import to_device
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -100,11 +101,6 @@ class SchedulerConfig(Config):
             raise ConfigError(f"{name}: num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
         if self.num_train_timesteps < 2:
             raise ConfigError(f"{name}: num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
-        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
-            raise ConfigError(
-                f"{name}: trained_betas has {len(self.trained_betas)} values, "
-                f"num_train_timesteps is {self.num_train_timesteps}"
-            )
         for key, allowed in self.choices.items():
             self.check_choice(key, allowed)
         on = [key for key in SIGMA_SPACINGS if self.own(key)]
@@ -297,17 +293,11 @@ def _broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # --- output --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class SchedulerOutput:
+class SchedulerOutput(BaseOutput):
     """What `step` returns: the sample at the previous timestep and, where Diffusers gives it, the predicted x0."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
-
-    def __getitem__(self, key: int | str) -> torch.Tensor:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
 C = TypeVar("C", bound=tuple)
@@ -448,7 +438,17 @@ class SchedulerMixin(ConfigMixin):
         return [getattr(rapiddiff, name) for name in names if name in rapiddiff._EXPORTS]
 
     # --- schedule -----------------------------------------------------------------------------------------------
+    def _check_trained_betas(self) -> None:
+        """A schedule needs a beta per training timestep. Diffusers accepts a shorter trained_betas table when the
+        scheduler is built (and saves it); rapiddiff too, and refuses to schedule steps with it."""
+        if len(self.betas) != self.config.num_train_timesteps:
+            raise ValueError(
+                f"{type(self).__name__}: trained_betas has {len(self.betas)} values but num_train_timesteps is "
+                f"{self.config.num_train_timesteps}; a schedule needs one beta per training timestep"
+            )
+
     def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
+        self._check_trained_betas()
         try:
             n = operator.index(num_inference_steps)
         except TypeError:
@@ -464,6 +464,7 @@ class SchedulerMixin(ConfigMixin):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
         if timesteps is None:
             return self._check_num_inference_steps(num_inference_steps)
+        self._check_trained_betas()
         values = [float(t) for t in timesteps]
         limit = self.config.num_train_timesteps
         if not values or any(b >= a for a, b in zip(values, values[1:])) or values[0] >= limit or values[-1] < 0:
