@@ -251,3 +251,88 @@ def test_pipeline_device_map(tiny_sd_dir):
         rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir, device_map={"": "cpu"})
     with pytest.raises(ValueError, match="'balanced'"):
         rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir, device_map="auto")  # Diffusers refuses it too
+
+
+# --- schedulers used outside a pipeline ------------------------------------------------------------------------------
+SAMPLE = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+def step_both(name: str, timesteps, num_inference_steps: int | None = None, config=None, **step_kwargs):
+    """Fresh (diffusers, rapiddiff) schedulers `name`, set to `num_inference_steps` (None: as built), stepped at each
+    of `timesteps` in turn (after a scale_model_input at the first): the results, per library."""
+    results = []
+    for library in LIBRARIES:
+        sched = getattr(library, name)(**(config or {}))
+        if num_inference_steps is not None:
+            sched.set_timesteps(num_inference_steps)
+        x = sched.scale_model_input(SAMPLE, timesteps[0])
+        outs = [x]
+        for t in timesteps:
+            kwargs = dict(step_kwargs)
+            if "generator" in kwargs:
+                kwargs["generator"] = torch.Generator().manual_seed(0)
+            x = sched.step(0.1 * x, t, x, **kwargs).prev_sample
+            outs.append(x)
+        results.append(outs)
+    return results
+
+
+def assert_same_steps(results) -> None:
+    for ref, ours in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("LMSDiscreteScheduler", {}),
+        ("HeunDiscreteScheduler", {}),
+        ("KDPM2DiscreteScheduler", {}),
+        ("KDPM2AncestralDiscreteScheduler", {}),
+        ("DPMSolverSDEScheduler", dict(noise_sampler_seed=0)),
+    ],
+)
+def test_step_before_set_timesteps_runs_every_training_timestep(name, config):
+    """Their Diffusers __init__ schedules all training timesteps: steps work before set_timesteps, ints included."""
+    pytest.importorskip("torchsde") if name == "DPMSolverSDEScheduler" else None
+    kwargs = dict(generator=None) if name == "KDPM2AncestralDiscreteScheduler" else {}
+    assert_same_steps(step_both(name, [10, 9, 9], config=config, **kwargs))
+    assert_same_steps(step_both(name, [999.0], config=config, **kwargs))
+    assert_same_steps(step_both(name, [0], num_inference_steps=10, config=config, **kwargs))  # int 0 = 0.0
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "PNDMScheduler"])
+@pytest.mark.parametrize("timesteps", [[1], [10], [49, 10], [980, 1]])
+def test_step_at_a_timestep_outside_the_schedule(name, timesteps):
+    """DDIM and PNDM compute a step from the timestep's value (Diffusers' test_time_indices steps at 1, 10, 49)."""
+    assert_same_steps(step_both(name, timesteps, num_inference_steps=50))
+    if name == "DDIMScheduler":
+        assert_same_steps(step_both(name, timesteps, num_inference_steps=50, eta=1.0, generator=True))
+        # A tensor timestep is read at a loop's first step only (later ones follow the schedule: no host reads).
+        assert_same_steps(step_both(name, [torch.tensor(timesteps[0])], num_inference_steps=50))
+    else:
+        assert_same_steps(step_both(name, timesteps, num_inference_steps=50, config=dict(skip_prk_steps=True)))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+    ],
+)
+def test_solvers_step_an_unknown_first_timestep_as_the_last(name):
+    assert_same_steps(step_both(name, [1], num_inference_steps=10))
+    assert_same_steps(step_both(name, [0], num_inference_steps=10))
+
+
+def test_what_diffusers_refuses_stays_refused():
+    ddim = rapiddiff.DDIMScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ddim.step(SAMPLE, 10, SAMPLE)
+    euler = rapiddiff.EulerDiscreteScheduler()
+    euler.set_timesteps(10)
+    with pytest.raises(ValueError, match="integer"):
+        euler.step(SAMPLE, 0, SAMPLE)  # an index from enumerate(), most likely: Diffusers refuses it too

@@ -547,6 +547,19 @@ class SchedulerMixin(ConfigMixin):
             raise ValueError(f"timestep {t:g} is not one of the scheduler's timesteps {values}")
         return found[1] if len(found) > 1 else found[0]
 
+    def _off_schedule_value(self, timestep: float | torch.Tensor) -> float | None:
+        """The value of `timestep` when it is not one of the schedule's timesteps, for the schedulers whose update
+        Diffusers computes from the timestep's value (DDIM, PNDM); else None.
+
+        A Python number is always checked. A tensor is read only where `_index` reads it anyway - a CPU tensor at
+        the first step of a loop without a begin index - so a loop reads no more values than before."""
+        if isinstance(timestep, torch.Tensor):
+            first_lookup = self._step_index is None and self._begin_index is None
+            if not first_lookup or timestep.device.type != "cpu" or timestep.numel() != 1:
+                return None
+            timestep = float(timestep)
+        return None if timestep in self._timestep_values else timestep
+
     def _index(self, timestep: float | torch.Tensor) -> int:
         """The schedule position of the current step (see the module docstring for the rule)."""
         if self._step_index is None:
