@@ -6,7 +6,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_images, run_both
+from conftest import assert_close_rel, assert_same_images, run_both, tiny_sd_components
 
 import rapiddiff
 
@@ -336,3 +336,101 @@ def test_what_diffusers_refuses_stays_refused():
     euler.set_timesteps(10)
     with pytest.raises(ValueError, match="integer"):
         euler.step(SAMPLE, 0, SAMPLE)  # an index from enumerate(), most likely: Diffusers refuses it too
+
+
+# --- LCM-distilled UNets and the class-embedding variants ------------------------------------------------------------
+def tiny_unet_kwargs(**extra) -> dict:
+    return (
+        dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            norm_num_groups=16,
+        )
+        | extra
+    )
+
+
+def unet_pair(save_diffusers, **extra):
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**tiny_unet_kwargs(**extra)).eval()
+    return ref, rapiddiff.UNet2DConditionModel.from_pretrained(save_diffusers(ref, "unet"))
+
+
+def test_guidance_scale_embedding_matches_diffusers():
+    w = torch.tensor([0.0, 5.0, 7.5])
+    ref = diffusers.StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=33)
+    torch.testing.assert_close(rapiddiff.StableDiffusionPipeline.get_guidance_scale_embedding(None, w, 33), ref)
+
+
+def test_unet_with_time_cond_proj_dim(save_diffusers):
+    ref, ours = unet_pair(save_diffusers, time_cond_proj_dim=16)
+    assert "time_embedding.cond_proj.weight" in ours.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    x, text, cond = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 32, generator=gen), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = ref(x, 10, text, timestep_cond=cond).sample
+        assert_close_rel(ours(x, 10, text, timestep_cond=cond).sample, expected)
+        assert_close_rel(ours(x, 10, text).sample, ref(x, 10, text).sample)  # the condition is optional
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        ours(x, 10, text, timestep_cond=torch.randn(2, 8))
+
+
+@pytest.mark.parametrize(
+    "extra,labels",
+    [
+        (dict(class_embed_type="timestep"), torch.tensor([3, 500])),
+        (dict(class_embed_type="projection", projection_class_embeddings_input_dim=6), torch.randn(2, 6)),
+        (dict(class_embed_type="simple_projection", projection_class_embeddings_input_dim=6), torch.randn(2, 6)),
+        (dict(class_embed_type="identity"), torch.randn(2, 128)),
+    ],
+    ids=lambda v: v.get("class_embed_type") if isinstance(v, dict) else "",
+)
+def test_unet_class_embedding_variants(save_diffusers, extra, labels):
+    ref, ours = unet_pair(save_diffusers, **extra)
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    with torch.no_grad():
+        assert_close_rel(ours(x, 10, text, class_labels=labels).sample, ref(x, 10, text, class_labels=labels).sample)
+    with pytest.raises(ValueError, match="class_labels is required"):
+        ours(x, 10, text)
+
+
+def test_projection_class_embedding_needs_its_input_dim():
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+        rapiddiff.UNet2DConditionModel(**tiny_unet_kwargs(class_embed_type="projection"))
+
+
+@pytest.fixture(scope="module")
+def lcm_sd_dir(tmp_path_factory):
+    """The tiny SD checkpoint with an LCM-distilled UNet (time_cond_proj_dim=256), saved by diffusers."""
+    components = tiny_sd_components()
+    torch.manual_seed(0)
+    components["unet"] = diffusers.UNet2DConditionModel(**tiny_unet_kwargs(time_cond_proj_dim=256)).eval()
+    pipe = diffusers.StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    path = tmp_path_factory.mktemp("tiny-lcm") / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"])
+def test_lcm_pipeline_matches_diffusers(lcm_sd_dir, pipeline):
+    """Diffusers' test_stable_diffusion_lcm: LCMScheduler from the DDIM test config, guidance embedded, no CFG."""
+    pipes = []
+    for library in LIBRARIES:
+        pipe = getattr(library, pipeline).from_pretrained(lcm_sd_dir)
+        pipe.scheduler = library.LCMScheduler.from_config(library.DDIMScheduler(**DDIM_TEST_CONFIG).config)
+        pipe.set_progress_bar_config(disable=True)
+        pipes.append(pipe)
+    kwargs = dict(guidance_scale=6.0)
+    if pipeline == "StableDiffusionImg2ImgPipeline":
+        kwargs |= dict(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), strength=0.8)
+    assert_same_images(*run_both(pipes, **kwargs))
+    assert_same_images(*run_both(pipes, num_inference_steps=None, timesteps=[999, 499], **kwargs))
+    assert_same_images(*run_both(pipes, num_images_per_prompt=2, **kwargs))

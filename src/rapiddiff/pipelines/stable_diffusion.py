@@ -19,10 +19,12 @@ import torch
 from ..loaders import lora_layers
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
+from ..models.embeddings import guidance_scale_embedding
 from ..models.fused_projections import fuse_pipeline_projections
 from ..utils.torch_utils import randn_tensor
 from .checks import check_finite, check_generator, check_number, check_positive_int
 from .denoise import (
+    PredictNoise,
     Scheduler,
     StepCallback,
     StepEndCallback,
@@ -178,6 +180,38 @@ class StableDiffusionBase(
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+
+    # --- LCM-distilled UNets (time_cond_proj_dim): the guidance scale is an input, not a second UNet pass ------------
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """As Diffusers' SD pipelines: never with an LCM-distilled UNet, which takes the guidance scale embedded."""
+        unet = getattr(self, "unet", None)
+        lcm = unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None
+        return super().do_classifier_free_guidance and not lcm
+
+    def get_guidance_scale_embedding(
+        self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Diffusers' method: sinusoidal features (len(w), embedding_dim) of guidance scales w."""
+        return guidance_scale_embedding(w, embedding_dim, dtype)
+
+    def noise_predictor(
+        self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
+    ) -> PredictNoise:
+        """An LCM-distilled UNet also gets `timestep_cond`: the embedding of guidance_scale - 1 (the call's value at
+        the start, as Diffusers computes it once), one row per image."""
+        dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if dim is None:
+            return super().noise_predictor(tensors, model_inputs)
+        embeds = tensors["prompt_embeds"]
+        w = torch.tensor(self.guidance_scale - 1).repeat(embeds.shape[0])
+        cond = guidance_scale_embedding(w, dim).to(device=embeds.device, dtype=embeds.dtype)
+
+        def with_timestep_cond(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+            x, extra = model_inputs(x, t, i) if model_inputs is not None else (x, {})
+            return x, {**extra, "timestep_cond": cond}
+
+        return super().noise_predictor(tensors, with_timestep_cond)
 
     def latent_shape(self, batch_size: int, num_channels_latents: int, height: int, width: int) -> tuple[int, ...]:
         return (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
