@@ -434,3 +434,14 @@ def test_lcm_pipeline_matches_diffusers(lcm_sd_dir, pipeline):
     assert_same_images(*run_both(pipes, **kwargs))
     assert_same_images(*run_both(pipes, num_inference_steps=None, timesteps=[999, 499], **kwargs))
     assert_same_images(*run_both(pipes, num_images_per_prompt=2, **kwargs))
+
+
+def test_euler_log_linear_with_custom_timesteps():
+    """Diffusers builds len(timesteps) + 1 log-linear sigmas (one more than the steps, plus the final 0)."""
+    scheds = [library.EulerDiscreteScheduler(interpolation_type="log_linear") for library in LIBRARIES]
+    for sched in scheds:
+        sched.set_timesteps(timesteps=[999, 500, 100])
+    torch.testing.assert_close(scheds[1].sigmas, scheds[0].sigmas)
+    torch.testing.assert_close(scheds[1].timesteps, scheds[0].timesteps)
+    x = [s.step(0.1 * SAMPLE, s.timesteps[0], SAMPLE).prev_sample for s in scheds]
+    torch.testing.assert_close(x[1], x[0], rtol=0, atol=1e-5)

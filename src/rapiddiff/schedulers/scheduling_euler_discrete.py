@@ -168,9 +168,9 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
             n = self._resolve_steps(num_inference_steps, timesteps)
             timesteps = self._spaced_timesteps(n) if timesteps is None else np.array(timesteps).astype(np.float32)
             steps = n if n is not None else len(timesteps)
-            if cfg.interpolation_type == "log_linear":  # n + 1 sigmas (and the final one): Diffusers' table
+            if cfg.interpolation_type == "log_linear":  # steps + 1 sigmas (and the final one): Diffusers' table
                 train = self._train_sigmas()
-                sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
+                sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), steps + 1).exp().numpy()
             else:
                 sigmas = self._spaced_sigmas(timesteps)
             respaced = self._respaced_sigmas(sigmas, n)
