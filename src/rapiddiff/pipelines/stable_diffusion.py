@@ -647,6 +647,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             args.height,
             args.width,
             args.batch_size,
+            args.masked_image_latents is not None,
         )
         check_finite("image", args.image)
         self.check_masked_image_latents(args.masked_image_latents, latent_shape)
@@ -695,29 +696,46 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         """(initial latents, noise, image latents or None). Strength 1: pure noise; below 1: the image's latents
         noised to `timestep`; given `latents` are taken as the noise (Diffusers' rule, whatever the strength)."""
         batch_size = timestep.shape[0]
+        channels = self.vae.config.latent_channels
+        given_latents = image.shape[1] == channels  # `image` given as latents: used as they are, not encoded
         image_latents = None
         if need_image_latents or (latents is None and strength < 1):
-            image_latents = encode_image_latents(self.vae, image.to(device=device, dtype=dtype), generator)
+            image = image.to(device=device, dtype=dtype)
+            image_latents = image if given_latents else encode_image_latents(self.vae, image, generator)
             image_latents = image_latents.repeat(batch_repeats("image", image_latents.shape[0], batch_size), 1, 1, 1)
-        height, width = image.shape[-2:]
-        channels = self.vae.config.latent_channels
+        height, width = (s * self.vae_scale_factor if given_latents else s for s in image.shape[-2:])
         noise = self.draw_noise(batch_size, channels, height, width, dtype, device, generator, latents)
         if latents is None and strength < 1:
             return self.scheduler.add_noise(image_latents, noise, timestep), noise, image_latents
         return noise * self.scheduler.init_noise_sigma, noise, image_latents
 
     def preprocess_image_and_mask(
-        self, image: PipelineImageInput, mask_image: PipelineImageInput, height: int, width: int, batch_size: int
+        self,
+        image: PipelineImageInput,
+        mask_image: PipelineImageInput,
+        height: int,
+        width: int,
+        batch_size: int,
+        masked_image_latents_given: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image in [-1, 1], binary mask), both (B, C, height, width) float32; sizes and batches checked."""
+        """(image in [-1, 1], binary mask), both (B, C, height, width) float32; sizes and batches checked. An image
+        given as latents (B, latent_channels, height/f, width/f) is returned as it is, as Diffusers takes it; the
+        masked image's latents must then be given too (there are no pixels to mask)."""
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
-        if init_image.shape[1] == self.vae.config.latent_channels:
+        given_latents = init_image.shape[1] == self.vae.config.latent_channels
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if given_latents and not masked_image_latents_given:
             raise ValueError(
-                f"image: got latents {tuple(init_image.shape)}; inpainting needs the image in pixels (it is masked "
-                "before encoding); pass precomputed latents of the masked image as masked_image_latents"
+                f"image: got latents {tuple(init_image.shape)}; inpainting masks the image in pixels, so with image "
+                "latents pass the masked image's latents as masked_image_latents too"
+            )
+        if given_latents and tuple(init_image.shape[-2:]) != latent_size:
+            raise ValueError(
+                f"image: latents of size {tuple(init_image.shape[-2:])} do not fit height={height}, width={width} "
+                f"(latents of {latent_size[0]}x{latent_size[1]})"
             )
         image_size, mask_size = self.image_processor.input_size(image), self.mask_processor.input_size(mask_image)
-        if image_size != mask_size:
+        if not given_latents and image_size != mask_size:
             raise ValueError(
                 f"mask_image is {mask_size[0]}x{mask_size[1]} (height x width) but image is "
                 f"{image_size[0]}x{image_size[1]}: the mask must have the image's size"
