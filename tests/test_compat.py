@@ -99,7 +99,7 @@ def test_controlnet_and_explicit_configs_are_not_rewritten(sd_components):
     assert sched.config.steps_offset == 0
 
 
-# --- outputs are ordered dicts of their non-None fields ----------------------------------------------------------------
+# --- outputs are ordered dicts of their non-None fields ---------------------------------------------------------------
 def test_model_outputs_are_dict_like(tiny_sd_dir):
     unets = [library.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet") for library in LIBRARIES]
     args = (torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 10, torch.randn(1, 7, 32))
@@ -145,7 +145,7 @@ def test_outputs_pickle_and_flatten_as_pytrees():
     assert len(leaves) == 2 and torch.utils._pytree.tree_unflatten(leaves, spec).prev_sample is out.prev_sample
 
 
-# --- configs compare equal to dicts -------------------------------------------------------------------------------------
+# --- configs compare equal to dicts -----------------------------------------------------------------------------------
 def test_scheduler_config_equals_a_dict(tmp_path):
     """Diffusers' test_from_pretrained: a saved-and-loaded config equals the built one less `_use_default_values`."""
     scheduler = rapiddiff.DDIMScheduler(beta_start=0.001, timestep_spacing="trailing")

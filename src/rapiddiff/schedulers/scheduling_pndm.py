@@ -118,7 +118,8 @@ class PNDMScheduler(SchedulerMixin):
         return self._plan_at(i, self._timestep_values[i], sample)
 
     def _plan_at(self, i: int, t: int, sample: torch.Tensor) -> StepPlan[PLMSCoeffs]:
-        """A PLMS step (step i of the schedule, at training timestep t): Adams-Bashforth over the stored outputs, of order 1 to 4 as the history fills.
+        """A PLMS step (step i of the schedule, at training timestep t): Adams-Bashforth over the stored outputs, of
+        order 1 to 4 as the history fills.
 
         history: the last three stored outputs, newest first, and the sample saved at the first step (zeros, weighted
         0, while missing)."""
