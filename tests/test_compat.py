@@ -445,3 +445,22 @@ def test_euler_log_linear_with_custom_timesteps():
     torch.testing.assert_close(scheds[1].timesteps, scheds[0].timesteps)
     x = [s.step(0.1 * SAMPLE, s.timesteps[0], SAMPLE).prev_sample for s in scheds]
     torch.testing.assert_close(x[1], x[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "LCMScheduler"])
+def test_register_to_config_and_config_attributes(name, tmp_path):
+    """Diffusers' test_getattr_is_correct: register_to_config, and config keys read as scheduler attributes (with
+    Diffusers' FutureWarning); other names are a plain AttributeError."""
+    sched = getattr(rapiddiff, name)()
+    sched.dummy_attribute = 5
+    sched.register_to_config(test_attribute=5, beta_start=0.002)
+    assert sched.dummy_attribute == 5 and sched.config.test_attribute == 5 and sched.config["test_attribute"] == 5
+    assert sched.config.beta_start == 0.002 and "beta_start" not in sched.config["_use_default_values"]
+    with pytest.warns(FutureWarning, match="scheduler.config.test_attribute"):
+        assert sched.test_attribute == 5
+    with pytest.warns(FutureWarning):
+        assert sched.num_train_timesteps == 1000
+    with pytest.raises(AttributeError, match=f"^'{name}' object has no attribute 'does_not_exist'$"):
+        _ = sched.does_not_exist
+    with pytest.raises(ValueError, match="beta_schedule"):
+        sched.register_to_config(beta_schedule="nope")
