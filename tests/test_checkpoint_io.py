@@ -106,8 +106,8 @@ def test_dtype_arguments(tmp_path):
 
 def test_unknown_loading_argument_is_a_type_error(tmp_path):
     _vae().save_pretrained(tmp_path / "vae")
-    with pytest.raises(TypeError, match=r"\['device_map'\].*loading argument"):
-        AutoencoderKL.from_pretrained(tmp_path / "vae", device_map="auto")
+    with pytest.raises(TypeError, match=r"\['max_memory'\].*loading argument"):
+        AutoencoderKL.from_pretrained(tmp_path / "vae", max_memory={0: "1GB"})
     # config keys still override, as in Diffusers
     assert AutoencoderKL.from_pretrained(tmp_path / "vae", scaling_factor=0.5).config.scaling_factor == 0.5
 

@@ -390,6 +390,14 @@ def test_t5_prompt_encoding(if_dirs):
         ours(prompt=prompt, num_inference_steps=2, clean_caption="yes")
 
 
+def test_encode_prompt_without_a_unet(if_dirs):
+    """An encode-only pipeline (unet=None), as Diffusers' test_encode_prompt_works_in_isolation loads it."""
+    ref, ours = load_pair(if_dirs[0], unet=None)
+    assert ours.unet is None
+    for a, e in zip(ours.encode_prompt("a red fox"), ref.encode_prompt("a red fox")):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-5)
+
+
 # --- the safety checker and watermarker on their own -------------------------------------------------------------
 def test_safety_checker_matches_diffusers(stage_1):
     ref, ours = (p.safety_checker for p in stage_1)

@@ -90,6 +90,20 @@ def test_inpainting_unet_batch_and_ancestral_scheduler(pipes9, inpaint_dir):
     assert_same_images(ref, ours)
 
 
+@pytest.mark.parametrize("which", ["pipes9", "pipes4"])
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_image_given_as_latents(which, strength, request):
+    """Diffusers' test_stable_diffusion_inpaint_mask_latents: image latents (used as they are, not encoded) with the
+    masked image's latents and the mask in pixels."""
+    pipes = request.getfixturevalue(which)
+    generator = torch.Generator().manual_seed(5)
+    image_latents = torch.randn(1, 4, 16, 24, generator=generator)
+    masked = torch.randn(1, 4, 16, 24, generator=generator)
+    mask = pipes[1].mask_processor.preprocess(MASK)
+    kwargs = dict(image=image_latents, masked_image_latents=masked, mask_image=mask, strength=strength)
+    assert_same_images(*inpaint(pipes, **kwargs))
+
+
 def test_masked_image_latents_and_latents_given(pipes9):
     generator = torch.Generator().manual_seed(5)
     masked = torch.randn(1, 4, 16, 24, generator=generator)
@@ -183,7 +197,11 @@ def test_real_inpainting_unet_config_builds_on_meta():
             dict(masked_image_latents=torch.zeros(1, 4, 8, 8)),
             r"masked_image_latents must have shape \(batch, 4, 16, 24\)",
         ),
-        (dict(image=torch.zeros(1, 4, 16, 24)), "inpainting needs the image in pixels"),
+        (dict(image=torch.zeros(1, 4, 16, 24)), "with image latents pass the masked image's latents"),
+        (
+            dict(image=torch.zeros(1, 4, 8, 12), masked_image_latents=torch.zeros(1, 4, 16, 24)),
+            r"latents of size \(8, 12\) do not fit height=32, width=48",
+        ),
         (dict(height=36), "height must be divisible by 8, got 36"),
     ],
 )

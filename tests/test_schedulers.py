@@ -583,10 +583,12 @@ def test_save_and_load_roundtrip(name, tmp_path, save_diffusers):
     saved = json.loads((tmp_path / "ours" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == name and saved["beta_end"] == 0.012 and saved.get("steps_offset", 1) == 1
     again = getattr(rapiddiff, name).from_pretrained(tmp_path / "ours", subfolder="scheduler")
-    assert again.config == ours.config
+    # A saved config lists no `_use_default_values` (Diffusers drops them on save), otherwise it compares equal.
+    as_built = {k: v for k, v in ours.config.items() if k != "_use_default_values"}
+    assert again.config == as_built
     assert fields(getattr(diffusers, name).from_pretrained(tmp_path / "ours", subfolder="scheduler")) == fields(ref)
     from_diffusers = getattr(rapiddiff, name).from_pretrained(save_diffusers(ref, "ref"))
-    assert from_diffusers.config == ours.config
+    assert from_diffusers.config == as_built
     overridden = getattr(rapiddiff, name).from_pretrained(tmp_path / "ours", subfolder="scheduler", beta_start=0.001)
     assert overridden.config.beta_start == 0.001 and overridden.config["beta_schedule"] == "scaled_linear"
 
@@ -637,7 +639,8 @@ def test_invalid_values_raise(name):
     with pytest.raises(ValueError, match="timestep_spacing"):
         cls(timestep_spacing="uniform")
     with pytest.raises(ValueError, match="trained_betas"):
-        cls(num_train_timesteps=10, trained_betas=[0.1] * 9)
+        # Built (and saved) as by Diffusers, but not scheduled; EDM has no betas at all.
+        cls(num_train_timesteps=10, trained_betas=[0.1] * 9).set_timesteps(2)
     scheduler = cls(num_train_timesteps=100)
     for n in (0, 101):
         with pytest.raises(ValueError, match="num_inference_steps"):

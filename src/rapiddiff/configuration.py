@@ -83,6 +83,18 @@ class Config(Mapping):
     # Smallest allowed value of numeric keys (every number of a per-block tuple too): {key: minimum}.
     _minimums: ClassVar[dict[str, float]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Runs before the subclass's @dataclass decorator, which then keeps this __eq__ instead of generating one.
+        cls.__eq__ = Config.__eq__  # type: ignore[method-assign]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any mapping with the same keys and values, as Diffusers' FrozenDict is to a dict (a list and a
+        tuple of the same values are equal: JSON gives lists where a config holds tuples)."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return _thaw(dict(self)) == _thaw(dict(other))
+
     # Mapping interface over the dataclass fields, plus `_class_name` (the owner class) as Diffusers' configs have.
     def __getitem__(self, key: str) -> Any:
         if key == "_class_name" and self.class_name is not None:
@@ -245,14 +257,20 @@ def _numbers(value: Any) -> list[float]:
 
 
 def _freeze(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # a numpy array or torch tensor (e.g. trained_betas), as Diffusers accepts
+        value = value.tolist()
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
     return value
 
 
 def _thaw(value: Any) -> Any:
-    if isinstance(value, tuple):
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (tuple, list)):
         return [_thaw(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
     return value
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError
 from ..utils.offload import onload
+from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import randn_tensor
 from .attention_processor import Attention
 from .fused_projections import FusedProjectionsMixin
@@ -66,23 +67,17 @@ class AutoencoderKLConfig(Config):
 
 
 @dataclasses.dataclass
-class DecoderOutput:
+class DecoderOutput(BaseOutput):
     """`sample`: (B, C, H, W) decoded images in [-1, 1] (unclamped)."""
 
     sample: torch.Tensor
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return (self.sample,)[i]
-
 
 @dataclasses.dataclass
-class AutoencoderKLOutput:
+class AutoencoderKLOutput(BaseOutput):
     """`latent_dist`: the posterior over latents."""
 
     latent_dist: DiagonalGaussianDistribution
-
-    def __getitem__(self, i: int) -> DiagonalGaussianDistribution:
-        return (self.latent_dist,)[i]
 
 
 class DiagonalGaussianDistribution:

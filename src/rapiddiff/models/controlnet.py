@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
+from ..utils.outputs import BaseOutput
 from .embeddings import TimestepEmbedding, Timesteps, batch_timesteps
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS
@@ -116,14 +117,11 @@ class ControlNetConfig(Config):
 
 
 @dataclasses.dataclass
-class ControlNetOutput:
+class ControlNetOutput(BaseOutput):
     """down_block_res_samples: one residual per UNet skip; mid_block_res_sample: the residual of the mid output."""
 
     down_block_res_samples: tuple[torch.Tensor, ...]
     mid_block_res_sample: torch.Tensor
-
-    def __getitem__(self, i: int) -> Any:
-        return (self.down_block_res_samples, self.mid_block_res_sample)[i]
 
 
 def zero_conv(channels: int) -> nn.Conv2d:

@@ -67,18 +67,45 @@ class Timesteps(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """linear_1 -> act -> linear_2 [-> post_act]: sinusoidal features (B, in) -> time embedding (B, dim)."""
+    """[+ cond_proj(condition)] -> linear_1 -> act -> linear_2 [-> post_act]: sinusoidal features (B, in) -> time
+    embedding (B, dim). `cond_proj_dim`: a condition (B, cond_proj_dim) projected onto the features and added (the
+    guidance-scale embedding of LCM-distilled UNets)."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", post_act_fn: str | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        time_embed_dim: int,
+        act_fn: str = "silu",
+        post_act_fn: str | None = None,
+        cond_proj_dim: int | None = None,
+    ):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
         self.act = activation(act_fn)
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
         self.post_act = activation(post_act_fn) if post_act_fn is not None else None
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            sample = sample + self.cond_proj(condition)
         sample = self.linear_2(self.act(self.linear_1(sample)))
         return self.post_act(sample) if self.post_act is not None else sample
+
+
+def guidance_scale_embedding(
+    w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Sinusoidal features (len(w), embedding_dim) of guidance scales w (1-D): the `timestep_cond` of LCM-distilled
+    UNets, as Diffusers' `get_guidance_scale_embedding` (VDM's formula at w * 1000; sin then cos, zero-padded to an
+    odd width)."""
+    if w.ndim != 1:
+        raise ValueError(f"guidance scales must be a 1-D tensor, got shape {tuple(w.shape)}")
+    half = embedding_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    args = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if embedding_dim % 2 == 1 else emb
 
 
 class AttentionPooling(nn.Module):

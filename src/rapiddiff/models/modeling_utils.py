@@ -6,9 +6,10 @@ checkpoint in the requested dtype and attaches it with `load_state_dict(assign=T
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -38,6 +39,7 @@ LOADING_ARGS = (
     "cache_dir",
     "token",
     "low_cpu_mem_usage",
+    "device_map",
 )
 
 
@@ -58,6 +60,43 @@ def dtype_argument(torch_dtype: Any, dtype: Any, where: str, per_component: bool
         )
         raise TypeError(f"{where}: {name} must be a torch.dtype such as torch.float16 or 'auto'{per}, got {value!r}")
     return value
+
+
+# Accelerate's device_map strategies: Diffusers spreads a model's layers (a pipeline's components for "balanced")
+# over the GPUs by free memory. rapiddiff places a whole model or pipeline on one device, so it takes them where
+# there is one device to place it on: the GPU when there is one, else the CPU.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_device(
+    device_map: Any, where: str, strategies: Sequence[str] = DEVICE_MAP_STRATEGIES
+) -> torch.device | None:
+    """The one device a `from_pretrained(device_map=...)` puts everything on (None: not given, stay on the CPU).
+
+    Taken: a device ("cpu", "cuda:0", a torch.device, a GPU index, {"": device}) or one of `strategies` on a machine
+    with at most one GPU. A map that splits a model across devices is refused, naming what is supported.
+    """
+    if device_map is None:
+        return None
+    supported = (
+        f"rapiddiff places the whole model on one device: pass None, a device ('cpu', 'cuda:0', a torch.device, a "
+        f"GPU index, {{'': device}}) or one of {', '.join(map(repr, strategies))} on a machine with at most one GPU; "
+        "enable_model_cpu_offload() for models that do not fit"
+    )
+    value = device_map[""] if isinstance(device_map, Mapping) and set(device_map) == {""} else device_map
+    if isinstance(value, str) and value in strategies:
+        gpus = torch.cuda.device_count()
+        if gpus > 1:
+            raise ValueError(f"{where}: device_map={device_map!r} would spread it over {gpus} GPUs; {supported}")
+        return torch.device("cuda:0" if gpus else "cpu")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return torch.device("cuda", value)
+    if isinstance(value, (str, torch.device)):
+        try:
+            return torch.device(value)
+        except RuntimeError:
+            pass
+    raise ValueError(f"{where}: device_map={device_map!r} is not supported; {supported}")
 
 
 def resolve_dtype_arg(torch_dtype: Any, dtype: Any, where: str) -> torch.dtype | str:
@@ -208,6 +247,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         low_cpu_mem_usage: bool = True,  # always the case here: weights are loaded onto a meta-built model
+        device_map: Any = None,
         **config_overrides: Any,
     ) -> M:
         """Load a model saved in Diffusers' layout. `dtype=` or `torch_dtype=` (float32 if neither; "auto": as stored).
@@ -216,6 +256,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         is a TypeError naming it.
         """
         load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_pretrained")
+        device = device_map_device(device_map, f"{cls.__name__}.from_pretrained")
         cls._check_overrides(config_overrides)
         hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token}
         pattern = f"{subfolder}/*" if subfolder else None
@@ -239,7 +280,7 @@ class ModelMixin(nn.Module, ConfigMixin):
                 state.update(load_state_dict_file(f, None if load_dtype == "auto" else load_dtype))
         source = str(files[0]) if len(files) == 1 else f"{folder} (shards {[f.name for f in files]})"
         model.load_checkpoint_state(state, source=source)
-        return model.eval()
+        return model.eval() if device is None else model.to(device).eval()
 
     @classmethod
     def _check_overrides(cls, overrides: Mapping[str, Any]) -> None:
@@ -313,11 +354,20 @@ class ModelMixin(nn.Module, ConfigMixin):
     # --- properties Diffusers users rely on -----------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The first floating-point parameter's dtype, else a floating-point buffer's, else any tensor's (as
+        Diffusers looks); float32 for a model that holds no tensors."""
+        other = None
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+            other = other or tensor.dtype
+        return other or torch.float32
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the first parameter (else buffer) lives; the CPU for a model that holds no tensors."""
+        first = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..loaders.lora import LoraModelMixin
+from ..utils.outputs import BaseOutput
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .fused_projections import FusedProjectionsMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
@@ -30,6 +31,10 @@ from .unet_blocks import (
     get_up_block,
     run_down_blocks,
 )
+
+# Diffusers' class_embed_type values rapiddiff builds: "timestep" (IF-II's noise level), the projections of given
+# class-label vectors, and "identity" (the labels are the embedding).
+CLASS_EMBED_TYPES = ("timestep", "projection", "simple_projection", "identity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +88,10 @@ class UNet2DConditionConfig(Config):
     time_embedding_dim: int | None = None
     time_embedding_act_fn: str | None = None
     timestep_post_act: str | None = None
-    time_cond_proj_dim: int | None = None
+    time_cond_proj_dim: int | None = None  # LCM-distilled UNets: width of the guidance-scale embedding
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    projection_class_embeddings_input_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None  # the class labels' width for the projection types
     attention_type: str = "default"
     class_embeddings_concat: bool = False
     mid_block_only_cross_attention: bool | None = None
@@ -104,7 +109,7 @@ class UNet2DConditionConfig(Config):
         self.check_choice("timestep_post_act", (None, *acts))
         self.check_choice("resnet_time_scale_shift", ("default", "scale_shift"))
         self.check_choice("time_embedding_type", ("positional",))
-        self.check_choice("class_embed_type", (None, "timestep"))
+        self.check_choice("class_embed_type", (None, *CLASS_EMBED_TYPES))
         self.check_choice("addition_embed_type", (None, "text"))
         self.check_choice("encoder_hid_dim_type", (None, "text_proj"))
         self.check_choice("cross_attention_norm", (None, "group_norm"))
@@ -112,13 +117,14 @@ class UNet2DConditionConfig(Config):
         self.check_choice("dual_cross_attention", (False,))
         self.check_choice("class_embeddings_concat", (False,))
         # Features of other Diffusers models (SDXL, LCM, asymmetric UNets): not implemented.
-        for key in (
-            "reverse_transformer_layers_per_block",
-            "addition_time_embed_dim",
-            "time_cond_proj_dim",
-            "projection_class_embeddings_input_dim",
-        ):
+        for key in ("reverse_transformer_layers_per_block", "addition_time_embed_dim"):
             self.check_choice(key, (None,))
+        if self.class_embed_type in ("projection", "simple_projection") and (
+            self.projection_class_embeddings_input_dim is None
+        ):
+            raise ConfigError(
+                f"{name}: class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim"
+            )
         if self.num_attention_heads is not None:
             raise ConfigError(
                 f"{name}: num_attention_heads={self.num_attention_heads!r}: Diffusers' UNet2DConditionModel rejects "
@@ -166,13 +172,10 @@ class UNet2DConditionConfig(Config):
 
 
 @dataclasses.dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(BaseOutput):
     """`sample`: (B, out_channels, H, W) model prediction (noise, v or x0, as trained)."""
 
     sample: torch.Tensor
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return (self.sample,)[i]
 
 
 def level_options(cfg: Any, temb_channels: int) -> list[BlockOptions]:
@@ -238,12 +241,20 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_proj = Timesteps(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        self.time_embedding = TimestepEmbedding(ch[0], time_dim, cfg.act_fn, post_act_fn=cfg.timestep_post_act)
+        self.time_embedding = TimestepEmbedding(
+            ch[0], time_dim, cfg.act_fn, post_act_fn=cfg.timestep_post_act, cond_proj_dim=cfg.time_cond_proj_dim
+        )
         self.encoder_hid_proj = (
             nn.Linear(cfg.encoder_hid_dim, cfg.cross_attention_dim) if cfg.encoder_hid_dim_type == "text_proj" else None
         )
         if cfg.class_embed_type == "timestep":  # IF-II: the noise level embedded like a timestep
             self.class_embedding = TimestepEmbedding(ch[0], time_dim, cfg.act_fn)
+        elif cfg.class_embed_type == "projection":  # class labels (B, input_dim) through an MLP
+            self.class_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_dim)
+        elif cfg.class_embed_type == "simple_projection":
+            self.class_embedding = nn.Linear(cfg.projection_class_embeddings_input_dim, time_dim)
+        elif cfg.class_embed_type == "identity":  # class labels given as (B, time_embed_dim) embeddings
+            self.class_embedding = nn.Identity()
         elif cfg.num_class_embeds is not None:  # x4 upscaler: one learned vector per noise level
             self.class_embedding = nn.Embedding(cfg.num_class_embeds, time_dim)
         else:
@@ -313,11 +324,12 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The (B, time_embed_dim) embedding every resnet receives."""
         batch = sample.shape[0]
         t_emb = self.time_proj(batch_timesteps(timestep, batch, sample.device)).to(sample.dtype)
-        emb = self.time_embedding(t_emb)
+        emb = self.time_embedding(t_emb, timestep_cond)
         if self.class_embedding is not None:
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(batch_timesteps(class_labels, batch, sample.device)).to(sample.dtype)
@@ -348,8 +360,9 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         encoder_hidden_states: (B, S, C) text embeddings. class_labels: noise level, for configs with a class
         embedding. attention_mask / encoder_attention_mask: (B, S) keep(1)/discard(0). down_block_additional_residuals
         (one per skip) and mid_block_additional_residual: ControlNet outputs, added to the skips and the mid output.
-        Argument order as Diffusers; timestep_cond, added_cond_kwargs and down_intrablock_additional_residuals
-        (LCM / SDXL / T2I-Adapter features) must be None.
+        timestep_cond: (B, time_cond_proj_dim), for an LCM-distilled UNet (time_cond_proj_dim set): the guidance-scale
+        embedding (`guidance_scale_embedding`), added to the time features. Argument order as Diffusers;
+        added_cond_kwargs and down_intrablock_additional_residuals (SDXL / T2I-Adapter features) must be None.
         """
         self._check_inputs(
             sample,
@@ -357,8 +370,8 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             class_labels,
             down_block_additional_residuals,
             mid_block_additional_residual,
+            timestep_cond,
             unsupported=dict(
-                timestep_cond=timestep_cond,
                 added_cond_kwargs=added_cond_kwargs or None,
                 down_intrablock_additional_residuals=down_intrablock_additional_residuals,
             ),
@@ -373,7 +386,7 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         )
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = self.embed_conditions(sample, timestep, class_labels, encoder_hidden_states)
+        emb = self.embed_conditions(sample, timestep, class_labels, encoder_hidden_states, timestep_cond)
         if self.encoder_hid_proj is not None:
             attn_kwargs["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
 
@@ -405,9 +418,17 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         class_labels: torch.Tensor | None,
         down_residuals: tuple[torch.Tensor, ...] | None,
         mid_residual: torch.Tensor | None,
+        timestep_cond: torch.Tensor | None,
         unsupported: dict[str, Any],
     ) -> None:
         cfg = self.config
+        if timestep_cond is not None and cfg.time_cond_proj_dim is None:
+            raise ValueError("timestep_cond given, but this UNet has no time_cond_proj_dim (not LCM-distilled)")
+        if timestep_cond is not None and (timestep_cond.ndim != 2 or timestep_cond.shape[-1] != cfg.time_cond_proj_dim):
+            raise ValueError(
+                f"timestep_cond must be (batch, {cfg.time_cond_proj_dim}) (time_cond_proj_dim), "
+                f"got {tuple(timestep_cond.shape)}"
+            )
         for key, value in unsupported.items():
             if value is not None:
                 raise ValueError(f"{key} is not supported by rapiddiff's UNet2DConditionModel; pass None")
@@ -420,8 +441,12 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             )
             raise ValueError(f"encoder_hidden_states must be a (batch, tokens, dim) tensor, got {got}")
         if self.class_embedding is not None and class_labels is None:
-            what = "class_embed_type='timestep'" if cfg.class_embed_type else f"num_class_embeds={cfg.num_class_embeds}"
-            raise ValueError(f"class_labels (the noise level) is required: this UNet has {what}")
+            what = (
+                f"class_embed_type={cfg.class_embed_type!r}"
+                if cfg.class_embed_type
+                else f"num_class_embeds={cfg.num_class_embeds}"
+            )
+            raise ValueError(f"class_labels is required: this UNet has {what}")
         if self.class_embedding is None and class_labels is not None:
             raise ValueError("class_labels given, but this UNet has no class embedding (class_embed_type is None)")
         if (down_residuals is None) != (mid_residual is None):

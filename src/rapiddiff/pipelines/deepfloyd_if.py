@@ -192,7 +192,8 @@ class IFPipelineBase(DenoisingPipeline):
             preprocess_prompt(negative_prompt, clean_caption),
             prompt_embeds,
             negative_prompt_embeds,
-            dtype=self.unet.dtype,
+            # Without a text encoder: the UNet's dtype; with neither (an encode-only pipeline), as given
+            dtype=self.unet.dtype if getattr(self, "unet", None) is not None else None,
             max_length=IF_MAX_TOKENS,
             attention_mask=True,
         )

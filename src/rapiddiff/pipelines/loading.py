@@ -7,6 +7,7 @@ adding it to that table.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -194,13 +195,11 @@ def _save_component(
         raise TypeError(f"cannot save component {type(component).__name__} to {folder}: it has no save_pretrained")
     kwargs: dict[str, Any] = {}
     if isinstance(component, torch.nn.Module):
-        kwargs["variant"] = variant
-        if max_shard_size is not None:
-            kwargs["max_shard_size"] = max_shard_size
-        if not _is_transformers_model(component) or _transformers_version() < (5, 0):
-            kwargs["safe_serialization"] = safe_serialization
-        elif not safe_serialization:
-            raise ValueError(f"transformers >= 5 saves {type(component).__name__} as safetensors only")
+        # Diffusers passes each option only to a save_pretrained that names it: transformers >= 5 has no
+        # safe_serialization (it always writes safetensors), so safe_serialization=False is not an error there.
+        accepted = inspect.signature(component.save_pretrained).parameters
+        options = {"variant": variant, "max_shard_size": max_shard_size, "safe_serialization": safe_serialization}
+        kwargs = {k: v for k, v in options.items() if k in accepted and not (k == "max_shard_size" and v is None)}
     component.save_pretrained(folder, **kwargs)
 
 

@@ -9,7 +9,6 @@ modules that other code imports from here are re-exported.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -22,8 +21,9 @@ import torch
 from .. import DIFFUSERS_VERSION
 from ..configuration import read_json
 from ..hub import _is_local, resolve_file
-from ..models.modeling_utils import dtype_argument
+from ..models.modeling_utils import device_map_device, dtype_argument
 from ..utils.atomic_io import atomic_folder, read_lock
+from ..utils.outputs import BaseOutput  # noqa: F401 - re-exported: the pipelines' outputs derive from it
 from .checks import (  # noqa: F401 - re-exported: pipelines and tests import the checks from here
     callback_tensor_names,
     check_generator,
@@ -31,6 +31,7 @@ from .checks import (  # noqa: F401 - re-exported: pipelines and tests import th
     check_output_type,
     check_positive_int,
 )
+from .image_processor import VaeImageProcessor
 from .loading import (  # noqa: F401 - re-exported
     CONTROLNET_PIPELINES,
     MODEL_INDEX,
@@ -48,21 +49,6 @@ from .loading import (  # noqa: F401 - re-exported
 from .memory import MemoryMixin
 
 P = TypeVar("P", bound="DiffusionPipeline")
-
-
-# --- outputs -------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class BaseOutput:
-    """Diffusers' output convention: fields by name, `out[0]` / `out["images"]`, and `to_tuple()`."""
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
-
-    def __getitem__(self, key: int | str) -> Any:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.to_tuple())
 
 
 # --- the pipeline config (model_index.json) ---------------------------------------------------------------------------
@@ -101,6 +87,9 @@ class DiffusionPipeline(MemoryMixin):
     _callback_tensor_inputs: ClassVar[tuple[str, ...]] = ("latents",)
 
     _name_or_path: str | None = None
+
+    # Diffusers' helper: (N, H, W, C) floats in [0, 1] to PIL images.
+    numpy_to_pil = staticmethod(VaeImageProcessor.numpy_to_pil)
 
     # --- components and config --------------------------------------------------------------------------------------
     @classmethod
@@ -226,6 +215,10 @@ class DiffusionPipeline(MemoryMixin):
         after config values (`requires_safety_checker=False`) replace model_index.json's.
         """
         kwargs.pop("low_cpu_mem_usage", None)  # always the case: models are built on the meta device
+        device_map = kwargs.pop("device_map", None)
+        if device_map is not None and not isinstance(device_map, str):
+            raise ValueError(f"{cls.__name__}.from_pretrained: device_map must be a string, got {device_map!r}")
+        device = device_map_device(device_map, f"{cls.__name__}.from_pretrained", strategies=("balanced",))
         torch_dtype = dtype_argument(torch_dtype, dtype, f"{cls.__name__}.from_pretrained", per_component=True)
         hub = dict(local_files_only=local_files_only, revision=revision, cache_dir=cache_dir, token=token)
         source = str(pretrained_model_name_or_path)
@@ -256,7 +249,7 @@ class DiffusionPipeline(MemoryMixin):
                 )
         pipe = pipeline_cls(**loaded, **overrides, **config)
         pipe._name_or_path = source
-        return pipe
+        return pipe if device is None else pipe.to(device)
 
     @classmethod
     def from_single_file(cls: type[P], pretrained_model_link_or_path: str | os.PathLike, **kwargs: Any) -> P:

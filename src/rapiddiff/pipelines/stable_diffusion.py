@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -19,10 +19,12 @@ import torch
 from ..loaders import lora_layers
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
+from ..models.embeddings import guidance_scale_embedding
 from ..models.fused_projections import fuse_pipeline_projections
 from ..utils.torch_utils import randn_tensor
 from .checks import check_finite, check_generator, check_number, check_positive_int
 from .denoise import (
+    PredictNoise,
     Scheduler,
     StepCallback,
     StepEndCallback,
@@ -57,6 +59,9 @@ class StableDiffusionBase(
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"  # Diffusers' offload order and exclusions
     _exclude_from_cpu_offload = ("safety_checker",)
     deprecated_step_callback = True  # `callback=` / `callback_steps=` run with Diffusers' FutureWarning
+    # The outdated scheduler-config keys this pipeline's `__init__` rewrites (`fix_legacy_scheduler`): Diffusers'
+    # text-to-image, img2img and inpainting pipelines do, its ControlNet and upscaler pipelines do not.
+    _legacy_scheduler_fixes: ClassVar[tuple[str, ...]] = ()
 
     def callback_step_order(self) -> int:
         """An older `callback` gets step `i // scheduler.order`, as Diffusers' SD pipelines count."""
@@ -64,7 +69,7 @@ class StableDiffusionBase(
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         """What every SD `__init__` does after naming its components."""
-        components["scheduler"] = _fix_legacy_scheduler(components["scheduler"])
+        fix_legacy_scheduler(components["scheduler"], self._legacy_scheduler_fixes)
         check_safety_components(
             type(self).__name__,
             components.get("safety_checker"),
@@ -176,6 +181,38 @@ class StableDiffusionBase(
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
 
+    # --- LCM-distilled UNets (time_cond_proj_dim): the guidance scale is an input, not a second UNet pass ------------
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """As Diffusers' SD pipelines: never with an LCM-distilled UNet, which takes the guidance scale embedded."""
+        unet = getattr(self, "unet", None)
+        lcm = unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None
+        return super().do_classifier_free_guidance and not lcm
+
+    def get_guidance_scale_embedding(
+        self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Diffusers' method: sinusoidal features (len(w), embedding_dim) of guidance scales w."""
+        return guidance_scale_embedding(w, embedding_dim, dtype)
+
+    def noise_predictor(
+        self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
+    ) -> PredictNoise:
+        """An LCM-distilled UNet also gets `timestep_cond`: the embedding of guidance_scale - 1 (the call's value at
+        the start, as Diffusers computes it once), one row per image."""
+        dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if dim is None:
+            return super().noise_predictor(tensors, model_inputs)
+        embeds = tensors["prompt_embeds"]
+        w = torch.tensor(self.guidance_scale - 1).repeat(embeds.shape[0])
+        cond = guidance_scale_embedding(w, dim).to(device=embeds.device, dtype=embeds.dtype)
+
+        def with_timestep_cond(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+            x, extra = model_inputs(x, t, i) if model_inputs is not None else (x, {})
+            return x, {**extra, "timestep_cond": cond}
+
+        return super().noise_predictor(tensors, with_timestep_cond)
+
     def latent_shape(self, batch_size: int, num_channels_latents: int, height: int, width: int) -> tuple[int, ...]:
         return (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
@@ -256,23 +293,40 @@ def check_cross_attention_kwargs(cross_attention_kwargs: Any) -> None:
         check_number('cross_attention_kwargs["scale"]', cross_attention_kwargs["scale"])
 
 
-def _fix_legacy_scheduler(scheduler: Scheduler | None) -> Scheduler | None:
-    """Diffusers rewrites outdated SD scheduler configs (steps_offset != 1, clip_sample) on load; so do we."""
+# Outdated scheduler-config values Diffusers' SD pipelines rewrite in `__init__`: key -> (outdated when, rewritten to).
+LEGACY_SCHEDULER_FIXES: dict[str, tuple[Callable[[Any], bool], Any]] = {
+    "steps_offset": (lambda v: v != 1, 1),
+    "clip_sample": (lambda v: v is True, False),
+    "skip_prk_steps": (lambda v: v is False, True),
+}
+
+
+def fix_legacy_scheduler(scheduler: Scheduler | None, keys: Sequence[str]) -> None:
+    """Rewrite the outdated values of `keys` in the scheduler's config, in place, as Diffusers' SD pipelines do.
+
+    As in Diffusers, a rewritten key stays listed in `_use_default_values` when it was defaulted (a later swap with
+    `from_config` gives the new scheduler its own default), and a key the scheduler keeps aside for swaps is rewritten
+    there."""
     if scheduler is None:
-        return None
+        return
+    config = scheduler.config
     fixes = {}
-    if scheduler.config.get("steps_offset", 1) != 1:
-        fixes["steps_offset"] = 1
-    if scheduler.config.get("clip_sample", False) is True:
-        fixes["clip_sample"] = False
+    for key in keys:
+        outdated, value = LEGACY_SCHEDULER_FIXES[key]
+        if key in config and outdated(config[key]):
+            fixes[key] = value
     if not fixes:
-        return scheduler
+        return
     logger.warning("outdated scheduler config: using %s as Diffusers does; please update scheduler_config.json", fixes)
-    return type(scheduler).from_config({**scheduler.config, **fixes})
+    own = {k: v for k, v in fixes.items() if k in config._field_names()}
+    hidden = {**config.hidden, **{k: v for k, v in fixes.items() if k not in own}}
+    scheduler.config = config.replace(**own).with_extras(hidden, config.defaulted)
 
 
 class StableDiffusionPipeline(StableDiffusionBase):
     """Text-to-image with Stable Diffusion 1.x/2.x: Diffusers' `StableDiffusionPipeline`."""
+
+    _legacy_scheduler_fixes = ("steps_offset", "clip_sample")
 
     def __init__(
         self,
@@ -446,6 +500,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """
 
     __init__ = StableDiffusionPipeline.__init__
+    _legacy_scheduler_fixes = StableDiffusionPipeline._legacy_scheduler_fixes
 
     @torch.no_grad()
     def __call__(
@@ -529,6 +584,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
     __init__ = StableDiffusionPipeline.__init__
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+    _legacy_scheduler_fixes = ("steps_offset", "skip_prk_steps", "clip_sample")
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         super()._register(requires_safety_checker, **components)
@@ -591,6 +647,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             args.height,
             args.width,
             args.batch_size,
+            args.masked_image_latents is not None,
         )
         check_finite("image", args.image)
         self.check_masked_image_latents(args.masked_image_latents, latent_shape)
@@ -639,29 +696,46 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         """(initial latents, noise, image latents or None). Strength 1: pure noise; below 1: the image's latents
         noised to `timestep`; given `latents` are taken as the noise (Diffusers' rule, whatever the strength)."""
         batch_size = timestep.shape[0]
+        channels = self.vae.config.latent_channels
+        given_latents = image.shape[1] == channels  # `image` given as latents: used as they are, not encoded
         image_latents = None
         if need_image_latents or (latents is None and strength < 1):
-            image_latents = encode_image_latents(self.vae, image.to(device=device, dtype=dtype), generator)
+            image = image.to(device=device, dtype=dtype)
+            image_latents = image if given_latents else encode_image_latents(self.vae, image, generator)
             image_latents = image_latents.repeat(batch_repeats("image", image_latents.shape[0], batch_size), 1, 1, 1)
-        height, width = image.shape[-2:]
-        channels = self.vae.config.latent_channels
+        height, width = (s * self.vae_scale_factor if given_latents else s for s in image.shape[-2:])
         noise = self.draw_noise(batch_size, channels, height, width, dtype, device, generator, latents)
         if latents is None and strength < 1:
             return self.scheduler.add_noise(image_latents, noise, timestep), noise, image_latents
         return noise * self.scheduler.init_noise_sigma, noise, image_latents
 
     def preprocess_image_and_mask(
-        self, image: PipelineImageInput, mask_image: PipelineImageInput, height: int, width: int, batch_size: int
+        self,
+        image: PipelineImageInput,
+        mask_image: PipelineImageInput,
+        height: int,
+        width: int,
+        batch_size: int,
+        masked_image_latents_given: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image in [-1, 1], binary mask), both (B, C, height, width) float32; sizes and batches checked."""
+        """(image in [-1, 1], binary mask), both (B, C, height, width) float32; sizes and batches checked. An image
+        given as latents (B, latent_channels, height/f, width/f) is returned as it is, as Diffusers takes it; the
+        masked image's latents must then be given too (there are no pixels to mask)."""
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
-        if init_image.shape[1] == self.vae.config.latent_channels:
+        given_latents = init_image.shape[1] == self.vae.config.latent_channels
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if given_latents and not masked_image_latents_given:
             raise ValueError(
-                f"image: got latents {tuple(init_image.shape)}; inpainting needs the image in pixels (it is masked "
-                "before encoding); pass precomputed latents of the masked image as masked_image_latents"
+                f"image: got latents {tuple(init_image.shape)}; inpainting masks the image in pixels, so with image "
+                "latents pass the masked image's latents as masked_image_latents too"
+            )
+        if given_latents and tuple(init_image.shape[-2:]) != latent_size:
+            raise ValueError(
+                f"image: latents of size {tuple(init_image.shape[-2:])} do not fit height={height}, width={width} "
+                f"(latents of {latent_size[0]}x{latent_size[1]})"
             )
         image_size, mask_size = self.image_processor.input_size(image), self.mask_processor.input_size(mask_image)
-        if image_size != mask_size:
+        if not given_latents and image_size != mask_size:
             raise ValueError(
                 f"mask_image is {mask_size[0]}x{mask_size[1]} (height x width) but image is "
                 f"{image_size[0]}x{image_size[1]}: the mask must have the image's size"

@@ -66,8 +66,24 @@ class DDIMScheduler(SchedulerMixin):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        """x_{t-1} from x_t: formula (12) of the DDIM paper, with sigma_t = eta * sqrt(variance)."""
+        """x_{t-1} from x_t: formula (12) of the DDIM paper, with sigma_t = eta * sqrt(variance).
+
+        A timestep outside the schedule is stepped from its own value, as Diffusers' DDIM computes every step; the
+        position in the schedule does not move."""
         self._require_schedule()
+        off_schedule = self._off_schedule_value(timestep)
+        if off_schedule is not None:
+            plan = self._plan_at(
+                self._step_index or 0,
+                int(off_schedule),
+                sample,
+                eta=eta,
+                use_clipped_model_output=use_clipped_model_output,
+                generator=generator,
+                variance_noise=variance_noise,
+            )
+            prev_sample, x0, _ = self.apply_plan(model_output, sample, plan)
+            return self._output(prev_sample, x0, return_dict)
         plan = self.plan_step(
             timestep,
             sample,
@@ -78,18 +94,22 @@ class DDIMScheduler(SchedulerMixin):
         )
         return self._run_plan(model_output, sample, plan, return_dict)
 
-    def _plan(
+    def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan[DDIMCoeffs]:
+        return self._plan_at(i, self._timestep_values[i], sample, **step_kwargs)
+
+    def _plan_at(
         self,
         i: int,
+        t: int,
         sample: torch.Tensor,
         eta: float = 0.0,
         use_clipped_model_output: bool = False,
         generator: Generator | None = None,
         variance_noise: torch.Tensor | None = None,
     ) -> StepPlan[DDIMCoeffs]:
+        """Step i of the schedule, at training timestep t."""
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to DDIMScheduler.step, not both")
-        t = self._timestep_values[i]
         # Diffusers' DDIM always steps back by num_train // num_inference, whatever the spacing.
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         std_dev_t = eta * self._variance(t, prev_t) ** 0.5

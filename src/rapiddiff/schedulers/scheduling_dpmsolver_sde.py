@@ -112,6 +112,7 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         _torchsde()  # fail here, not at the first step
         self.noise_sampler_seed = self.config.noise_sampler_seed
         self._reset_state()
+        self._schedule_training_timesteps()
 
     def _reset_state(self) -> None:
         self.sample: torch.Tensor | None = None  # the sample at an interval's first call (None: at a first call)
@@ -127,6 +128,21 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         num_inference_steps: int,
         device: str | torch.device | None = None,
         num_train_timesteps: int | None = None,
+    ) -> None:
+        self._install_schedule(num_inference_steps, device, num_train_timesteps)
+        # every step's numbers, by (interval, first call?): the loop reads no tensor value
+        self._intervals = {
+            (j, first): self._interval(j, first) for j in range(len(self.sigmas) - 1) for first in (True, False)
+        }
+
+    def _schedule_training_timesteps(self) -> None:
+        # __init__'s schedule of every training timestep (for steps before any set_timesteps): its per-step numbers
+        # are computed as the steps come, not all 2000 up front.
+        if len(self.betas) == self.config.num_train_timesteps:
+            self._install_schedule(self.config.num_train_timesteps, None, None)
+
+    def _install_schedule(
+        self, num_inference_steps: int, device: str | torch.device | None, num_train_timesteps: int | None
     ) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         cfg = self.config
@@ -153,10 +169,7 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         self._timestep_values = steps.tolist()
         self._set_sigmas(doubled)
         self._reset_state()
-        # every step's numbers, by (interval, first call?): the loop reads no tensor value
-        self._intervals = {
-            (j, first): self._interval(j, first) for j in range(len(doubled) - 1) for first in (True, False)
-        }
+        self._intervals: dict[tuple[int, bool], dict[str, Any]] = {}
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1), sigma the step's, or the midpoint's at an interval's second call."""
@@ -195,7 +208,10 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
     def _numbers(self, i: int) -> dict[str, Any]:
         """Step i's numbers: the first call of interval i, or the second of interval i - 1."""
         first = self.state_in_first_order
-        return self._intervals[(i if first else i - 1, first)] | {"first": first}
+        key = (i if first else i - 1, first)
+        if key not in self._intervals:  # __init__'s schedule only: set_timesteps computes them all
+            self._intervals[key] = self._interval(*key)
+        return self._intervals[key] | {"first": first}
 
     def step(
         self,

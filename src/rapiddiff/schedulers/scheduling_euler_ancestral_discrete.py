@@ -27,6 +27,7 @@ class EulerAncestralCoeffs(NamedTuple):
 
 
 class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
+    _refuses_int_timesteps = True
     config_class: ClassVar[type[EulerAncestralDiscreteSchedulerConfig]] = EulerAncestralDiscreteSchedulerConfig
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:

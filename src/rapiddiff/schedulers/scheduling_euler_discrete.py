@@ -29,12 +29,22 @@ class EulerSchedulerMixin(SchedulerMixin):
     """Sigma tables and the scaled-input convention of the Euler schedulers."""
 
     _pin_zero_snr: ClassVar[bool] = True
+    # Diffusers' Euler schedulers refuse an integer timestep (most likely an index from enumerate()); its LMS, Heun,
+    # KDPM2 and DPM-Solver SDE schedulers match it against the schedule like any number.
+    _refuses_int_timesteps: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         n = self.config.num_train_timesteps
         self._set_schedule(np.linspace(0, n - 1, n, dtype=np.float32)[::-1], None, None)
         self._set_sigmas(np.concatenate([self._train_sigmas()[::-1], [0.0]]))
+
+    def _schedule_training_timesteps(self) -> None:
+        """`set_timesteps(num_train_timesteps)`, as the __init__ of Diffusers' LMS, Heun, KDPM2 and DPM-Solver SDE
+        schedulers calls it: their `step` and `scale_model_input` work before any set_timesteps, over every training
+        timestep. (Not with a trained_betas table too short to schedule, which Diffusers also builds.)"""
+        if len(self.betas) == self.config.num_train_timesteps:
+            self.set_timesteps(self.config.num_train_timesteps)
 
     @property
     def init_noise_sigma(self) -> torch.Tensor:
@@ -63,6 +73,8 @@ class EulerSchedulerMixin(SchedulerMixin):
         return sigma_to_t(respaced, np.log(self._train_sigmas())), respaced
 
     def _check_timestep(self, timestep: float | torch.Tensor) -> None:
+        if not self._refuses_int_timesteps:
+            return
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
             raise ValueError(
                 f"{type(self).__name__}: timestep must be one of scheduler.timesteps (floats), got the integer "
@@ -124,6 +136,7 @@ class EulerCoeffs(NamedTuple):
 
 
 class EulerDiscreteScheduler(EulerSchedulerMixin):
+    _refuses_int_timesteps = True
     config_class: ClassVar[type[EulerDiscreteSchedulerConfig]] = EulerDiscreteSchedulerConfig
 
     def set_timesteps(
@@ -153,9 +166,9 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
             n = self._resolve_steps(num_inference_steps, timesteps)
             timesteps = self._spaced_timesteps(n) if timesteps is None else np.array(timesteps).astype(np.float32)
             steps = n if n is not None else len(timesteps)
-            if cfg.interpolation_type == "log_linear":  # n + 1 sigmas (and the final one): Diffusers' table
+            if cfg.interpolation_type == "log_linear":  # steps + 1 sigmas (and the final one): Diffusers' table
                 train = self._train_sigmas()
-                sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
+                sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), steps + 1).exp().numpy()
             else:
                 sigmas = self._spaced_sigmas(timesteps)
             respaced = self._respaced_sigmas(sigmas, n)

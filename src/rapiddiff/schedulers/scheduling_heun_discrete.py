@@ -41,6 +41,7 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
         # read on the host once: a compiled step cannot look up which fields a config class has
         self._clip_range = self.config.clip_sample_range if self.config.own("clip_sample") else None
         self._reset_history()
+        self._schedule_training_timesteps()
 
     def _reset_history(self) -> None:
         # (derivative, sample) of the interval's first evaluation; None between intervals

@@ -15,6 +15,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_utils import SchedulerConfig, SchedulerMixin, StepPlan, make_coeffs
 
@@ -79,6 +80,7 @@ class ConsistencySchedulerMixin(SchedulerMixin):
         strength: float = 1.0,
     ) -> None:
         """`num_inference_steps` evenly picked from the distillation grid, or custom descending `timesteps`."""
+        self._check_trained_betas()
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
         if not 0 < strength <= 1:
@@ -136,17 +138,11 @@ class ConsistencySchedulerMixin(SchedulerMixin):
 
 
 @dataclasses.dataclass
-class LCMSchedulerOutput:
+class LCMSchedulerOutput(BaseOutput):
     """`step`'s result: the next sample and the consistency estimate `denoised`."""
 
     prev_sample: torch.Tensor
     denoised: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        return (self.prev_sample, self.denoised)
-
-    def __getitem__(self, key: int | str) -> torch.Tensor:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
 class LCMCoeffs(NamedTuple):
@@ -180,8 +176,7 @@ class LCMScheduler(ConsistencySchedulerMixin):
         plan = self.plan_step(timestep, sample, generator=generator)
         prev_sample, denoised, _ = self.apply_plan(model_output, sample, plan)
         self.commit_plan(plan, ())
-        out = LCMSchedulerOutput(prev_sample, denoised)
-        return out if return_dict else out.to_tuple()
+        return LCMSchedulerOutput(prev_sample, denoised) if return_dict else (prev_sample, denoised)
 
     def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[LCMCoeffs]:
         """Noise for every step: drawn, except on the last one (zeros; the generator ends where Diffusers' does)."""

@@ -75,6 +75,7 @@ class LMSDiscreteScheduler(EulerSchedulerMixin):
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.derivatives: list[torch.Tensor] = []
+        self._schedule_training_timesteps()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)

@@ -77,13 +77,20 @@ class PNDMScheduler(SchedulerMixin):
     def step(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        """A Runge-Kutta or PLMS step. As in Diffusers, a timestep outside the schedule is stepped from its own value
+        (the history and the step counter move on as for any step)."""
         self._require_schedule()
+        off_schedule = self._off_schedule_value(timestep)
+        if off_schedule is not None:
+            i, t = self._step_index or 0, int(off_schedule)
+        else:
+            i = self._index(timestep)
+            t = self._timestep_values[i]
         if not self._in_prk_steps():
-            return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
-        t = self._timestep_values[self._index(timestep)]
+            return self._run_plan(model_output, sample, self._plan_at(i, t, sample), return_dict)
         prev_sample = self._step_prk(model_output, t, sample)
         self.counter += 1
-        self._step_index += 1
+        self._step_index = i + 1
         return self._output(prev_sample, None, return_dict)
 
     def _in_prk_steps(self) -> bool:
@@ -108,7 +115,11 @@ class PNDMScheduler(SchedulerMixin):
         return self._prev_sample(cur_sample, self.alphas_cumprod[t], self._alpha_prod(prev_t), model_output)
 
     def _plan(self, i: int, sample: torch.Tensor) -> StepPlan[PLMSCoeffs]:
-        """A PLMS step: Adams-Bashforth over the stored outputs, of order 1 to 4 as the history fills.
+        return self._plan_at(i, self._timestep_values[i], sample)
+
+    def _plan_at(self, i: int, t: int, sample: torch.Tensor) -> StepPlan[PLMSCoeffs]:
+        """A PLMS step (step i of the schedule, at training timestep t): Adams-Bashforth over the stored outputs, of
+        order 1 to 4 as the history fills.
 
         history: the last three stored outputs, newest first, and the sample saved at the first step (zeros, weighted
         0, while missing)."""
@@ -120,7 +131,6 @@ class PNDMScheduler(SchedulerMixin):
         if not self.config.skip_prk_steps and len(self.ets) < 3:
             raise ValueError("PNDMScheduler: PLMS steps need the 12 Runge-Kutta steps first (skip_prk_steps=False)")
         step = self.config.num_train_timesteps // self.num_inference_steps
-        t = self._timestep_values[i]
         prev_t = t - step
         if self.counter == 1:
             # second step: redo the first interval with the average of both outputs (a Heun step)

@@ -12,6 +12,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_lcm import ConsistencySchedulerConfig, ConsistencySchedulerMixin
 from .scheduling_utils import StepPlan, make_coeffs
@@ -23,17 +24,11 @@ class TCDSchedulerConfig(ConsistencySchedulerConfig):
 
 
 @dataclasses.dataclass
-class TCDSchedulerOutput:
+class TCDSchedulerOutput(BaseOutput):
     """`step`'s result: the next sample and the sample predicted at the intermediate timestep s."""
 
     prev_sample: torch.Tensor
     pred_noised_sample: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        return (self.prev_sample, self.pred_noised_sample)
-
-    def __getitem__(self, key: int | str) -> torch.Tensor:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
 class TCDCoeffs(NamedTuple):
@@ -68,7 +63,7 @@ class TCDScheduler(ConsistencySchedulerMixin):
         prev_sample, pred_noised_sample, _ = self.apply_plan(model_output, sample, plan)
         self.commit_plan(plan, ())
         out = TCDSchedulerOutput(prev_sample, pred_noised_sample)
-        return out if return_dict else out.to_tuple()
+        return out if return_dict else (prev_sample, pred_noised_sample)
 
     def _plan(
         self, i: int, sample: torch.Tensor, eta: float = 0.3, generator: Generator | None = None

@@ -30,6 +30,7 @@ import dataclasses
 import math
 import operator
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from ..configuration import Config, ConfigError, ConfigMixin
+from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import to_device
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -100,11 +102,6 @@ class SchedulerConfig(Config):
             raise ConfigError(f"{name}: num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
         if self.num_train_timesteps < 2:
             raise ConfigError(f"{name}: num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
-        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
-            raise ConfigError(
-                f"{name}: trained_betas has {len(self.trained_betas)} values, "
-                f"num_train_timesteps is {self.num_train_timesteps}"
-            )
         for key, allowed in self.choices.items():
             self.check_choice(key, allowed)
         on = [key for key in SIGMA_SPACINGS if self.own(key)]
@@ -297,17 +294,11 @@ def _broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # --- output --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class SchedulerOutput:
+class SchedulerOutput(BaseOutput):
     """What `step` returns: the sample at the previous timestep and, where Diffusers gives it, the predicted x0."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
-
-    def __getitem__(self, key: int | str) -> torch.Tensor:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
 C = TypeVar("C", bound=tuple)
@@ -432,6 +423,29 @@ class SchedulerMixin(ConfigMixin):
         """Write `scheduler_config.json` (readable by Diffusers) into `save_directory`."""
         self.save_config(save_directory)
 
+    def register_to_config(self, **values: Any) -> None:
+        """Diffusers' ConfigMixin method: set config values after construction. A key of this scheduler's config is
+        checked and replaced (the tables built in __init__ stay as they are, as in Diffusers); any other key is kept
+        with the config, as the keys of other schedulers are (`config.key`, `config["key"]`, saved)."""
+        fields = set(self.config_class._field_names())
+        config = self.config.replace(**{k: v for k, v in values.items() if k in fields})
+        extra = {k: v for k, v in values.items() if k not in fields}
+        self.config = config.with_extras({**config.hidden, **extra}, config.defaulted)
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not attributes
+        # Diffusers' ConfigMixin: a config key read as an attribute of the scheduler works, with a FutureWarning.
+        config = self.__dict__.get("config")
+        if config is not None and not name.startswith("_") and name in config:
+            warnings.warn(
+                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
+                f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
+                f"'scheduler.config.{name}'.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return config[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
@@ -448,7 +462,17 @@ class SchedulerMixin(ConfigMixin):
         return [getattr(rapiddiff, name) for name in names if name in rapiddiff._EXPORTS]
 
     # --- schedule -----------------------------------------------------------------------------------------------
+    def _check_trained_betas(self) -> None:
+        """A schedule needs a beta per training timestep. Diffusers accepts a shorter trained_betas table when the
+        scheduler is built (and saves it); rapiddiff too, and refuses to schedule steps with it."""
+        if len(self.betas) != self.config.num_train_timesteps:
+            raise ValueError(
+                f"{type(self).__name__}: trained_betas has {len(self.betas)} values but num_train_timesteps is "
+                f"{self.config.num_train_timesteps}; a schedule needs one beta per training timestep"
+            )
+
     def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
+        self._check_trained_betas()
         try:
             n = operator.index(num_inference_steps)
         except TypeError:
@@ -464,6 +488,7 @@ class SchedulerMixin(ConfigMixin):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
         if timesteps is None:
             return self._check_num_inference_steps(num_inference_steps)
+        self._check_trained_betas()
         values = [float(t) for t in timesteps]
         limit = self.config.num_train_timesteps
         if not values or any(b >= a for a, b in zip(values, values[1:])) or values[0] >= limit or values[-1] < 0:
@@ -565,6 +590,19 @@ class SchedulerMixin(ConfigMixin):
         if not found:
             raise ValueError(f"timestep {t:g} is not one of the scheduler's timesteps {values}")
         return found[1] if len(found) > 1 else found[0]
+
+    def _off_schedule_value(self, timestep: float | torch.Tensor) -> float | None:
+        """The value of `timestep` when it is not one of the schedule's timesteps, for the schedulers whose update
+        Diffusers computes from the timestep's value (DDIM, PNDM); else None.
+
+        A Python number is always checked. A tensor is read only where `_index` reads it anyway - a CPU tensor at
+        the first step of a loop without a begin index - so a loop reads no more values than before."""
+        if isinstance(timestep, torch.Tensor):
+            first_lookup = self._step_index is None and self._begin_index is None
+            if not first_lookup or timestep.device.type != "cpu" or timestep.numel() != 1:
+                return None
+            timestep = float(timestep)
+        return None if timestep in self._timestep_values else timestep
 
     def _index(self, timestep: float | torch.Tensor) -> int:
         """The schedule position of the current step (see the module docstring for the rule)."""

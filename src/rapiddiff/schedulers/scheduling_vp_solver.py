@@ -87,6 +87,15 @@ class VPSolverMixin(SchedulerMixin):
         self._set_sigmas(self._train_sigmas())
         self._reset_history()
 
+    def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """As the base class, except that a timestep outside the schedule maps to the last step, as Diffusers' solvers
+        map it."""
+        try:
+            return super().index_for_timestep(timestep, schedule_timesteps)
+        except ValueError:
+            values = self._timestep_values if schedule_timesteps is None else schedule_timesteps.tolist()
+            return len(values) - 1
+
     def _reset_history(self) -> None:
         self.model_outputs: list[torch.Tensor | None] = [None] * self.config.solver_order  # converted, newest last
         self.lower_order_nums = 0  # steps taken so far, capped at solver_order: the usable history
