@@ -426,7 +426,7 @@ def test_denoising_loops_make_no_host_syncs(family, tiny_sd_dir, tiny_upscaler_d
             call(pipe, family, spec)
     finally:
         hook.remove()
-    assert pipe._step_runner is None  # the guard is gone
+    assert pipe.step_runner is None  # the guard is gone
 
 
 # --- the whole step as one graph -----------------------------------------------------------------------------------------

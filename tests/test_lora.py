@@ -409,3 +409,31 @@ def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):
         assert torch.equal(check("unfused"), mixed)
         unet.load_lora_adapter(make_lora(pipe, "peft", seed=8), prefix="unet", adapter_name="a", hotswap=True)
         assert not torch.allclose(check("hotswapped"), mixed)
+
+
+# --- the call scale is per call ----------------------------------------------------------------------------------------
+def test_lora_call_scale_is_restored_after_a_call_and_after_a_call_that_raised(tiny_sd_dir):
+    """`cross_attention_kwargs={"scale": s}` scales the UNet's adapters for that call only: a direct UNet call after
+    it (returned or raised) gives what it gave before, and `lora_scale` reads 1.0 outside calls."""
+    pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(make_lora(pipe, "peft", seed=4))
+    before = outputs(pipe)
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append(p.lora_scale)
+        return {}
+
+    pipe("a cat", num_inference_steps=2, cross_attention_kwargs={"scale": 0.3}, callback_on_step_end=record)
+    assert seen and set(seen) == {0.3} and pipe.lora_scale == 1.0
+    for a, b in zip(before, outputs(pipe)):
+        assert torch.equal(a, b)
+
+    def fail(p, i, t, kwargs):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        pipe("a cat", num_inference_steps=2, cross_attention_kwargs={"scale": 0.3}, callback_on_step_end=fail)
+    for a, b in zip(before, outputs(pipe)):
+        assert torch.equal(a, b)

@@ -242,7 +242,9 @@ class StableDiffusionLoraLoaderMixin:
     @property
     def lora_scale(self) -> float:
         """The LoRA scale of the current call (`cross_attention_kwargs["scale"]`), 1.0 outside calls."""
-        return float((getattr(self, "_cross_attention_kwargs", None) or {}).get("scale", 1.0))
+        state = self.running_call
+        scale = None if state is None else state.lora_scale
+        return 1.0 if scale is None else float(scale)
 
     def load_lora_weights(
         self,

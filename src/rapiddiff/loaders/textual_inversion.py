@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..hub import resolve_dir, resolve_file
+from ..utils import concurrency
 
 TI_WEIGHT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 _HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "hf_token", "subfolder", "weight_name", "use_safetensors")
@@ -88,7 +89,9 @@ class TextualInversionLoaderMixin:
 
     def _maybe_convert_prompt(self, prompt: str, tokenizer: Any) -> str:
         added = tokenizer.added_tokens_encoder
-        for token in set(tokenizer.tokenize(prompt)):
+        with concurrency.call_lock(tokenizer):  # transformers' tokenizers are not thread-safe
+            tokens = set(tokenizer.tokenize(prompt))
+        for token in tokens:
             if token in added:
                 replacement, i = token, 1
                 while f"{token}_{i}" in added:
@@ -114,6 +117,9 @@ class TextualInversionLoaderMixin:
             raise TypeError(f"load_textual_inversion got unexpected argument(s) {unknown}; allowed: {_HUB_KWARGS}")
         tokenizer = tokenizer or getattr(self, "tokenizer", None)
         text_encoder = text_encoder or getattr(self, "text_encoder", None)
+        for model in (tokenizer, text_encoder):
+            if model is not None:
+                concurrency.check_idle(model, "load_textual_inversion")
         if tokenizer is None or text_encoder is None:
             raise ValueError(f"{type(self).__name__}.load_textual_inversion needs a tokenizer and a text_encoder")
         sources = pretrained_model_name_or_path
@@ -160,6 +166,9 @@ class TextualInversionLoaderMixin:
         """Remove the given added tokens (default: every non-special added token) and their embedding rows."""
         tokenizer = tokenizer or getattr(self, "tokenizer", None)
         text_encoder = text_encoder or getattr(self, "text_encoder", None)
+        for model in (tokenizer, text_encoder):
+            if model is not None:
+                concurrency.check_idle(model, "unload_textual_inversion")
         if tokenizer is None or text_encoder is None:
             raise ValueError(f"{type(self).__name__}.unload_textual_inversion needs a tokenizer and a text_encoder")
         wanted = None if tokens is None else ({tokens} if isinstance(tokens, str) else set(tokens))

@@ -15,7 +15,7 @@ import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
 from .checks import check_finite, check_number
-from .denoise import Scheduler, StepCallback, StepEndCallback
+from .denoise import Conditioning, Scheduler, StepCallback, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .loading import _unwrap, is_compiled
 from .stable_diffusion import (
@@ -24,7 +24,7 @@ from .stable_diffusion import (
     check_unet_in_channels,
     required,
 )
-from .template import CallArgs, StepHooks
+from .template import CallArgs, LoopStart
 
 
 def per_net(name: str, value: Any, n: int) -> list[float]:
@@ -175,8 +175,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
 
     def prepare_denoising(
-        self, args: ControlNetArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: ControlNetArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         """The initial noise and the hook running the ControlNets on each step's model input."""
         guess_mode = args.guess_mode
         control = [
@@ -185,9 +185,9 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             )
             for x in args.image
         ]
-        tensors["image"] = control if self.is_multi else control[0]
+        control_image = control if self.is_multi else control[0]
         channels = self.unet.config.in_channels
-        dtype = tensors["prompt_embeds"].dtype
+        dtype = conditioning["prompt_embeds"].dtype
         latents = self.prepare_latents(
             args.batch_size, channels, args.height, args.width, dtype, device, args.generator, args.latents
         )
@@ -196,10 +196,12 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         scales = args.controlnet_conditioning_scale
         step_scales = torch.tensor([[s * k for s, k in zip(scales, row)] for row in keep], device=device)
 
-        def control_residuals(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        def control_residuals(
+            x: torch.Tensor, t: torch.Tensor, i: int, cond: Conditioning
+        ) -> tuple[torch.Tensor, dict[str, Any]]:
             if not any(keep[i]):  # outside every window the residuals are zero: skip the ControlNets
                 return x, {}
-            embeds = tensors["prompt_embeds"]
+            embeds = cond["prompt_embeds"]
             split = guess_mode and self.do_classifier_free_guidance
             if split:  # the ControlNets see the conditional half only
                 x_control, embeds = x.chunk(2)[1], embeds.chunk(2)[1]
@@ -210,7 +212,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             else:
                 scale = step_scales[i, 0]
             down, mid = self.controlnet(
-                x_control, t, embeds, tensors["image"], scale, guess_mode=guess_mode, return_dict=False
+                x_control, t, embeds, cond["image"], scale, guess_mode=guess_mode, return_dict=False
             )
             if split:  # zero residuals for the unconditional half
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
@@ -221,7 +223,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
                 down, mid = [d.clone() for d in down], mid.clone()
             return x, {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-        return latents, StepHooks(model_inputs=control_residuals)
+        return LoopStart(latents, model_inputs=control_residuals, conditioning={"image": control_image})
 
     # --- checks -------------------------------------------------------------------------------------------------
     def check_models(self, nets: list[ControlNetModel]) -> None:

@@ -23,20 +23,38 @@ from transformers import CLIPConfig, CLIPVisionModelWithProjection, PreTrainedMo
 from ..configuration import Config
 from ..models.modeling_utils import ModelMixin
 from ..utils.torch_utils import randn_tensor
+from .call_state import CallState
 from .caption import preprocess_prompt
 from .checks import check_finite, check_generator, check_positive_int
-from .denoise import PredictNoise, Scheduler, StepCallback, combine_guidance
+from .denoise import Conditioning, Guidance, Scheduler, StepCallback, combine_guidance
 from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, encode_prompt
 from .safety_checker import NSFW_WARNING, black_out, check_safety_components, run_safety_checker
-from .template import CallArgs, DenoisingPipeline, ModelInputs, StepHooks
+from .template import CallArgs, DenoisingPipeline, LoopStart
 
 logger = logging.getLogger(__name__)
 
 IF_MAX_TOKENS = 77  # IF's T5 was trained on 77 tokens
 IF_OUTPUT_TYPES = ("pil", "np", "pt")
 LEARNED_VARIANCES = ("learned", "learned_range")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedVarianceGuidance(Guidance):
+    """IF's guidance: the UNet predicts the noise and a learned variance; the noise channels are guided and the
+    variance channels are the conditional branch's, kept for a scheduler that uses them and dropped otherwise."""
+
+    keep_variance: bool = False
+
+    def __call__(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
+        if self.active:
+            uncond, cond = model_output.chunk(2)
+            guided = combine_guidance(uncond[:, :channels], cond[:, :channels], self.scale)
+            model_output = torch.cat([guided, cond[:, channels:]], dim=1)
+        return model_output if self.keep_variance else model_output[:, :channels]
+
+
 WATERMARK_WARNING = (
     "Potential watermarked content was detected in one or more images. A black image will be returned instead."
     " Try again with a different prompt and/or seed."
@@ -153,7 +171,6 @@ class IFPipelineBase(DenoisingPipeline):
     _exclude_from_cpu_offload = ("watermarker",)
     output_types = IF_OUTPUT_TYPES
     hook_before_scaling = True
-    _keep_variance: bool = False  # call state: the scheduler uses the UNet's learned variance channels
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         check_safety_components(
@@ -253,20 +270,10 @@ class IFPipelineBase(DenoisingPipeline):
         noise = randn_tensor((batch_size, num_channels, height, width), generator=generator, device=device, dtype=dtype)
         return noise * self.scheduler.init_noise_sigma
 
-    def guide(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """Guide the noise channels; the variance channels are the conditional branch's."""
-        uncond, cond = model_output.chunk(2)
-        guided = combine_guidance(uncond[:, :channels], cond[:, :channels], self._guidance_scale)
-        return self.unguided(torch.cat([guided, cond[:, channels:]], dim=1), channels)
-
-    def noise_predictor(self, tensors: dict[str, Any], model_inputs: ModelInputs | None = None) -> PredictNoise:
-        # read once per call, outside the step (a compiled whole step sees a plain bool)
-        self._keep_variance = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
-        return super().noise_predictor(tensors, model_inputs)
-
-    def unguided(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """The learned variance channels are kept for a scheduler that uses them, dropped otherwise."""
-        return model_output if self._keep_variance else model_output[:, :channels]
+    def guidance(self, state: CallState) -> Guidance:
+        """Guidance of the noise channels; the learned variance is kept for a scheduler that uses it."""
+        keep = getattr(state.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
+        return LearnedVarianceGuidance(state.guidance_scale, keep_variance=keep)
 
     # --- outputs ----------------------------------------------------------------------------------------------------
     def to_output(
@@ -344,14 +351,14 @@ class IFPipeline(IFPipelineBase):
         return self.generate(IFArgs.from_locals(locals()))
 
     def prepare_denoising(
-        self, args: IFArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: IFArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         channels = self.unet.config.in_channels
-        dtype = tensors["prompt_embeds"].dtype
+        dtype = conditioning["prompt_embeds"].dtype
         images = self.prepare_intermediate_images(
             args.batch_size, channels, args.height, args.width, dtype, device, args.generator
         )
-        return images, StepHooks()
+        return LoopStart(images)
 
 
 class IFSuperResolutionPipeline(IFPipelineBase):
@@ -454,12 +461,12 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         self.check_image(args.image, args.prompts, args.height, args.width)
 
     def prepare_denoising(
-        self, args: IFSuperResolutionArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: IFSuperResolutionArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         """The initial noise, then the upscaled stage-I image noised to `noise_level` (Diffusers' order), and the hook
         appending it to every model input (before scaling, as Diffusers) with its noise level as class label."""
         channels = self.unet.config.in_channels // 2
-        dtype = tensors["prompt_embeds"].dtype
+        dtype = conditioning["prompt_embeds"].dtype
         images = self.prepare_intermediate_images(
             args.batch_size, channels, args.height, args.width, dtype, device, args.generator
         )
@@ -469,10 +476,12 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         if self.do_classifier_free_guidance:
             upscaled, class_labels = torch.cat([upscaled] * 2), torch.cat([class_labels] * 2)
 
-        def with_upscaled(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        def with_upscaled(
+            x: torch.Tensor, t: torch.Tensor, i: int, cond: Conditioning
+        ) -> tuple[torch.Tensor, dict[str, Any]]:
             return torch.cat([x, upscaled], dim=1), {"class_labels": class_labels}
 
-        return images, StepHooks(model_inputs=with_upscaled)
+        return LoopStart(images, model_inputs=with_upscaled)
 
     def noised_upscale(
         self,

@@ -7,6 +7,7 @@ its hooks (`prepare_timesteps`, `prepare_denoising`); the rest is `DenoisingPipe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -21,8 +22,10 @@ from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..models.fused_projections import fuse_pipeline_projections
 from ..utils.torch_utils import randn_tensor
+from .call_state import CallState
 from .checks import check_finite, check_generator, check_number, check_positive_int
 from .denoise import (
+    Conditioning,
     Scheduler,
     StepCallback,
     StepEndCallback,
@@ -35,7 +38,7 @@ from .memory import StableDiffusionMixin
 from .pipeline_utils import BaseOutput
 from .prompt import check_clip_skip, encode_prompt
 from .safety_checker import check_safety_components, run_safety_checker
-from .template import CallArgs, DenoisingPipeline, ModelInputs, StepHooks  # noqa: F401 - ModelInputs re-exported
+from .template import CallArgs, DenoisingPipeline, LoopStart
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,12 @@ class StableDiffusionBase(
             )
         return super().prepare_timesteps(args, device)
 
+    def call_scope(self, state: CallState) -> contextlib.AbstractContextManager[None]:
+        """The call's LoRA scale on the UNet's adapters (a buffer update: no recompile), back to 1.0 when the call
+        ends, error or not."""
+        scale = state.lora_scale
+        return lora_layers.call_scale(getattr(self, "unet", None), 1.0 if scale is None else scale)
+
     # --- prompt, noise, model ---------------------------------------------------------------------------------------
     def encode_prompt(
         self,
@@ -157,10 +166,8 @@ class StableDiffusionBase(
             )
 
     def encode_conditioning(self, args: CallArgs, device: torch.device) -> dict[str, torch.Tensor | None]:
-        """The call's LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder and is set on the UNet's
-        adapters for this call (a buffer update: no recompile)."""
-        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
-        lora_layers.set_call_scale(getattr(self, "unet", None), 1.0 if lora_scale is None else lora_scale)
+        """The call's LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder (the UNet's: `call_scope`)."""
+        lora_scale = self.call_state.lora_scale
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             args.prompt,
             device,
@@ -339,19 +346,19 @@ class StableDiffusionPipeline(StableDiffusionBase):
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
 
     def prepare_denoising(
-        self, args: CallArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: CallArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         latents = self.prepare_latents(
             args.batch_size,
             self.unet.config.in_channels,
             args.height,
             args.width,
-            tensors["prompt_embeds"].dtype,
+            conditioning["prompt_embeds"].dtype,
             device,
             args.generator,
             args.latents,
         )
-        return latents, StepHooks()
+        return LoopStart(latents)
 
 
 # --- image-conditioned pipelines: img2img and inpainting ------------------------------------------------------------
@@ -487,13 +494,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         batch_repeats("image", args.image.shape[0], args.batch_size)
 
     def prepare_denoising(
-        self, args: Img2ImgArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: Img2ImgArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         start = timesteps[:1].repeat(args.batch_size)
-        dtype = tensors["prompt_embeds"].dtype
-        return self.prepare_image_latents(
-            args.image, start, args.batch_size, dtype, device, args.generator
-        ), StepHooks()
+        dtype = conditioning["prompt_embeds"].dtype
+        return LoopStart(self.prepare_image_latents(args.image, start, args.batch_size, dtype, device, args.generator))
 
     def prepare_image_latents(
         self,
@@ -596,9 +601,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         self.check_masked_image_latents(args.masked_image_latents, latent_shape)
 
     def prepare_denoising(
-        self, args: InpaintArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
-        dtype = tensors["prompt_embeds"].dtype
+        self, args: InpaintArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
+        dtype = conditioning["prompt_embeds"].dtype
         plain_unet = self.unet.config.in_channels == self.vae.config.latent_channels
         # Generators are consumed in Diffusers' order: image latents, noise, masked image latents.
         start = timesteps[:1].repeat(args.batch_size)
@@ -609,21 +614,23 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         if masked_image_latents is None:
             masked_image = (args.image * (args.mask_image < 0.5)).to(device=device, dtype=dtype)
             masked_image_latents = encode_image_latents(self.vae, masked_image, args.generator)
-        tensors.update(self.prepare_mask_latents(args.mask_image, masked_image_latents, args.batch_size, dtype, device))
+        mask_latents = self.prepare_mask_latents(args.mask_image, masked_image_latents, args.batch_size, dtype, device)
 
-        def with_mask_channels(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-            return torch.cat([x, tensors["mask"], tensors["masked_image_latents"]], dim=1), {}
+        def with_mask_channels(
+            x: torch.Tensor, t: torch.Tensor, i: int, cond: Conditioning
+        ) -> tuple[torch.Tensor, dict[str, Any]]:
+            return torch.cat([x, cond["mask"], cond["masked_image_latents"]], dim=1), {}
 
-        def paste_known_region(latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-            mask = tensors["mask"].chunk(2)[0] if self.do_classifier_free_guidance else tensors["mask"]
+        def paste_known_region(latents: torch.Tensor, t: torch.Tensor, i: int, cond: Conditioning) -> torch.Tensor:
+            mask = cond["mask"].chunk(2)[0] if self.do_classifier_free_guidance else cond["mask"]
             known = image_latents
             if i < len(timesteps) - 1:  # noised to the level the next step starts from
                 known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
             return (1 - mask) * known + mask * latents
 
         if plain_unet:
-            return latents, StepHooks(after_step=paste_known_region)
-        return latents, StepHooks(model_inputs=with_mask_channels)
+            return LoopStart(latents, after_step=paste_known_region, conditioning=mask_latents)
+        return LoopStart(latents, model_inputs=with_mask_channels, conditioning=mask_latents)
 
     def prepare_inpaint_latents(
         self,

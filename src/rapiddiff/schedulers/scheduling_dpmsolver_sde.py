@@ -19,7 +19,15 @@ import torch
 
 from ..utils.torch_utils import to_device
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs, sigma_to_t, spaced_timesteps
+from .scheduling_utils import (
+    PlanUpdate,
+    SchedulerConfig,
+    SchedulerOutput,
+    StepPlan,
+    make_coeffs,
+    sigma_to_t,
+    spaced_timesteps,
+)
 
 
 def _torchsde() -> Any:
@@ -232,12 +240,12 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
 
     def apply_plan(
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DPMSolverSDECoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> PlanUpdate:
         c = plan.coeffs
         x0 = self._predict_x0_ve(model_output, sample, c.sigma_input, c.sigma_input)
         start = torch.where(c.from_saved > 0, plan.history[0], sample)
         prev_sample = c.sample_coeff * start + c.x0_coeff * x0 + c.noise_coeff * plan.noise
-        return prev_sample, x0, (start,)
+        return PlanUpdate(prev_sample, x0, (start,))
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         step = self._numbers(plan.index)

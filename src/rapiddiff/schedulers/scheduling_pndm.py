@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .scheduling_utils import (
+    PlanUpdate,
     SchedulerConfig,
     SchedulerMixin,
     SchedulerOutput,
@@ -144,14 +145,14 @@ class PNDMScheduler(SchedulerMixin):
         )
         return StepPlan(i, coeffs, history=(*stored, cur_sample))
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[PLMSCoeffs]
-    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[PLMSCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         e1, e2, e3, saved_sample = plan.history
         eps = c.w0 * model_output + c.w1 * e1 + c.w2 * e2 + c.w3 * e3
         start = torch.where(c.from_saved > 0, saved_sample, sample)
-        return self._prev_sample(start, c.alpha_prod_t, c.alpha_prod_t_prev, eps), None, (model_output, sample)
+        return PlanUpdate(
+            self._prev_sample(start, c.alpha_prod_t, c.alpha_prod_t_prev, eps), None, (model_output, sample)
+        )
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         model_output, sample = stored

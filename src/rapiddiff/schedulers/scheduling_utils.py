@@ -31,7 +31,7 @@ import math
 import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -340,6 +340,15 @@ class StepPlan(Generic[C]):
     def scale_model_input(self, sample: torch.Tensor) -> torch.Tensor:
         """The model input at this step (see `model_input_scale`)."""
         return sample if self.model_input_scale is None else sample * self.model_input_scale
+
+
+class PlanUpdate(NamedTuple):
+    """What `apply_plan` computes: the sample at the previous timestep, the predicted x0 where the scheduler gives it,
+    and the tensors `commit_plan` keeps for later steps (history)."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None
+    stored: tuple[torch.Tensor, ...]
 
 
 def make_coeffs(cls: type[C], **values: torch.Tensor | float) -> C:
@@ -654,10 +663,8 @@ class SchedulerMixin(ConfigMixin):
     def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
-        """The update: (previous sample, predicted x0 or None, tensors `commit_plan` keeps for later steps)."""
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan) -> PlanUpdate:
+        """The update: the previous sample, the predicted x0 (or None), the tensors `commit_plan` keeps."""
         raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
@@ -668,9 +675,9 @@ class SchedulerMixin(ConfigMixin):
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan, return_dict: bool
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """apply + commit for an eager `step`."""
-        prev_sample, x0, stored = self.apply_plan(model_output, sample, plan)
-        self.commit_plan(plan, tuple(owned(s, model_output) for s in stored))
-        return self._output(prev_sample, x0, return_dict)
+        update = self.apply_plan(model_output, sample, plan)
+        self.commit_plan(plan, tuple(owned(s, model_output) for s in update.stored))
+        return self._output(update.prev_sample, update.pred_original_sample, return_dict)
 
     def _output(
         self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool
