@@ -57,16 +57,56 @@ def test_every_call_argument_travels_in_the_args_object(name):
     cls = getattr(rapiddiff, name)
     assert issubclass(cls, DenoisingPipeline)
     fields = {f.name for f in dataclasses.fields(ARGS_CLASSES[name]) if f.init}
-    params = set(inspect.signature(cls.__call__).parameters) - {"self"}
+    params = set(inspect.signature(cls.__call__).parameters) - {"self", "kwargs"}
     assert params <= fields, f"{name}: {sorted(params - fields)} missing from {ARGS_CLASSES[name].__name__}"
     assert cls.__call__.__doc__  # the signature's documentation stays on the call
 
 
+def signature_defaults(cls) -> dict:
+    """A pipeline's `__call__` parameters with their defaults, as `locals()` holds them first thing in the call."""
+    params = inspect.signature(cls.__call__).parameters
+    return {n: {} if p.kind is p.VAR_KEYWORD else p.default for n, p in params.items() if n != "self"}
+
+
 def test_from_locals_refuses_unknown_arguments():
+    sd_locals = signature_defaults(rapiddiff.StableDiffusionPipeline) | {"prompt": PROMPT}
     with pytest.raises(TypeError, match=r"no field\(s\) \['strength'\]"):
-        CallArgs.from_locals({"self": None, "prompt": PROMPT, "strength": 0.5})
-    args = Img2ImgArgs.from_locals({"self": None, "prompt": [PROMPT, PROMPT], "strength": 0.5})
-    assert (args.strength, args.batch_size, args.image) == (0.5, 2, None)
+        CallArgs.from_locals(sd_locals | {"strength": 0.5})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['foo'\]"):
+        CallArgs.from_locals(sd_locals | {"kwargs": {"foo": 1}})
+    assert CallArgs.from_locals(sd_locals | {"kwargs": {"callback_steps": 2}}).callback_steps == 2
+    with pytest.raises(ValueError, match="ip_adapter_image is not supported"):
+        CallArgs.from_locals(sd_locals | {"ip_adapter_image": random_image(8, 8)})
+    img2img = signature_defaults(rapiddiff.StableDiffusionImg2ImgPipeline)
+    args = Img2ImgArgs.from_locals(img2img | {"prompt": [PROMPT, PROMPT], "strength": 0.5})
+    assert (args.strength, args.batch_size, args.image, args.callback) == (0.5, 2, None, None)
+
+
+@pytest.mark.parametrize("name", sorted(ARGS_CLASSES))
+def test_each_argument_is_declared_once(name):
+    """A CallArgs field has a default only where some pipeline's signature lacks the argument, and that default is
+    what every signature that has the argument says: the signature is where defaults are declared."""
+    params = signature_defaults(getattr(rapiddiff, name))
+    for field in dataclasses.fields(ARGS_CLASSES[name]):
+        if not field.init:
+            continue
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            assert field.name in params or field.name in CallArgs.keyword_only_extras, field.name
+            continue
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        assert field.name not in params or params[field.name] == default, (name, field.name)
+
+
+@pytest.mark.parametrize("name", sorted(ARGS_CLASSES))
+def test_call_signatures_are_diffusers(name):
+    """Argument names, order, kinds and defaults of every pipeline's `__call__` are Diffusers 0.42.1's."""
+    import diffusers
+
+    def described(cls):
+        params = inspect.signature(cls.__call__).parameters.values()
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert described(getattr(rapiddiff, name)) == described(getattr(diffusers, name))
 
 
 def test_loop_takes_its_dependencies_explicitly(sd):

@@ -15,7 +15,7 @@ import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
 from .checks import check_finite, check_number
-from .denoise import Conditioning, Scheduler, StepCallback, StepEndCallback
+from .denoise import Conditioning, Scheduler, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .loading import _unwrap, is_compiled
 from .stable_diffusion import (
@@ -45,16 +45,16 @@ def control_keep(num_steps: int, starts: Sequence[float], ends: Sequence[float])
     ]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ControlNetArgs(CallArgs):
     """The ControlNet call: control image(s), scales, guess mode and guidance window. The checks turn `image` into
     one preprocessed (B, C, H, W) tensor per ControlNet and the numbers into lists of one per ControlNet."""
 
-    image: PipelineImageInput | list[PipelineImageInput] | None = None
-    controlnet_conditioning_scale: float | list[float] = 1.0
-    guess_mode: bool = False
-    control_guidance_start: float | list[float] = 0.0
-    control_guidance_end: float | list[float] = 1.0
+    image: PipelineImageInput | list[PipelineImageInput] | None
+    controlnet_conditioning_scale: float | list[float]
+    guess_mode: bool
+    control_guidance_start: float | list[float]
+    control_guidance_end: float | list[float]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +127,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -136,9 +138,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         control_guidance_end: float | list[float] = 1.0,
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
+        **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images from `prompt` guided by `image`: the control image(s) of one ControlNet, or a list with one
         entry per ControlNet (each entry a batch of 1 or one per prompt).

@@ -147,19 +147,19 @@ class IFWatermarker(ModelMixin):
 
 
 # --- the pipelines -------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class IFArgs(CallArgs):
     """The IF stages' call: the common arguments plus `clean_caption`."""
 
-    clean_caption: bool = True
+    clean_caption: bool
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class IFSuperResolutionArgs(IFArgs):
     """Stage II's call: the stage-I image (a (B, C, h, w) tensor after the checks) and its noise level."""
 
-    image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None = None
-    noise_level: int = 250
+    image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None
+    noise_level: int
 
 
 class IFPipelineBase(DenoisingPipeline):

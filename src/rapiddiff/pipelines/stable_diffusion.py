@@ -27,7 +27,6 @@ from .checks import check_finite, check_generator, check_number, check_positive_
 from .denoise import (
     Conditioning,
     Scheduler,
-    StepCallback,
     StepEndCallback,
     extra_step_kwargs,
     retrieve_timesteps,
@@ -322,15 +321,16 @@ class StableDiffusionPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
+        **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images from `prompt` (or `prompt_embeds`); arguments and defaults as in Diffusers.
 
@@ -418,25 +418,25 @@ def strength_timesteps(
     return timesteps, steps_run
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Img2ImgArgs(CallArgs):
     """img2img's call: the image and the share of the schedule that runs."""
 
-    image: PipelineImageInput | None = None
-    strength: float = 0.8
+    image: PipelineImageInput | None
+    strength: float
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number("strength", self.strength, 0.0, 1.0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class InpaintArgs(Img2ImgArgs):
     """Inpainting's call: img2img's plus the mask."""
 
-    mask_image: PipelineImageInput | None = None
-    masked_image_latents: torch.Tensor | None = None
-    padding_mask_crop: int | None = None
+    mask_image: PipelineImageInput | None
+    masked_image_latents: torch.Tensor | None
+    padding_mask_crop: int | None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -470,14 +470,15 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         generator: torch.Generator | list[torch.Generator] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
+        **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Transform `image` (PIL, array or tensor in [0, 1], or (B, 4, h, w) latents) following `prompt`.
 
@@ -563,14 +564,15 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
+        **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Repaint the white region of `mask_image` in `image` (both resized to height x width, the UNet's size by
         default) following `prompt`.

@@ -28,12 +28,12 @@ logger = logging.getLogger(__name__)
 X4_SCALING_FACTOR = 0.08333
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class UpscaleArgs(CallArgs):
     """The x4 upscaler's call: the low-resolution image (a (B, C, h, w) tensor after the checks) and its noise level."""
 
-    image: PipelineImageInput | None = None
-    noise_level: int = 20
+    image: PipelineImageInput | None
+    noise_level: int
 
 
 class StableDiffusionUpscalePipeline(StableDiffusionBase):

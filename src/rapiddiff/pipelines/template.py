@@ -102,48 +102,69 @@ def _compiled_inside(model: torch.nn.Module) -> bool:
     return any(is_compiled(m) for m in model.modules())
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class CallArgs:
     """The arguments of one pipeline call, by Diffusers' names. Building it checks what needs no pipeline (types,
-    ranges, finite numbers and tensors); fields a pipeline's signature lacks keep these defaults. `height`/`width`
-    are resolved to the pipeline's defaults by its checks."""
+    ranges, finite numbers and tensors); `height`/`width` are resolved to the pipeline's defaults by its checks.
 
-    prompt: PromptInput = None
-    negative_prompt: PromptInput = None
-    prompt_embeds: torch.Tensor | None = None
-    negative_prompt_embeds: torch.Tensor | None = None
+    Each argument is declared once, with its default, in the pipeline's `__call__` signature: a field here has no
+    default, except the fields some pipelines' signatures lack (img2img has no height/width, IF no sigmas...), whose
+    default is what such a pipeline behaves as (and equals the default where a signature has the argument)."""
+
+    prompt: PromptInput
+    negative_prompt: PromptInput
+    prompt_embeds: torch.Tensor | None
+    negative_prompt_embeds: torch.Tensor | None
+    num_inference_steps: int
+    guidance_scale: float
+    num_images_per_prompt: int
+    eta: float
+    generator: torch.Generator | list[torch.Generator] | None
+    output_type: str
+    return_dict: bool
+    cross_attention_kwargs: dict[str, Any] | None
+    # Diffusers' older per-step callback (DeepFloyd IF, the x4 upscaler; deprecated on the SD pipelines). None: 1
+    callback: StepCallback | None
+    callback_steps: int | None
+    # not in every pipeline's signature
     height: int | None = None
     width: int | None = None
-    num_inference_steps: int = 50
     timesteps: list[int] | None = None
     sigmas: list[float] | None = None
-    guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
-    num_images_per_prompt: int = 1
-    eta: float = 0.0
-    generator: torch.Generator | list[torch.Generator] | None = None
     latents: torch.Tensor | None = None
-    output_type: str = "pil"
-    return_dict: bool = True
-    cross_attention_kwargs: dict[str, Any] | None = None
     clip_skip: int | None = None
     callback_on_step_end: StepEndCallback | None = None
-    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
-    # Diffusers' older per-step callback (DeepFloyd IF, the x4 upscaler; deprecated on the SD pipelines). None: 1
-    callback: StepCallback | None = None
-    callback_steps: int | None = 1
+    callback_on_step_end_tensor_inputs: Sequence[str] = dataclasses.field(default_factory=lambda: ["latents"])
+    ip_adapter_image: Any = None  # not supported: must be None
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None  # not supported: must be None
+    # The SD pipelines take these through `**kwargs` (Diffusers' deprecated arguments, None when not given); no other
+    # keyword is accepted.
+    keyword_only_extras: ClassVar[tuple[str, ...]] = ("callback", "callback_steps")
     # derived by the checks
     prompts: int = dataclasses.field(init=False, default=0)
     callback_names: list[str] = dataclasses.field(init=False, default_factory=list)
 
     @classmethod
     def from_locals(cls: type[A], values: Mapping[str, Any]) -> A:
-        """The arguments from `locals()` taken first thing in a `__call__` (its parameters and `self`)."""
+        """The arguments from `locals()` taken first thing in a `__call__` (its parameters, `self`, and `kwargs` where
+        the signature ends with Diffusers' `**kwargs`)."""
+        values = {k: v for k, v in values.items() if k != "self"}
+        extra = values.pop("kwargs", None)
+        if extra is not None:  # Diffusers' `kwargs.pop("callback", None)`
+            extra = {name: None for name in cls.keyword_only_extras} | extra
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(values) - names - {"self"})
+        unknown = sorted(set(values) - names)
         if unknown:  # a pipeline's signature grew an argument its CallArgs class does not carry: never drop it
             raise TypeError(f"{cls.__name__} has no field(s) {unknown}; add them to carry these call arguments")
-        return cls(**{k: v for k, v in values.items() if k in names})
+        extra = extra or {}
+        unexpected = sorted(set(extra) - set(cls.keyword_only_extras))
+        if unexpected:
+            raise TypeError(
+                f"__call__() got unexpected keyword argument(s) {unexpected}; "
+                f"besides its parameters it takes {list(cls.keyword_only_extras)}"
+            )
+        return cls(**values, **extra)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # np.float32(7.5), np.int64(30): accepted as Diffusers accepts them
@@ -158,6 +179,9 @@ class CallArgs:
         check_number("eta", self.eta, 0.0)
         check_generator(self.generator, self.batch_size)
         step_callback(self.callback, self.callback_steps)  # validates both
+        for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by rapiddiff (no IP-Adapter); pass None")
         for name in ("prompt_embeds", "negative_prompt_embeds", "latents"):
             check_finite(name, getattr(self, name))
 
