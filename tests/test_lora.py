@@ -13,7 +13,7 @@ from conftest import assert_close_rel, assert_same_images, run_both
 from torch import nn
 
 import rapiddiff
-from rapiddiff.loaders.lora_layers import LoRALayerMixin
+from rapiddiff.models.lora_layers import LoRALayerMixin
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 PROCESSOR_NAMES = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora",
@@ -370,7 +370,7 @@ def test_lora_and_textual_inversion_from_a_hub_id(tiny_sd_dir, tmp_path, monkeyp
 def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):
     """Warm-up: the base model, then with two adapters. Afterwards adapter weights, the call scale, disable/enable,
     fuse (plain layers again: the base model's graph, with the weights changed in place) and unfuse recompile nothing."""
-    from rapiddiff.loaders import lora_layers
+    from rapiddiff.models import lora_layers
 
     pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     unet = pipe.unet

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import tiny_sd_components
+from conftest import PIPELINE_ATOL, tiny_sd_components
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import rapiddiff
@@ -64,7 +64,7 @@ def test_pipeline_from_single_file_matches_diffusers(sd_file, tiny_sd_dir):
         assert all(torch.equal(got[k], v) for k, v in want.items() if not k.endswith("position_ids")), name
     ours = rapiddiff.StableDiffusionPipeline.from_single_file(sd_file, config=tiny_sd_dir)
     assert ours.name_or_path == str(sd_file) and ours.safety_checker is None
-    np.testing.assert_allclose(_run(ours), _run(theirs), atol=2e-3)
+    np.testing.assert_allclose(_run(ours), _run(theirs), atol=PIPELINE_ATOL)
 
 
 def test_ckpt_img2img_and_dtype(sd_file, tiny_sd_dir, tmp_path):
@@ -130,7 +130,7 @@ def test_sd2_openclip_text_encoder_and_v_prediction(tmp_path, tiny_sd_dir):
         want = theirs.text_encoder(tokens)[0]
         got = ours.text_encoder(tokens)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(_run(ours), _run(theirs), atol=2e-3)
+    np.testing.assert_allclose(_run(ours), _run(theirs), atol=PIPELINE_ATOL)
 
 
 def test_detection_presets_and_errors(sd_file, tiny_sd_dir, tmp_path):

@@ -30,7 +30,7 @@ import torch.fx.experimental._config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .loaders.lora_layers import LoRALayerMixin
+from .models.lora_layers import LoRALayerMixin
 from .pipelines.denoise import DenoisingStep, StepInput, run_step
 from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
 from .utils.offload import check_compilable, check_whole_step_compilable

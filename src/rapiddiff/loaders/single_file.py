@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..configuration import per_block, read_json
+from ..exports import exported_class
 from ..models.modeling_utils import load_state_dict_file, resolve_dtype_arg
 from ..presets import PRESETS_DIR
 
@@ -506,11 +507,9 @@ def controlnet_from_single_file(
 
 
 def _scheduler(folder: Path, prediction_type: str | None) -> Any:
-    from ..pipelines.pipeline_utils import rapiddiff_class
-
     path = folder / "scheduler" / "scheduler_config.json"
     values = read_json(path)
-    cls = rapiddiff_class(values.get("_class_name", ""), str(path))
+    cls = exported_class(values.get("_class_name", ""), str(path))
     overrides = {"prediction_type": prediction_type} if prediction_type is not None else {}
     return cls.from_config(values, **overrides)
 

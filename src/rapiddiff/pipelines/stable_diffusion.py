@@ -17,10 +17,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..loaders import lora_layers
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
-from ..models.fused_projections import fuse_pipeline_projections
+from ..models import lora_layers
 from ..utils.torch_utils import randn_tensor
 from .call_state import CallState
 from .checks import check_finite, check_generator, check_number, check_positive_int
@@ -78,15 +77,6 @@ class StableDiffusionBase(
         vae = components.get("vae")
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-
-    # --- fused projections (Diffusers' StableDiffusionMixin) ---------------------------------------------------------
-    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
-        """Fuse the attention projections of the UNet and/or the VAE (models/fused_projections.py)."""
-        fuse_pipeline_projections(self, unet, vae, fuse=True)
-
-    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
-        """Undo `fuse_qkv_projections`; a model that was not fused is left as is, with Diffusers' warning."""
-        fuse_pipeline_projections(self, unet, vae, fuse=False)
 
     # --- argument checks --------------------------------------------------------------------------------------------
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 
-from ..loaders import lora_layers
+from ..models import lora_layers
 from ..utils import concurrency
 from . import call_state
 from .call_state import CallState

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..utils.optional import import_optional
 from ..utils.torch_utils import to_device
 from .scheduling_euler_discrete import EulerSchedulerMixin
 from .scheduling_utils import (
@@ -31,14 +32,11 @@ from .scheduling_utils import (
 
 
 def _torchsde() -> Any:
-    try:
-        import torchsde
-    except ImportError:
-        raise ImportError(
-            "DPMSolverSDEScheduler draws its noise from a Brownian tree with torchsde, which is not installed: "
-            "pip install torchsde (or pip install 'rapiddiff[sde]')"
-        ) from None
-    return torchsde
+    return import_optional(
+        "torchsde",
+        "DPMSolverSDEScheduler draws its noise from a Brownian tree with torchsde, which is not installed: "
+        "pip install torchsde (or pip install 'rapiddiff[sde]')",
+    )
 
 
 class BrownianTreeNoiseSampler:

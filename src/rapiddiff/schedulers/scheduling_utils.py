@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..configuration import Config, ConfigError, ConfigMixin
+from ..utils.optional import import_optional
 from ..utils.torch_utils import to_device
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -246,13 +247,9 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, 
 
 
 def _scipy_stats(feature: str) -> Any:
-    try:
-        import scipy.stats
-    except ImportError:
-        raise ImportError(
-            f"{feature} needs scipy: pip install scipy (or rapiddiff[scipy]), as Diffusers requires"
-        ) from None
-    return scipy.stats
+    return import_optional(
+        "scipy.stats", f"{feature} needs scipy: pip install scipy (or rapiddiff[scipy]), as Diffusers requires"
+    )
 
 
 # use_*_sigmas config keys -> the function that respaces a schedule (at most one may be on)
@@ -451,10 +448,10 @@ class SchedulerMixin(ConfigMixin):
     def compatibles(self) -> list[type[SchedulerMixin]]:
         """This class and the rapiddiff schedulers it can be swapped for (`from_config`), as Diffusers' property
         (names in `_compatibles` that rapiddiff does not implement are left out, as Diffusers leaves out missing ones)."""
-        import rapiddiff  # the package's lazy name table; resolved here, at call time
+        from ..exports import EXPORTS, export  # the package's name table; its classes import this module
 
         names = dict.fromkeys((type(self).__name__, *self._compatibles))
-        return [getattr(rapiddiff, name) for name in names if name in rapiddiff._EXPORTS]
+        return [export(name) for name in names if name in EXPORTS]
 
     # --- schedule -----------------------------------------------------------------------------------------------
     def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
