@@ -19,7 +19,7 @@ from rapiddiff.compile import forbid_host_syncs_in_loop
 from rapiddiff.pipelines import denoise as denoise_module
 from rapiddiff.pipelines.controlnet import ControlNetArgs
 from rapiddiff.pipelines.deepfloyd_if import IFArgs, IFSuperResolutionArgs
-from rapiddiff.pipelines.stable_diffusion import Img2ImgArgs, InpaintArgs
+from rapiddiff.pipelines.stable_diffusion_img2img import Img2ImgArgs, InpaintArgs
 from rapiddiff.pipelines.stable_diffusion_upscale import UpscaleArgs
 from rapiddiff.pipelines.template import CallArgs, DenoisingPipeline
 

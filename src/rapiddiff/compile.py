@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .models.lora_layers import LoRALayerMixin
 from .pipelines.denoise import DenoisingStep, StepInput, run_step
-from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
+from .schedulers.scheduling_utils import SchedulerMixin
+from .schedulers.step_plan import StepPlan
 from .utils.offload import check_compilable, check_whole_step_compilable
 
 logger = logging.getLogger(__name__)

@@ -14,16 +14,11 @@ from typing import Any
 import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
-from .checks import check_finite, check_number
+from .checks import check_finite, check_number, check_unet_in_channels, required
 from .denoise import Conditioning, Scheduler, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .loading import _unwrap, is_compiled
-from .stable_diffusion import (
-    StableDiffusionBase,
-    StableDiffusionPipelineOutput,
-    check_unet_in_channels,
-    required,
-)
+from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
 from .template import CallArgs, LoopStart
 
 

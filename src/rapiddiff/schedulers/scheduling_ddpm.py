@@ -10,15 +10,9 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import (
-    PlanUpdate,
-    SchedulerConfig,
-    SchedulerMixin,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    spaced_timesteps,
-)
+from .schedule_tables import spaced_timesteps
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)

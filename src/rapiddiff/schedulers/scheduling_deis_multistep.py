@@ -13,8 +13,9 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from .scheduling_utils import PlanUpdate, SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_alpha_sigma, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)

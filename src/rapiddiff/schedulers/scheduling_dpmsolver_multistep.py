@@ -16,15 +16,10 @@ import torch
 
 from ..configuration import ConfigError
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import (
-    PlanUpdate,
-    SchedulerConfig,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    sigma_to_t,
-)
+from .schedule_tables import sigma_to_t
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, dpm_phi, solver_timesteps, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)

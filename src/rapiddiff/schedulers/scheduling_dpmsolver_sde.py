@@ -19,16 +19,10 @@ import torch
 
 from ..utils.optional import import_optional
 from ..utils.torch_utils import to_device
+from .schedule_tables import sigma_to_t, spaced_timesteps
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import (
-    PlanUpdate,
-    SchedulerConfig,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    sigma_to_t,
-    spaced_timesteps,
-)
+from .scheduling_utils import SchedulerConfig
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 def _torchsde() -> Any:

@@ -17,8 +17,9 @@ import torch
 
 from ..configuration import ConfigError
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import PlanUpdate, SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, dpm_phi, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import PlanUpdate, SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,16 +14,9 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import (
-    PlanUpdate,
-    SchedulerConfig,
-    SchedulerMixin,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    sigma_to_t,
-    spaced_timesteps,
-)
+from .schedule_tables import sigma_to_t, spaced_timesteps
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 class EulerSchedulerMixin(SchedulerMixin):

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import PlanUpdate, SchedulerConfig, SchedulerMixin, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 

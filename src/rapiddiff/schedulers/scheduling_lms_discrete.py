@@ -10,8 +10,10 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from .schedule_tables import karras_sigmas
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import PlanUpdate, SchedulerConfig, SchedulerOutput, StepPlan, karras_sigmas, make_coeffs
+from .scheduling_utils import SchedulerConfig
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 MAX_ORDER = 4  # the history a plan carries (Diffusers' default order)
 

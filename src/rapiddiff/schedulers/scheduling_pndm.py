@@ -13,15 +13,9 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from .scheduling_utils import (
-    PlanUpdate,
-    SchedulerConfig,
-    SchedulerMixin,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    spaced_timesteps,
-)
+from .schedule_tables import spaced_timesteps
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_lcm import ConsistencySchedulerConfig, ConsistencySchedulerMixin
-from .scheduling_utils import PlanUpdate, StepPlan, make_coeffs
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)

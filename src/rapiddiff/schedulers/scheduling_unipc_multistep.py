@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from ..configuration import ConfigError
-from .scheduling_utils import PlanUpdate, SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
