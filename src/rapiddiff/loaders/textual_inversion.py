@@ -100,6 +100,16 @@ class TextualInversionLoaderMixin:
                 prompt = prompt.replace(token, replacement)
         return prompt
 
+    def _text_models(self, tokenizer: Any, text_encoder: nn.Module | None, what: str) -> tuple[Any, nn.Module]:
+        """The tokenizer and text encoder to change (the given ones, else the pipeline's), idle (no call running)."""
+        tokenizer = tokenizer or getattr(self, "tokenizer", None)
+        text_encoder = text_encoder or getattr(self, "text_encoder", None)
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(f"{type(self).__name__}.{what} needs a tokenizer and a text_encoder")
+        for model in (tokenizer, text_encoder):
+            concurrency.check_idle(model, what)
+        return tokenizer, text_encoder
+
     def load_textual_inversion(
         self,
         pretrained_model_name_or_path: Any,
@@ -115,13 +125,7 @@ class TextualInversionLoaderMixin:
         unknown = sorted(set(kwargs) - set(_HUB_KWARGS))
         if unknown:
             raise TypeError(f"load_textual_inversion got unexpected argument(s) {unknown}; allowed: {_HUB_KWARGS}")
-        tokenizer = tokenizer or getattr(self, "tokenizer", None)
-        text_encoder = text_encoder or getattr(self, "text_encoder", None)
-        for model in (tokenizer, text_encoder):
-            if model is not None:
-                concurrency.check_idle(model, "load_textual_inversion")
-        if tokenizer is None or text_encoder is None:
-            raise ValueError(f"{type(self).__name__}.load_textual_inversion needs a tokenizer and a text_encoder")
+        tokenizer, text_encoder = self._text_models(tokenizer, text_encoder, "load_textual_inversion")
         sources = pretrained_model_name_or_path
         sources = list(sources) if isinstance(sources, list) else [sources]
         tokens = list(token) if isinstance(token, list) else [token] * len(sources)
@@ -164,13 +168,7 @@ class TextualInversionLoaderMixin:
         self, tokens: str | list[str] | None = None, tokenizer: Any = None, text_encoder: nn.Module | None = None
     ) -> None:
         """Remove the given added tokens (default: every non-special added token) and their embedding rows."""
-        tokenizer = tokenizer or getattr(self, "tokenizer", None)
-        text_encoder = text_encoder or getattr(self, "text_encoder", None)
-        for model in (tokenizer, text_encoder):
-            if model is not None:
-                concurrency.check_idle(model, "unload_textual_inversion")
-        if tokenizer is None or text_encoder is None:
-            raise ValueError(f"{type(self).__name__}.unload_textual_inversion needs a tokenizer and a text_encoder")
+        tokenizer, text_encoder = self._text_models(tokenizer, text_encoder, "unload_textual_inversion")
         wanted = None if tokens is None else ({tokens} if isinstance(tokens, str) else set(tokens))
         added = {i: t for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
         remove = {i: t.content for i, t in added.items() if wanted is None or t.content in wanted}

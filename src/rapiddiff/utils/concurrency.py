@@ -27,8 +27,9 @@ _locks: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDiction
 
 @contextlib.contextmanager
 def in_use(models: Iterable[Any]) -> Iterator[None]:
-    """Mark `models` as read by a running call for the block's duration."""
-    models = list({id(m): m for m in models}.values())
+    """Mark `models` as read by a running call for the block's duration (objects that cannot be weakly referenced
+    or hashed, which nothing could change under a call through this module anyway, are skipped)."""
+    models = [m for m in {id(m): m for m in models}.values() if _trackable(m)]
     with _registry_lock:
         for model in models:
             _calls[model] = _calls.get(model, 0) + 1
@@ -40,7 +41,18 @@ def in_use(models: Iterable[Any]) -> Iterator[None]:
                 _calls[model] -= 1
 
 
+def _trackable(obj: Any) -> bool:
+    try:
+        weakref.ref(obj)
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
 def calls_running(model: Any) -> int:
+    if not _trackable(model):
+        return 0
     with _registry_lock:
         return _calls.get(model, 0)
 
