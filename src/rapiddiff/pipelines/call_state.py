@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 @dataclasses.dataclass(frozen=True)
 class CallState:
-    """One call's settings. `scheduler` is the call's own copy of the configured scheduler (None outside calls)."""
+    """One call's state: its settings, its own copy of the configured scheduler (`scheduler`; None once the call
+    is over), its progress (`num_timesteps`, `interrupt`) and its result check (`non_finite_images`)."""
 
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
@@ -30,6 +31,8 @@ class CallState:
     num_timesteps: int | None = None
     interrupt: bool = False
     scheduler: Any = None
+    # after the loop: per image, whether its final latents held nan/inf
+    non_finite_images: list[bool] | None = None
 
     @property
     def do_classifier_free_guidance(self) -> bool:

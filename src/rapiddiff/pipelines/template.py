@@ -203,8 +203,6 @@ class DenoisingPipeline(DiffusionPipeline):
     step_runner: StepRunner | None = None
     # A generation that ends with nan/inf latents warns once after the loop; True makes it a FloatingPointError.
     strict_non_finite: bool = False
-    # Per image of the last call (as `nsfw_content_detected`): True where its final latents held nan/inf.
-    non_finite_images: list[bool] | None = None
     # Whether the `model_inputs` hook runs before the scheduler scales the model input (see `DenoisingStep`).
     hook_before_scaling: ClassVar[bool] = False
 
@@ -262,6 +260,12 @@ class DenoisingPipeline(DiffusionPipeline):
     @property
     def interrupt(self) -> bool:
         return self.call_state.interrupt
+
+    @property
+    def non_finite_images(self) -> list[bool] | None:
+        """Per image of this thread's last call (as `nsfw_content_detected`): True where its final latents held
+        nan/inf."""
+        return self.call_state.non_finite_images
 
     # Diffusers' private names, which step-end callbacks write (`pipe._guidance_scale = 0.0`, `pipe._interrupt = True`)
     _guidance_scale = _call_field("guidance_scale")
@@ -435,7 +439,7 @@ class DenoisingPipeline(DiffusionPipeline):
     def report_non_finite(self, latents: torch.Tensor) -> None:
         """One check after the loop (never inside it: no host sync per step): nan/inf in the final latents."""
         finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
-        self.non_finite_images = [not ok for ok in finite]
+        call_state.update(self, "non_finite_images", non_finite_images=[not ok for ok in finite])
         if all(finite):
             return
         bad = [k for k, ok in enumerate(finite) if not ok]

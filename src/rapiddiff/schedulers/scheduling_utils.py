@@ -1,7 +1,8 @@
 """SchedulerMixin: everything rapiddiff's schedulers share; each scheduler file holds only its update rule.
 
-Shared here: config parsing (Diffusers' keys, swapping between schedulers), the beta / alpha tables, timestep spacing,
-Karras sigmas, x0 prediction, clipping and dynamic thresholding, add_noise, the step-index bookkeeping, the output.
+Shared here: config parsing (Diffusers' keys, swapping between schedulers), x0 prediction, clipping and dynamic
+thresholding, add_noise, the step-index bookkeeping; the tables (betas, timestep spacing, Karras / exponential / beta
+sigmas) are `schedule_tables`, the split step and the output `step_plan`.
 
 GPU rules, kept by every scheduler (no step ever waits for the device):
 - Tables (betas, alphas_cumprod, sigmas) live on the CPU in float32, as Diffusers computes them. A step reads its
