@@ -123,3 +123,21 @@ def test_changing_shared_models_while_a_call_runs_is_refused(tiny_sd_dir):
     assert errors == [0, 0]
     pipe.load_lora_weights(lora)  # once the call has returned
     assert pipe.get_active_adapters()
+
+
+def test_a_scheduler_with_a_patched_method_is_stepped_in_place_one_call_at_a_time(tiny_sd_dir):
+    """`scheduler.step = wrapper` (bound to the configured scheduler, as a step counter does) cannot run on a copy:
+    such calls step the configured scheduler, serialized, and give the same images."""
+    pipe = sd_pipeline(tiny_sd_dir, "EulerDiscreteScheduler")
+    expected = sequential(pipe)
+    scheduler, steps = pipe.scheduler, []
+    step = scheduler.step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return step(*args, **kwargs)
+
+    scheduler.step = counted
+    for got, want in zip(threaded(pipe, []), expected):
+        np.testing.assert_array_equal(got, want)
+    assert len(steps) == sum(c[0] for c in CALLS)

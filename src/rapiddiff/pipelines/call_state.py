@@ -11,7 +11,10 @@ call they read the last one finished in that context. A step-end callback's writ
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
+import types
 import weakref
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -43,6 +46,17 @@ class CallState:
     def lora_scale(self) -> float | None:
         """The LoRA scale asked for by `cross_attention_kwargs["scale"]` (None: not given)."""
         return (self.cross_attention_kwargs or {}).get("scale")
+
+
+def call_scheduler(configured: Any) -> Any:
+    """The scheduler a call steps: a copy of the configured one (cheap: its config and tables), so that calls never
+    share its position in the schedule or its history. A scheduler with methods patched on the instance (e.g.
+    `scheduler.step = counting_wrapper`, bound to the configured object) is used as is: a copy would run the wrapper
+    on the original; such calls are serialized on it instead (`shares_scheduler`)."""
+    patched = any(
+        isinstance(v, (types.FunctionType, types.MethodType, functools.partial)) for v in vars(configured).values()
+    )
+    return configured if patched else copy.deepcopy(configured)
 
 
 class _Entry(NamedTuple):

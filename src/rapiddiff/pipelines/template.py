@@ -21,7 +21,6 @@ signature. The model family (Stable Diffusion's CLIP + VAE latents, DeepFloyd IF
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import warnings
@@ -282,7 +281,7 @@ class DenoisingPipeline(DiffusionPipeline):
             guidance_rescale=args.guidance_rescale,
             clip_skip=args.clip_skip,
             cross_attention_kwargs=args.cross_attention_kwargs,  # checked by the family (SD: the LoRA scale)
-            scheduler=copy.deepcopy(self.__dict__["scheduler"]),
+            scheduler=call_state.call_scheduler(self.__dict__["scheduler"]),
         )
 
     # --- the template -----------------------------------------------------------------------------------------------
@@ -294,17 +293,22 @@ class DenoisingPipeline(DiffusionPipeline):
         components = [c for c in self.components.values() if c is not None]
         with (
             concurrency.in_use(components),
-            concurrency.serialized(self.serialized_on(self._modules())),
+            concurrency.serialized(self.serialized_on(self._modules(), state)),
             call_state.running(self, state),
             self.call_scope(state),
         ):
             return self.run_call(args)
 
-    def serialized_on(self, models: list[torch.nn.Module]) -> list[Any]:
+    def serialized_on(self, models: list[torch.nn.Module], state: CallState) -> list[Any]:
         """What calls must not share at once (see docs/compile.md): models holding LoRA adapters (the call's LoRA scale
-        is a value of their buffers), compiled or offloaded models, and a custom step runner (a compiled whole step)."""
+        is a value of their buffers), compiled or offloaded models, a custom step runner (a compiled whole step), and
+        the configured scheduler where the call steps it itself (`call_state.call_scheduler`)."""
         keys: list[Any] = [m for m in models if lora_layers.lora_state(m) is not None or _compiled_inside(m)]
-        return keys + ([self.step_runner] if self.step_runner is not None else [])
+        if self.step_runner is not None:
+            keys.append(self.step_runner)
+        if state.scheduler is self.__dict__["scheduler"]:
+            keys.append(state.scheduler)
+        return keys
 
     def call_scope(self, state: CallState) -> AbstractContextManager[None]:
         """What the call sets on shared models for its duration (the SD family: the UNet's LoRA scale)."""

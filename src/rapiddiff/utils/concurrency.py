@@ -29,6 +29,7 @@ _locks: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDiction
 def in_use(models: Iterable[Any]) -> Iterator[None]:
     """Mark `models` as read by a running call for the block's duration (objects that cannot be weakly referenced
     or hashed, which nothing could change under a call through this module anyway, are skipped)."""
+    models = [getattr(m, "_orig_mod", m) for m in models]  # under a torch.compile wrapper: the model changed
     models = [m for m in {id(m): m for m in models}.values() if _trackable(m)]
     with _registry_lock:
         for model in models:
@@ -59,7 +60,7 @@ def calls_running(model: Any) -> int:
 
 def check_idle(model: Any, what: str) -> None:
     """Raise if a pipeline call is running `model`: `what` would change it under that call."""
-    running = calls_running(model)
+    running = calls_running(getattr(model, "_orig_mod", model))
     if running:
         raise RuntimeError(
             f"{what}: {type(model).__name__} is in use by {running} running pipeline call(s); changing it now would "
