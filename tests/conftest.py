@@ -193,10 +193,14 @@ def use_scheduler(pipes, name: str, checkpoint) -> None:
         pipe.scheduler = getattr(library, name).from_config(library.PNDMScheduler.load_config(folder))
 
 
-def run_both(pipes, prompt="a red cube on a table", seed: int | list[int] = 0, **kwargs) -> list:
-    """Call (diffusers, rapiddiff) pipelines with the same arguments and fresh generators of the same seed(s)."""
-    args = dict(prompt=prompt, num_inference_steps=2, output_type="np") | kwargs
-    return [pipe(generator=seeded(seed), **args) for pipe in pipes]
+# What `run_both` passes unless told otherwise (the text-to-image pipelines' quick parity call).
+RUN_DEFAULTS = {"prompt": "a red cube on a table", "num_inference_steps": 2, "output_type": "np"}
+
+
+def run_both(pipes, seed: int | list[int] = 0, *, defaults: dict = RUN_DEFAULTS, **kwargs) -> list:
+    """Call (diffusers, rapiddiff) pipelines with the same arguments (`defaults` updated by `kwargs`) and fresh
+    generators of the same seed(s)."""
+    return [pipe(generator=seeded(seed), **(defaults | kwargs)) for pipe in pipes]
 
 
 def assert_same_images(ref_out, our_out, atol: float = PIPELINE_ATOL) -> None:

@@ -15,7 +15,7 @@ import torch
 import rapiddiff
 from rapiddiff import cli
 from rapiddiff.batch.prompts import Defaults, iter_chunk, scan_prompt_file
-from rapiddiff.batch.run import CRASH_ENV, Layout
+from rapiddiff.batch.run import Layout
 
 SRC = str(Path(rapiddiff.__file__).resolve().parents[1])
 # 10 images in chunks of 3: 4 chunks, the last one padded with 2 discarded images.
@@ -55,11 +55,13 @@ def generate(model: Path, prompts: Path, out: Path, *extra: str) -> int:
         torch.set_num_threads(threads)
 
 
-def torchrun(model: Path, prompts: Path, out: Path, nproc: int, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(model: Path, prompts: Path, out: Path, nproc: int, main: str = "rapiddiff") -> subprocess.CompletedProcess:
+    """`rapiddiff generate` on `nproc` torchrun workers; `main`: the module the workers run (a test's fault injector)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "rapiddiff", "generate", "--prompts", str(prompts), "--model", str(model), "-o", str(out),
+               "-m", main, "generate", "--prompts", str(prompts), "--model", str(model), "-o", str(out),
                *OPTIONS]  # fmt: skip
-    full_env = os.environ | {"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
+    path = os.pathsep.join([SRC, str(Path(__file__).parent)])  # the tests folder: fault injectors
+    full_env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
 
 
@@ -190,7 +192,7 @@ def test_crash_with_two_workers_resume_with_one(reference, tiny_sd_dir, tmp_path
     out = tmp_path / "crash"
     # Worker 0 dies while writing its second chunk (chunk 2: one image renamed, one left as a temporary); torchrun
     # then stops worker 1 with SIGTERM, which finishes the chunk it is on.
-    result = torchrun(tiny_sd_dir, prompts, out, 2, {CRASH_ENV: "0:1"})
+    result = torchrun(tiny_sd_dir, prompts, out, 2, main="batch_crash_worker")
     assert result.returncode != 0
     committed = Layout(out).committed()
     assert 0 in committed and 2 not in committed and not (out / "manifest.jsonl").exists()

@@ -19,7 +19,7 @@ from rapiddiff.compile import forbid_host_syncs_in_loop
 from rapiddiff.pipelines import denoise as denoise_module
 from rapiddiff.pipelines.controlnet import ControlNetArgs
 from rapiddiff.pipelines.deepfloyd_if import IFArgs, IFSuperResolutionArgs
-from rapiddiff.pipelines.stable_diffusion import Img2ImgArgs, InpaintArgs
+from rapiddiff.pipelines.stable_diffusion_img2img import Img2ImgArgs, InpaintArgs
 from rapiddiff.pipelines.stable_diffusion_upscale import UpscaleArgs
 from rapiddiff.pipelines.template import CallArgs, DenoisingPipeline
 
@@ -57,36 +57,77 @@ def test_every_call_argument_travels_in_the_args_object(name):
     cls = getattr(rapiddiff, name)
     assert issubclass(cls, DenoisingPipeline)
     fields = {f.name for f in dataclasses.fields(ARGS_CLASSES[name]) if f.init}
-    params = set(inspect.signature(cls.__call__).parameters) - {"self"}
+    params = set(inspect.signature(cls.__call__).parameters) - {"self", "kwargs"}
     assert params <= fields, f"{name}: {sorted(params - fields)} missing from {ARGS_CLASSES[name].__name__}"
     assert cls.__call__.__doc__  # the signature's documentation stays on the call
 
 
+def signature_defaults(cls) -> dict:
+    """A pipeline's `__call__` parameters with their defaults, as `locals()` holds them first thing in the call."""
+    params = inspect.signature(cls.__call__).parameters
+    return {n: {} if p.kind is p.VAR_KEYWORD else p.default for n, p in params.items() if n != "self"}
+
+
 def test_from_locals_refuses_unknown_arguments():
+    sd_locals = signature_defaults(rapiddiff.StableDiffusionPipeline) | {"prompt": PROMPT}
     with pytest.raises(TypeError, match=r"no field\(s\) \['strength'\]"):
-        CallArgs.from_locals({"self": None, "prompt": PROMPT, "strength": 0.5})
-    args = Img2ImgArgs.from_locals({"self": None, "prompt": [PROMPT, PROMPT], "strength": 0.5})
-    assert (args.strength, args.batch_size, args.image) == (0.5, 2, None)
+        CallArgs.from_locals(sd_locals | {"strength": 0.5})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['foo'\]"):
+        CallArgs.from_locals(sd_locals | {"kwargs": {"foo": 1}})
+    assert CallArgs.from_locals(sd_locals | {"kwargs": {"callback_steps": 2}}).callback_steps == 2
+    with pytest.raises(ValueError, match="ip_adapter_image is not supported"):
+        CallArgs.from_locals(sd_locals | {"ip_adapter_image": random_image(8, 8)})
+    img2img = signature_defaults(rapiddiff.StableDiffusionImg2ImgPipeline)
+    args = Img2ImgArgs.from_locals(img2img | {"prompt": [PROMPT, PROMPT], "strength": 0.5})
+    assert (args.strength, args.batch_size, args.image, args.callback) == (0.5, 2, None, None)
+
+
+@pytest.mark.parametrize("name", sorted(ARGS_CLASSES))
+def test_each_argument_is_declared_once(name):
+    """A CallArgs field has a default only where some pipeline's signature lacks the argument, and that default is
+    what every signature that has the argument says: the signature is where defaults are declared."""
+    params = signature_defaults(getattr(rapiddiff, name))
+    for field in dataclasses.fields(ARGS_CLASSES[name]):
+        if not field.init:
+            continue
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            assert field.name in params or field.name in CallArgs.keyword_only_extras, field.name
+            continue
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        assert field.name not in params or params[field.name] == default, (name, field.name)
+
+
+@pytest.mark.parametrize("name", sorted(ARGS_CLASSES))
+def test_call_signatures_are_diffusers(name):
+    """Argument names, order, kinds and defaults of every pipeline's `__call__` are Diffusers 0.42.1's."""
+    import diffusers
+
+    def described(cls):
+        params = inspect.signature(cls.__call__).parameters.values()
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert described(getattr(rapiddiff, name)) == described(getattr(diffusers, name))
 
 
 def test_loop_takes_its_dependencies_explicitly(sd):
-    """denoise gets the scheduler, the step runner and the progress reporter; the runner is public on the pipeline."""
-    assert list(inspect.signature(denoise_module.denoise).parameters)[4:7] == ["scheduler", "step_runner", "progress"]
+    """denoise gets the schedule, the step object, the conditioning, the step runner and the progress reporter; the
+    runner is public on the pipeline; the step works on the call's own scheduler, never the configured one."""
+    params = list(inspect.signature(denoise_module.denoise).parameters)
+    assert params == ["latents", "schedule", "step", "conditioning", "runner", "progress", "on_step_end"]
     seen = []
 
-    def counting_runner(parts, latents, t, i):
-        seen.append(i)
-        assert parts.scheduler is sd.scheduler
-        return denoise_module.run_step(parts, latents, t, i)
+    def counting_runner(step, x):
+        seen.append(x.i)
+        assert step.scheduler is not sd.__dict__["scheduler"] and step.scheduler is sd.scheduler  # the call's copy
+        return denoise_module.run_step(step, x)
 
     sd.step_runner = counting_runner
     try:
-        assert sd._step_runner is counting_runner  # the former private name still reads it
         out = sd(PROMPT, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
     finally:
         sd.step_runner = None
-    assert seen == list(range(len(sd.scheduler.timesteps)))
-    assert sd.num_timesteps == len(seen) and out.images.shape == (1, 4, 16, 16)
+    assert seen == list(range(sd.num_timesteps)) and len(seen) >= 2
+    assert out.images.shape == (1, 4, 16, 16)
 
 
 # --- non-finite inputs: errors before any model runs -------------------------------------------------------------------

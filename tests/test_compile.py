@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from conftest import assert_close_rel, random_image, seeded
+from conftest import PIPELINE_ATOL, assert_close_rel, random_image, seeded
 from test_controlnet import randomise_output_layers
 from test_unet import IF_I, IF_II, INPAINT, SD1, SD2, X4, inputs, single_thread  # noqa: F401 (autouse fixture)
 from torch._dynamo.testing import CompileCounter
@@ -237,7 +237,6 @@ CALLS = {
         dict(prompt=PROMPT, image=random_image(16, 16, seed=4), scheduler="EulerDiscreteScheduler"),
     ],
 }
-PIPELINE_ATOL = 2e-3
 IF_SIZES = {"if-i": dict(height=16, width=16), "if-ii": dict(height=32, width=32)}
 
 
@@ -426,7 +425,7 @@ def test_denoising_loops_make_no_host_syncs(family, tiny_sd_dir, tiny_upscaler_d
             call(pipe, family, spec)
     finally:
         hook.remove()
-    assert pipe._step_runner is None  # the guard is gone
+    assert pipe.step_runner is None  # the guard is gone
 
 
 # --- the whole step as one graph -----------------------------------------------------------------------------------------

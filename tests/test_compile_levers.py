@@ -77,7 +77,7 @@ def test_freezing_is_off_by_default_and_on_for_cpu_modules_with_none(tiny_sd_dir
 def test_default_freezing_steps_aside_for_lora_layers():
     """freezing=None: a LoRA's scales change between calls, so a module holding LoRA layers compiles unfrozen (its
     scales stay graph inputs); a LoRA loaded after a frozen compile makes the next call compile once, unfrozen."""
-    from rapiddiff.loaders.lora_layers import add_to_layer
+    from rapiddiff.models.lora_layers import add_to_layer
 
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     m = Tiny(0).eval()

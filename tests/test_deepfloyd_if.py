@@ -3,15 +3,18 @@ diffusers with variant "fp16" files and loaded as the benchmark loads them (vari
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from pathlib import Path
 
+import conftest
 import diffusers
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import PIPELINE_ATOL, seeded
 from diffusers.pipelines.deepfloyd_if import IFSafetyChecker as DIFSafetyChecker
 from diffusers.pipelines.deepfloyd_if import IFWatermarker as DIFWatermarker
 from transformers import CLIPConfig, CLIPImageProcessor, T5Config, T5EncoderModel, T5Tokenizer
@@ -29,7 +32,6 @@ from rapiddiff import (
 from rapiddiff.presets import PRESETS_DIR
 
 CONFIGS = PRESETS_DIR
-ATOL = 2e-3
 T5_DIM = 32
 WORDS = "a red fox on the table blue hulk cat".split()
 
@@ -192,21 +194,13 @@ def embeds() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(1, 2, T5_DIM, generator=g), torch.randn(1, 2, T5_DIM, generator=g)
 
 
-def seeded(seed: int | list[int]) -> torch.Generator | list[torch.Generator]:
-    if isinstance(seed, list):
-        return [torch.Generator().manual_seed(s) for s in seed]
-    return torch.Generator().manual_seed(seed)
-
-
-def run_both(pipes, seed: int | list[int] = 0, **kwargs) -> list:
-    """Call both pipelines with the same arguments and fresh generators of the same seed(s)."""
-    return [p(generator=seeded(seed), **kwargs) for p in pipes]
+run_both = functools.partial(conftest.run_both, defaults={})  # IF's calls name every argument
 
 
 def assert_same(actual, expected, what: str = "images") -> None:
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=ATOL, err_msg=what)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=PIPELINE_ATOL, err_msg=what)
 
 
 def assert_same_pil(actual: list[PIL.Image.Image], expected: list[PIL.Image.Image], what: str = "images") -> None:

@@ -14,7 +14,7 @@ from conftest import assert_close_rel, assert_same_images, run_both
 from torch import nn
 
 import rapiddiff
-from rapiddiff.loaders.lora_layers import LoRALayerMixin
+from rapiddiff.models.lora_layers import LoRALayerMixin
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 PROCESSOR_NAMES = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora",
@@ -371,7 +371,7 @@ def test_lora_and_textual_inversion_from_a_hub_id(tiny_sd_dir, tmp_path, monkeyp
 def test_lora_scale_adapter_switch_and_fuse_do_not_recompile(tiny_sd_dir):
     """Warm-up: the base model, then with two adapters. Afterwards adapter weights, the call scale, disable/enable,
     fuse (plain layers again: the base model's graph, with the weights changed in place) and unfuse recompile nothing."""
-    from rapiddiff.loaders import lora_layers
+    from rapiddiff.models import lora_layers
 
     pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     unet = pipe.unet
@@ -444,3 +444,31 @@ def test_non_finite_numbers_through_the_side_doors_change_nothing(tiny_sd_dir, t
     with pytest.raises(ValueError, match=r"ti.safetensors: the embedding of token '<bad>' holds 1 non-finite"):
         pipe.load_textual_inversion(str(tmp_path / "ti.safetensors"))
     assert len(pipe.tokenizer) == 49408
+
+
+# --- the call scale is per call ----------------------------------------------------------------------------------------
+def test_lora_call_scale_is_restored_after_a_call_and_after_a_call_that_raised(tiny_sd_dir):
+    """`cross_attention_kwargs={"scale": s}` scales the UNet's adapters for that call only: a direct UNet call after
+    it (returned or raised) gives what it gave before, and `lora_scale` reads 1.0 outside calls."""
+    pipe = rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(make_lora(pipe, "peft", seed=4))
+    before = outputs(pipe)
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append(p.lora_scale)
+        return {}
+
+    pipe("a cat", num_inference_steps=2, cross_attention_kwargs={"scale": 0.3}, callback_on_step_end=record)
+    assert seen and set(seen) == {0.3} and pipe.lora_scale == 1.0
+    for a, b in zip(before, outputs(pipe)):
+        assert torch.equal(a, b)
+
+    def fail(p, i, t, kwargs):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        pipe("a cat", num_inference_steps=2, cross_attention_kwargs={"scale": 0.3}, callback_on_step_end=fail)
+    for a, b in zip(before, outputs(pipe)):
+        assert torch.equal(a, b)

@@ -8,7 +8,7 @@ import shutil
 import diffusers
 import pytest
 import torch
-from conftest import fake_hub_cache, tiny_sd_components
+from conftest import PIPELINE_ATOL, fake_hub_cache, tiny_sd_components
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from rapiddiff import (
@@ -220,7 +220,7 @@ def test_save_pretrained_round_trip_with_diffusers(tiny_sd_dir, tmp_path):
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
     again = DiffusionPipeline.from_pretrained(tmp_path / "saved")
     expected = _image(theirs)
-    torch.testing.assert_close(_image(ours), expected, rtol=0, atol=2e-3)
+    torch.testing.assert_close(_image(ours), expected, rtol=0, atol=PIPELINE_ATOL)
     torch.testing.assert_close(_image(again), _image(ours), rtol=0, atol=0)
 
 

@@ -887,20 +887,19 @@ def test_whole_step_of_the_solvers_matches_the_eager_loop(name, config, kwargs):
     import torch._dynamo
 
     from rapiddiff.compile import WholeStep, forbid_host_syncs
-    from rapiddiff.pipelines.denoise import StepParts, run_step
+    from rapiddiff.pipelines.denoise import DenoisingStep, Guidance, StepInput, run_step
 
-    def predict(x, t, i, scale_model_input):  # tensor-only: no graph break on t
-        x = scale_model_input(x)
-        return 0.3 * x + torch.cos(0.7 * x + t / 1000)
+    def model(x, t, encoder_hidden_states, return_dict):  # tensor-only: no graph break on t
+        return (0.3 * x + torch.cos(0.7 * x + t / 1000),)
 
     def loop(runner, n, begin, seed):
         scheduler = getattr(rapiddiff, name)(**({} if name.startswith("EDM") else SD), **config)  # EDM: no betas
         scheduler.set_timesteps(n)
         scheduler.set_begin_index(begin * scheduler.order)
-        parts = StepParts(scheduler, predict, step_kwargs(scheduler, kwargs, seed))
+        step = DenoisingStep(model, scheduler, Guidance(1.0), step_kwargs(scheduler, kwargs, seed))
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps[begin * scheduler.order :]):
-            x = runner(parts, x, t, i)
+            x = runner(step, StepInput(x, t, i, {"prompt_embeds": None}))
         return x
 
     def guarded(*args):

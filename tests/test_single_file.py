@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import tiny_sd_components
+from conftest import PIPELINE_ATOL, tiny_sd_components
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import rapiddiff
 from rapiddiff.loaders import single_file as sf
+from rapiddiff.loaders import single_file_keys as keys
 from rapiddiff.presets import PRESETS_DIR
 
 
@@ -23,9 +24,9 @@ def _original_layout(unet=None, vae=None, text_encoder=None, openclip: bool = Fa
     """Diffusers models -> one original-layout state dict, through the inverse of rapiddiff's table."""
     state: dict[str, torch.Tensor] = {}
     if unet is not None:
-        state |= sf.to_original(unet.state_dict(), sf.unet_rules(unet.config))
+        state |= keys.to_original(unet.state_dict(), keys.unet_rules(unet.config))
     if vae is not None:
-        state |= sf.to_original(vae.state_dict(), sf.vae_rules(vae.config))
+        state |= keys.to_original(vae.state_dict(), keys.vae_rules(vae.config))
     if text_encoder is not None:
         te = {  # transformers >= 5 names the keys without the text_model. level
             k if k.startswith("text_model.") else f"text_model.{k}": v
@@ -33,8 +34,8 @@ def _original_layout(unet=None, vae=None, text_encoder=None, openclip: bool = Fa
             if not k.endswith("position_ids")
         }
         config = text_encoder.config.to_dict()
-        rules = sf.openclip_rules(config) if openclip else sf.clip_rules(config)
-        state |= sf.to_original(te, rules)
+        rules = keys.openclip_rules(config) if openclip else keys.clip_rules(config)
+        state |= keys.to_original(te, rules)
     return {k: v.contiguous() for k, v in state.items()}
 
 
@@ -64,7 +65,7 @@ def test_pipeline_from_single_file_matches_diffusers(sd_file, tiny_sd_dir):
         assert all(torch.equal(got[k], v) for k, v in want.items() if not k.endswith("position_ids")), name
     ours = rapiddiff.StableDiffusionPipeline.from_single_file(sd_file, config=tiny_sd_dir)
     assert ours.name_or_path == str(sd_file) and ours.safety_checker is None
-    np.testing.assert_allclose(_run(ours), _run(theirs), atol=2e-3)
+    np.testing.assert_allclose(_run(ours), _run(theirs), atol=PIPELINE_ATOL)
 
 
 def test_ckpt_img2img_and_dtype(sd_file, tiny_sd_dir, tmp_path):
@@ -93,7 +94,7 @@ def test_inpainting_and_controlnet_pipelines(tmp_path, tiny_sd_dir):
     torch.manual_seed(1)
     net = diffusers.ControlNetModel.from_unet(tiny_sd_components()["unet"])
     net_file = tmp_path / "control.safetensors"
-    state = sf.to_original(net.state_dict(), sf.controlnet_rules(net.config))
+    state = keys.to_original(net.state_dict(), keys.controlnet_rules(net.config))
     safetensors.torch.save_file(state, str(net_file))
     net.save_config(tmp_path / "net")
     ours = rapiddiff.ControlNetModel.from_single_file(net_file, config=tmp_path / "net")
@@ -130,7 +131,7 @@ def test_sd2_openclip_text_encoder_and_v_prediction(tmp_path, tiny_sd_dir):
         want = theirs.text_encoder(tokens)[0]
         got = ours.text_encoder(tokens)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(_run(ours), _run(theirs), atol=2e-3)
+    np.testing.assert_allclose(_run(ours), _run(theirs), atol=PIPELINE_ATOL)
 
 
 def test_detection_presets_and_errors(sd_file, tiny_sd_dir, tmp_path):

@@ -10,14 +10,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_sd_components
+from conftest import PIPELINE_ATOL, assert_same_images, run_both, seeded, tiny_sd_components
 from transformers import CLIPConfig, CLIPImageProcessor
 
 import rapiddiff
 from rapiddiff import DiffusionPipeline, StableDiffusionPipeline
 from rapiddiff.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-ATOL = 2e-3
 PROMPT = "a red cube on a table"
 
 
@@ -37,27 +36,6 @@ def pipes(loaded, tiny_sd_dir):
     ref.scheduler = diffusers.PNDMScheduler.from_pretrained(tiny_sd_dir / "scheduler")
     ours.scheduler = rapiddiff.PNDMScheduler.from_pretrained(tiny_sd_dir / "scheduler")
     return ref, ours
-
-
-def _seeded(seed: int | list[int]):
-    if isinstance(seed, list):
-        return [torch.Generator().manual_seed(s) for s in seed]
-    return torch.Generator().manual_seed(seed)
-
-
-def run_both(pipes, prompt=PROMPT, seed: int | list[int] = 0, **kw):
-    """Call both pipelines with the same arguments and fresh generators of the same seed(s)."""
-    args = dict(num_inference_steps=2, output_type="np") | kw
-    if prompt is not None:
-        args["prompt"] = prompt
-    return [p(generator=_seeded(seed), **args) for p in pipes]
-
-
-def assert_same_images(ref_out, our_out):
-    expected, actual = ref_out.images, our_out.images
-    assert isinstance(actual, np.ndarray) and actual.shape == expected.shape and actual.dtype == np.float32
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=ATOL)
-    assert our_out.nsfw_content_detected == ref_out.nsfw_content_detected
 
 
 # --- parity ----------------------------------------------------------------------------------------------------------
@@ -125,15 +103,15 @@ def test_clip_skip(pipes):
     torch.testing.assert_close(actual, expected.expand(2, -1, -1), rtol=0, atol=1e-5)
     _, ref_negative = ref.encode_prompt(PROMPT, "cpu", 1, True)  # negative prompts never skip layers
     ref_out = ref(prompt_embeds=expected, negative_prompt_embeds=ref_negative, num_inference_steps=2,
-                  output_type="np", generator=_seeded(0))  # fmt: skip
-    our_out = ours(PROMPT, clip_skip=1, num_inference_steps=2, output_type="np", generator=_seeded(0))
+                  output_type="np", generator=seeded(0))  # fmt: skip
+    our_out = ours(PROMPT, clip_skip=1, num_inference_steps=2, output_type="np", generator=seeded(0))
     assert_same_images(ref_out, our_out)
 
 
 def test_list_of_generators(pipes):
     ref, ours = run_both(pipes, prompt=["a cat", "a dog"], seed=[3, 4], num_images_per_prompt=1)
     assert_same_images(ref, ours)
-    single = pipes[1]("a dog", num_inference_steps=2, output_type="np", generator=_seeded(4)).images
+    single = pipes[1]("a dog", num_inference_steps=2, output_type="np", generator=seeded(4)).images
     np.testing.assert_allclose(ours.images[1:], single, rtol=0, atol=1e-5)  # each image from its own generator
 
 
@@ -205,13 +183,13 @@ def test_output_types(pipes, output_type):
         assert isinstance(ours.images, torch.Tensor)
         shape = (2, 3, 32, 32) if output_type == "pt" else (2, 4, 16, 16)
         assert ours.images.shape == shape
-        torch.testing.assert_close(ours.images, ref.images, rtol=0, atol=ATOL)
+        torch.testing.assert_close(ours.images, ref.images, rtol=0, atol=PIPELINE_ATOL)
 
 
 def test_return_dict_false_and_indexing(pipes):
     ours = pipes[1]
-    out = ours(PROMPT, num_inference_steps=2, output_type="np", generator=_seeded(0))
-    images, nsfw = ours(PROMPT, num_inference_steps=2, output_type="np", generator=_seeded(0), return_dict=False)
+    out = ours(PROMPT, num_inference_steps=2, output_type="np", generator=seeded(0))
+    images, nsfw = ours(PROMPT, num_inference_steps=2, output_type="np", generator=seeded(0), return_dict=False)
     np.testing.assert_array_equal(images, out.images)
     assert nsfw is None and out[0] is out.images and out["images"] is out.images
 
@@ -383,12 +361,12 @@ def test_compiled_unet_traces_once_for_all_steps(pipes):
         graphs.append(gm)
         return gm.forward
 
-    eager = ours(PROMPT, num_inference_steps=3, output_type="np", generator=_seeded(0)).images
+    eager = ours(PROMPT, num_inference_steps=3, output_type="np", generator=seeded(0)).images
     torch._dynamo.reset()
     unet = ours.unet
     ours.unet = torch.compile(unet, backend=counting_backend, fullgraph=True)
     try:
-        compiled = ours(PROMPT, num_inference_steps=3, output_type="np", generator=_seeded(0)).images
+        compiled = ours(PROMPT, num_inference_steps=3, output_type="np", generator=seeded(0)).images
     finally:
         ours.unet = unet
     assert len(graphs) == 1

@@ -125,7 +125,7 @@ def inputs(config: dict, batch: int = 2, size: tuple[int, int] = (16, 24), seed:
     return kw
 
 
-def run_both(ref: DUNet, ours: UNet2DConditionModel, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def run_models(ref: DUNet, ours: UNet2DConditionModel, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         return ours(**kw).sample, ref(**kw).sample
 
@@ -164,7 +164,7 @@ def skip_shapes(model: UNet2DConditionModel, batch: int, h: int, w: int) -> list
 def test_sd_unet_matches_diffusers(config, size, processor, save_diffusers):
     ref, ours = make_pair(config, save_diffusers)
     set_processor(ref, ours, processor)
-    out, expected = run_both(ref, ours, **inputs(config, size=size))
+    out, expected = run_models(ref, ours, **inputs(config, size=size))
     assert out.shape == (2, 4, *size)
     assert_close_rel(out, expected)
 
@@ -177,7 +177,7 @@ def test_sd_unet_matches_diffusers(config, size, processor, save_diffusers):
 def test_timestep_forms(timestep, save_diffusers):
     ref, ours = make_pair(SD1, save_diffusers)
     kw = inputs(SD1) | dict(timestep=timestep)
-    assert_close_rel(*run_both(ref, ours, **kw))
+    assert_close_rel(*run_models(ref, ours, **kw))
 
 
 def test_timestep_forms_agree_and_bad_ones_are_rejected(save_diffusers):
@@ -206,9 +206,9 @@ def test_controlnet_residuals_and_text_mask(save_diffusers):
     mask = torch.ones(2, 7)
     mask[1, 4:] = 0
     kw |= dict(down_block_additional_residuals=down, mid_block_additional_residual=mid, encoder_attention_mask=mask)
-    out, expected = run_both(ref, ours, **kw)
+    out, expected = run_models(ref, ours, **kw)
     assert_close_rel(out, expected)
-    plain, _ = run_both(ref, ours, **inputs(SD2, size=size))
+    plain, _ = run_models(ref, ours, **inputs(SD2, size=size))
     assert (out - plain).abs().max() > 1e-2  # the residuals and the mask did something
     with pytest.raises(ValueError, match="go together"):
         ours(**inputs(SD2, size=size), down_block_additional_residuals=down)
@@ -254,7 +254,7 @@ def test_load_variant_and_bin(save_kwargs, save_diffusers):
     ref = DUNet(**SD1).eval()
     path = save_diffusers(ref, "unet", **save_kwargs)
     ours = UNet2DConditionModel.from_pretrained(path, variant=save_kwargs.get("variant"))
-    assert_close_rel(*run_both(ref, ours, **inputs(SD1)))
+    assert_close_rel(*run_models(ref, ours, **inputs(SD1)))
 
 
 def test_load_float16(save_diffusers):
@@ -265,7 +265,7 @@ def test_load_float16(save_diffusers):
     with torch.no_grad():
         out = half(**kw | dict(sample=kw["sample"].half(), encoder_hidden_states=kw["encoder_hidden_states"].half()))
     assert out.sample.dtype == torch.float16
-    assert_close_rel(out.sample, run_both(ref, ours, **kw)[0], rel=2e-2)
+    assert_close_rel(out.sample, run_models(ref, ours, **kw)[0], rel=2e-2)
 
 
 def test_missing_and_unexpected_keys_are_named(save_diffusers):
@@ -318,7 +318,7 @@ def test_if_unet_matches_diffusers(config, processor, save_diffusers):
     ref, ours = make_pair(config, save_diffusers)
     set_processor(ref, ours, processor, ADDED_KV_PROCESSORS)
     kw = inputs(config, size=(16, 24))
-    out, expected = run_both(ref, ours, **kw)
+    out, expected = run_models(ref, ours, **kw)
     assert out.shape == (2, 6, 16, 24)
     assert_close_rel(out, expected)
 
@@ -331,9 +331,9 @@ def test_if_text_mask_matches_diffusers(processor, save_diffusers):
     mask = torch.ones(2, 7)
     mask[0, 3:] = 0
     kw = inputs(IF_I, size=(16, 24))
-    out, expected = run_both(ref, ours, **kw, encoder_attention_mask=mask)
+    out, expected = run_models(ref, ours, **kw, encoder_attention_mask=mask)
     assert_close_rel(out, expected)
-    assert (out[0] - run_both(ref, ours, **kw)[0][0]).abs().max() > 1e-3  # the mask mattered
+    assert (out[0] - run_models(ref, ours, **kw)[0][0]).abs().max() > 1e-3  # the mask mattered
 
 
 def test_if_default_processors(save_diffusers):
@@ -350,9 +350,9 @@ def test_x4_upscaler_unet_matches_diffusers(processor, save_diffusers):
     ref, ours = make_pair(X4, save_diffusers)
     set_processor(ref, ours, processor)
     kw = inputs(X4, size=(16, 24))
-    out, expected = run_both(ref, ours, **kw)
+    out, expected = run_models(ref, ours, **kw)
     assert_close_rel(out, expected)
-    other, _ = run_both(ref, ours, **kw | dict(class_labels=torch.tensor([4, 9])))
+    other, _ = run_models(ref, ours, **kw | dict(class_labels=torch.tensor([4, 9])))
     assert (other[0] - out[0]).abs().max() > 1e-3 and torch.allclose(other[1], out[1])  # per-item noise level
 
 
@@ -360,7 +360,7 @@ def test_x4_upscaler_unet_matches_diffusers(processor, save_diffusers):
 def test_mid_block_variants(mid_block_type, save_diffusers):
     config = dict(SD1, mid_block_type=mid_block_type)
     ref, ours = make_pair(config, save_diffusers)
-    assert_close_rel(*run_both(ref, ours, **inputs(config)))
+    assert_close_rel(*run_models(ref, ours, **inputs(config)))
 
 
 # --- real configs, built on the meta device ------------------------------------------------------------------------

@@ -4,18 +4,20 @@ same image (2e-3 on "np" output)."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
+import conftest
 import diffusers
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import PIPELINE_ATOL, assert_same_images, seeded
 
 from rapiddiff import DiffusionPipeline, StableDiffusionUpscalePipeline
 from rapiddiff.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-ATOL = 2e-3
 PROMPT = "a red cube on a table"
 
 
@@ -40,27 +42,14 @@ def pipes(tiny_upscaler_dir):
     return pair
 
 
-def seeded(seed: int | list[int]) -> torch.Generator | list[torch.Generator]:
-    if isinstance(seed, list):
-        return [torch.Generator().manual_seed(s) for s in seed]
-    return torch.Generator().manual_seed(seed)
-
-
 def low_res(batch: int = 1, size: tuple[int, int] = (16, 16), seed: int = 0) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W)."""
     return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
-def run_both(pipes, seed: int | list[int] = 0, **kw) -> list:
-    args = dict(prompt=PROMPT, image=low_res(), num_inference_steps=3, output_type="np") | kw
-    return [p(generator=seeded(seed), **args) for p in pipes]
-
-
-def assert_same_images(ref_out, our_out) -> None:
-    expected, actual = ref_out.images, our_out.images
-    assert isinstance(actual, np.ndarray) and actual.dtype == np.float32 and actual.shape == expected.shape
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=ATOL)
-    assert our_out.nsfw_content_detected == ref_out.nsfw_content_detected
+run_both = functools.partial(
+    conftest.run_both, defaults={"prompt": PROMPT, "image": low_res(), "num_inference_steps": 3, "output_type": "np"}
+)
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -128,10 +117,10 @@ def test_prompt_embeds_and_output_types(pipes):
     kw = dict(prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative)
     pt = run_both(pipes, output_type="pt", **kw)
     assert pt[1].images.shape == (1, 3, 64, 64)
-    np.testing.assert_allclose(pt[1].images.numpy(), pt[0].images.numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(pt[1].images.numpy(), pt[0].images.numpy(), rtol=0, atol=PIPELINE_ATOL)
     latent = run_both(pipes, output_type="latent", **kw)
     assert latent[1].images.shape == (1, 4, 16, 16)
-    np.testing.assert_allclose(latent[1].images.numpy(), latent[0].images.numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(latent[1].images.numpy(), latent[0].images.numpy(), rtol=0, atol=PIPELINE_ATOL)
     pil = run_both(pipes, output_type="pil", return_dict=False, **kw)
     assert isinstance(pil[1], tuple) and pil[1][1] is None
     expected = np.asarray(pil[0][0][0], dtype=np.int16)
@@ -167,7 +156,7 @@ def test_step_callback(pipes):
             callback_steps=2,
         )
     assert [c[:2] for c in calls[1]] == [c[:2] for c in calls[0]] and len(calls[1]) == 2
-    np.testing.assert_allclose(calls[1][-1][2].numpy(), calls[0][-1][2].numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(calls[1][-1][2].numpy(), calls[0][-1][2].numpy(), rtol=0, atol=PIPELINE_ATOL)
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

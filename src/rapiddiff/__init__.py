@@ -6,72 +6,21 @@ Names are imported lazily, so `import rapiddiff` stays cheap.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-# The Diffusers release whose API, checkpoint layout and outputs rapiddiff mirrors (written into saved configs).
-DIFFUSERS_VERSION = "0.42.1"
+from .exports import DIFFUSERS_VERSION as DIFFUSERS_VERSION
+from .exports import EXPORTS, export
+from .exports import __version__ as __version__
 
-# public name -> submodule that defines it
-_EXPORTS = {
-    # models
-    "ModelMixin": "models.modeling_utils",
-    "Attention": "models.attention_processor",
-    "AttnProcessor": "models.attention_processor",
-    "AttnProcessor2_0": "models.attention_processor",
-    "AttnAddedKVProcessor": "models.attention_processor",
-    "AttnAddedKVProcessor2_0": "models.attention_processor",
-    "UNet2DConditionModel": "models.unet_2d_condition",
-    "AutoencoderKL": "models.autoencoder_kl",
-    "ControlNetModel": "models.controlnet",
-    "MultiControlNetModel": "models.controlnet",
-    # schedulers
-    "SchedulerMixin": "schedulers.scheduling_utils",
-    "PNDMScheduler": "schedulers.scheduling_pndm",
-    "DDIMScheduler": "schedulers.scheduling_ddim",
-    "DDPMScheduler": "schedulers.scheduling_ddpm",
-    "EulerDiscreteScheduler": "schedulers.scheduling_euler_discrete",
-    "EulerAncestralDiscreteScheduler": "schedulers.scheduling_euler_ancestral_discrete",
-    "DPMSolverMultistepScheduler": "schedulers.scheduling_dpmsolver_multistep",
-    "LMSDiscreteScheduler": "schedulers.scheduling_lms_discrete",
-    "HeunDiscreteScheduler": "schedulers.scheduling_heun_discrete",
-    "KDPM2DiscreteScheduler": "schedulers.scheduling_k_dpm_2_discrete",
-    "KDPM2AncestralDiscreteScheduler": "schedulers.scheduling_k_dpm_2_discrete",
-    "EDMEulerScheduler": "schedulers.scheduling_edm_euler",
-    "UniPCMultistepScheduler": "schedulers.scheduling_unipc_multistep",
-    "DEISMultistepScheduler": "schedulers.scheduling_deis_multistep",
-    "DPMSolverSinglestepScheduler": "schedulers.scheduling_dpmsolver_singlestep",
-    "DPMSolverSDEScheduler": "schedulers.scheduling_dpmsolver_sde",
-    "LCMScheduler": "schedulers.scheduling_lcm",
-    "TCDScheduler": "schedulers.scheduling_tcd",
-    # pipelines
-    "DiffusionPipeline": "pipelines.pipeline_utils",
-    "StableDiffusionPipeline": "pipelines.stable_diffusion",
-    "StableDiffusionPipelineOutput": "pipelines.stable_diffusion",
-    "StableDiffusionImg2ImgPipeline": "pipelines.stable_diffusion",
-    "StableDiffusionInpaintPipeline": "pipelines.stable_diffusion",
-    "StableDiffusionControlNetPipeline": "pipelines.controlnet",
-    "StableDiffusionSafetyChecker": "pipelines.safety_checker",
-    "VaeImageProcessor": "pipelines.image_processor",
-    "IFPipeline": "pipelines.deepfloyd_if",
-    "IFSuperResolutionPipeline": "pipelines.deepfloyd_if",
-    "IFPipelineOutput": "pipelines.deepfloyd_if",
-    "IFSafetyChecker": "pipelines.deepfloyd_if",
-    "IFWatermarker": "pipelines.deepfloyd_if",
-    "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
-    # torch.compile recipe
-    "compile_pipeline": "compile",
-}
+_EXPORTS = EXPORTS  # public name -> submodule that defines it
 
 __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in EXPORTS:
         raise AttributeError(f"module 'rapiddiff' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = export(name)
     globals()[name] = value
     return value
 

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             check_number("--strength", args.strength, 0.0, 1.0)
         if args.prompts is not None:
             return batch_cli.run_command(args, load_pipeline, DTYPES)
-        # Everything that can be wrong with the command is checked before the model loads (issue 14).
+        # Everything that can be wrong with the command is checked before the model loads.
         first = output_paths(args.output, args.num_images, 0)[0]
         if first == args.output:
             checks.check_output_file(first)

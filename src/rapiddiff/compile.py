@@ -30,9 +30,10 @@ import torch.fx.experimental._config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .loaders.lora_layers import LoRALayerMixin
-from .pipelines.denoise import StepParts, run_step
-from .schedulers.scheduling_utils import SchedulerMixin, StepPlan
+from .models.lora_layers import LoRALayerMixin
+from .pipelines.denoise import DenoisingStep, StepInput, run_step
+from .schedulers.scheduling_utils import SchedulerMixin
+from .schedulers.step_plan import StepPlan
 from .utils.offload import check_compilable, check_whole_step_compilable
 
 logger = logging.getLogger(__name__)
@@ -277,36 +278,34 @@ class WholeStep:
         compiled = torch.compile(_whole_step, fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs)
         self._compiled = without_duck_shapes(compiled) if dynamic else compiled
 
-    def __call__(self, parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-        scheduler = parts.scheduler
+    def __call__(self, step: DenoisingStep, x: StepInput) -> torch.Tensor:
+        scheduler = step.scheduler
         if not isinstance(scheduler, SchedulerMixin):
             raise TypeError(
                 f"whole_step=True needs one of rapiddiff's schedulers (PNDM with skip_prk_steps=True), "
                 f"got {type(scheduler).__name__}"
             )
-        plan = scheduler.plan_step(t, latents, **parts.step_kwargs).to(latents.device)
+        plan = scheduler.plan_step(x.t, x.latents, **step.step_kwargs).to(x.latents.device)
         # one graph per scheduler class, step options, guidance scale and shape: more than torch's default 8
         with torch._dynamo.config.patch(recompile_limit=WHOLE_STEP_GRAPHS):
-            latents, stored = self._compiled(parts, plan, latents, t, i)
+            latents, stored = self._compiled(step, plan, x)
         # With CUDA graphs the outputs live in buffers the graph's next run overwrites: keep copies, contiguous
         # (a channels_last model returns channels_last) so that the next step's inputs have the strides of this one's.
         scheduler.commit_plan(plan, tuple(_copy(s) for s in stored))
-        return parts.finish(_copy(latents), t, i)
+        return step.finish(_copy(latents), x)
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def _whole_step(
-    parts: StepParts, plan: StepPlan, latents: torch.Tensor, t: torch.Tensor, i: int
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def _whole_step(step: DenoisingStep, plan: StepPlan, x: StepInput) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """What the graph holds: the model's prediction (guidance included) and the scheduler's update. The model input is
     scaled by the plan's `model_input_scale`, a graph input (the eager step's `scale_model_input` reads the step index,
     a Python int that would be a constant of the graph)."""
-    noise_pred = parts.predict(latents, t, i, plan.scale_model_input)
-    latents, _, stored = parts.scheduler.apply_plan(noise_pred, latents, plan)
-    return latents, stored
+    noise_pred = step.predict(x, plan.scale_model_input)
+    update = step.scheduler.apply_plan(noise_pred, x.latents, plan)
+    return update.prev_sample, update.stored
 
 
 # --- host syncs ------------------------------------------------------------------------------------------------------
@@ -385,9 +384,9 @@ def forbid_host_syncs_in_loop(pipe: Any) -> Iterator[Any]:
     """
     inner, device = pipe.step_runner or run_step, pipe.device
 
-    def guarded(parts: StepParts, latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+    def guarded(step: DenoisingStep, x: StepInput) -> torch.Tensor:
         with forbid_host_syncs(device):
-            return inner(parts, latents, t, i)
+            return inner(step, x)
 
     before = pipe.step_runner
     pipe.step_runner = guarded

@@ -316,7 +316,7 @@ class ConfigMixin:
         return False
 
     def save_config(self, save_directory: str | os.PathLike) -> Path:
-        from . import DIFFUSERS_VERSION, __version__
+        from .exports import DIFFUSERS_VERSION, __version__
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)

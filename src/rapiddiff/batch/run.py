@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..exports import __version__
 from ..utils.file_hash import file_digests
 from . import checks
 from .lock import RunLock, setup_lock
@@ -49,9 +50,6 @@ IMAGES = "images"
 IMAGES_PER_FOLDER = 1000
 TMP = ".tmp"
 FORMAT = 2  # 2: model files by content hash (1: by size)
-# Testing hook: "WORKER:CHUNKS" makes that worker die (os._exit) after committing CHUNKS chunks, in the middle of
-# writing the next one (one image renamed, one left as a temporary), as a preempted node would.
-CRASH_ENV = "_RAPIDDIFF_BATCH_CRASH"
 
 
 @dataclass(frozen=True)
@@ -99,15 +97,13 @@ class BatchSettings:
         self.defaults = Defaults(self.negative_prompt, self.num_images, self.steps, self.guidance, self.seed)
 
     def fingerprint(self, index: ChunkIndex) -> dict[str, Any]:
-        import rapiddiff
-
         settings = {k: v for k, v in asdict(self).items() if k not in ("defaults", "model")}
         return {
             "format": FORMAT,
             "settings": settings,
             "model": model_fingerprint(self.model),
             "prompts": {"sha256": index.sha256, "lines": index.num_lines, "images": index.total_images},
-            "versions": {"rapiddiff": rapiddiff.__version__, "torch": torch.__version__},
+            "versions": {"rapiddiff": __version__, "torch": torch.__version__},
         }
 
 
@@ -315,9 +311,6 @@ class ChunkRunner:
         # Timestamps (time.time()) in the worker field feed `rapiddiff bench scale`: ready = pipeline loaded.
         self.worker = {"name": worker, "host": socket.gethostname(), "pid": os.getpid(), "ready": time.time()}
         self.committed_here = 0
-        crash = os.environ.get(CRASH_ENV, "")
-        who, _, after = crash.partition(":")
-        self._crash_after = int(after) if crash and who == worker.split("/")[0] else None
 
     def run_chunk(self, chunk: int) -> list[dict[str, Any]]:
         """Generate chunk `chunk`, write its images, commit it; returns its manifest records."""
@@ -329,20 +322,15 @@ class ChunkRunner:
             write_run_file(self.layout, self.fingerprint)
             self.fingerprint = None
         records = []
-        crash = self._crash_after is not None and self.committed_here == self._crash_after
-        for i, (task, image) in enumerate(zip(tasks, images)):
+        for task, image in zip(tasks, images):
             path = self.layout.image(task.n)
             path.parent.mkdir(parents=True, exist_ok=True)
             with writing(path) as tmp:
                 save_synced(image, tmp, "PNG")
-                if crash and i == 1:
-                    os._exit(1)  # testing hook (CRASH_ENV): one image renamed, this one left as a temporary
             records.append(self.record(task, path, pixel_hash(image), chunk))
         end = time.time()
         for record in records:
             record["worker"] |= {"chunk_start": start, "chunk_end": end}
-        if crash:
-            os._exit(1)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
         self.layout.parts.mkdir(parents=True, exist_ok=True)
         atomic_write(self.layout.part(chunk), data)  # the commit

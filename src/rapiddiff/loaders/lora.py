@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..hub import resolve_dir, resolve_file
-from . import lora_layers
+from ..models import lora_layers
 from .lora_conversion import METADATA_KEY, convert_lora_state_dict, read_metadata
 
 # File names tried in a folder / repo when `weight_name` is not given (Diffusers' save_lora_weights names).
@@ -250,7 +250,9 @@ class StableDiffusionLoraLoaderMixin:
     @property
     def lora_scale(self) -> float:
         """The LoRA scale of the current call (`cross_attention_kwargs["scale"]`), 1.0 outside calls."""
-        return float((getattr(self, "_cross_attention_kwargs", None) or {}).get("scale", 1.0))
+        state = self.running_call
+        scale = None if state is None else state.lora_scale
+        return 1.0 if scale is None else float(scale)
 
     def load_lora_weights(
         self,
@@ -358,69 +360,3 @@ class StableDiffusionLoraLoaderMixin:
                 raise ValueError("adapter metadata needs safe_serialization=True (it lives in the safetensors header)")
             torch.save(state, str(path))
         return path
-
-
-class LoraModelMixin:
-    """Diffusers' model-level LoRA API (`PeftAdapterMixin`) for rapiddiff's UNet."""
-
-    _lora_component = "unet"
-
-    def _lora(self) -> LoRAAdapters:
-        return LoRAAdapters({self._lora_component: self}, type(self).__name__)
-
-    def load_lora_adapter(
-        self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-        prefix: str | None = "transformer",
-        adapter_name: str | None = None,
-        hotswap: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Load a LoRA into this model; `prefix` selects the keys of a pipeline file (e.g. "unet"), None takes all."""
-        state_dict, metadata, source = read_lora_weights(pretrained_model_name_or_path_or_dict, **kwargs)
-        if prefix is not None:
-            state_dict = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
-            if not state_dict:
-                raise ValueError(f"the LoRA {source} has no keys starting with prefix={prefix!r}")
-            if metadata:
-                metadata = {
-                    f"{self._lora_component}.{k[len(prefix) + 1 :]}": v
-                    for k, v in metadata.items()
-                    if k.startswith(f"{prefix}.")
-                }
-        self._lora().load(
-            state_dict, metadata, source, adapter_name, default_component=self._lora_component, hotswap=hotswap
-        )
-
-    def set_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
-        self._lora().set_adapters(adapter_names, weights)
-
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self._lora().set_adapters(adapter_name)
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self._lora().active_adapters()
-
-    def get_list_adapters(self) -> list[str]:
-        return self._lora().all_adapters()
-
-    def delete_adapters(self, adapter_names: str | list[str]) -> None:
-        self._lora().delete(adapter_names)
-
-    def disable_lora(self) -> None:
-        self._lora().set_enabled(False)
-
-    def enable_lora(self) -> None:
-        self._lora().set_enabled(True)
-
-    def fuse_lora(
-        self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None
-    ) -> None:
-        self._lora().fuse([self._lora_component], lora_scale, safe_fusing, adapter_names)
-
-    def unfuse_lora(self) -> None:
-        self._lora().unfuse([self._lora_component])
-
-    def unload_lora(self) -> None:
-        self._lora().unload()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..hub import resolve_dir, resolve_file
+from ..utils import concurrency
 from ..utils.torch_utils import first_non_finite
 
 TI_WEIGHT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
@@ -93,7 +94,9 @@ class TextualInversionLoaderMixin:
 
     def _maybe_convert_prompt(self, prompt: str, tokenizer: Any) -> str:
         added = tokenizer.added_tokens_encoder
-        for token in set(tokenizer.tokenize(prompt)):
+        with concurrency.call_lock(tokenizer):  # transformers' tokenizers are not thread-safe
+            tokens = set(tokenizer.tokenize(prompt))
+        for token in tokens:
             if token in added:
                 replacement, i = token, 1
                 while f"{token}_{i}" in added:
@@ -101,6 +104,16 @@ class TextualInversionLoaderMixin:
                     i += 1
                 prompt = prompt.replace(token, replacement)
         return prompt
+
+    def _text_models(self, tokenizer: Any, text_encoder: nn.Module | None, what: str) -> tuple[Any, nn.Module]:
+        """The tokenizer and text encoder to change (the given ones, else the pipeline's), idle (no call running)."""
+        tokenizer = tokenizer or getattr(self, "tokenizer", None)
+        text_encoder = text_encoder or getattr(self, "text_encoder", None)
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(f"{type(self).__name__}.{what} needs a tokenizer and a text_encoder")
+        for model in (tokenizer, text_encoder):
+            concurrency.check_idle(model, what)
+        return tokenizer, text_encoder
 
     def load_textual_inversion(
         self,
@@ -117,10 +130,7 @@ class TextualInversionLoaderMixin:
         unknown = sorted(set(kwargs) - set(_HUB_KWARGS))
         if unknown:
             raise TypeError(f"load_textual_inversion got unexpected argument(s) {unknown}; allowed: {_HUB_KWARGS}")
-        tokenizer = tokenizer or getattr(self, "tokenizer", None)
-        text_encoder = text_encoder or getattr(self, "text_encoder", None)
-        if tokenizer is None or text_encoder is None:
-            raise ValueError(f"{type(self).__name__}.load_textual_inversion needs a tokenizer and a text_encoder")
+        tokenizer, text_encoder = self._text_models(tokenizer, text_encoder, "load_textual_inversion")
         sources = pretrained_model_name_or_path
         sources = list(sources) if isinstance(sources, list) else [sources]
         tokens = list(token) if isinstance(token, list) else [token] * len(sources)
@@ -163,10 +173,7 @@ class TextualInversionLoaderMixin:
         self, tokens: str | list[str] | None = None, tokenizer: Any = None, text_encoder: nn.Module | None = None
     ) -> None:
         """Remove the given added tokens (default: every non-special added token) and their embedding rows."""
-        tokenizer = tokenizer or getattr(self, "tokenizer", None)
-        text_encoder = text_encoder or getattr(self, "text_encoder", None)
-        if tokenizer is None or text_encoder is None:
-            raise ValueError(f"{type(self).__name__}.unload_textual_inversion needs a tokenizer and a text_encoder")
+        tokenizer, text_encoder = self._text_models(tokenizer, text_encoder, "unload_textual_inversion")
         wanted = None if tokens is None else ({tokens} if isinstance(tokens, str) else set(tokens))
         added = {i: t for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
         remove = {i: t.content for i, t in added.items() if wanted is None or t.content in wanted}

@@ -8,16 +8,13 @@ the fused layers are copies: weights changed after fusing (a LoRA, `load_state_d
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from .attention_processor import Attention
-
-logger = logging.getLogger(__name__)
 
 
 def _stacked(layers: list[nn.Linear]) -> nn.Linear:
@@ -84,23 +81,3 @@ class FusedProjectionsMixin:
         """Back to the separate projections (the fused copies are dropped)."""
         for layer in self._attention_layers():
             fuse_projections(layer, False)
-
-
-def fuse_pipeline_projections(pipe: Any, unet: bool, vae: bool, fuse: bool) -> None:
-    """A pipeline's `fuse_qkv_projections(unet, vae)` / `unfuse_qkv_projections(unet, vae)`, as Diffusers'."""
-    from .autoencoder_kl import AutoencoderKL
-
-    if vae and fuse and not isinstance(pipe.vae, AutoencoderKL):
-        raise ValueError("`fuse_qkv_projections()` is only supported for the VAE of type `AutoencoderKL`.")
-    for name, wanted in (("unet", unet), ("vae", vae)):
-        if not wanted:
-            continue
-        flag = f"fusing_{name}"
-        if fuse:
-            getattr(pipe, name).fuse_qkv_projections()
-        elif not getattr(pipe, flag, False):
-            logger.warning("The %s was not initially fused for QKV projections. Doing nothing.", name.upper())
-            continue
-        else:
-            getattr(pipe, name).unfuse_qkv_projections()
-        setattr(pipe, flag, fuse)

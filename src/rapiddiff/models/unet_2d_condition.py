@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
-from ..loaders.lora import LoraModelMixin
 from ..utils.outputs import BaseOutput
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .fused_projections import FusedProjectionsMixin
+from .lora_adapter import LoraModelMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS, activation
 from .unet_blocks import (

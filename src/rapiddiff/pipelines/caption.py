@@ -16,6 +16,8 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
+from ..utils.optional import import_optional
+
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "rapiddiff[if]"  (beautifulsoup4 and ftfy)'
@@ -90,11 +92,9 @@ def caption_cleaning_available() -> bool:
 
 def clean_caption(caption: str) -> str:
     """One pass of IF's caption cleaning (Diffusers' `_clean_caption`); needs beautifulsoup4 and ftfy."""
-    try:
-        import ftfy
-        from bs4 import BeautifulSoup
-    except ImportError as e:
-        raise ImportError(f"IF caption cleaning needs beautifulsoup4 and ftfy: {INSTALL_HINT}") from e
+    install = f"IF caption cleaning needs beautifulsoup4 and ftfy: {INSTALL_HINT}"
+    ftfy = import_optional("ftfy", install)
+    BeautifulSoup = import_optional("bs4", install).BeautifulSoup
     text = urllib.parse.unquote_plus(str(caption)).strip().lower()
     text = _apply(_BEFORE_HTML, text)
     text = BeautifulSoup(text, features="html.parser").text

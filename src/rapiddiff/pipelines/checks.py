@@ -197,3 +197,31 @@ def check_call_memory(pipe: Any, args: Any) -> None:
     guided = isinstance(args.guidance_scale, (int, float)) and args.guidance_scale > 1
     request = MemoryRequest.for_unet(unet.config, args.batch_size, guided, *size, factor, unet.dtype)
     check_memory(request, pipe._execution_device, f"this call ({args.batch_size} image(s) at {size[0]}x{size[1]})")
+
+
+# --- image inputs -----------------------------------------------------------------------------------------------
+def required(name: str, value: Any) -> Any:
+    if value is None:
+        raise ValueError(f"{name} is required: pass a PIL image, a numpy array, a torch tensor or a list of them")
+    return value
+
+
+def check_unet_in_channels(unet: Any, allowed: dict[int, str]) -> None:
+    """The pipeline's UNet input fits: `allowed` maps each accepted in_channels to what it means."""
+    channels = unet.config.in_channels
+    if channels not in allowed:
+        fits = "; ".join(f"{c} ({what})" for c, what in allowed.items())
+        raise ValueError(f"unet.config.in_channels={channels} does not fit this pipeline; allowed: {fits}")
+
+
+def batch_repeats(name: str, n: int, batch_size: int) -> int:
+    """How often a batch of `n` images (or masks) is repeated to `batch_size` (prompts x num_images_per_prompt).
+
+    Diffusers' rule: one image for all, or a batch that divides batch_size and is repeated (tiled).
+    """
+    if n < 1 or batch_size % n:
+        raise ValueError(
+            f"{name} has a batch of {n}, which does not fit the {batch_size} images to generate (prompts x "
+            f"num_images_per_prompt); allowed: a batch that divides {batch_size}, e.g. 1 or {batch_size}"
+        )
+    return batch_size // n

@@ -14,17 +14,12 @@ from typing import Any
 import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
-from .checks import check_finite, check_number
-from .denoise import Scheduler, StepCallback, StepEndCallback
+from .checks import check_finite, check_number, check_unet_in_channels, required
+from .denoise import Conditioning, Scheduler, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .loading import _unwrap, is_compiled
-from .stable_diffusion import (
-    StableDiffusionBase,
-    StableDiffusionPipelineOutput,
-    check_unet_in_channels,
-    required,
-)
-from .template import CallArgs, StepHooks
+from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
+from .template import CallArgs, LoopStart
 
 
 def per_net(name: str, value: Any, n: int) -> list[float]:
@@ -45,16 +40,16 @@ def control_keep(num_steps: int, starts: Sequence[float], ends: Sequence[float])
     ]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ControlNetArgs(CallArgs):
     """The ControlNet call: control image(s), scales, guess mode and guidance window. The checks turn `image` into
     one preprocessed (B, C, H, W) tensor per ControlNet and the numbers into lists of one per ControlNet."""
 
-    image: PipelineImageInput | list[PipelineImageInput] | None = None
-    controlnet_conditioning_scale: float | list[float] = 1.0
-    guess_mode: bool = False
-    control_guidance_start: float | list[float] = 0.0
-    control_guidance_end: float | list[float] = 1.0
+    image: PipelineImageInput | list[PipelineImageInput] | None
+    controlnet_conditioning_scale: float | list[float]
+    guess_mode: bool
+    control_guidance_start: float | list[float]
+    control_guidance_end: float | list[float]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +122,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -136,9 +133,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         control_guidance_end: float | list[float] = 1.0,
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
+        **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images from `prompt` guided by `image`: the control image(s) of one ControlNet, or a list with one
         entry per ControlNet (each entry a batch of 1 or one per prompt).
@@ -175,8 +171,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
 
     def prepare_denoising(
-        self, args: ControlNetArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: ControlNetArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         """The initial noise and the hook running the ControlNets on each step's model input."""
         guess_mode = args.guess_mode
         control = [
@@ -185,9 +181,9 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             )
             for x in args.image
         ]
-        tensors["image"] = control if self.is_multi else control[0]
+        control_image = control if self.is_multi else control[0]
         channels = self.unet.config.in_channels
-        dtype = tensors["prompt_embeds"].dtype
+        dtype = conditioning["prompt_embeds"].dtype
         latents = self.prepare_latents(
             args.batch_size, channels, args.height, args.width, dtype, device, args.generator, args.latents
         )
@@ -196,10 +192,12 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         scales = args.controlnet_conditioning_scale
         step_scales = torch.tensor([[s * k for s, k in zip(scales, row)] for row in keep], device=device)
 
-        def control_residuals(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        def control_residuals(
+            x: torch.Tensor, t: torch.Tensor, i: int, cond: Conditioning
+        ) -> tuple[torch.Tensor, dict[str, Any]]:
             if not any(keep[i]):  # outside every window the residuals are zero: skip the ControlNets
                 return x, {}
-            embeds = tensors["prompt_embeds"]
+            embeds = cond["prompt_embeds"]
             split = guess_mode and self.do_classifier_free_guidance
             if split:  # the ControlNets see the conditional half only
                 x_control, embeds = x.chunk(2)[1], embeds.chunk(2)[1]
@@ -210,7 +208,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             else:
                 scale = step_scales[i, 0]
             down, mid = self.controlnet(
-                x_control, t, embeds, tensors["image"], scale, guess_mode=guess_mode, return_dict=False
+                x_control, t, embeds, cond["image"], scale, guess_mode=guess_mode, return_dict=False
             )
             if split:  # zero residuals for the unconditional half
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
@@ -221,7 +219,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
                 down, mid = [d.clone() for d in down], mid.clone()
             return x, {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-        return latents, StepHooks(model_inputs=control_residuals)
+        return LoopStart(latents, model_inputs=control_residuals, conditioning={"image": control_image})
 
     # --- checks -------------------------------------------------------------------------------------------------
     def check_models(self, nets: list[ControlNetModel]) -> None:

@@ -17,30 +17,39 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import CLIPConfig, CLIPVisionModelWithProjection, PreTrainedModel
 
-from ..configuration import Config
-from ..models.modeling_utils import ModelMixin
 from ..utils.torch_utils import randn_tensor
+from .call_state import CallState
 from .caption import preprocess_prompt
 from .checks import check_finite, check_generator, check_positive_int
-from .denoise import PredictNoise, Scheduler, StepCallback, combine_guidance
+from .deepfloyd_if_safety import IFSafetyChecker, IFWatermarker
+from .denoise import Conditioning, Guidance, Scheduler, StepCallback, combine_guidance
 from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, encode_prompt
-from .safety_checker import NSFW_WARNING, black_out, check_safety_components, run_safety_checker
-from .template import CallArgs, DenoisingPipeline, ModelInputs, StepHooks
+from .safety_checker import check_safety_components, run_safety_checker
+from .template import CallArgs, DenoisingPipeline, LoopStart
 
 logger = logging.getLogger(__name__)
 
 IF_MAX_TOKENS = 77  # IF's T5 was trained on 77 tokens
 IF_OUTPUT_TYPES = ("pil", "np", "pt")
 LEARNED_VARIANCES = ("learned", "learned_range")
-WATERMARK_WARNING = (
-    "Potential watermarked content was detected in one or more images. A black image will be returned instead."
-    " Try again with a different prompt and/or seed."
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedVarianceGuidance(Guidance):
+    """IF's guidance: the UNet predicts the noise and a learned variance; the noise channels are guided and the
+    variance channels are the conditional branch's, kept for a scheduler that uses them and dropped otherwise."""
+
+    keep_variance: bool = False
+
+    def __call__(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
+        if self.active:
+            uncond, cond = model_output.chunk(2)
+            guided = combine_guidance(uncond[:, :channels], cond[:, :channels], self.scale)
+            model_output = torch.cat([guided, cond[:, channels:]], dim=1)
+        return model_output if self.keep_variance else model_output[:, :channels]
 
 
 @dataclasses.dataclass
@@ -52,96 +61,20 @@ class IFPipelineOutput(BaseOutput):
     watermark_detected: list[bool] | None
 
 
-# --- safety checker and watermarker ----------------------------------------------------------------------------------
-class IFSafetyChecker(PreTrainedModel):
-    """CLIP image embeddings through two linear heads: NSFW (p_head) and watermark (w_head). Diffusers' keys."""
-
-    config_class = CLIPConfig
-    main_input_name = "clip_input"
-    _no_split_modules = ["CLIPEncoderLayer"]
-
-    def __init__(self, config: CLIPConfig):
-        super().__init__(config)
-        self.vision_model = CLIPVisionModelWithProjection(config.vision_config)
-        self.p_head = nn.Linear(config.vision_config.projection_dim, 1)
-        self.w_head = nn.Linear(config.vision_config.projection_dim, 1)
-        self.post_init()
-
-    @torch.no_grad()
-    def detect(
-        self, clip_input: torch.Tensor, p_threshold: float = 0.5, w_threshold: float = 0.5
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """clip_input (B, 3, S, S) CLIP pixel values -> (nsfw, watermark), each (B,) bool on the device."""
-        image_embeds = self.vision_model(clip_input)[0]
-        return self.p_head(image_embeds).flatten() > p_threshold, self.w_head(image_embeds).flatten() > w_threshold
-
-    @torch.no_grad()
-    def forward(
-        self,
-        clip_input: torch.Tensor,
-        images: torch.Tensor | np.ndarray | list,
-        p_threshold: float = 0.5,
-        w_threshold: float = 0.5,
-    ) -> tuple[torch.Tensor | np.ndarray | list, list[bool], list[bool]]:
-        """-> (images with flagged ones black, nsfw flags, watermark flags). `images` itself is not modified."""
-        nsfw, watermark = (flags.tolist() for flags in self.detect(clip_input, p_threshold, w_threshold))
-        if any(nsfw):
-            logger.warning(NSFW_WARNING)
-        if any(watermark):
-            logger.warning(WATERMARK_WARNING)
-        return black_out(images, [n or w for n, w in zip(nsfw, watermark)]), nsfw, watermark
-
-
-@dataclasses.dataclass(frozen=True)
-class IFWatermarkerConfig(Config):
-    """No keys: the mark is the (62, 62, 4) RGBA image stored with the weights."""
-
-
-class IFWatermarker(ModelMixin):
-    """DeepFloyd's visible watermark, pasted into the bottom-right corner of PIL outputs."""
-
-    config_class = IFWatermarkerConfig
-
-    def __init__(self, config: IFWatermarkerConfig | dict[str, Any] | None = None, **kwargs: Any):
-        super().__init__()
-        self._init_config(config, kwargs)
-        self.register_buffer("watermark_image", torch.zeros((62, 62, 4)))
-
-    def apply_watermark(self, images: list[PIL.Image.Image], sample_size: int | None = None) -> list[PIL.Image.Image]:
-        """Paste the mark into each image (in place, as Diffusers; the list is returned too).
-
-        DeepFloyd's rule: the mark is 62 px at 1024x1024 scaled with the square root of the area, 14 px (scaled) from
-        the right and bottom edges; an image smaller than `sample_size` is measured as if resized up to it.
-        """
-        h, w = images[0].height, images[0].width
-        sample_size = sample_size or h
-        coef = min(h / sample_size, w / sample_size)
-        img_h, img_w = (int(h / coef), int(w / coef)) if coef < 1 else (h, w)
-        k = (img_w * img_h / 1024**2) ** 0.5
-        size, right, bottom = int(k * 62), img_w - int(14 * k), img_h - int(14 * k)
-        if size < 1:  # below ~17 px a side the mark has no pixels (PIL cannot resize to 0 x 0)
-            return images
-        mark = PIL.Image.fromarray(self.watermark_image.to(torch.uint8).cpu().numpy(), mode="RGBA")
-        mark = mark.resize((size, size), PIL.Image.Resampling.BICUBIC, reducing_gap=None)
-        for image in images:
-            image.paste(mark, box=(right - size, bottom - size, right, bottom), mask=mark.split()[-1])
-        return images
-
-
 # --- the pipelines -------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class IFArgs(CallArgs):
     """The IF stages' call: the common arguments plus `clean_caption`."""
 
-    clean_caption: bool = True
+    clean_caption: bool
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class IFSuperResolutionArgs(IFArgs):
     """Stage II's call: the stage-I image (a (B, C, h, w) tensor after the checks) and its noise level."""
 
-    image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None = None
-    noise_level: int = 250
+    image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None
+    noise_level: int
 
 
 class IFPipelineBase(DenoisingPipeline):
@@ -153,7 +86,6 @@ class IFPipelineBase(DenoisingPipeline):
     _exclude_from_cpu_offload = ("watermarker",)
     output_types = IF_OUTPUT_TYPES
     hook_before_scaling = True
-    _keep_variance: bool = False  # call state: the scheduler uses the UNet's learned variance channels
 
     def _register(self, requires_safety_checker: bool, **components: Any) -> None:
         check_safety_components(
@@ -254,20 +186,10 @@ class IFPipelineBase(DenoisingPipeline):
         noise = randn_tensor((batch_size, num_channels, height, width), generator=generator, device=device, dtype=dtype)
         return noise * self.scheduler.init_noise_sigma
 
-    def guide(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """Guide the noise channels; the variance channels are the conditional branch's."""
-        uncond, cond = model_output.chunk(2)
-        guided = combine_guidance(uncond[:, :channels], cond[:, :channels], self._guidance_scale)
-        return self.unguided(torch.cat([guided, cond[:, channels:]], dim=1), channels)
-
-    def noise_predictor(self, tensors: dict[str, Any], model_inputs: ModelInputs | None = None) -> PredictNoise:
-        # read once per call, outside the step (a compiled whole step sees a plain bool)
-        self._keep_variance = getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
-        return super().noise_predictor(tensors, model_inputs)
-
-    def unguided(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """The learned variance channels are kept for a scheduler that uses them, dropped otherwise."""
-        return model_output if self._keep_variance else model_output[:, :channels]
+    def guidance(self, state: CallState) -> Guidance:
+        """Guidance of the noise channels; the learned variance is kept for a scheduler that uses it."""
+        keep = getattr(state.scheduler.config, "variance_type", None) in LEARNED_VARIANCES
+        return LearnedVarianceGuidance(state.guidance_scale, keep_variance=keep)
 
     # --- outputs ----------------------------------------------------------------------------------------------------
     def to_output(
@@ -345,14 +267,14 @@ class IFPipeline(IFPipelineBase):
         return self.generate(IFArgs.from_locals(locals()))
 
     def prepare_denoising(
-        self, args: IFArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: IFArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         channels = self.unet.config.in_channels
-        dtype = tensors["prompt_embeds"].dtype
+        dtype = conditioning["prompt_embeds"].dtype
         images = self.prepare_intermediate_images(
             args.batch_size, channels, args.height, args.width, dtype, device, args.generator
         )
-        return images, StepHooks()
+        return LoopStart(images)
 
 
 class IFSuperResolutionPipeline(IFPipelineBase):
@@ -455,12 +377,12 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         self.check_image(args.image, args.prompts, args.height, args.width)
 
     def prepare_denoising(
-        self, args: IFSuperResolutionArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: IFSuperResolutionArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         """The initial noise, then the upscaled stage-I image noised to `noise_level` (Diffusers' order), and the hook
         appending it to every model input (before scaling, as Diffusers) with its noise level as class label."""
         channels = self.unet.config.in_channels // 2
-        dtype = tensors["prompt_embeds"].dtype
+        dtype = conditioning["prompt_embeds"].dtype
         images = self.prepare_intermediate_images(
             args.batch_size, channels, args.height, args.width, dtype, device, args.generator
         )
@@ -470,10 +392,12 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         if self.do_classifier_free_guidance:
             upscaled, class_labels = torch.cat([upscaled] * 2), torch.cat([class_labels] * 2)
 
-        def with_upscaled(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        def with_upscaled(
+            x: torch.Tensor, t: torch.Tensor, i: int, cond: Conditioning
+        ) -> tuple[torch.Tensor, dict[str, Any]]:
             return torch.cat([x, upscaled], dim=1), {"class_labels": class_labels}
 
-        return images, StepHooks(model_inputs=with_upscaled)
+        return LoopStart(images, model_inputs=with_upscaled)
 
     def noised_upscale(
         self,

@@ -1,6 +1,6 @@
 """Loading and saving a pipeline's components: class lookup, which files a component needs, the Hub.
 
-Every class name in model_index.json resolves through one table, `rapiddiff._EXPORTS`: pipelines (`_class_name`) and
+Every class name in model_index.json resolves through one table, `rapiddiff.exports.EXPORTS`: pipelines (`_class_name`) and
 components of the libraries "diffusers", "stable_diffusion" and "deepfloyd_if". Registering a new pipeline class is
 adding it to that table.
 """
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..configuration import read_json
+from ..exports import exported_class
 from ..hub import IGNORED_REPO_PATTERNS, resolve_dir
 
 logger = logging.getLogger(__name__)
@@ -41,22 +42,9 @@ CONTROLNET_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionControlNetPip
 
 
 # --- class lookup --------------------------------------------------------------------------------------------------
-def rapiddiff_class(name: str, what: str) -> type:
-    """The rapiddiff class exported as `name` (a pipeline or a component); `what` names the asker in errors."""
-    import rapiddiff
-
-    if name not in rapiddiff._EXPORTS:
-        known = sorted(n for n in rapiddiff._EXPORTS if n[0].isupper())
-        raise ValueError(f"{what}: rapiddiff has no class {name!r}. Known classes: {', '.join(known)}.")
-    try:
-        return getattr(rapiddiff, name)
-    except (ImportError, AttributeError) as e:  # listed, but its module is missing or does not define it yet
-        raise ValueError(f"{what}: rapiddiff's {name} is not available in this installation ({e}).") from e
-
-
 def _component_class(library: str, class_name: str, what: str) -> type:
     if library in RAPIDDIFF_LIBRARIES:
-        return rapiddiff_class(class_name, what)
+        return exported_class(class_name, what)
     if library == "transformers":
         import transformers
 

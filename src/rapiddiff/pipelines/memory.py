@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..models.attention_processor import warn_sdpa_in_use
+from ..models.autoencoder_kl import AutoencoderKL
 from ..utils.offload import ModelOffloadHook, has_sequential_offload, offload_hook
+from ..utils.optional import import_optional
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +127,11 @@ class MemoryMixin:
     ) -> None:
         """accelerate's `cpu_offload` on every model (Diffusers' behaviour): weights stay on the CPU and each
         submodule's come to `device` for its own forward only. Least memory, slowest; not compilable."""
-        try:
-            from accelerate import cpu_offload
-        except ImportError as e:
-            raise ImportError(
-                "enable_sequential_cpu_offload uses accelerate's hooks, as Diffusers does: pip install accelerate "
-                "(or use enable_model_cpu_offload, which needs nothing more)"
-            ) from e
+        cpu_offload = import_optional(
+            "accelerate",
+            "enable_sequential_cpu_offload uses accelerate's hooks, as Diffusers does: pip install accelerate "
+            "(or use enable_model_cpu_offload, which needs nothing more)",
+        ).cpu_offload
         target = self._offload_target("enable_sequential_cpu_offload", gpu_id, device)
         for name, model in self._torch_components().items():
             if getattr(model, "_compiled_call_impl", None) is not None and offload_hook(model) is None:
@@ -227,7 +227,32 @@ class MemoryMixin:
 
 
 class StableDiffusionMixin:
-    """FreeU switches of Diffusers' StableDiffusionMixin (pipelines with a Stable Diffusion UNet)."""
+    """FreeU switches and fused attention projections of Diffusers' StableDiffusionMixin (pipelines with a Stable
+    Diffusion UNet)."""
+
+    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Fuse the attention projections of the UNet and/or the VAE (models/fused_projections.py)."""
+        self._fuse_projections(unet, vae, fuse=True)
+
+    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Undo `fuse_qkv_projections`; a model that was not fused is left as is, with Diffusers' warning."""
+        self._fuse_projections(unet, vae, fuse=False)
+
+    def _fuse_projections(self, unet: bool, vae: bool, fuse: bool) -> None:
+        if vae and fuse and not isinstance(self.vae, AutoencoderKL):
+            raise ValueError("`fuse_qkv_projections()` is only supported for the VAE of type `AutoencoderKL`.")
+        for name, wanted in (("unet", unet), ("vae", vae)):
+            if not wanted:
+                continue
+            flag = f"fusing_{name}"
+            if fuse:
+                getattr(self, name).fuse_qkv_projections()
+            elif not getattr(self, flag, False):
+                logger.warning("The %s was not initially fused for QKV projections. Doing nothing.", name.upper())
+                continue
+            else:
+                getattr(self, name).unfuse_qkv_projections()
+            setattr(self, flag, fuse)
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU in the UNet: skip features' low frequencies times s1 / s2, backbone features times b1 / b2, in the

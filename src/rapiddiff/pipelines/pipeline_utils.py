@@ -18,8 +18,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from .. import DIFFUSERS_VERSION
 from ..configuration import read_json
+from ..exports import DIFFUSERS_VERSION, exported_class
 from ..hub import _is_local, resolve_file
 from ..models.modeling_utils import device_map_device, dtype_argument
 from ..utils.atomic_io import atomic_folder, read_lock
@@ -44,7 +44,6 @@ from .loading import (  # noqa: F401 - re-exported
     file_variant,
     library_entry,
     pick_weight_files,
-    rapiddiff_class,
 )
 from .memory import MemoryMixin
 
@@ -283,7 +282,7 @@ class DiffusionPipeline(MemoryMixin):
             raise ValueError(f"{source}/{MODEL_INDEX} has no '_class_name' naming the pipeline class")
         if with_controlnet:
             name = CONTROLNET_PIPELINES.get(name, name)
-        pipeline_cls = rapiddiff_class(name, f"{source}/{MODEL_INDEX} _class_name")
+        pipeline_cls = exported_class(name, f"{source}/{MODEL_INDEX} _class_name")
         if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
             raise ValueError(f"{source}/{MODEL_INDEX}: _class_name {name!r} is not a pipeline class")
         return pipeline_cls

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..utils import concurrency
 from .pipeline_utils import check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,11 @@ def encode_text(
     argument: the call argument `texts` came from, named by the truncation warning.
     """
     max_length = max_length or tokenizer.model_max_length
-    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    # transformers' tokenizers set their padding / truncation on a shared backend for each call: one call at a time
+    with concurrency.call_lock(tokenizer):
+        tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        _warn_if_truncated(tokenizer, texts, tokens.input_ids, argument)
     ids = tokens.input_ids
-    _warn_if_truncated(tokenizer, texts, ids, argument)
     if attention_mask is None:
         attention_mask = getattr(text_encoder.config, "use_attention_mask", False)
     mask = tokens.attention_mask.to(device) if attention_mask else None

@@ -7,6 +7,7 @@ its hooks (`prepare_timesteps`, `prepare_denoising`); the rest is `DenoisingPipe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -16,28 +17,26 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..loaders import lora_layers
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
+from ..models import lora_layers
 from ..models.embeddings import guidance_scale_embedding
-from ..models.fused_projections import fuse_pipeline_projections
 from ..utils.torch_utils import randn_tensor
-from .checks import check_finite, check_generator, check_number, check_positive_int
+from .call_state import CallState
+from .checks import check_generator, check_number, check_positive_int
 from .denoise import (
-    PredictNoise,
+    Conditioning,
+    Guidance,
     Scheduler,
-    StepCallback,
     StepEndCallback,
     extra_step_kwargs,
-    retrieve_timesteps,
-    truncate_timesteps,
 )
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .memory import StableDiffusionMixin
 from .pipeline_utils import BaseOutput
 from .prompt import check_clip_skip, encode_prompt
 from .safety_checker import check_safety_components, run_safety_checker
-from .template import CallArgs, DenoisingPipeline, ModelInputs, StepHooks  # noqa: F401 - ModelInputs re-exported
+from .template import CallArgs, DenoisingPipeline, LoopStart
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +81,6 @@ class StableDiffusionBase(
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # --- fused projections (Diffusers' StableDiffusionMixin) ---------------------------------------------------------
-    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
-        """Fuse the attention projections of the UNet and/or the VAE (models/fused_projections.py)."""
-        fuse_pipeline_projections(self, unet, vae, fuse=True)
-
-    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
-        """Undo `fuse_qkv_projections`; a model that was not fused is left as is, with Diffusers' warning."""
-        fuse_pipeline_projections(self, unet, vae, fuse=False)
-
     # --- argument checks --------------------------------------------------------------------------------------------
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The UNet's trained size in pixels for whichever of height/width is not given."""
@@ -112,13 +102,11 @@ class StableDiffusionBase(
         check_clip_skip(args.clip_skip, self.text_encoder)
         check_cross_attention_kwargs(args.cross_attention_kwargs)
 
-    def prepare_timesteps(self, args: CallArgs, device: torch.device) -> tuple[torch.Tensor, int]:
-        """A call with a `strength` (img2img, inpainting) runs the last `strength` share of the schedule."""
-        if isinstance(args, Img2ImgArgs):
-            return strength_timesteps(
-                self.scheduler, args.num_inference_steps, device, args.timesteps, args.sigmas, args.strength
-            )
-        return super().prepare_timesteps(args, device)
+    def call_scope(self, state: CallState) -> contextlib.AbstractContextManager[None]:
+        """The call's LoRA scale on the UNet's adapters (a buffer update: no recompile), back to 1.0 when the call
+        ends, error or not."""
+        scale = state.lora_scale
+        return lora_layers.call_scale(getattr(self, "unet", None), 1.0 if scale is None else scale)
 
     # --- prompt, noise, model ---------------------------------------------------------------------------------------
     def encode_prompt(
@@ -162,10 +150,8 @@ class StableDiffusionBase(
             )
 
     def encode_conditioning(self, args: CallArgs, device: torch.device) -> dict[str, torch.Tensor | None]:
-        """The call's LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder and is set on the UNet's
-        adapters for this call (a buffer update: no recompile)."""
-        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
-        lora_layers.set_call_scale(getattr(self, "unet", None), 1.0 if lora_scale is None else lora_scale)
+        """The call's LoRA scale (`cross_attention_kwargs["scale"]`) goes to the text encoder (the UNet's: `call_scope`)."""
+        lora_scale = self.call_state.lora_scale
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             args.prompt,
             device,
@@ -183,11 +169,15 @@ class StableDiffusionBase(
 
     # --- LCM-distilled UNets (time_cond_proj_dim): the guidance scale is an input, not a second UNet pass ------------
     @property
+    def lcm_distilled(self) -> bool:
+        """Whether the UNet takes the guidance scale as an input (`time_cond_proj_dim`), as LCM-distilled ones do."""
+        unet = getattr(self, "unet", None)
+        return unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None
+
+    @property
     def do_classifier_free_guidance(self) -> bool:
         """As Diffusers' SD pipelines: never with an LCM-distilled UNet, which takes the guidance scale embedded."""
-        unet = getattr(self, "unet", None)
-        lcm = unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None
-        return super().do_classifier_free_guidance and not lcm
+        return super().do_classifier_free_guidance and not self.lcm_distilled
 
     def get_guidance_scale_embedding(
         self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
@@ -195,23 +185,19 @@ class StableDiffusionBase(
         """Diffusers' method: sinusoidal features (len(w), embedding_dim) of guidance scales w."""
         return guidance_scale_embedding(w, embedding_dim, dtype)
 
-    def noise_predictor(
-        self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
-    ) -> PredictNoise:
+    def guidance(self, state: CallState) -> Guidance:
+        """An LCM-distilled UNet runs once per step: no classifier-free guidance batch."""
+        return Guidance(1.0) if self.lcm_distilled else super().guidance(state)
+
+    def model_extras(self, state: CallState, conditioning: Conditioning) -> dict[str, Any]:
         """An LCM-distilled UNet also gets `timestep_cond`: the embedding of guidance_scale - 1 (the call's value at
         the start, as Diffusers computes it once), one row per image."""
-        dim = getattr(self.unet.config, "time_cond_proj_dim", None)
-        if dim is None:
-            return super().noise_predictor(tensors, model_inputs)
-        embeds = tensors["prompt_embeds"]
-        w = torch.tensor(self.guidance_scale - 1).repeat(embeds.shape[0])
-        cond = guidance_scale_embedding(w, dim).to(device=embeds.device, dtype=embeds.dtype)
-
-        def with_timestep_cond(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-            x, extra = model_inputs(x, t, i) if model_inputs is not None else (x, {})
-            return x, {**extra, "timestep_cond": cond}
-
-        return super().noise_predictor(tensors, with_timestep_cond)
+        if not self.lcm_distilled:
+            return {}
+        embeds = conditioning["prompt_embeds"]
+        w = torch.tensor(state.guidance_scale - 1).repeat(embeds.shape[0])
+        cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
+        return {"timestep_cond": cond.to(device=embeds.device, dtype=embeds.dtype)}
 
     def latent_shape(self, batch_size: int, num_channels_latents: int, height: int, width: int) -> tuple[int, ...]:
         return (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -369,15 +355,16 @@ class StableDiffusionPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
+        **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images from `prompt` (or `prompt_embeds`); arguments and defaults as in Diffusers.
 
@@ -393,388 +380,16 @@ class StableDiffusionPipeline(StableDiffusionBase):
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
 
     def prepare_denoising(
-        self, args: CallArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: CallArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         latents = self.prepare_latents(
             args.batch_size,
             self.unet.config.in_channels,
             args.height,
             args.width,
-            tensors["prompt_embeds"].dtype,
+            conditioning["prompt_embeds"].dtype,
             device,
             args.generator,
             args.latents,
         )
-        return latents, StepHooks()
-
-
-# --- image-conditioned pipelines: img2img and inpainting ------------------------------------------------------------
-def required(name: str, value: Any) -> Any:
-    if value is None:
-        raise ValueError(f"{name} is required: pass a PIL image, a numpy array, a torch tensor or a list of them")
-    return value
-
-
-def check_unet_in_channels(unet: Any, allowed: dict[int, str]) -> None:
-    """The pipeline's UNet input fits: `allowed` maps each accepted in_channels to what it means."""
-    channels = unet.config.in_channels
-    if channels not in allowed:
-        fits = "; ".join(f"{c} ({what})" for c, what in allowed.items())
-        raise ValueError(f"unet.config.in_channels={channels} does not fit this pipeline; allowed: {fits}")
-
-
-def batch_repeats(name: str, n: int, batch_size: int) -> int:
-    """How often a batch of `n` images (or masks) is repeated to `batch_size` (prompts x num_images_per_prompt).
-
-    Diffusers' rule: one image for all, or a batch that divides batch_size and is repeated (tiled).
-    """
-    if n < 1 or batch_size % n:
-        raise ValueError(
-            f"{name} has a batch of {n}, which does not fit the {batch_size} images to generate (prompts x "
-            f"num_images_per_prompt); allowed: a batch that divides {batch_size}, e.g. 1 or {batch_size}"
-        )
-    return batch_size // n
-
-
-def encode_image_latents(
-    vae: Any, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
-) -> torch.Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] -> latents scaled by `scaling_factor`, the VAE posterior sampled as Diffusers'
-    `retrieve_latents` does: with the one generator, or with generator i for image i."""
-    if isinstance(generator, list):
-        generator = generator[: image.shape[0]]
-    return vae.encode(image).latent_dist.sample(generator) * vae.config.scaling_factor
-
-
-def strength_timesteps(
-    scheduler: Scheduler,
-    num_inference_steps: int,
-    device: torch.device,
-    timesteps: Sequence[int] | None,
-    sigmas: Sequence[float] | None,
-    strength: float,
-) -> tuple[torch.Tensor, int]:
-    """Set the schedule and keep its last `strength` share, starting the scheduler there; (timesteps, steps run)."""
-    _, steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
-    timesteps, steps_run = truncate_timesteps(scheduler, steps, strength)
-    if steps_run < 1:
-        raise ValueError(
-            f"strength={strength} runs no denoising step of num_inference_steps={steps}: int(steps x strength) is 0; "
-            f"allowed: strength >= {1 / steps:g}, or more steps"
-        )
-    return timesteps, steps_run
-
-
-@dataclasses.dataclass
-class Img2ImgArgs(CallArgs):
-    """img2img's call: the image and the share of the schedule that runs."""
-
-    image: PipelineImageInput | None = None
-    strength: float = 0.8
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_number("strength", self.strength, 0.0, 1.0)
-
-
-@dataclasses.dataclass
-class InpaintArgs(Img2ImgArgs):
-    """Inpainting's call: img2img's plus the mask."""
-
-    mask_image: PipelineImageInput | None = None
-    masked_image_latents: torch.Tensor | None = None
-    padding_mask_crop: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.padding_mask_crop is not None:
-            raise ValueError(f"padding_mask_crop={self.padding_mask_crop!r} is not supported by rapiddiff; pass None")
-        check_finite("masked_image_latents", self.masked_image_latents)
-
-
-class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
-    """Image-to-image with Stable Diffusion: Diffusers' `StableDiffusionImg2ImgPipeline`.
-
-    The image is encoded, noised to the timestep where the last `strength` share of the schedule starts, and denoised
-    from there: strength 1 ignores the image's content, strength 0.3 keeps most of it.
-    """
-
-    __init__ = StableDiffusionPipeline.__init__
-    _legacy_scheduler_fixes = StableDiffusionPipeline._legacy_scheduler_fixes
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: PipelineImageInput | None = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
-        """Transform `image` (PIL, array or tensor in [0, 1], or (B, 4, h, w) latents) following `prompt`.
-
-        strength in [0, 1]: the share of the `num_inference_steps` schedule that runs. Other arguments as
-        text-to-image (no height/width: the image's size, rounded down to a multiple of the VAE factor).
-        """
-        return self.generate(Img2ImgArgs.from_locals(locals()))
-
-    def check_inputs(self, args: Img2ImgArgs) -> None:
-        super().check_inputs(args)
-        check_unet_in_channels(self.unet, {self.vae.config.latent_channels: "the VAE's latent channels"})
-        args.image = self.image_processor.preprocess(required("image", args.image))
-        check_finite("image", args.image)
-        batch_repeats("image", args.image.shape[0], args.batch_size)
-
-    def prepare_denoising(
-        self, args: Img2ImgArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
-        start = timesteps[:1].repeat(args.batch_size)
-        dtype = tensors["prompt_embeds"].dtype
-        return self.prepare_image_latents(
-            args.image, start, args.batch_size, dtype, device, args.generator
-        ), StepHooks()
-
-    def prepare_image_latents(
-        self,
-        image: torch.Tensor,
-        timestep: torch.Tensor,
-        batch_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None,
-    ) -> torch.Tensor:
-        """The image's latents (encoded unless `image` already is latents), repeated to the batch, noised to
-        `timestep` with `scheduler.add_noise`. Generators are consumed in Diffusers' order: the same seed, the same
-        image."""
-        image = image.to(device=device, dtype=dtype)
-        if image.shape[1] == self.vae.config.latent_channels:
-            latents = image
-        else:
-            if isinstance(generator, list):  # one generator per output image: duplicate the images first
-                image = image.repeat(batch_repeats("image", image.shape[0], batch_size), 1, 1, 1)
-            latents = encode_image_latents(self.vae, image, generator)
-        latents = latents.repeat(batch_repeats("image", latents.shape[0], batch_size), 1, 1, 1)
-        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
-        return self.scheduler.add_noise(latents, noise, timestep)
-
-
-class StableDiffusionInpaintPipeline(StableDiffusionBase):
-    """Inpainting with Stable Diffusion: Diffusers' `StableDiffusionInpaintPipeline`.
-
-    White mask pixels are repainted, black ones kept. A 9-channel inpainting UNet sees the mask and the masked image's
-    latents next to the noisy latents; a plain 4-channel UNet is used by pasting the (re-noised) known region back
-    after every step.
-    """
-
-    __init__ = StableDiffusionPipeline.__init__
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
-    _legacy_scheduler_fixes = ("steps_offset", "skip_prk_steps", "clip_sample")
-
-    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
-        super()._register(requires_safety_checker, **components)
-        self.mask_processor = VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
-        )
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: PipelineImageInput | None = None,
-        mask_image: PipelineImageInput | None = None,
-        masked_image_latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        padding_mask_crop: int | None = None,
-        strength: float = 1.0,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        callback: StepCallback | None = None,
-        callback_steps: int | None = None,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
-        """Repaint the white region of `mask_image` in `image` (both resized to height x width, the UNet's size by
-        default) following `prompt`.
-
-        strength < 1 starts from the noised image instead of pure noise. masked_image_latents: (B, 4, h, w) latents of
-        the masked image, instead of encoding it. padding_mask_crop is not supported (must be None).
-        """
-        return self.generate(InpaintArgs.from_locals(locals()))
-
-    def check_inputs(self, args: InpaintArgs) -> None:
-        super().check_inputs(args)
-        self.resolve_size(args)
-        channels = self.vae.config.latent_channels
-        check_unet_in_channels(
-            self.unet,
-            {channels: "a plain UNet", 2 * channels + 1: "an inpainting UNet: latents + mask + masked image latents"},
-        )
-        latent_shape = self.latent_shape(args.batch_size, channels, args.height, args.width)
-        self.check_latents(args.latents, latent_shape)
-        args.image, args.mask_image = self.preprocess_image_and_mask(
-            required("image", args.image),
-            required("mask_image", args.mask_image),
-            args.height,
-            args.width,
-            args.batch_size,
-            args.masked_image_latents is not None,
-        )
-        check_finite("image", args.image)
-        self.check_masked_image_latents(args.masked_image_latents, latent_shape)
-
-    def prepare_denoising(
-        self, args: InpaintArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
-        dtype = tensors["prompt_embeds"].dtype
-        plain_unet = self.unet.config.in_channels == self.vae.config.latent_channels
-        # Generators are consumed in Diffusers' order: image latents, noise, masked image latents.
-        start = timesteps[:1].repeat(args.batch_size)
-        latents, noise, image_latents = self.prepare_inpaint_latents(
-            args.image, start, args.strength, plain_unet, dtype, device, args.generator, args.latents
-        )
-        masked_image_latents = args.masked_image_latents
-        if masked_image_latents is None:
-            masked_image = (args.image * (args.mask_image < 0.5)).to(device=device, dtype=dtype)
-            masked_image_latents = encode_image_latents(self.vae, masked_image, args.generator)
-        tensors.update(self.prepare_mask_latents(args.mask_image, masked_image_latents, args.batch_size, dtype, device))
-
-        def with_mask_channels(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-            return torch.cat([x, tensors["mask"], tensors["masked_image_latents"]], dim=1), {}
-
-        def paste_known_region(latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-            mask = tensors["mask"].chunk(2)[0] if self.do_classifier_free_guidance else tensors["mask"]
-            known = image_latents
-            if i < len(timesteps) - 1:  # noised to the level the next step starts from
-                known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
-            return (1 - mask) * known + mask * latents
-
-        if plain_unet:
-            return latents, StepHooks(after_step=paste_known_region)
-        return latents, StepHooks(model_inputs=with_mask_channels)
-
-    def prepare_inpaint_latents(
-        self,
-        image: torch.Tensor,
-        timestep: torch.Tensor,
-        strength: float,
-        need_image_latents: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(initial latents, noise, image latents or None). Strength 1: pure noise; below 1: the image's latents
-        noised to `timestep`; given `latents` are taken as the noise (Diffusers' rule, whatever the strength)."""
-        batch_size = timestep.shape[0]
-        channels = self.vae.config.latent_channels
-        given_latents = image.shape[1] == channels  # `image` given as latents: used as they are, not encoded
-        image_latents = None
-        if need_image_latents or (latents is None and strength < 1):
-            image = image.to(device=device, dtype=dtype)
-            image_latents = image if given_latents else encode_image_latents(self.vae, image, generator)
-            image_latents = image_latents.repeat(batch_repeats("image", image_latents.shape[0], batch_size), 1, 1, 1)
-        height, width = (s * self.vae_scale_factor if given_latents else s for s in image.shape[-2:])
-        noise = self.draw_noise(batch_size, channels, height, width, dtype, device, generator, latents)
-        if latents is None and strength < 1:
-            return self.scheduler.add_noise(image_latents, noise, timestep), noise, image_latents
-        return noise * self.scheduler.init_noise_sigma, noise, image_latents
-
-    def preprocess_image_and_mask(
-        self,
-        image: PipelineImageInput,
-        mask_image: PipelineImageInput,
-        height: int,
-        width: int,
-        batch_size: int,
-        masked_image_latents_given: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image in [-1, 1], binary mask), both (B, C, height, width) float32; sizes and batches checked. An image
-        given as latents (B, latent_channels, height/f, width/f) is returned as it is, as Diffusers takes it; the
-        masked image's latents must then be given too (there are no pixels to mask)."""
-        init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
-        given_latents = init_image.shape[1] == self.vae.config.latent_channels
-        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if given_latents and not masked_image_latents_given:
-            raise ValueError(
-                f"image: got latents {tuple(init_image.shape)}; inpainting masks the image in pixels, so with image "
-                "latents pass the masked image's latents as masked_image_latents too"
-            )
-        if given_latents and tuple(init_image.shape[-2:]) != latent_size:
-            raise ValueError(
-                f"image: latents of size {tuple(init_image.shape[-2:])} do not fit height={height}, width={width} "
-                f"(latents of {latent_size[0]}x{latent_size[1]})"
-            )
-        image_size, mask_size = self.image_processor.input_size(image), self.mask_processor.input_size(mask_image)
-        if not given_latents and image_size != mask_size:
-            raise ValueError(
-                f"mask_image is {mask_size[0]}x{mask_size[1]} (height x width) but image is "
-                f"{image_size[0]}x{image_size[1]}: the mask must have the image's size"
-            )
-        mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
-        n_image, n_mask = init_image.shape[0], mask.shape[0]
-        if n_image != n_mask and 1 not in (n_image, n_mask):
-            raise ValueError(
-                f"mask_image has a batch of {n_mask} masks for {n_image} images; allowed: one mask, or one per image"
-            )
-        batch_repeats("image", n_image, batch_size)
-        batch_repeats("mask_image", n_mask, batch_size)
-        return init_image, mask
-
-    def check_masked_image_latents(self, masked_image_latents: torch.Tensor | None, latent_shape: tuple) -> None:
-        if masked_image_latents is None:
-            return
-        if not isinstance(masked_image_latents, torch.Tensor) or masked_image_latents.shape[1:] != latent_shape[1:]:
-            got = getattr(masked_image_latents, "shape", type(masked_image_latents).__name__)
-            raise ValueError(
-                f"masked_image_latents must have shape (batch, {', '.join(map(str, latent_shape[1:]))}), got {got}"
-            )
-        batch_repeats("masked_image_latents", masked_image_latents.shape[0], latent_shape[0])
-
-    def prepare_mask_latents(
-        self,
-        mask: torch.Tensor,
-        masked_image_latents: torch.Tensor,
-        batch_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> dict[str, torch.Tensor]:
-        """The mask at latent size and the masked image's latents, repeated to the batch (and doubled with guidance,
-        as the UNet input is), by callback name."""
-        mask = torch.nn.functional.interpolate(mask, size=masked_image_latents.shape[-2:]).to(
-            device=device, dtype=dtype
-        )
-        mask = mask.repeat(batch_repeats("mask_image", mask.shape[0], batch_size), 1, 1, 1)
-        masked = masked_image_latents.to(device=device, dtype=dtype)
-        masked = masked.repeat(batch_repeats("masked_image_latents", masked.shape[0], batch_size), 1, 1, 1)
-        copies = 2 if self.do_classifier_free_guidance else 1
-        return {"mask": torch.cat([mask] * copies), "masked_image_latents": torch.cat([masked] * copies)}
+        return LoopStart(latents)

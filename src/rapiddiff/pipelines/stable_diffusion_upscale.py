@@ -16,24 +16,24 @@ import torch
 
 from ..utils.torch_utils import randn_tensor
 from .checks import check_finite
-from .denoise import Scheduler, StepCallback
+from .denoise import Conditioning, Scheduler, StepCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .prompt import PromptInput
 from .safety_checker import check_safety_components, run_safety_checker
 from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
-from .template import CallArgs, StepHooks
+from .template import CallArgs, LoopStart
 
 logger = logging.getLogger(__name__)
 
 X4_SCALING_FACTOR = 0.08333
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class UpscaleArgs(CallArgs):
     """The x4 upscaler's call: the low-resolution image (a (B, C, h, w) tensor after the checks) and its noise level."""
 
-    image: PipelineImageInput | None = None
-    noise_level: int = 20
+    image: PipelineImageInput | None
+    noise_level: int
 
 
 class StableDiffusionUpscalePipeline(StableDiffusionBase):
@@ -150,11 +150,11 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
 
     def prepare_denoising(
-        self, args: UpscaleArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
+        self, args: UpscaleArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
         """The noised low-resolution image (drawn first, as in Diffusers), the initial noise, and the hook appending
         the image to every model input with its noise level as class label."""
-        dtype = tensors["prompt_embeds"].dtype
+        dtype = conditioning["prompt_embeds"].dtype
         image, levels = self.noised_image(args.image.to(device=device, dtype=dtype), args.noise_level, args.generator)
         # Diffusers tiles the whole batch (not per prompt) for the guidance halves and the images per prompt.
         copies = (2 if self.do_classifier_free_guidance else 1) * args.num_images_per_prompt
@@ -165,10 +165,12 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
             args.batch_size, channels, args.height, args.width, dtype, device, args.generator, args.latents
         )
 
-        def with_image(x: torch.Tensor, t: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        def with_image(
+            x: torch.Tensor, t: torch.Tensor, i: int, cond: Conditioning
+        ) -> tuple[torch.Tensor, dict[str, Any]]:
             return torch.cat([x, image], dim=1), {"class_labels": levels}
 
-        return latents, StepHooks(model_inputs=with_image)
+        return LoopStart(latents, model_inputs=with_image)
 
     def noised_image(
         self, image: torch.Tensor, noise_level: int, generator: torch.Generator | list[torch.Generator] | None

@@ -7,25 +7,34 @@ A pipeline's `__call__` keeps Diffusers' signature and hands its arguments over 
 `CallArgs` (a dataclass, one subclass per pipeline for its own arguments) checks what needs no pipeline when it is
 built; `DenoisingPipeline.generate` then runs the same path for every pipeline:
 
-    check_inputs -> start the call (state) -> prepare_timesteps -> encode_conditioning -> prepare_denoising
-    -> denoise (`noise_predictor` + the pipeline's hooks) -> one finiteness check -> to_output
+    check_inputs -> the call's state (`CallState`, with its own scheduler copy) -> prepare_timesteps
+    -> encode_conditioning -> prepare_denoising -> denoise (a `DenoisingStep`: the UNet, the call's guidance and
+    scheduler, the pipeline's hooks) -> one finiteness check -> to_output
 
 A pipeline writes its checks (`check_inputs`, calling super first), the hooks it needs (`prepare_timesteps` for a
 strength, `prepare_denoising` for its initial latents and its model-input / after-step hooks, `to_output`) and its
 signature. The model family (Stable Diffusion's CLIP + VAE latents, DeepFloyd IF's T5 + pixels) supplies
-`encode_conditioning`, `guide` and `to_output`.
+`encode_conditioning`, `guidance` and `to_output`. Nothing of a call is stored on the pipeline: its state is a value
+(call_state.py) and what it sets on shared models (a LoRA scale) is undone when it ends (`call_scope`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 
+from ..models import lora_layers
+from ..utils import concurrency
+from . import call_state
+from .call_state import CallState
 from .checks import (
     callback_tensor_names,
     check_call_memory,
@@ -38,19 +47,25 @@ from .checks import (
 )
 from .denoise import (
     AfterStep,
-    PredictNoise,
-    ScaleModelInput,
+    Conditioning,
+    DenoisingStep,
+    Guidance,
+    ModelInputs,
+    Schedule,
     StepCallback,
+    StepEnd,
     StepEndCallback,
+    StepEndResult,
     StepRunner,
-    apply_guidance,
     check_timesteps_args,
     denoise,
     extra_step_kwargs,
     retrieve_timesteps,
+    run_step_end_callback,
     step_callback,
 )
 from .image_processor import OUTPUT_TYPES
+from .loading import is_compiled
 from .pipeline_utils import DiffusionPipeline
 from .prompt import PromptInput, check_prompt_inputs
 
@@ -58,60 +73,111 @@ logger = logging.getLogger(__name__)
 
 A = TypeVar("A", bound="CallArgs")
 
-# (x, t, i) -> (x, extra UNet kwargs): runs on the guidance-batched model input before the UNet (inpainting appends
-# the mask channels, ControlNet computes its residuals, the upscalers append the noised low-res image).
-ModelInputs = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, Any]]]
 
+class LoopStart(NamedTuple):
+    """What `prepare_denoising` hands the loop: the initial latents, the pipeline's step hooks, and the tensors it
+    adds to the conditioning (by callback name: inpainting's mask, ControlNet's image)."""
 
-class StepHooks(NamedTuple):
-    """A pipeline's additions to every denoising step."""
-
+    latents: torch.Tensor
     model_inputs: ModelInputs | None = None
     after_step: AfterStep | None = None
+    conditioning: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclasses.dataclass
+def with_model_extras(hook: ModelInputs | None, extras: Mapping[str, Any]) -> ModelInputs | None:
+    """`hook` with `extras` added to the keyword arguments of every model call."""
+    if not extras:
+        return hook
+
+    def model_inputs(x: torch.Tensor, t: torch.Tensor, i: int, conditioning: Conditioning) -> tuple[Any, dict]:
+        x, extra = hook(x, t, i, conditioning) if hook is not None else (x, {})
+        return x, {**extra, **extras}
+
+    return model_inputs
+
+
+def _call_field(name: str) -> property:
+    """A Diffusers private attribute (`_guidance_scale`...) as a view of the current call's state; writing it (from a
+    step-end callback) changes the running call only."""
+
+    def get(self: Any) -> Any:
+        return getattr(call_state.latest(self), name)
+
+    def set(self: Any, value: Any) -> None:
+        call_state.update(self, f"{type(self).__name__}._{name}", **{name: value})
+
+    return property(get, set)
+
+
+def _compiled_inside(model: torch.nn.Module) -> bool:
+    """Whether the model or a direct submodule runs compiled code or an offload hook (`compile_pipeline` compiles
+    components such as `vae.decoder`). One level only: walking all of a UNet's modules costs ~3 ms per call."""
+    return is_compiled(model) or any(is_compiled(m) for m in model.children())
+
+
+@dataclasses.dataclass(kw_only=True)
 class CallArgs:
     """The arguments of one pipeline call, by Diffusers' names. Building it checks what needs no pipeline (types,
-    ranges, finite numbers and tensors); fields a pipeline's signature lacks keep these defaults. `height`/`width`
-    are resolved to the pipeline's defaults by its checks."""
+    ranges, finite numbers and tensors); `height`/`width` are resolved to the pipeline's defaults by its checks.
 
-    prompt: PromptInput = None
-    negative_prompt: PromptInput = None
-    prompt_embeds: torch.Tensor | None = None
-    negative_prompt_embeds: torch.Tensor | None = None
+    Each argument is declared once, with its default, in the pipeline's `__call__` signature: a field here has no
+    default, except the fields some pipelines' signatures lack (img2img has no height/width, IF no sigmas...), whose
+    default is what such a pipeline behaves as (and equals the default where a signature has the argument)."""
+
+    prompt: PromptInput
+    negative_prompt: PromptInput
+    prompt_embeds: torch.Tensor | None
+    negative_prompt_embeds: torch.Tensor | None
+    num_inference_steps: int
+    guidance_scale: float
+    num_images_per_prompt: int
+    eta: float
+    generator: torch.Generator | list[torch.Generator] | None
+    output_type: str
+    return_dict: bool
+    cross_attention_kwargs: dict[str, Any] | None
+    # Diffusers' older per-step callback (DeepFloyd IF, the x4 upscaler; deprecated on the SD pipelines). None: 1
+    callback: StepCallback | None
+    callback_steps: int | None
+    # not in every pipeline's signature
     height: int | None = None
     width: int | None = None
-    num_inference_steps: int = 50
     timesteps: list[int] | None = None
     sigmas: list[float] | None = None
-    guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
-    num_images_per_prompt: int = 1
-    eta: float = 0.0
-    generator: torch.Generator | list[torch.Generator] | None = None
     latents: torch.Tensor | None = None
-    output_type: str = "pil"
-    return_dict: bool = True
-    cross_attention_kwargs: dict[str, Any] | None = None
     clip_skip: int | None = None
     callback_on_step_end: StepEndCallback | None = None
-    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
-    # Diffusers' older per-step callback (DeepFloyd IF, the x4 upscaler; deprecated on the SD pipelines). None: 1
-    callback: StepCallback | None = None
-    callback_steps: int | None = 1
+    callback_on_step_end_tensor_inputs: Sequence[str] = dataclasses.field(default_factory=lambda: ["latents"])
+    ip_adapter_image: Any = None  # not supported: must be None
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None  # not supported: must be None
+    # The SD pipelines take these through `**kwargs` (Diffusers' deprecated arguments, None when not given); no other
+    # keyword is accepted.
+    keyword_only_extras: ClassVar[tuple[str, ...]] = ("callback", "callback_steps")
     # derived by the checks
     prompts: int = dataclasses.field(init=False, default=0)
     callback_names: list[str] = dataclasses.field(init=False, default_factory=list)
 
     @classmethod
     def from_locals(cls: type[A], values: Mapping[str, Any]) -> A:
-        """The arguments from `locals()` taken first thing in a `__call__` (its parameters and `self`)."""
+        """The arguments from `locals()` taken first thing in a `__call__` (its parameters, `self`, and `kwargs` where
+        the signature ends with Diffusers' `**kwargs`)."""
+        values = {k: v for k, v in values.items() if k != "self"}
+        extra = values.pop("kwargs", None)
+        if extra is not None:  # Diffusers' `kwargs.pop("callback", None)`
+            extra = {name: None for name in cls.keyword_only_extras} | extra
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(values) - names - {"self"})
+        unknown = sorted(set(values) - names)
         if unknown:  # a pipeline's signature grew an argument its CallArgs class does not carry: never drop it
             raise TypeError(f"{cls.__name__} has no field(s) {unknown}; add them to carry these call arguments")
-        return cls(**{k: v for k, v in values.items() if k in names})
+        extra = extra or {}
+        unexpected = sorted(set(extra) - set(cls.keyword_only_extras))
+        if unexpected:
+            raise TypeError(
+                f"__call__() got unexpected keyword argument(s) {unexpected}; "
+                f"besides its parameters it takes {list(cls.keyword_only_extras)}"
+            )
+        return cls(**values, **extra)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # np.float32(7.5), np.int64(30): accepted as Diffusers accepts them
@@ -126,6 +192,9 @@ class CallArgs:
         check_number("eta", self.eta, 0.0)
         check_generator(self.generator, self.batch_size)
         step_callback(self.callback, self.callback_steps)  # validates both
+        for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by rapiddiff (no IP-Adapter); pass None")
         for name in ("prompt_embeds", "negative_prompt_embeds", "latents"):
             check_finite(name, getattr(self, name))
 
@@ -147,93 +216,144 @@ class DenoisingPipeline(DiffusionPipeline):
     step_runner: StepRunner | None = None
     # A generation that ends with nan/inf latents warns once after the loop; True makes it a FloatingPointError.
     strict_non_finite: bool = False
-    # Per image of the last call (as `nsfw_content_detected`): True where its final latents held nan/inf.
-    non_finite_images: list[bool] | None = None
-    # Whether the `model_inputs` hook runs before the scheduler scales the model input (IF-II: its upscaled image is
-    # scaled with the sample, as in Diffusers) or after (SD: mask channels, control residuals, the x4's image).
+    # Whether the `model_inputs` hook runs before the scheduler scales the model input (see `DenoisingStep`).
     hook_before_scaling: ClassVar[bool] = False
 
-    # --- call state: set once per call by `start_call`, read by step-end callbacks (Diffusers' properties) ----------
-    _guidance_scale: float = 7.5
-    _guidance_rescale: float = 0.0
-    _clip_skip: int | None = None
-    _cross_attention_kwargs: dict[str, Any] | None = None
-    _num_timesteps: int | None = None
-    _interrupt: bool = False
+    # --- the scheduler: the configured one, or inside a call that call's own copy ------------------------------------
+    @property
+    def scheduler(self) -> Any:
+        state = call_state.current(self)
+        if state is not None and state.scheduler is not None:
+            return state.scheduler
+        try:
+            return self.__dict__["scheduler"]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no scheduler") from None
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:
+        self.__dict__["scheduler"] = scheduler
+
+    # --- call state: Diffusers' properties, views of the current call's `CallState` (see call_state.py) ---------------
+    @property
+    def call_state(self) -> CallState:
+        """The running call's state in this thread, else the last call's, else the defaults."""
+        return call_state.latest(self)
 
     @property
-    def _step_runner(self) -> StepRunner | None:  # the former private name
-        return self.step_runner
-
-    @_step_runner.setter
-    def _step_runner(self, runner: StepRunner | None) -> None:
-        self.step_runner = runner
+    def running_call(self) -> CallState | None:
+        """The state of this pipeline's call running in this thread; None outside a call."""
+        return call_state.current(self)
 
     @property
     def guidance_scale(self) -> float:
-        return self._guidance_scale
+        return self.call_state.guidance_scale
 
     @property
     def guidance_rescale(self) -> float:
-        return self._guidance_rescale
+        return self.call_state.guidance_rescale
 
     @property
     def clip_skip(self) -> int | None:
-        return self._clip_skip
+        return self.call_state.clip_skip
 
     @property
-    def cross_attention_kwargs(self) -> dict[str, Any] | None:
-        return self._cross_attention_kwargs
+    def cross_attention_kwargs(self) -> Mapping[str, Any] | None:
+        return self.call_state.cross_attention_kwargs
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         """guidance_scale <= 1 runs the UNet on the conditional batch only (a callback may lower it mid-run)."""
-        return self._guidance_scale > 1
+        return self.call_state.do_classifier_free_guidance
 
     @property
     def num_timesteps(self) -> int | None:
-        return self._num_timesteps
+        return self.call_state.num_timesteps
 
     @property
     def interrupt(self) -> bool:
-        return self._interrupt
+        return self.call_state.interrupt
 
-    def start_call(self, args: CallArgs) -> None:
-        self._guidance_scale = args.guidance_scale
-        self._guidance_rescale = args.guidance_rescale
-        self._clip_skip = args.clip_skip
-        self._cross_attention_kwargs = args.cross_attention_kwargs  # checked by the family (SD: the LoRA scale)
-        self._num_timesteps = None
-        self._interrupt = False
+    @property
+    def non_finite_images(self) -> list[bool] | None:
+        """Per image of this thread's last call (as `nsfw_content_detected`): True where its final latents held
+        nan/inf."""
+        return self.call_state.non_finite_images
+
+    # Diffusers' private names, which step-end callbacks write (`pipe._guidance_scale = 0.0`, `pipe._interrupt = True`)
+    _guidance_scale = _call_field("guidance_scale")
+    _guidance_rescale = _call_field("guidance_rescale")
+    _clip_skip = _call_field("clip_skip")
+    _cross_attention_kwargs = _call_field("cross_attention_kwargs")
+    _num_timesteps = _call_field("num_timesteps")
+    _interrupt = _call_field("interrupt")
+
+    def new_call_state(self, args: CallArgs) -> CallState:
+        """The call's state; its scheduler is a copy of the configured one (models are shared, not copied)."""
+        return CallState(
+            guidance_scale=args.guidance_scale,
+            guidance_rescale=args.guidance_rescale,
+            clip_skip=args.clip_skip,
+            cross_attention_kwargs=args.cross_attention_kwargs,  # checked by the family (SD: the LoRA scale)
+            scheduler=call_state.call_scheduler(self.__dict__["scheduler"]),
+        )
 
     # --- the template -----------------------------------------------------------------------------------------------
     def generate(self, args: CallArgs) -> Any:
-        """Checks, then encode -> timesteps -> initial latents -> denoise -> output (see the module docstring)."""
+        """Checks, then encode -> timesteps -> initial latents -> denoise -> output (see the module docstring), with
+        the call's state current and what the call sets on shared models undone at its end, error or not."""
         self.check_inputs(args)
         check_call_memory(self, args)  # the request against the memory there is, before any model runs
-        self.start_call(args)
+        state = self.new_call_state(args)
+        components = [c for c in self.components.values() if c is not None]
+        with (
+            concurrency.in_use(components),
+            concurrency.serialized(self.serialized_on(self._modules(), state)),
+            call_state.running(self, state),
+            self.call_scope(state),
+        ):
+            return self.run_call(args)
+
+    def serialized_on(self, models: list[torch.nn.Module], state: CallState) -> list[Any]:
+        """What calls must not share at once (see docs/compile.md): models holding LoRA adapters (the call's LoRA scale
+        is a value of their buffers), compiled or offloaded models, a custom step runner (a compiled whole step), and
+        the configured scheduler where the call steps it itself (`call_state.call_scheduler`)."""
+        keys: list[Any] = [m for m in models if lora_layers.lora_state(m) is not None or _compiled_inside(m)]
+        if self.step_runner is not None:
+            keys.append(self.step_runner)
+        if state.scheduler is self.__dict__["scheduler"]:
+            keys.append(state.scheduler)
+        return keys
+
+    def call_scope(self, state: CallState) -> AbstractContextManager[None]:
+        """What the call sets on shared models for its duration (the SD family: the UNet's LoRA scale)."""
+        return contextlib.nullcontext()
+
+    def run_call(self, args: CallArgs) -> Any:
         device = self._execution_device
         timesteps, num_inference_steps = self.prepare_timesteps(args, device)
-        tensors = self.encode_conditioning(args, device)
-        dtype = tensors["prompt_embeds"].dtype
-        latents, hooks = self.prepare_denoising(args, timesteps, tensors, device)
-        self._num_timesteps = len(timesteps)
-        warmup = len(timesteps) - num_inference_steps * self.scheduler.order  # Diffusers' progress-bar warm-up
-        on_step_end, names = self.step_end_callback(args, len(timesteps), warmup)
+        conditioning = self.encode_conditioning(args, device)
+        dtype = conditioning["prompt_embeds"].dtype
+        start = self.prepare_denoising(args, timesteps, conditioning, device)
+        schedule = Schedule(timesteps, num_inference_steps, self.scheduler.order)
+        state = call_state.update(self, "num_timesteps", num_timesteps=len(timesteps))
+        step = DenoisingStep(
+            model=self.unet,
+            scheduler=state.scheduler,
+            guidance=self.guidance(state),
+            step_kwargs=extra_step_kwargs(state.scheduler, args.generator, args.eta),
+            model_inputs=with_model_extras(start.model_inputs, self.model_extras(state, conditioning)),
+            hook_before_scaling=self.hook_before_scaling,
+            after_step=start.after_step,
+        )
         latents = denoise(
-            latents,
-            timesteps,
-            num_inference_steps,
-            self.noise_predictor(tensors, hooks.model_inputs),
-            scheduler=self.scheduler,
-            step_runner=self.step_runner,
+            start.latents,
+            schedule,
+            step,
+            {**conditioning, **start.conditioning},
+            runner=self.step_runner,
             progress=self.progress_bar,
-            extra_step_kwargs=extra_step_kwargs(self.scheduler, args.generator, args.eta),
-            after_step=hooks.after_step,
-            tensors=tensors,
-            pipe=self,
-            callback_on_step_end=on_step_end,
-            callback_on_step_end_tensor_inputs=names,
+            on_step_end=self.step_end(args, schedule),
         )
         self.report_non_finite(latents)
         output = self.to_output(latents, args, dtype)
@@ -277,11 +397,11 @@ class DenoisingPipeline(DiffusionPipeline):
         raise NotImplementedError
 
     def step_end_callback(
-        self, args: CallArgs, num_timesteps: int = 0, warmup: int = 0
+        self, args: CallArgs, schedule: Schedule | None = None
     ) -> tuple[StepEndCallback | None, Sequence[str]]:
-        """The call's step-end callback for `denoise` and the tensors it reads; an older `callback` is wrapped, and
+        """The call's Diffusers-style step-end callback and the tensors it reads; an older `callback` is wrapped, and
         runs after `callback_on_step_end` when both are given (Diffusers' order)."""
-        old = step_callback(args.callback, args.callback_steps, self.callback_step_order(), num_timesteps, warmup)
+        old = step_callback(args.callback, args.callback_steps, self.callback_step_order(), schedule)
         new = args.callback_on_step_end
         if old is None or new is None:
             return (old, ("latents",)) if new is None and old is not None else (new, args.callback_names)
@@ -292,6 +412,20 @@ class DenoisingPipeline(DiffusionPipeline):
             return changed
 
         return both, list(dict.fromkeys([*args.callback_names, "latents"]))
+
+    def step_end(self, args: CallArgs, schedule: Schedule) -> StepEnd | None:
+        """The step-end callbacks bound to this call, for `denoise`: they get the pipeline (Diffusers' signature) and
+        may change the call's state (guidance scale, interrupt), which the loop reads back."""
+        callback, names = self.step_end_callback(args, schedule)
+        if callback is None:
+            return None
+
+        def on_step_end(i: int, t: torch.Tensor, latents: torch.Tensor, conditioning: Conditioning) -> StepEndResult:
+            latents, conditioning = run_step_end_callback(self, callback, names, i, t, latents, conditioning)
+            state = call_state.latest(self)
+            return StepEndResult(latents, conditioning, self.guidance(state), state.interrupt)
+
+        return on_step_end
 
     def callback_step_order(self) -> int:
         """An older `callback` gets step `i // order` (the x4 upscaler's count); IF counts every step."""
@@ -308,55 +442,27 @@ class DenoisingPipeline(DiffusionPipeline):
         raise NotImplementedError
 
     def prepare_denoising(
-        self, args: CallArgs, timesteps: torch.Tensor, tensors: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, StepHooks]:
-        """(initial latents, the step hooks). Random draws happen here, in Diffusers' order."""
+        self, args: CallArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
+        """The initial latents and the step hooks. Random draws happen here, in Diffusers' order."""
         raise NotImplementedError
 
-    def guide(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """The UNet's output over the [unconditional; conditional] batch -> the guided noise prediction (plain
-        classifier-free guidance with the optional rescale; IF guides its noise channels only)."""
-        return apply_guidance(model_output, self._guidance_scale, self._guidance_rescale)
+    def guidance(self, state: CallState) -> Guidance:
+        """The step's guidance for the call's state (IF guides its noise channels only)."""
+        return Guidance(state.guidance_scale, state.guidance_rescale)
+
+    def model_extras(self, state: CallState, conditioning: Conditioning) -> dict[str, Any]:
+        """Keyword arguments every model call of this call gets (an LCM-distilled UNet's `timestep_cond`)."""
+        return {}
 
     def to_output(self, latents: torch.Tensor, args: CallArgs, dtype: torch.dtype) -> Any:
         raise NotImplementedError
-
-    # --- the model call ---------------------------------------------------------------------------------------------
-    def noise_predictor(
-        self, tensors: dict[str, torch.Tensor | None], model_inputs: ModelInputs | None = None
-    ) -> PredictNoise:
-        """predict_noise(latents, t, i, scale_model_input) for `denoise`: one UNet pass over [unconditional;
-        conditional], guided.
-
-        Reads the text embeddings from `tensors` at each step, so a step-end callback can replace them. The
-        `model_inputs` hook sees the scaled model input (`hook_before_scaling`: the unscaled one).
-        """
-        before = self.hook_before_scaling
-
-        def predict_noise(
-            latents: torch.Tensor, t: torch.Tensor, i: int, scale_model_input: ScaleModelInput
-        ) -> torch.Tensor:
-            guided = self.do_classifier_free_guidance
-            x = torch.cat([latents] * 2) if guided else latents
-            extra: dict[str, Any] = {}
-            if model_inputs is not None and before:
-                x, extra = model_inputs(x, t, i)
-            x = scale_model_input(x)
-            if model_inputs is not None and not before:
-                x, extra = model_inputs(x, t, i)
-            out = self.unet(x, t, encoder_hidden_states=tensors["prompt_embeds"], return_dict=False, **extra)[0]
-            return self.guide(out, latents.shape[1]) if guided else self.unguided(out, latents.shape[1])
-
-        return predict_noise
-
-    def unguided(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        return model_output
 
     # --- after the loop ---------------------------------------------------------------------------------------------
     def report_non_finite(self, latents: torch.Tensor) -> None:
         """One check after the loop (never inside it: no host sync per step): nan/inf in the final latents."""
         finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
-        self.non_finite_images = [not ok for ok in finite]
+        call_state.update(self, "non_finite_images", non_finite_images=[not ok for ok in finite])
         if all(finite):
             return
         bad = [k for k, ok in enumerate(finite) if not ok]

@@ -16,7 +16,8 @@ from .scheduling_lms_discrete import LMSDiscreteScheduler
 from .scheduling_pndm import PNDMScheduler
 from .scheduling_tcd import TCDScheduler
 from .scheduling_unipc_multistep import UniPCMultistepScheduler
-from .scheduling_utils import SchedulerMixin, SchedulerOutput
+from .scheduling_utils import SchedulerMixin
+from .step_plan import SchedulerOutput
 
 __all__ = [
     "DDIMScheduler",

@@ -10,14 +10,9 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import (
-    SchedulerConfig,
-    SchedulerMixin,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    spaced_timesteps,
-)
+from .schedule_tables import spaced_timesteps
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +121,7 @@ class DDIMScheduler(SchedulerMixin):
         )
         return StepPlan(i, coeffs, noise, options={"use_clipped_model_output": use_clipped_model_output})
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DDIMCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DDIMCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         x0 = self._predict_x0(model_output, sample, c.alpha_prod_t)
         eps = self._predict_eps(model_output, sample, c.alpha_prod_t)
@@ -139,4 +132,4 @@ class DDIMScheduler(SchedulerMixin):
         prev_sample = c.alpha_prod_t_prev**0.5 * x0 + direction
         if plan.noise is not None:
             prev_sample = prev_sample + c.std_dev_t * plan.noise
-        return prev_sample, x0, ()
+        return PlanUpdate(prev_sample, x0, ())

@@ -10,14 +10,9 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import (
-    SchedulerConfig,
-    SchedulerMixin,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    spaced_timesteps,
-)
+from .schedule_tables import spaced_timesteps
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +99,7 @@ class DDPMScheduler(SchedulerMixin):
         )
         return StepPlan(i, coeffs, noise)
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DDPMCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DDPMCoeffs]) -> PlanUpdate:
         alpha_prod_t, alpha_prod_t_prev = plan.coeffs.alpha_prod_t, plan.coeffs.alpha_prod_t_prev
         predicted_variance = None
         learned = self.config.variance_type in ("learned", "learned_range")
@@ -131,4 +124,4 @@ class DDPMScheduler(SchedulerMixin):
             std = variance**0.5
         # a select, not a product: a learned std may be NaN on the last step, where no noise is added
         prev_sample = torch.where(plan.coeffs.adds_noise > 0, prev_sample + std * plan.noise, prev_sample)
-        return prev_sample, x0, ()
+        return PlanUpdate(prev_sample, x0, ())

@@ -13,8 +13,9 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_alpha_sigma, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +132,7 @@ class DEISMultistepScheduler(VPSolverMixin):
         coeffs = make_coeffs(DEISCoeffs, sigma=self.sigmas[i], alpha_t=alpha_t, alpha_s0=alpha_s0, w0=w0, w1=w1, w2=w2)
         return StepPlan(i, coeffs, history=self._history(sample, self.config.solver_order - 1))
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DEISCoeffs]
-    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DEISCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         x0 = self._vp_x0(model_output, sample, c.sigma)
         x0 = self._threshold_sample(x0) if self.config.thresholding else x0
@@ -142,4 +141,4 @@ class DEISMultistepScheduler(VPSolverMixin):
         update = sample / c.alpha_s0 + c.w0 * eps
         for weight, m_k in zip((c.w1, c.w2), plan.history):
             update = update + weight * m_k
-        return c.alpha_t * update, None, (eps,)
+        return PlanUpdate(c.alpha_t * update, None, (eps,))

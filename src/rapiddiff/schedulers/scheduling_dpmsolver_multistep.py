@@ -16,14 +16,10 @@ import torch
 
 from ..configuration import ConfigError
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import (
-    SchedulerConfig,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    sigma_to_t,
-)
+from .schedule_tables import sigma_to_t
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, dpm_phi, solver_timesteps, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +211,7 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
 
     def apply_plan(
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DPMSolverCoeffs]
-    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+    ) -> PlanUpdate:
         c = plan.coeffs
         m = (self._dpm_convert(model_output, sample, c.sigma), *plan.history)
         prev_sample = c.c_x * sample.to(torch.float32) + c.c_0 * m[0]
@@ -225,4 +221,4 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
             prev_sample = prev_sample + c.c_2 * (m[1] - m[2])
         if plan.noise is not None:
             prev_sample = prev_sample + c.noise_std * plan.noise
-        return prev_sample.to(m[0].dtype), None, (m[0],)
+        return PlanUpdate(prev_sample.to(m[0].dtype), None, (m[0],))

@@ -17,20 +17,20 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..utils.optional import import_optional
 from ..utils.torch_utils import to_device
+from .schedule_tables import sigma_to_t, spaced_timesteps
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs, sigma_to_t, spaced_timesteps
+from .scheduling_utils import SchedulerConfig
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 def _torchsde() -> Any:
-    try:
-        import torchsde
-    except ImportError:
-        raise ImportError(
-            "DPMSolverSDEScheduler draws its noise from a Brownian tree with torchsde, which is not installed: "
-            "pip install torchsde (or pip install 'rapiddiff[sde]')"
-        ) from None
-    return torchsde
+    return import_optional(
+        "torchsde",
+        "DPMSolverSDEScheduler draws its noise from a Brownian tree with torchsde, which is not installed: "
+        "pip install torchsde (or pip install 'rapiddiff[sde]')",
+    )
 
 
 class BrownianTreeNoiseSampler:
@@ -248,12 +248,12 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
 
     def apply_plan(
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DPMSolverSDECoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> PlanUpdate:
         c = plan.coeffs
         x0 = self._predict_x0_ve(model_output, sample, c.sigma_input, c.sigma_input)
         start = torch.where(c.from_saved > 0, plan.history[0], sample)
         prev_sample = c.sample_coeff * start + c.x0_coeff * x0 + c.noise_coeff * plan.noise
-        return prev_sample, x0, (start,)
+        return PlanUpdate(prev_sample, x0, (start,))
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         step = self._numbers(plan.index)

@@ -17,8 +17,9 @@ import torch
 
 from ..configuration import ConfigError
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, dpm_phi, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class DPMSolverSinglestepScheduler(VPSolverMixin):
 
     def apply_plan(
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[DPMSolverSinglestepCoeffs]
-    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+    ) -> PlanUpdate:
         c = plan.coeffs
         *earlier, saved = plan.history
         m0 = self._dpm_convert(model_output, sample, c.sigma)
@@ -227,7 +228,7 @@ class DPMSolverSinglestepScheduler(VPSolverMixin):
             prev_sample = prev_sample + weight * (m_k - m0)
         if plan.noise is not None:
             prev_sample = prev_sample + c.noise_std * plan.noise
-        return prev_sample, None, (m0, start)
+        return PlanUpdate(prev_sample, None, (m0, start))
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         self.sample = stored[1]

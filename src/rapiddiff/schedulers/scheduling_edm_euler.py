@@ -11,8 +11,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from .schedule_tables import karras_sigmas
 from .scheduling_euler_discrete import EulerDiscreteScheduler
-from .scheduling_utils import SchedulerConfig, karras_sigmas
+from .scheduling_utils import SchedulerConfig
 
 # Keys every other scheduler has and EDM's does not: not fields of its config (another scheduler's config keeps them
 # aside on a swap, as Diffusers does).

@@ -10,7 +10,8 @@ import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
 
     def apply_plan(
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[EulerAncestralCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> PlanUpdate:
         sigma, sigma_to = plan.coeffs.sigma, plan.coeffs.sigma_to
         sample = sample.to(torch.float32)
         x0 = self._predict_x0_ve(model_output, sample, sigma, sigma)
@@ -62,4 +63,4 @@ class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
         prev_sample = (prev_sample + plan.noise * sigma_up).to(model_output.dtype)
-        return prev_sample, x0, ()
+        return PlanUpdate(prev_sample, x0, ())

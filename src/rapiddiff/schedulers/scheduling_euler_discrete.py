@@ -14,15 +14,9 @@ import numpy as np
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import (
-    SchedulerConfig,
-    SchedulerMixin,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    sigma_to_t,
-    spaced_timesteps,
-)
+from .schedule_tables import sigma_to_t, spaced_timesteps
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 class EulerSchedulerMixin(SchedulerMixin):
@@ -230,9 +224,7 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         )
         return StepPlan(i, coeffs, noise)
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[EulerCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[EulerCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         sample = sample.to(torch.float32)
         if plan.noise is not None:
@@ -240,4 +232,4 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         x0 = self._predict_x0_ve(model_output, sample, c.sigma, c.sigma_hat)
         derivative = (sample - x0) / c.sigma_hat
         prev_sample = (sample + derivative * (c.sigma_next - c.sigma_hat)).to(model_output.dtype)
-        return prev_sample, x0, ()
+        return PlanUpdate(prev_sample, x0, ())

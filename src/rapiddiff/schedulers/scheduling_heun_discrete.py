@@ -18,7 +18,8 @@ import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 class SecondOrderCoeffs(NamedTuple):
@@ -108,7 +109,7 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
 
     def apply_plan(
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[SecondOrderCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> PlanUpdate:
         c = plan.coeffs
         prev_derivative, saved_sample = plan.history
         x0 = self._predict_x0_ve(model_output, sample, c.sigma_in, c.sigma_in)
@@ -120,7 +121,7 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
         prev_sample = start + step * c.dt
         if plan.noise is not None:
             prev_sample = prev_sample + plan.noise * c.noise_std
-        return prev_sample, x0, (derivative, sample)
+        return PlanUpdate(prev_sample, x0, (derivative, sample))
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         # (the state is still the planned step's: plan and commit run back to back on the host)

@@ -10,8 +10,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .schedule_tables import sigma_to_t
 from .scheduling_heun_discrete import SecondOrderSchedulerConfig, SecondOrderSchedulerMixin, doubled
-from .scheduling_utils import SchedulerConfig, sigma_to_t
+from .scheduling_utils import SchedulerConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,8 @@ import torch
 
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig, SchedulerMixin, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +199,8 @@ class LCMScheduler(ConsistencySchedulerMixin):
         )
         return StepPlan(i, coeffs, noise)
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[LCMCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[LCMCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         x0 = self._clip_x0(self._predict_x0(model_output, sample, c.alpha_prod_t))
         denoised = c.c_out * x0 + c.c_skip * sample
-        return c.sample_coeff * denoised + c.noise_coeff * plan.noise, denoised, ()
+        return PlanUpdate(c.sample_coeff * denoised + c.noise_coeff * plan.noise, denoised, ())

@@ -10,8 +10,10 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from .schedule_tables import karras_sigmas
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, karras_sigmas, make_coeffs
+from .scheduling_utils import SchedulerConfig
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 MAX_ORDER = 4  # the history a plan carries (Diffusers' default order)
 
@@ -123,15 +125,13 @@ class LMSDiscreteScheduler(EulerSchedulerMixin):
         )
         return StepPlan(i, coeffs, history=history, options={"order": order})
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[LMSCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[LMSCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         x0 = self._predict_x0_ve(model_output, sample, c.sigma, c.sigma)
         derivative = (sample - x0) / c.sigma
         d1, d2, d3 = plan.history
         prev_sample = sample + (c.c0 * derivative + c.c1 * d1 + c.c2 * d2 + c.c3 * d3)
-        return prev_sample, x0, (derivative,)
+        return PlanUpdate(prev_sample, x0, (derivative,))
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         self.derivatives = [*self.derivatives, stored[0]][-plan.options["order"] :]

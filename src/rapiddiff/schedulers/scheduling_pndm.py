@@ -13,14 +13,9 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from .scheduling_utils import (
-    SchedulerConfig,
-    SchedulerMixin,
-    SchedulerOutput,
-    StepPlan,
-    make_coeffs,
-    spaced_timesteps,
-)
+from .schedule_tables import spaced_timesteps
+from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +149,14 @@ class PNDMScheduler(SchedulerMixin):
         )
         return StepPlan(i, coeffs, history=(*stored, cur_sample))
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[PLMSCoeffs]
-    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[PLMSCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         e1, e2, e3, saved_sample = plan.history
         eps = c.w0 * model_output + c.w1 * e1 + c.w2 * e2 + c.w3 * e3
         start = torch.where(c.from_saved > 0, saved_sample, sample)
-        return self._prev_sample(start, c.alpha_prod_t, c.alpha_prod_t_prev, eps), None, (model_output, sample)
+        return PlanUpdate(
+            self._prev_sample(start, c.alpha_prod_t, c.alpha_prod_t_prev, eps), None, (model_output, sample)
+        )
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         model_output, sample = stored

@@ -15,7 +15,7 @@ import torch
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator, randn_tensor
 from .scheduling_lcm import ConsistencySchedulerConfig, ConsistencySchedulerMixin
-from .scheduling_utils import StepPlan, make_coeffs
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +93,11 @@ class TCDScheduler(ConsistencySchedulerMixin):
         )
         return StepPlan(i, coeffs, noise)
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[TCDCoeffs]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[TCDCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         x0 = self._predict_x0(model_output, sample, c.alpha_prod_t)
         eps = self._predict_eps(model_output, sample, c.alpha_prod_t)
         pred_noised_sample = c.alpha_prod_s.sqrt() * x0 + (1 - c.alpha_prod_s).sqrt() * eps
         if plan.noise is None:
-            return pred_noised_sample, pred_noised_sample, ()
-        return c.sample_coeff * pred_noised_sample + c.noise_coeff * plan.noise, pred_noised_sample, ()
+            return PlanUpdate(pred_noised_sample, pred_noised_sample, ())
+        return PlanUpdate(c.sample_coeff * pred_noised_sample + c.noise_coeff * plan.noise, pred_noised_sample, ())

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from ..configuration import ConfigError
-from .scheduling_utils import SchedulerConfig, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import SchedulerConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_lambda
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +207,7 @@ class UniPCMultistepScheduler(VPSolverMixin):
         x0 = self._vp_x0(model_output, sample, sigma)
         return self._threshold_sample(x0) if self.config.thresholding else x0
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[UniPCCoeffs]
-    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, ...]]:
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[UniPCCoeffs]) -> PlanUpdate:
         c = plan.coeffs
         *m, saved = plan.history
         m_t = self._convert(model_output, sample, c.sigma)
@@ -219,7 +218,7 @@ class UniPCMultistepScheduler(VPSolverMixin):
         prev_sample = c.pc_x * x + c.pc_0 * m_t
         for weight, m_k in zip((c.pc_1, c.pc_2), m[: len(m) - 1]):
             prev_sample = prev_sample + weight * (m_k - m_t)
-        return prev_sample.to(x.dtype), None, (m_t, x)
+        return PlanUpdate(prev_sample.to(x.dtype), None, (m_t, x))
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
         self.this_order = self._order(plan.index)

@@ -1,7 +1,8 @@
 """SchedulerMixin: everything rapiddiff's schedulers share; each scheduler file holds only its update rule.
 
-Shared here: config parsing (Diffusers' keys, swapping between schedulers), the beta / alpha tables, timestep spacing,
-Karras sigmas, x0 prediction, clipping and dynamic thresholding, add_noise, the step-index bookkeeping, the output.
+Shared here: config parsing (Diffusers' keys, swapping between schedulers), x0 prediction, clipping and dynamic
+thresholding, add_noise, the step-index bookkeeping; the tables (betas, timestep spacing, Karras / exponential / beta
+sigmas) are `schedule_tables`, the split step and the output `step_plan`.
 
 GPU rules, kept by every scheduler (no step ever waits for the device):
 - Tables (betas, alphas_cumprod, sigmas) live on the CPU in float32, as Diffusers computes them. A step reads its
@@ -31,15 +32,16 @@ import math
 import operator
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
 from ..configuration import Config, ConfigError, ConfigMixin
-from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import to_device
+from .schedule_tables import SIGMA_SPACINGS, _broadcast_to, _scipy_stats, make_betas, match_timesteps
+from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, owned
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -156,186 +158,6 @@ class SchedulerConfig(Config):
 
     def replace(self: SC, **changes: Any) -> SC:
         return super().replace(**changes).with_extras(self.hidden, [k for k in self.defaulted if k not in changes])
-
-
-# --- tables --------------------------------------------------------------------------------------------------------
-def _alpha_bar_betas(
-    num_train_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> torch.Tensor:
-    """Betas of a continuous alpha_bar(t), t in [0, 1] (Diffusers' `betas_for_alpha_bar`)."""
-    n = num_train_timesteps
-    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def _cosine_alpha_bar(t: float) -> float:
-    """GLIDE's squaredcos_cap_v2 schedule."""
-    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-
-def _exp_alpha_bar(t: float) -> float:
-    """Diffusers' "exp" schedule (HeunDiscreteScheduler only)."""
-    return math.exp(t * -12.0)
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Shift and scale sqrt(alphas_cumprod) so the last timestep has zero SNR (arXiv:2305.08891, Algorithm 1)."""
-    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-    alphas_bar = sqrt_ab**2
-    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return 1 - alphas
-
-
-def make_betas(config: SchedulerConfig) -> torch.Tensor:
-    """The training betas (float32 on the CPU, as Diffusers computes them)."""
-    n = config.num_train_timesteps
-    if config.trained_betas is not None:
-        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
-    elif config.beta_schedule == "linear":
-        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
-    elif config.beta_schedule == "scaled_linear":  # latent diffusion's schedule
-        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
-    elif config.beta_schedule == "exp":
-        betas = _alpha_bar_betas(n, _exp_alpha_bar)
-    else:
-        betas = _alpha_bar_betas(n, _cosine_alpha_bar)
-    if config.own("rescale_betas_zero_snr", False):
-        betas = rescale_zero_terminal_snr(betas)
-    return betas
-
-
-def spaced_timesteps(
-    spacing: str, num_train: int, n: int, steps_offset: int, round_linspace: bool = True
-) -> np.ndarray:
-    """`n` of the `num_train` training timesteps, descending, spaced as Table 2 of arXiv:2305.08891 (float64)."""
-    if spacing == "trailing":
-        return np.round(np.arange(num_train, 0, -num_train / n)) - 1
-    if spacing == "leading":
-        timesteps = (np.arange(0, n) * (num_train // n)).round() + steps_offset
-    else:
-        timesteps = np.linspace(0, num_train - 1, n)
-        timesteps = timesteps.round() if round_linspace else timesteps
-    return timesteps[::-1].copy()
-
-
-def karras_sigmas(
-    sigma_min: float, sigma_max: float, n: int, rho: float = 7.0, ramp: np.ndarray | torch.Tensor | None = None
-) -> np.ndarray:
-    """Karras et al. (2022) noise levels: `n` sigmas from sigma_max to sigma_min, uniform in sigma^(1/rho) (at the
-    points of `ramp` in [0, 1] when given)."""
-    ramp = np.linspace(0, 1, n) if ramp is None else ramp
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
-    """`n` sigmas from sigma_max to sigma_min, uniform in log-sigma."""
-    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-
-
-def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
-    """`n` sigmas from sigma_max to sigma_min at the quantiles of a Beta(alpha, beta) distribution
-    (arXiv:2407.12173). Needs scipy (its inverse regularized incomplete beta), as Diffusers does."""
-    ppf = _scipy_stats("use_beta_sigmas=True").beta.ppf(1 - np.linspace(0, 1, n), alpha, beta)
-    return sigma_min + ppf * (sigma_max - sigma_min)
-
-
-def _scipy_stats(feature: str) -> Any:
-    try:
-        import scipy.stats
-    except ImportError:
-        raise ImportError(
-            f"{feature} needs scipy: pip install scipy (or rapiddiff[scipy]), as Diffusers requires"
-        ) from None
-    return scipy.stats
-
-
-# use_*_sigmas config keys -> the function that respaces a schedule (at most one may be on)
-SIGMA_SPACINGS = {
-    "use_karras_sigmas": karras_sigmas,
-    "use_exponential_sigmas": exponential_sigmas,
-    "use_beta_sigmas": beta_sigmas,
-}
-
-
-def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray, keep_float32: bool = False) -> np.ndarray:
-    """Fractional training timesteps of `sigmas`: linear interpolation of log-sigma over the training table.
-
-    keep_float32: the last interpolation in float32 too (as Diffusers' KDPM2 computes it with torch tensors)."""
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]  # (num_train, n)
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high = low + 1
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
-    if keep_float32:
-        low, high = low.astype(np.float32), high.astype(np.float32)
-    return ((1 - w) * low + w * high).reshape(sigmas.shape)
-
-
-def match_timesteps(schedule: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Index in `schedule` of each of `timesteps`, with tensor ops only (no sync on any device).
-
-    A timestep found twice maps to its second occurrence, as Diffusers' `index_for_timestep`; one not found maps to
-    the last index.
-    """
-    matches = schedule.reshape(1, -1) == timesteps.reshape(-1, 1)  # (B, N)
-    count = matches.sum(dim=1, keepdim=True)
-    wanted = matches & (matches.cumsum(dim=1) == torch.where(count > 1, 2, 1))
-    last = torch.full_like(count[:, 0], schedule.numel() - 1)
-    return torch.where(count[:, 0] > 0, wanted.int().argmax(dim=1), last)
-
-
-def _broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) or () per-sample values as (B, 1, ..., 1) to multiply a batch shaped like `like`."""
-    return values.flatten().reshape(-1, *([1] * (like.ndim - 1)))
-
-
-# --- output --------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class SchedulerOutput(BaseOutput):
-    """What `step` returns: the sample at the previous timestep and, where Diffusers gives it, the predicted x0."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
-
-
-C = TypeVar("C", bound=tuple)
-
-
-@dataclasses.dataclass
-class StepPlan(Generic[C]):
-    """One step prepared on the host. `apply_plan` reads the tensors and `options`, never `index`.
-
-    `coeffs` is the scheduler's own NamedTuple of per-step numbers (0-dim float32 tensors, see `make_coeffs`): `_plan`
-    builds it and `apply_plan` reads it by name.
-    """
-
-    index: int  # position in the schedule
-    coeffs: C  # per-step numbers: on the CPU, or on the sample's device in a compiled step
-    noise: torch.Tensor | None = None  # this step's fresh noise (None: the call draws none on any step)
-    history: tuple[torch.Tensor, ...] = ()  # earlier outputs the update reads; a fixed count for a whole loop
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the call's constant options
-    # The model sees `sample * model_input_scale` at this step (None: the sample as is); what `scale_model_input`
-    # computes eagerly, as a tensor a compiled step takes as an input.
-    model_input_scale: torch.Tensor | None = None
-
-    def to(self, device: torch.device) -> StepPlan[C]:
-        """The plan with its numbers on `device`, moved in one copy (noise and history are on the device already)."""
-        values = [*self.coeffs, *([] if self.model_input_scale is None else [self.model_input_scale])]
-        moved = to_device(torch.stack(values), device).unbind()
-        scale = None if self.model_input_scale is None else moved[-1]
-        return dataclasses.replace(self, coeffs=type(self.coeffs)(*moved[: len(self.coeffs)]), model_input_scale=scale)
-
-    def scale_model_input(self, sample: torch.Tensor) -> torch.Tensor:
-        """The model input at this step (see `model_input_scale`)."""
-        return sample if self.model_input_scale is None else sample * self.model_input_scale
-
-
-def make_coeffs(cls: type[C], **values: torch.Tensor | float) -> C:
-    """A scheduler's per-step NamedTuple `cls` from numbers and 0-dim tensors, each as a 0-dim float32 tensor."""
-    return cls(**{name: torch.as_tensor(v, dtype=torch.float32) for name, v in values.items()})
 
 
 # --- base ----------------------------------------------------------------------------------------------------------
@@ -456,10 +278,10 @@ class SchedulerMixin(ConfigMixin):
     def compatibles(self) -> list[type[SchedulerMixin]]:
         """This class and the rapiddiff schedulers it can be swapped for (`from_config`), as Diffusers' property
         (names in `_compatibles` that rapiddiff does not implement are left out, as Diffusers leaves out missing ones)."""
-        import rapiddiff  # the package's lazy name table; resolved here, at call time
+        from ..exports import EXPORTS, export  # the package's name table; its classes import this module
 
         names = dict.fromkeys((type(self).__name__, *self._compatibles))
-        return [getattr(rapiddiff, name) for name in names if name in rapiddiff._EXPORTS]
+        return [export(name) for name in names if name in EXPORTS]
 
     # --- schedule -----------------------------------------------------------------------------------------------
     def _check_trained_betas(self) -> None:
@@ -712,10 +534,8 @@ class SchedulerMixin(ConfigMixin):
     def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
 
-    def apply_plan(
-        self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
-        """The update: (previous sample, predicted x0 or None, tensors `commit_plan` keeps for later steps)."""
+    def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan) -> PlanUpdate:
+        """The update: the previous sample, the predicted x0 (or None), the tensors `commit_plan` keeps."""
         raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
 
     def commit_plan(self, plan: StepPlan, stored: tuple[torch.Tensor, ...]) -> None:
@@ -726,20 +546,12 @@ class SchedulerMixin(ConfigMixin):
         self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan, return_dict: bool
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """apply + commit for an eager `step`."""
-        prev_sample, x0, stored = self.apply_plan(model_output, sample, plan)
-        self.commit_plan(plan, tuple(owned(s, model_output) for s in stored))
-        return self._output(prev_sample, x0, return_dict)
+        update = self.apply_plan(model_output, sample, plan)
+        self.commit_plan(plan, tuple(owned(s, model_output) for s in update.stored))
+        return self._output(update.prev_sample, update.pred_original_sample, return_dict)
 
     def _output(
         self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         out = SchedulerOutput(prev_sample, pred_original_sample)
         return out if return_dict else out.to_tuple()
-
-
-def owned(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """`tensor`, copied when it shares memory with `source` (a model output, overwritten by the next call when
-    the model runs as a CUDA graph) so that it can be kept across steps."""
-    if tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-        return tensor.clone()
-    return tensor

@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .scheduling_utils import SchedulerMixin, sigma_to_t
+from .schedule_tables import sigma_to_t
+from .scheduling_utils import SchedulerMixin
 
 
 def vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .concurrency import check_idle
+
 HOOK_ATTR = "_rapiddiff_offload_hook"
 
 
@@ -116,6 +118,7 @@ def has_sequential_offload(module: nn.Module) -> bool:
 
 
 def check_compilable(module: nn.Module) -> None:
+    check_idle(module, "compile_pipeline")
     if has_sequential_offload(module):
         raise ValueError(
             f"{type(module).__name__} is offloaded with enable_sequential_cpu_offload(), whose hooks move weights "
@@ -126,6 +129,9 @@ def check_compilable(module: nn.Module) -> None:
 
 def check_whole_step_compilable(pipe: Any, denoisers: tuple[str, ...]) -> None:
     """A whole-step graph calls the denoisers from inside compiled code, where a model offload hook cannot move them."""
+    for name in denoisers:
+        if getattr(pipe, name, None) is not None:
+            check_idle(getattr(pipe, name), "compile_pipeline")
     offloaded = [name for name in denoisers if offload_hook(getattr(pipe, name, None)) is not None]
     if offloaded:
         raise ValueError(

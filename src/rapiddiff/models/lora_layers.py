@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.concurrency import check_idle
+
 
 @dataclasses.dataclass
 class AdapterSlot:
@@ -215,6 +217,7 @@ def refresh_scales(model: nn.Module) -> None:
 
 def register_adapter(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
     """Add a checked adapter {module name: (down, up, alpha / rank)} to `model`; it becomes the only active one."""
+    check_idle(model, "load_lora_weights")
     state = state_for_loading(model)
     _check_not_fused(state, "loading another adapter")
     modules = dict(model.named_modules())
@@ -245,6 +248,7 @@ def hotswap_mismatch(model: nn.Module, name: str, layers: dict[str, tuple[torch.
 
 def hotswap(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
     """Replace adapter `name`'s weights in place (checked by `hotswap_mismatch`): no new shapes, no recompile."""
+    check_idle(model, "load_lora_weights(hotswap=True)")
     modules = dict(model.named_modules())
     with torch.no_grad():
         for n, (down, up, scale) in layers.items():
@@ -257,6 +261,7 @@ def hotswap(model: nn.Module, name: str, layers: dict[str, tuple[torch.Tensor, t
 
 
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
+    check_idle(model, "set_adapters")
     state = lora_state(model)
     if state is None:
         return
@@ -265,6 +270,7 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
+    check_idle(model, "enable_lora / disable_lora")
     state = lora_state(model)
     if state is not None:
         state.enabled = enabled
@@ -295,6 +301,7 @@ def call_scale(model: nn.Module | None, scale: float | None) -> Iterator[None]:
 
 
 def delete_adapters(model: nn.Module, names: Sequence[str]) -> None:
+    check_idle(model, "delete_adapters")
     state = lora_state(model)
     if state is None:
         return
@@ -324,6 +331,7 @@ def fuse(
     compiled before the LoRA was loaded runs its first graph again (the weights changed in place: no recompile).
     safe: check every fused weight is finite first (nothing is fused if one is not).
     """
+    check_idle(model, "fuse_lora")
     state = lora_state(model)
     if state is None:
         return
@@ -369,6 +377,7 @@ def _unstash(model: nn.Module, state: LoRAState) -> None:
 
 def unfuse(model: nn.Module) -> None:
     """Copy the original weights back (exactly) and let the unfused adapters run again."""
+    check_idle(model, "unfuse_lora")
     state = lora_state(model)
     if state is None or not state.fused:
         return
@@ -384,6 +393,7 @@ def unfuse(model: nn.Module) -> None:
 
 def unload(model: nn.Module) -> None:
     """Remove every adapter: layers become plain Linear / Conv2d again. Fused weights stay fused (as Diffusers)."""
+    check_idle(model, "unload_lora_weights")
     state = lora_state(model)
     if state is None:
         return
