@@ -57,21 +57,88 @@ def test_frozen_weights_follow_every_weight_change(caplog):
         check(a, "load_state_dict")
         a.proj = nn.Linear(8, 4)  # a component swapped
         check(a, "submodule swapped")
-    assert calls[0].compiles == 4
+        a.load_state_dict({k: v + 1 for k, v in b.state_dict().items()}, assign=True)  # Diffusers' loading path
+        check(a, "load_state_dict(assign=True)")
+        a.conv.bias.copy_(torch.ones(8))
+        check(a, "copy_")
+        a.proj.weight.data = torch.randn(4, 8)
+        check(a, "param.data replaced")
+        with no_recompiles():
+            check(a, "unchanged after all that")
+    assert calls[0].compiles == 7
     assert calls[1].compiles == 1
 
 
-def test_freezing_is_off_by_default_and_on_for_cpu_modules_with_none(tiny_sd_dir):
+def test_the_weight_check_survives_modules_built_elsewhere():
+    """Registrations in other modules (a new pipeline built, a layer added elsewhere) only make the check walk the
+    module again; they do not recompile it."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = Tiny(0).eval()
+    call = frozen(a)
+    with torch.no_grad():
+        a(x)
+        Tiny(5)  # registers parameters and submodules in another module
+        assert not call.weights_changed()
+        with no_recompiles():
+            assert_close_rel(a(x), a._call_impl(x), rel=1e-5, what="after another module was built")
+        a.conv.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+        assert call.weights_changed()
+    assert call.compiles == 1
+
+
+def test_the_levers_script_notices_a_variant_that_did_not_compile():
+    """A second module of the same class compiled in the same process runs the first one's graph (dynamo's cache is
+    per code object, its guards check structure): scripts/compile_levers.py refuses such a measurement."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "compile_levers.py"
+    spec = importlib.util.spec_from_file_location("compile_levers", path)
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    x = torch.randn(2, 3, 8, 8)
+    first, second = Tiny(0).eval(), Tiny(1).eval()
+    graphs = []
+    with torch.no_grad():
+        for m in (first, second):
+            m.compile(backend="eager", fullgraph=True)
+            before = levers.compile_counters()["graphs"]
+            m(x)
+            graphs.append(levers.compile_counters()["graphs"] - before)
+    assert graphs == [1, 0]
+    levers.require_compiled_anew("first", True, graphs[0])
+    with pytest.raises(levers.NotCompiledAnew, match="second: its first call compiled no graph"):
+        levers.require_compiled_anew("second", True, graphs[1])
+    assert "diffusers-recipe" == levers.parse_args([]).baseline  # every variant is timed beside Diffusers' recipe
+
+
+def test_freezing_is_on_by_default_for_cpu_modules(tiny_sd_dir):
     from test_compile import txt2img
 
     pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"])
-    assert not isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall)
-    pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"], freezing=None)
     assert isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall) and pipe.unet._compiled_call_impl.frozen
+    pipe = compile_pipeline(txt2img(tiny_sd_dir), components=["unet"], freezing=False)
+    assert not isinstance(pipe.unet._compiled_call_impl, FrozenWeightsCall)
     with pytest.raises(ValueError, match="inductor's"):
         compile_pipeline(txt2img(tiny_sd_dir), backend="eager", freezing=True)
     with pytest.raises(ValueError, match="freezing='yes'"):
         compile_pipeline(txt2img(tiny_sd_dir), freezing="yes")
+
+
+@pytest.mark.parametrize("freezing", [None, False])
+def test_freezing_bakes_the_weights_into_the_compiled_code(freezing):
+    """The lever really runs: with freezing the generated code holds the weights as constants (prepacked for oneDNN
+    on this CPU); the reference recipe passes them as inputs. torch.compile(options={"freezing": True}) alone does
+    not get there: dynamo decides at trace time, from inductor's global flag, whether weights are constants."""
+    from torch._inductor.utils import run_and_get_code
+
+    m = Tiny(0).eval()
+    compile_pipeline(types.SimpleNamespace(unet=m), components=["unet"], freezing=freezing)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, code = run_and_get_code(lambda: m(x))
+        assert_close_rel(out, m._call_impl(x), rel=1e-5, what=f"freezing={freezing}")
+    assert ("_frozen_param" in "\n".join(code)) == (freezing is None), f"freezing={freezing}: compiled code {code}"
 
 
 def test_default_freezing_steps_aside_for_lora_layers():
@@ -132,3 +199,27 @@ def test_each_lever_matches_eager_and_does_not_recompile(tiny_sd_dir, lever):
         assert_close_rel(unet(*inputs[0]).sample, expected[0], rel=1e-4, what=f"{lever}: first call")
         with no_recompiles():
             assert_close_rel(unet(*inputs[1]).sample, expected[1], rel=1e-4, what=f"{lever}: new values")
+
+
+def test_threads_in_frozen_calls_leave_inductors_global_flag_as_it_was():
+    """Frozen calls turn inductor's global `freezing` on while they run (dynamo reads it when it traces); threads
+    overlapping in such calls must not leave it on for the rest of the process."""
+    import threading
+
+    from rapiddiff.compile import _global_freezing
+
+    before = torch._inductor.config.freezing
+    seen = []
+
+    def calls() -> None:
+        for _ in range(500):
+            with _global_freezing():
+                seen.append(torch._inductor.config.freezing)
+
+    threads = [threading.Thread(target=calls) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(seen) and len(seen) == 2000
+    assert torch._inductor.config.freezing == before

@@ -156,7 +156,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         pipe.scheduler = getattr(rapiddiff, args.scheduler).from_config(pipe.scheduler.config)
     set_attention(pipe, args.attention)
     if args.compile:
-        pipe = compile_pipeline(pipe)
+        # Frozen graphs (the CPU default) hold oneDNN-packed weights, which inductor's cache cannot store: a run
+        # asked to share a compile cache compiles without freezing, so that there is a cache to share.
+        pipe = compile_pipeline(pipe, freezing=False if args.compile_cache is not None else None)
     return pipe
 
 

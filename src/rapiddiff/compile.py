@@ -12,8 +12,11 @@
 - CUDA-graph safe: the loop keeps no reference to a model output past the next call and never syncs with the device;
   `forbid_host_syncs` / `forbid_host_syncs_in_loop` check the latter.
 - `whole_step=True` compiles model call, guidance and scheduler update of a step as one graph (`WholeStep`).
+- CPU weights are frozen into the compiled code by default (inductor `freezing`, `FrozenWeightsCall`): 1.5x-2.3x
+  the recipe's speed on an AMX Xeon, stale weights never served.
 - Warm start: inductor's FX-graph and AOTAutograd caches are on by default, so a second process compiling the same
   pipeline loads its kernels from disk; `save_compile_cache` / `load_compile_cache` carry them to another machine.
+  Frozen CPU graphs are not cached (their weights are oneDNN-packed): `freezing=False` trades speed for a warm start.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +64,7 @@ def compile_pipeline(
     dynamic: bool | None = False,
     whole_step: bool = False,
     backend: str | Callable[..., Any] = "inductor",
-    freezing: bool | None = False,
+    freezing: bool | None = None,
     options: dict[str, Any] | None = None,
 ) -> Any:
     """Apply channels_last and torch.compile in place to the pipeline's models; returns `pipe`.
@@ -77,9 +81,9 @@ def compile_pipeline(
         generating code.
     freezing: inductor's freezing (weights folded into the compiled code as constants, convolution and linear
         weights prepacked for the CPU's kernels; see `FrozenWeightsCall` for how later weight changes are caught).
-        False (default): off - measured side by side on a quiet CPU it ran at the recipe's speed (0.99x-1.01x,
-        docs/compile.md section 9) while costing a compile on every weight change. None: on for modules whose
-        weights are on the CPU and that hold no LoRA layers. Inductor only; the whole-step graph never freezes.
+        None (default): on for modules whose weights are on the CPU and that hold no LoRA layers - 1.5x-2.3x the
+        reference recipe's speed on an AMX Xeon (docs/compile.md); off on accelerators until measured there. True:
+        on for every module. False: off (the reference recipe). Inductor only; the whole-step graph never freezes.
     options: more inductor options (torch.compile's `options=`, on top of the mode's), e.g. {"conv_1x1_as_mm": True};
         `scripts/compile_levers.py` measures them. Inductor only.
     """
@@ -199,28 +203,62 @@ def inductor_options(mode: str | None, dynamic: bool | None, options: dict[str, 
     return {"backend": "inductor", "options": {**base, **options}}
 
 
-def weights_fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """(storage address, version counter) of every parameter and buffer: changes when a tensor is replaced (a new
-    state dict loaded with assign, `.to()`, a submodule swapped, `param.data = ...`) or written in place under
-    no_grad (`load_state_dict`, `copy_`, a LoRA fused with `add_`)."""
-    return tuple(
-        (t.data_ptr(), -1 if t.is_inference() else t._version) for t in (*module.parameters(), *module.buffers())
-    )
+def weights_fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """(storage address, version counter) of each tensor: changes when a tensor's storage is replaced (`.to()`,
+    `param.data = ...`) or written in place under no_grad (`load_state_dict`, `copy_`, a LoRA fused with `add_`)."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+
+
+def module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+class _Registrations:
+    """A count of parameter, buffer and submodule registrations in eager code anywhere in the process (torch's global
+    registration hooks): while it stands still, no module's tensors were replaced (a state dict loaded with assign, a
+    submodule swapped, a LoRA layer injected), so a cached list of a module's tensors is still its list. Walking the
+    SD UNet's module tree takes milliseconds; reading the cached list's ~700 versions, a tenth of that.
+
+    Installed when this module is imported, before anything compiles (dynamo guards on the hooks it traces through);
+    registrations inside compiled code (a forward slicing a ModuleList) are not counted, so no graph guards on the
+    count."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *_: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        cls.count += 1
+
+
+for _register in (
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+    torch.nn.modules.module.register_module_module_registration_hook,
+):
+    _register(_Registrations.bump)
 
 
 class FrozenWeightsCall:
-    """A module's compiled call with inductor's `freezing`, which bakes the weights into the compiled code.
+    """A module's compiled call with inductor's `freezing`, which bakes the weights into the compiled code (on a CPU,
+    convolution and linear weights prepacked once for oneDNN instead of at every call).
 
-    Baked weights must never go stale: before each call the host compares `weights_fingerprint(module)` with the one
-    taken at compile time (about 0.3 ms for the SD UNet's ~700 tensors, no device sync) and compiles anew when it
-    differs. Each module gets a code object of its own to compile, so that torch's compile cache (kept per code
-    object) never hands one module a graph holding another's weights. Not caught: an in-place write through
-    `param.data` (it bypasses the version counter); call `refresh()` after one.
+    Baked weights must never go stale: before each call the host checks that no weight changed since the compile
+    and compiles anew when one did. The check reads the storage address and version counter of each parameter and
+    buffer (about 0.2 ms for the SD UNet's ~700 tensors, no device sync) from a list walked again only after a
+    module somewhere registered a parameter, buffer or submodule (`_Registrations`). Caught: `load_state_dict`
+    (in place or with assign), `.to()`, `copy_` and other in-place writes under no_grad, `param.data = ...`, a
+    submodule or parameter replaced, LoRA layers loaded, fused or unfused. Not caught: a write through `param.data`
+    in place (it bypasses the version counter) or a deleted attribute; call `refresh()` after one.
 
-    cpu_only (compile_pipeline's freezing=None): freeze only while the weights are on the CPU and the module holds no
-    LoRA layers; weights moved to an accelerator (`pipe.to("cuda")` after compiling, model offload) or a LoRA loaded
-    compile once more, without freezing and without the per-call check. Every compile after the first is logged
-    (a warning): a weight change costs a full compile with freezing, and `freezing=False` avoids it.
+    Each module gets a code object of its own to compile, so that torch's compile cache (kept per code object) never
+    hands one module a graph holding another's weights.
+
+    cpu_only (compile_pipeline's default, freezing=None): freeze only while the weights are on the CPU and the module
+    holds no LoRA layers; weights moved to an accelerator (`pipe.to("cuda")` after compiling, model offload) or a
+    LoRA loaded compile once more, without freezing and without the per-call check. Every compile after the first is
+    logged (a warning): a weight change costs a full compile with freezing, and `freezing=False` avoids it.
     """
 
     def __init__(self, module: nn.Module, cpu_only: bool = False, **compile_kwargs: Any):
@@ -253,13 +291,59 @@ class FrozenWeightsCall:
         # a fresh code object: torch.compile's cache of graphs (frozen weights included) is per code object
         call.__code__ = call.__code__.replace(co_name=f"frozen_{type(module).__name__}_{id(self):x}")
         self._compiled = torch.compile(call, **kwargs)
-        self._fingerprint = weights_fingerprint(module)
+        self._remember_weights()
         self.compiles += 1
 
+    def _remember_weights(self) -> None:
+        self._registrations = _Registrations.count
+        self._tensors = module_tensors(self._module)
+        self._fingerprint = weights_fingerprint(self._tensors)
+
+    def weights_changed(self) -> bool:
+        """Whether a parameter or buffer changed since the compile (see the class's docstring for what is caught)."""
+        if self._registrations == _Registrations.count:
+            return weights_fingerprint(self._tensors) != self._fingerprint
+        tensors = module_tensors(self._module)
+        if len(tensors) != len(self._tensors) or any(a is not b for a, b in zip(tensors, self._tensors)):
+            return True
+        self._registrations = _Registrations.count  # registrations elsewhere: this module's tensors are the same
+        return weights_fingerprint(tensors) != self._fingerprint
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.frozen and weights_fingerprint(self._module) != self._fingerprint:
+        if self.frozen and self.weights_changed():
             self.refresh()
-        return self._compiled(*args, **kwargs)
+        if not self.frozen:
+            return self._compiled(*args, **kwargs)
+        with _global_freezing():
+            return self._compiled(*args, **kwargs)
+
+
+class _GlobalFreezing:
+    lock = threading.Lock()
+    users = 0
+    saved = False
+
+
+@contextlib.contextmanager
+def _global_freezing() -> Iterator[None]:
+    """Inductor's global `freezing` flag on while a frozen call runs. Dynamo reads it when it traces, to make the
+    parameters constants of the graph rather than graph inputs; `torch.compile(options={"freezing": True})` alone
+    reaches inductor after that, with the weights already inputs it cannot fold or prepack (the compiled code is then
+    the recipe's). Counted, not patched and restored, so that threads in frozen calls at once never leave it on: the
+    last one out restores the value it had. (A module compiled elsewhere that traces during such a call freezes too.)
+    """
+    with _GlobalFreezing.lock:
+        if _GlobalFreezing.users == 0:
+            _GlobalFreezing.saved = torch._inductor.config.freezing
+            torch._inductor.config.freezing = True
+        _GlobalFreezing.users += 1
+    try:
+        yield
+    finally:
+        with _GlobalFreezing.lock:
+            _GlobalFreezing.users -= 1
+            if _GlobalFreezing.users == 0:
+                torch._inductor.config.freezing = _GlobalFreezing.saved
 
 
 # --- whole step ------------------------------------------------------------------------------------------------------
@@ -405,7 +489,11 @@ def save_compile_cache(path: str | os.PathLike) -> Path:
     """
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
-        raise RuntimeError("save_compile_cache: nothing was compiled in this process yet; run the pipeline once first")
+        raise RuntimeError(
+            "save_compile_cache: no cacheable compiled code in this process: nothing was compiled yet (run the "
+            "pipeline once first), or only frozen graphs, which inductor does not cache on a CPU (their weights are "
+            "packed for oneDNN): compile_pipeline(pipe, freezing=False) for a cache to carry"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(artifacts[0])
