@@ -8,14 +8,14 @@ import os
 import sys
 
 from rapiddiff import cli
-from rapiddiff.batch import run
+from rapiddiff.batch import files, run
 
 
 def die_in_second_chunk() -> None:
     original_run_chunk, original_replace = run.ChunkRunner.run_chunk, os.replace
     renamed = []
 
-    def replace(src, dst):  # os.replace as batch/run.py sees it
+    def replace(src, dst):  # os.replace as batch/files.py sees it
         if dying:
             if renamed:
                 os._exit(1)
@@ -30,8 +30,8 @@ def die_in_second_chunk() -> None:
         return original_run_chunk(self, chunk)
 
     run.ChunkRunner.run_chunk = run_chunk
-    run.os = type(sys)("os_with_a_fault")
-    run.os.__dict__.update(os.__dict__, replace=replace)
+    files.os = type(sys)("os_with_a_fault")
+    files.os.__dict__.update(os.__dict__, replace=replace)
 
 
 if __name__ == "__main__":

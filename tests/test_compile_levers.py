@@ -206,7 +206,7 @@ def test_threads_in_frozen_calls_leave_inductors_global_flag_as_it_was():
     overlapping in such calls must not leave it on for the rest of the process."""
     import threading
 
-    from rapiddiff.compile import _global_freezing
+    from rapiddiff.frozen import _global_freezing
 
     before = torch._inductor.config.freezing
     seen = []

@@ -101,7 +101,7 @@ def write_image(image: Any, path: Path, overwrite: bool) -> None:
     """Write `image` whole at `path` (a pid-tagged temporary, then a rename); without `overwrite`, the final step is
     a hard link, which fails rather than replace a file another process wrote meanwhile. An OSError names the path;
     temporaries left by dead processes are removed first."""
-    from .run import save_synced, writing  # one temporary-file rule for every output
+    from .files import save_synced, writing  # one temporary-file rule for every output
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for stray in path.parent.glob(f"{path.name}.tmp-*"):

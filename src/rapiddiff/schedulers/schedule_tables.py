@@ -14,7 +14,7 @@ import torch
 from ..utils.optional import import_optional
 
 if TYPE_CHECKING:
-    from .scheduling_utils import SchedulerConfig
+    from .scheduler_config import SchedulerConfig
 
 
 # --- tables --------------------------------------------------------------------------------------------------------
