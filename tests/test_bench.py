@@ -697,8 +697,8 @@ def test_compiled_column_states_each_sides_options_read_at_run_time(monkeypatch)
         raise AssertionError("not called")
 
     monkeypatch.setattr(rapiddiff, "compile_pipeline", compile_pipeline)
-    monkeypatch.setattr(torch._inductor.config, "max_autotune", True)
-    recipes = compile_recipes(("rapiddiff", "diffusers"))
+    with torch._inductor.config.patch(max_autotune=True):  # (monkeypatch's undo deletes a config module's attribute)
+        recipes = compile_recipes(("rapiddiff", "diffusers"))
     rapid, base = recipes["backends"]["rapiddiff"], recipes["backends"]["diffusers"]
     assert rapid["arguments"] == {"mode": "reduce-overhead", "fullgraph": True, "freezing": None}
     assert base["arguments"] == REFERENCE_COMPILE == {"mode": "reduce-overhead", "fullgraph": True}
