@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rapiddiff import cli
-from rapiddiff.batch import run as batch_run
+from rapiddiff.batch import files as batch_files
 from rapiddiff.batch.lock import FolderBusy
 from rapiddiff.batch.prompts import Defaults, iter_chunk, scan_prompt_file
 from rapiddiff.batch.run import BatchJob, BatchSettings, Layout, Worker, run_workers
@@ -145,7 +145,7 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, "No space left on device")
         fsync(fd)
 
-    monkeypatch.setattr(batch_run.os, "fsync", full)
+    monkeypatch.setattr(batch_files.os, "fsync", full)
     with pytest.raises(OSError, match=r"cannot write .*parts/00000000.jsonl: No space left on device") as info:
         finish(job)
     assert info.value.errno == errno.ENOSPC
@@ -162,7 +162,7 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch)
 
 
 def test_temporary_names_are_per_process(tmp_path):
-    assert batch_run.temporary(tmp_path / "a.png").name == f"a.png.tmp-{os.getpid()}"
+    assert batch_files.temporary(tmp_path / "a.png").name == f"a.png.tmp-{os.getpid()}"
 
 
 # --- the weights' fingerprint ---------------------------------------------------------------------------------------
