@@ -98,7 +98,8 @@ class ConsistencySchedulerMixin(SchedulerMixin):
                 raise ValueError(f"{name}: custom timesteps must be in descending order, got {values}")
             if values[0] >= num_train:
                 raise ValueError(f"{name}: timesteps must start below num_train_timesteps={num_train}, got {values}")
-            off_grid = [t for t in values[1:] if t not in set(origin.tolist())]
+            grid = set(origin.tolist())
+            off_grid = [t for t in values[1:] if t not in grid]
             if strength == 1.0 and values[0] != num_train - 1:
                 logger.warning(f"{name}: the custom schedule starts at {values[0]}, not {num_train - 1}")
             if off_grid:
