@@ -399,3 +399,16 @@ def test_compiles_fullgraph(config, save_diffusers):
     compiled = torch.compile(ours, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(**kw).sample, ours(**kw).sample)
+
+
+def test_an_eager_call_registers_no_module(save_diffusers):
+    """A forward builds no module (no ModuleList slice): a registration anywhere makes the frozen-weights check walk
+    its module tree again (rapiddiff.frozen), so eager components must not register any at each call."""
+    from rapiddiff.frozen import _Registrations
+
+    _, ours = make_pair(SD1, save_diffusers)
+    with torch.no_grad():
+        ours(**inputs(SD1))
+        before = _Registrations.count
+        ours(**inputs(SD1))
+    assert _Registrations.count == before

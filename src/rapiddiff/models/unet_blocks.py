@@ -368,7 +368,8 @@ class UNetMidBlock(_Block):
         encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
-        for attn, resnet in zip(self.attentions or (), self.resnets[1:]):
+        # a list, not `self.resnets[1:]`: slicing a ModuleList builds (and registers) a new module at every call
+        for attn, resnet in zip(self.attentions or (), list(self.resnets)[1:]):
             hidden_states = attend(
                 attn,
                 hidden_states,
