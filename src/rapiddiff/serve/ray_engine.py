@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "rapiddiff"
 SHUTDOWN_MARGIN_S = 30.0  # beyond --request-timeout, for the answers to go out and the worker to stop
+# Ray holds the requests beyond a replica's `max_ongoing_requests` in its router, unanswered (and, if the application
+# is deleted meanwhile, until the client gives up). So the replica's own queue must refuse first (429 past --max-queue
+# images, a request being at least one image): its limit is the queue, the running batch and this many requests being
+# answered at once without work (refusals, /health, /metrics).
+ONGOING_MARGIN = 64
 
 
 def application(setup: PipelineSetup, settings: ServeSettings, replicas: int) -> Any:
@@ -41,9 +46,7 @@ def application(setup: PipelineSetup, settings: ServeSettings, replicas: int) ->
         name=APP_NAME,
         num_replicas=replicas,
         ray_actor_options={"num_gpus": 1 if gpus else 0, "num_cpus": 1},
-        # Ray holds a replica's requests beyond this in its proxy: let them all reach the replica's own queue, which
-        # refuses with 429 past --max-queue images (a request is at least one image)
-        max_ongoing_requests=settings.max_queue + settings.max_batch_size,
+        max_ongoing_requests=settings.max_queue + settings.max_batch_size + ONGOING_MARGIN,
         graceful_shutdown_timeout_s=settings.request_timeout + SHUTDOWN_MARGIN_S,
     )
     return deployment.bind()
