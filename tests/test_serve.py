@@ -480,10 +480,10 @@ RAY_REQUESTS = [
     body("a cat", seed=11, scheduler="euler_a"),
 ]
 RAY_BAD = [body(quality="hd"), body(n=9), body(model="dall-e-3"), body(size="30x32")]
-RAY_IN_FLIGHT = body("a slow castle", seed=5, n=4, size="64x64", num_inference_steps=40)  # seconds of work
+RAY_IN_FLIGHT = body("a slow castle", seed=5, n=4, size="64x64", num_inference_steps=60)  # 5-10 s of work
 
 
-def _drive_ray_server(url: str, seen: dict) -> None:
+def _drive_ray_server(url: str, seen: dict, exited: threading.Event) -> None:
     """The client side of the Ray test, in a thread while the command runs in the main one: once the replicas are
     ready, the requests, the bad bodies and one slow request in flight when SIGTERM is sent to this process (the
     command's handler: only sent once it is installed, so pytest itself is never terminated)."""
@@ -493,7 +493,7 @@ def _drive_ray_server(url: str, seen: dict) -> None:
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert time.monotonic() < deadline, "the replicas did not get ready"
+            assert time.monotonic() < deadline and not exited.is_set(), "the replicas did not get ready"
             try:
                 if httpx.get(url + "/ready", timeout=2).status_code == 200:
                     break
@@ -509,12 +509,16 @@ def _drive_ray_server(url: str, seen: dict) -> None:
         with ThreadPoolExecutor(len(RAY_REQUESTS)) as pool:
             seen["answers"] = list(pool.map(lambda b: httpx.post(url + ENDPOINT, json=b, timeout=120), RAY_REQUESTS))
         seen["bad"] = [httpx.post(url + ENDPOINT, json=b, timeout=30) for b in RAY_BAD]
+
+        def answered_at(request: dict) -> tuple[httpx.Response, float]:
+            return httpx.post(url + ENDPOINT, json=request, timeout=120), time.monotonic()
+
         with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(httpx.post, url + ENDPOINT, json=RAY_IN_FLIGHT, timeout=120)
+            in_flight = pool.submit(answered_at, RAY_IN_FLIGHT)
             time.sleep(2.0)  # routed to a replica and running
             seen["sigterm_at"] = time.monotonic()
             os.kill(os.getpid(), signal.SIGTERM)
-            seen["in_flight"] = in_flight.result()
+            seen["in_flight"], seen["in_flight_at"] = in_flight.result()
     except BaseException as error:  # reported by the test
         seen["error"] = error
     finally:
@@ -536,12 +540,14 @@ def test_ray_engine_serves_the_same_app_on_replicas(pipe, tiny_sd_dir):
     port, seen = free_port(), {}
     url = f"http://127.0.0.1:{port}"
     handler = signal.getsignal(signal.SIGTERM)
-    client = threading.Thread(target=_drive_ray_server, args=(url, seen), daemon=True)
+    exited = threading.Event()
+    client = threading.Thread(target=_drive_ray_server, args=(url, seen, exited), daemon=True)
     start = time.monotonic()
     client.start()
     code = main(["serve", "--engine", "ray", "--replicas", "2", "--model", str(tiny_sd_dir), "--port", str(port),
                  "--max-batch-size", "4", "--batch-wait-ms", "300"])  # fmt: skip
     stopped = time.monotonic()
+    exited.set()
     client.join(60)
     if "error" in seen:
         raise seen["error"]
@@ -563,6 +569,7 @@ def test_ray_engine_serves_the_same_app_on_replicas(pipe, tiny_sd_dir):
             same = local.post(ENDPOINT, json=request)
             assert (response.status_code, response.json()) == (same.status_code, same.json())
     assert seen["in_flight"].status_code == 200 and len(seen["in_flight"].json()["data"]) == 4
+    assert seen["sigterm_at"] < seen["in_flight_at"] < stopped  # it was in flight at SIGTERM, answered before the exit
 
 
 def test_the_ray_engine_checks_the_model_before_ray_starts(tiny_upscaler_dir, tmp_path, capsys):
