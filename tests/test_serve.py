@@ -472,6 +472,18 @@ def test_the_command_checks_before_serving(tiny_upscaler_dir, tmp_path, capsys):
     assert "loads as StableDiffusionUpscalePipeline" in capsys.readouterr().err
 
 
+def test_the_pipeline_setup_loads_checks_and_prepares(pipe, tiny_sd_dir, tiny_upscaler_dir):
+    """What the command and every Ray replica serve: the checkpoint on this process's device, without progress bars."""
+    from rapiddiff.serve.setup import PipelineSetup
+
+    served = PipelineSetup(str(tiny_sd_dir)).load()
+    assert type(served) is rapiddiff.StableDiffusionPipeline and served.device.type == "cpu"
+    assert served._progress_bar_config == {"disable": True}
+    np.testing.assert_array_equal(direct(served, "a red cube", 3), direct(pipe, "a red cube", 3))
+    with pytest.raises(ValueError, match="loads as StableDiffusionUpscalePipeline"):
+        PipelineSetup(str(tiny_upscaler_dir)).check()
+
+
 # --- the Ray Serve engine --------------------------------------------------------------------------------------------
 RAY_REQUESTS = [
     body("a red cube", seed=1),

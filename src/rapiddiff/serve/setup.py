@@ -26,25 +26,23 @@ class PipelineSetup:
     model: str  # a Diffusers-layout folder or a Hub id
     compile: bool = False  # rapiddiff.compile_pipeline
 
-    def load(self) -> Any:
-        """The pipeline on this process's device (CUDA in float16 when there is one, else the CPU in float32), then
-        `prepare`d. ValueError or OSError when the model cannot be served."""
-        device = checks.resolve_device(None)
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = rapiddiff.DiffusionPipeline.from_pretrained(self.model, torch_dtype=dtype).to(device)
-        self._check_class(type(pipe).__name__)
-        return self.prepare(pipe)
-
     def check(self) -> None:
-        """What needs no weights, to fail before any replica starts: the model resolves (its model_index.json, from the
-        Hub or its cache for an id) and names the pipeline class served. ValueError or OSError."""
-        index = read_json(resolve_file(self.model, MODEL_INDEX))
-        self._check_class(index.get("_class_name"))
-
-    def _check_class(self, name: str | None) -> None:
+        """What needs no weights (a Ray engine checks it before any replica starts): the model resolves (its
+        model_index.json, from the Hub or its cache for an id) and names the pipeline class served. ValueError or
+        OSError."""
+        name = read_json(resolve_file(self.model, MODEL_INDEX)).get("_class_name")
         if name != SERVED_CLASS:
             raise ValueError(f"--model {self.model} loads as {name}; this server runs text-to-image Stable Diffusion "
                              f"checkpoints ({SERVED_CLASS})")  # fmt: skip
+
+    def load(self) -> Any:
+        """The pipeline, `check`ed, on this process's device (CUDA in float16 when there is one, else the CPU in
+        float32), then `prepare`d. ValueError or OSError when the model cannot be served."""
+        self.check()
+        device = checks.resolve_device(None)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = rapiddiff.DiffusionPipeline.from_pretrained(self.model, torch_dtype=dtype).to(device)
+        return self.prepare(pipe)
 
     def prepare(self, pipe: Any) -> Any:
         """The options applied to a loaded pipeline, in order; the pipeline to serve. Each option that changes how
