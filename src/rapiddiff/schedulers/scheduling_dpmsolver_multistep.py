@@ -17,59 +17,18 @@ import torch
 from ..configuration import ConfigError
 from ..utils.torch_utils import Generator, randn_tensor
 from .schedule_tables import sigma_to_t
-from .scheduling_utils import SchedulerConfig
-from .scheduling_vp_solver import VPSolverMixin, dpm_phi, solver_timesteps, vp_lambda
+from .scheduling_vp_solver import DPMSolverConfig, VPSolverMixin, dpm_phi, solver_timesteps, vp_lambda
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"
-    lower_order_final: bool = True
+class DPMSolverMultistepSchedulerConfig(DPMSolverConfig):
     euler_at_final: bool = False
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
     use_lu_lambdas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0  # only read with use_flow_sigmas
-    final_sigmas_type: str = "zero"
-    lambda_min_clipped: float = -float("inf")
-    variance_type: str | None = None
-    timestep_spacing: str = "linspace"
     rescale_betas_zero_snr: bool = False
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
-
-    choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
-        "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"),
-        "solver_type": ("midpoint", "heun"),
-        "use_flow_sigmas": (False, None),
-        "final_sigmas_type": ("zero", "sigma_min"),
-        "variance_type": (None, "learned", "learned_range"),
-        "use_dynamic_shifting": (False,),
-        "time_shift_type": ("exponential",),
-    }
 
     def __post_init__(self) -> None:
-        # Diffusers maps the names of DEIS / UniPC configs (when swapping from them) onto DPM-Solver++'s.
-        if self.algorithm_type == "deis":
-            object.__setattr__(self, "algorithm_type", "dpmsolver++")
-        if self.solver_type in ("logrho", "bh1", "bh2"):
-            object.__setattr__(self, "solver_type", "midpoint")
         super().__post_init__()
-        if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
-            raise ConfigError(
-                f"DPMSolverMultistepSchedulerConfig: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type; "
-                f"use final_sigmas_type='sigma_min' with algorithm_type={self.algorithm_type!r}"
-            )
         if self.algorithm_type == "sde-dpmsolver" and self.solver_order == 3:
             raise ConfigError(
                 "DPMSolverMultistepSchedulerConfig: solver_order=3 has no algorithm_type='sde-dpmsolver' update "
@@ -184,16 +143,12 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """One multistep update; the order drops near the end (lower_order_final, euler_at_final) as in Diffusers.
         The SDE variants draw their noise with `generator` (float32, as Diffusers), or take `variance_noise`."""
-        self._require_schedule()
-        plan = self.plan_step(timestep, sample, generator=generator, variance_noise=variance_noise)
-        return self._run_plan(model_output, sample, plan, return_dict)
+        return self._step(
+            model_output, timestep, sample, return_dict, generator=generator, variance_noise=variance_noise
+        )
 
     def _plan(
-        self,
-        i: int,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        variance_noise: torch.Tensor | None = None,
+        self, i: int, sample: torch.Tensor, generator: Generator | None, variance_noise: torch.Tensor | None
     ) -> StepPlan[DPMSolverCoeffs]:
         """history: the solver_order - 1 previous converted outputs, newest first (zeros, with zero coefficients,
         before there are any)."""

@@ -21,7 +21,7 @@ from ..utils.optional import import_optional
 from ..utils.torch_utils import to_device
 from .schedule_tables import sigma_to_t, spaced_timesteps
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig
+from .scheduling_heun_discrete import SecondOrderSchedulerConfig
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
@@ -72,16 +72,10 @@ class BrownianTreeNoiseSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSDESchedulerConfig(SchedulerConfig):
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
+class DPMSolverSDESchedulerConfig(SecondOrderSchedulerConfig):
     noise_sampler_seed: int | tuple[int, ...] | None = None
-    timestep_spacing: str = "linspace"
 
-    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+    choices: ClassVar = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 class DPMSolverSDECoeffs(NamedTuple):
@@ -221,10 +215,9 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         return_dict: bool = True,
         s_noise: float = 1.0,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, s_noise=s_noise), return_dict)
+        return self._step(model_output, timestep, sample, return_dict, s_noise=s_noise)
 
-    def _plan(self, i: int, sample: torch.Tensor, s_noise: float = 1.0) -> StepPlan[DPMSolverSDECoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, s_noise: float) -> StepPlan[DPMSolverSDECoeffs]:
         """Noise for every step: the Brownian increment (zeros on the final Euler step, which draws none); history:
         the sample saved at the interval's first call (zeros while there is none)."""
         if self.noise_sampler is None:

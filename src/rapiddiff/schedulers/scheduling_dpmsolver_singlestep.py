@@ -15,46 +15,19 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..configuration import ConfigError
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig
-from .scheduling_vp_solver import VPSolverMixin, dpm_phi, vp_lambda
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import GeneratorStepMixin
+from .scheduling_vp_solver import DPMSolverConfig, VPSolverMixin, dpm_phi, vp_lambda
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSinglestepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"
+class DPMSolverSinglestepSchedulerConfig(DPMSolverConfig):
     lower_order_final: bool = False
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0  # only read with use_flow_sigmas
-    final_sigmas_type: str = "zero"
-    lambda_min_clipped: float = -float("inf")
-    variance_type: str | None = None
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
 
-    choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
-        "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"),
-        "solver_type": ("midpoint", "heun"),
-        "use_flow_sigmas": (False, None),
-        "final_sigmas_type": ("zero", "sigma_min"),
-        "variance_type": (None, "learned", "learned_range"),
-        "use_dynamic_shifting": (False,),
-        "time_shift_type": ("exponential",),
-    }
+    choices: ClassVar = {"algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")}
     # Diffusers' single-step solver has no timestep_spacing / steps_offset keys (it spaces like "linspace"): other
     # schedulers' values are kept aside, as for any key the class does not have.
     _not_keys: ClassVar[tuple[str, ...]] = ("timestep_spacing", "steps_offset")
@@ -62,19 +35,6 @@ class DPMSolverSinglestepSchedulerConfig(SchedulerConfig):
     @classmethod
     def _field_names(cls) -> tuple[str, ...]:
         return tuple(name for name in super()._field_names() if name not in cls._not_keys)
-
-    def __post_init__(self) -> None:
-        # Diffusers maps the names of DEIS / UniPC configs (when swapping from them) onto DPM-Solver++'s.
-        if self.algorithm_type == "deis":
-            object.__setattr__(self, "algorithm_type", "dpmsolver++")
-        if self.solver_type in ("logrho", "bh1", "bh2"):
-            object.__setattr__(self, "solver_type", "midpoint")
-        super().__post_init__()
-        if self.algorithm_type == "dpmsolver" and self.final_sigmas_type == "zero":
-            raise ConfigError(
-                "DPMSolverSinglestepSchedulerConfig: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type; "
-                "use final_sigmas_type='sigma_min' with algorithm_type='dpmsolver'"
-            )
 
 
 class DPMSolverSinglestepCoeffs(NamedTuple):
@@ -91,7 +51,7 @@ class DPMSolverSinglestepCoeffs(NamedTuple):
     noise_std: torch.Tensor
 
 
-class DPMSolverSinglestepScheduler(VPSolverMixin):
+class DPMSolverSinglestepScheduler(GeneratorStepMixin, VPSolverMixin):
     config_class: ClassVar[type[DPMSolverSinglestepSchedulerConfig]] = DPMSolverSinglestepSchedulerConfig
 
     def _reset_history(self) -> None:
@@ -181,22 +141,10 @@ class DPMSolverSinglestepScheduler(VPSolverMixin):
             w_b = d1 * r0 / (r1 * (r0 - r1)) - d2 * 2.0 / (r1 * (r0 - r1))
         return c_x, c_0, w_b, c_0 - w_a - w_b, noise_std
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        """One step of the current group; sde-dpmsolver++ draws its noise with `generator`."""
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[DPMSolverSinglestepCoeffs]:
+        """One step of the current group; sde-dpmsolver++ draws its noise with `generator`.
 
-    def _plan(
-        self, i: int, sample: torch.Tensor, generator: Generator | None = None
-    ) -> StepPlan[DPMSolverSinglestepCoeffs]:
-        """history: the solver_order - 1 earlier converted outputs, newest first, then the group's saved sample
+        history: the solver_order - 1 earlier converted outputs, newest first, then the group's saved sample
         (zeros, weighted 0, while missing)."""
         order = self._order(i)
         noise = None

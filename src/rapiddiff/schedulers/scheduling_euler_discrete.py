@@ -15,7 +15,8 @@ import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .schedule_tables import sigma_to_t, spaced_timesteps
-from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .scheduler_config import SigmaSpacingConfig
+from .scheduling_utils import SchedulerMixin
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
@@ -101,20 +102,15 @@ class EulerSchedulerMixin(SchedulerMixin):
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerDiscreteSchedulerConfig(SchedulerConfig):
+class EulerDiscreteSchedulerConfig(SigmaSpacingConfig):
     interpolation_type: str = "linear"
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
     sigma_min: float | None = None
     sigma_max: float | None = None
-    timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"
     rescale_betas_zero_snr: bool = False
     final_sigmas_type: str = "zero"
 
     choices: ClassVar = {
-        **SchedulerConfig.choices,
         "interpolation_type": ("linear", "log_linear"),
         "timestep_type": ("discrete", "continuous"),
         "final_sigmas_type": ("zero", "sigma_min"),
@@ -131,6 +127,7 @@ class EulerCoeffs(NamedTuple):
 
 class EulerDiscreteScheduler(EulerSchedulerMixin):
     _refuses_int_timesteps = True
+    _steps_without_set_timesteps: ClassVar[bool] = True
     config_class: ClassVar[type[EulerDiscreteSchedulerConfig]] = EulerDiscreteSchedulerConfig
 
     def set_timesteps(
@@ -189,20 +186,18 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """One Euler step from sigma_i to sigma_{i+1}, optionally "churned" up to sigma_hat with fresh noise."""
-        plan = self.plan_step(
-            timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator
-        )
-        return self._run_plan(model_output, sample, plan, return_dict)
+        churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+        return self._step(model_output, timestep, sample, return_dict, **churn, generator=generator)
 
     def _plan(
         self,
         i: int,
         sample: torch.Tensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: Generator | None = None,
+        s_churn: float,
+        s_tmin: float,
+        s_tmax: float,
+        s_noise: float,
+        generator: Generator | None,
     ) -> StepPlan[EulerCoeffs]:
         """With s_churn > 0 every step gets a noise tensor (zeros, not drawn, outside [s_tmin, s_tmax])."""
         sigma = self.sigmas[i]

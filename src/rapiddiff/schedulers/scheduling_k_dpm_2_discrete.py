@@ -12,12 +12,11 @@ import torch
 
 from .schedule_tables import sigma_to_t
 from .scheduling_heun_discrete import SecondOrderSchedulerConfig, SecondOrderSchedulerMixin, doubled
-from .scheduling_utils import SchedulerConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class KDPM2DiscreteSchedulerConfig(SecondOrderSchedulerConfig):
-    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+    choices: ClassVar = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 @dataclasses.dataclass(frozen=True)

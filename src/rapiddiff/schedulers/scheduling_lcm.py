@@ -17,26 +17,22 @@ import torch
 
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .scheduler_config import ClipSampleConfig
+from .scheduling_utils import GeneratorStepMixin, SchedulerMixin
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class ConsistencySchedulerConfig(SchedulerConfig):
+class ConsistencySchedulerConfig(ClipSampleConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     original_inference_steps: int = 50
     clip_sample: bool = False
-    clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     timestep_scaling: float = 10.0
-    rescale_betas_zero_snr: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +48,6 @@ class ConsistencySchedulerMixin(SchedulerMixin):
 
     def __init__(self, config: dict | None = None, **kwargs: object) -> None:
         super().__init__(config, **kwargs)
-        if not self.config.set_alpha_to_one:
-            self.final_alpha_cumprod = self.alphas_cumprod[0]
         self.custom_timesteps = False
 
     def _origin_timesteps(self, original_inference_steps: int | None, strength: float) -> np.ndarray:
@@ -155,8 +149,9 @@ class LCMCoeffs(NamedTuple):
     noise_coeff: torch.Tensor
 
 
-class LCMScheduler(ConsistencySchedulerMixin):
+class LCMScheduler(GeneratorStepMixin, ConsistencySchedulerMixin):
     config_class: ClassVar[type[LCMSchedulerConfig]] = LCMSchedulerConfig
+    output_class: ClassVar[type[LCMSchedulerOutput]] = LCMSchedulerOutput
 
     def get_scalings_for_boundary_condition_discrete(self, timestep: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out) of the consistency parameterisation at `timestep` (float32, as for a tensor timestep)."""
@@ -166,21 +161,7 @@ class LCMScheduler(ConsistencySchedulerMixin):
         c_out = scaled / (scaled**2 + self.sigma_data**2) ** 0.5
         return c_skip, c_out
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        return_dict: bool = True,
-    ) -> LCMSchedulerOutput | tuple[torch.Tensor, ...]:
-        self._require_schedule()
-        plan = self.plan_step(timestep, sample, generator=generator)
-        prev_sample, denoised, _ = self.apply_plan(model_output, sample, plan)
-        self.commit_plan(plan, ())
-        return LCMSchedulerOutput(prev_sample, denoised) if return_dict else (prev_sample, denoised)
-
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[LCMCoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[LCMCoeffs]:
         """Noise for every step: drawn, except on the last one (zeros; the generator ends where Diffusers' does)."""
         t = int(self._timestep_values[i])
         alpha_prod_t_prev = self._prev_alpha(i, last=t)

@@ -23,7 +23,7 @@ class PNDMSchedulerConfig(SchedulerConfig):
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
 
-    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+    choices: ClassVar = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 class PLMSCoeffs(NamedTuple):
@@ -42,8 +42,6 @@ class PNDMScheduler(SchedulerMixin):
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        if not self.config.set_alpha_to_one:
-            self.final_alpha_cumprod = self.alphas_cumprod[0]
         self.timesteps = None
         self._reset_history()
 

@@ -40,6 +40,7 @@ class TCDCoeffs(NamedTuple):
 
 class TCDScheduler(ConsistencySchedulerMixin):
     config_class: ClassVar[type[TCDSchedulerConfig]] = TCDSchedulerConfig
+    output_class: ClassVar[type[TCDSchedulerOutput]] = TCDSchedulerOutput
 
     def _origin_timesteps(self, original_inference_steps: int | None, strength: float) -> np.ndarray:
         """As LCM's, except that an explicit `original_inference_steps` picks from every training timestep (as
@@ -58,16 +59,9 @@ class TCDScheduler(ConsistencySchedulerMixin):
         return_dict: bool = True,
     ) -> TCDSchedulerOutput | tuple[torch.Tensor, ...]:
         """eta in [0, 1]: 0 is deterministic (the ODE), 1 a full re-noising (like LCM)."""
-        self._require_schedule()
-        plan = self.plan_step(timestep, sample, eta=eta, generator=generator)
-        prev_sample, pred_noised_sample, _ = self.apply_plan(model_output, sample, plan)
-        self.commit_plan(plan, ())
-        out = TCDSchedulerOutput(prev_sample, pred_noised_sample)
-        return out if return_dict else (prev_sample, pred_noised_sample)
+        return self._step(model_output, timestep, sample, return_dict, eta=eta, generator=generator)
 
-    def _plan(
-        self, i: int, sample: torch.Tensor, eta: float = 0.3, generator: Generator | None = None
-    ) -> StepPlan[TCDCoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, eta: float, generator: Generator | None) -> StepPlan[TCDCoeffs]:
         """With eta > 0 every step gets noise: drawn, except on the last one (zeros)."""
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
             raise ValueError(f"TCDScheduler.step: eta must be a number in [0, 1], got {eta!r}")

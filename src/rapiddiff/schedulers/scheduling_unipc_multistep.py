@@ -15,45 +15,27 @@ import numpy as np
 import torch
 
 from ..configuration import ConfigError
-from .scheduling_utils import SchedulerConfig
+from .scheduler_config import SolverConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_lambda
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPCMultistepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class UniPCMultistepSchedulerConfig(SolverConfig):
     predict_x0: bool = True
     solver_type: str = "bh2"
-    lower_order_final: bool = True
     disable_corrector: tuple[int, ...] = ()
     solver_p: None = None
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0  # only read with use_flow_sigmas
-    timestep_spacing: str = "linspace"
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
     sigma_min: float | None = None
     sigma_max: float | None = None
     shift_terminal: float | None = None
 
     choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
         "solver_type": ("bh1", "bh2"),
         "solver_p": (None,),
-        "use_flow_sigmas": (False, None),
         "final_sigmas_type": ("zero", "sigma_min"),
-        "use_dynamic_shifting": (False,),
-        "time_shift_type": ("exponential",),
         "shift_terminal": (None,),
     }
 
@@ -172,15 +154,10 @@ class UniPCMultistepScheduler(VPSolverMixin):
             weights = [-scale * rho / rk for rho, rk in zip(rhos, rks)]
         return c_x, c_m0, weights
 
-    def step(
-        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        """Correct the previous step with this model output (UniC, unless disabled), then predict (UniP)."""
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
-
     def _plan(self, i: int, sample: torch.Tensor) -> StepPlan[UniPCCoeffs]:
-        """history: the solver_order earlier converted outputs, newest first, then the previous corrected sample
+        """Correct the previous step with this model output (UniC, unless disabled), then predict (UniP).
+
+        history: the solver_order earlier converted outputs, newest first, then the previous corrected sample
         (zeros, weighted 0, while missing)."""
         use_corrector = i > 0 and (i - 1) not in self.config.disable_corrector and self.last_sample is not None
         cc = [0.0] * 5

@@ -8,14 +8,48 @@ model outputs (x0 or epsilon predictions), newest last.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from ..configuration import ConfigError
 from .schedule_tables import sigma_to_t
+from .scheduler_config import SolverConfig
 from .scheduling_utils import SchedulerMixin
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverConfig(SolverConfig):
+    """The keys both DPM-Solvers (multistep and single-step) have."""
+
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -float("inf")
+    variance_type: str | None = None
+
+    choices: ClassVar = {
+        "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"),
+        "solver_type": ("midpoint", "heun"),
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "variance_type": (None, "learned", "learned_range"),
+    }
+
+    def __post_init__(self) -> None:
+        # Diffusers maps the names of DEIS / UniPC configs (when swapping from them) onto DPM-Solver++'s.
+        if self.algorithm_type == "deis":
+            object.__setattr__(self, "algorithm_type", "dpmsolver++")
+        if self.solver_type in ("logrho", "bh1", "bh2"):
+            object.__setattr__(self, "solver_type", "midpoint")
+        super().__post_init__()
+        if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
+            raise ConfigError(
+                f"{type(self).__name__}: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type; "
+                f"use final_sigmas_type='sigma_min' with algorithm_type={self.algorithm_type!r}"
+            )
 
 
 def vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
