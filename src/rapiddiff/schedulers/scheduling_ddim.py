@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .schedule_tables import spaced_timesteps
 from .scheduler_config import ClipSampleConfig
 from .scheduling_utils import SchedulerMixin
@@ -29,7 +29,7 @@ class DDIMCoeffs(NamedTuple):
 class DDIMScheduler(SchedulerMixin):
     config_class: ClassVar[type[DDIMSchedulerConfig]] = DDIMSchedulerConfig
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         cfg = self.config
         timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)

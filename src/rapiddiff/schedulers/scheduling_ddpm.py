@@ -9,7 +9,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .schedule_tables import spaced_timesteps
 from .scheduler_config import ClipSampleConfig
 from .scheduling_utils import GeneratorStepMixin
@@ -40,7 +40,7 @@ class DDPMScheduler(GeneratorStepMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         timesteps: Sequence[int] | None = None,
     ) -> None:
         """Evenly spaced timesteps per `timestep_spacing`, or the custom descending `timesteps`."""

@@ -10,9 +10,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
-import numpy as np
 import torch
 
+from ..utils.torch_utils import Device
 from .scheduler_config import SolverConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_alpha_sigma, vp_lambda
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
@@ -71,15 +71,9 @@ def _weights(ind: Callable[..., torch.Tensor], rho_t: torch.Tensor, rhos: list[t
 class DEISMultistepScheduler(VPSolverMixin):
     config_class: ClassVar[type[DEISMultistepSchedulerConfig]] = DEISMultistepSchedulerConfig
 
-    def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None
-    ) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None, mu: float | None = None) -> None:
         self._check_mu(mu)
-        n, timesteps, sigmas, respaced = self._multistep_schedule(num_inference_steps)
-        last = sigmas[-1] if respaced else self._train_sigmas()[0]
-        self._set_schedule(timesteps.astype(np.int64), device, n)
-        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
-        self._reset_history()
+        self._install_multistep_schedule(num_inference_steps, device)
 
     def _order(self, i: int) -> int:
         cfg = self.config

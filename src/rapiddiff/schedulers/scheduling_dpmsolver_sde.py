@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..utils.optional import import_optional
-from ..utils.torch_utils import to_device
+from ..utils.torch_utils import Device, to_device
 from .schedule_tables import sigma_to_t, spaced_timesteps
 from .scheduling_euler_discrete import EulerSchedulerMixin
 from .scheduling_heun_discrete import SecondOrderSchedulerConfig
@@ -120,7 +120,7 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
     def set_timesteps(
         self,
         num_inference_steps: int,
-        device: str | torch.device | None = None,
+        device: Device = None,
         num_train_timesteps: int | None = None,
     ) -> None:
         self._install_schedule(num_inference_steps, device, num_train_timesteps)
@@ -135,9 +135,7 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         if len(self.betas) == self.config.num_train_timesteps:
             self._install_schedule(self.config.num_train_timesteps, None, None)
 
-    def _install_schedule(
-        self, num_inference_steps: int, device: str | torch.device | None, num_train_timesteps: int | None
-    ) -> None:
+    def _install_schedule(self, num_inference_steps: int, device: Device, num_train_timesteps: int | None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         cfg = self.config
         num_train = num_train_timesteps or cfg.num_train_timesteps

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .scheduling_utils import GeneratorStepMixin
-from .scheduling_vp_solver import DPMSolverConfig, VPSolverMixin, dpm_phi, vp_lambda
+from .scheduling_vp_solver import DPMSolverConfig, DPMSolverMixin, dpm_phi, vp_lambda
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
@@ -51,36 +50,16 @@ class DPMSolverSinglestepCoeffs(NamedTuple):
     noise_std: torch.Tensor
 
 
-class DPMSolverSinglestepScheduler(GeneratorStepMixin, VPSolverMixin):
+class DPMSolverSinglestepScheduler(GeneratorStepMixin, DPMSolverMixin):
     config_class: ClassVar[type[DPMSolverSinglestepSchedulerConfig]] = DPMSolverSinglestepSchedulerConfig
 
     def _reset_history(self) -> None:
         super()._reset_history()
         self.sample: torch.Tensor | None = None  # the sample at the current group's first step
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        mu: float | None = None,
-        timesteps: Sequence[int] | None = None,
-    ) -> None:
-        """`num_inference_steps` linspace timesteps (up to the lambda_min_clipped limit), or custom `timesteps`."""
-        cfg = self.config
-        self._check_mu(mu)
-        if timesteps is not None:
-            self._check_no_respacing("custom timesteps")
-        n = self._resolve_steps(num_inference_steps, timesteps)
-        if timesteps is None:
-            clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped).item()
-            timesteps = np.linspace(0, cfg.num_train_timesteps - 1 - clipped, n + 1).round()[::-1][:-1].copy()
-        n = len(timesteps)
-        timesteps, sigmas, _ = self._respaced_schedule(np.array(timesteps).astype(np.int64), n, round_karras=True)
-        last = self._train_sigmas()[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        self._set_schedule(timesteps.astype(np.int64), device, n)
-        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
-        self._reset_history()
-        self.order_list = self.get_order_list(n)
+    def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, last: float, device: Device) -> None:
+        super()._install(timesteps, sigmas, last, device)
+        self.order_list = self.get_order_list(len(timesteps))
 
     def get_order_list(self, num_inference_steps: int) -> list[int]:
         """The solver order of each step: groups 1, 2, ..., solver_order; shorter groups at the end with

@@ -8,7 +8,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .scheduling_euler_discrete import EulerSchedulerMixin
 from .scheduling_utils import GeneratorStepMixin, SchedulerConfig
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
@@ -32,7 +32,7 @@ class EulerAncestralDiscreteScheduler(GeneratorStepMixin, EulerSchedulerMixin):
     _steps_without_set_timesteps: ClassVar[bool] = True
     config_class: ClassVar[type[EulerAncestralDiscreteSchedulerConfig]] = EulerAncestralDiscreteSchedulerConfig
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         timesteps = self._spaced_timesteps(self._check_num_inference_steps(num_inference_steps))
         self._set_schedule(timesteps, device, len(timesteps))
         self._set_sigmas(np.concatenate([self._spaced_sigmas(timesteps), [0.0]]).astype(np.float32))

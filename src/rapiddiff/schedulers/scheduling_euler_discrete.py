@@ -13,7 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .schedule_tables import sigma_to_t, spaced_timesteps
 from .scheduler_config import SigmaSpacingConfig
 from .scheduling_utils import SchedulerMixin
@@ -133,7 +133,7 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         timesteps: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
     ) -> None:

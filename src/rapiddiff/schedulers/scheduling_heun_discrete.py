@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .scheduler_config import SchedulerConfig, SigmaSpacingConfig
 from .scheduling_euler_discrete import EulerSchedulerMixin
 from .scheduling_utils import GeneratorStepMixin
@@ -149,7 +149,7 @@ class HeunDiscreteScheduler(SecondOrderSchedulerMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         timesteps: Sequence[float] | None = None,
     ) -> None:
         """Spaced (or custom descending) timesteps t_0..t_{n-1}; `timesteps` lists t_0, t_1, t_1, ..., t_{n-1},

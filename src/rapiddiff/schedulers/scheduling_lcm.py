@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..utils.outputs import BaseOutput
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .scheduler_config import ClipSampleConfig
 from .scheduling_utils import GeneratorStepMixin, SchedulerMixin
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
@@ -69,7 +69,7 @@ class ConsistencySchedulerMixin(SchedulerMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         original_inference_steps: int | None = None,
         timesteps: Sequence[int] | None = None,
         strength: float = 1.0,
@@ -132,6 +132,17 @@ class ConsistencySchedulerMixin(SchedulerMixin):
         """Every step but the last one re-noises its estimate (Diffusers compares with num_inference_steps)."""
         return i != self.num_inference_steps - 1
 
+    def _renoise(
+        self, i: int, sample: torch.Tensor, generator: Generator | None, alpha_ratio: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Step i's noise and the scales of prev = sample_coeff * estimate + noise_coeff * noise, which noises the
+        estimate back up by `alpha_ratio`: drawn on every step but the last, which gets zeros and scales 1 and 0
+        without drawing (the generator ends where Diffusers' does)."""
+        if self._draws_noise(i):
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            return noise, {"sample_coeff": alpha_ratio.sqrt(), "noise_coeff": (1 - alpha_ratio).sqrt()}
+        return torch.zeros_like(sample), {"sample_coeff": 1.0, "noise_coeff": 0.0}
+
 
 @dataclasses.dataclass
 class LCMSchedulerOutput(BaseOutput):
@@ -162,23 +173,11 @@ class LCMScheduler(GeneratorStepMixin, ConsistencySchedulerMixin):
         return c_skip, c_out
 
     def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[LCMCoeffs]:
-        """Noise for every step: drawn, except on the last one (zeros; the generator ends where Diffusers' does)."""
+        """Noise for every step (see `_renoise`)."""
         t = int(self._timestep_values[i])
-        alpha_prod_t_prev = self._prev_alpha(i, last=t)
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)
-        if self._draws_noise(i):
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            sample_coeff, noise_coeff = alpha_prod_t_prev.sqrt(), (1 - alpha_prod_t_prev).sqrt()
-        else:
-            noise, sample_coeff, noise_coeff = torch.zeros_like(sample), 1.0, 0.0
-        coeffs = make_coeffs(
-            LCMCoeffs,
-            alpha_prod_t=self.alphas_cumprod[t],
-            c_skip=c_skip,
-            c_out=c_out,
-            sample_coeff=sample_coeff,
-            noise_coeff=noise_coeff,
-        )
+        noise, scales = self._renoise(i, sample, generator, self._prev_alpha(i, last=t))
+        coeffs = make_coeffs(LCMCoeffs, alpha_prod_t=self.alphas_cumprod[t], c_skip=c_skip, c_out=c_out, **scales)
         return StepPlan(i, coeffs, noise)
 
     def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[LCMCoeffs]) -> PlanUpdate:

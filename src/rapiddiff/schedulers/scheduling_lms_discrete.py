@@ -10,6 +10,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..utils.torch_utils import Device
 from .schedule_tables import karras_sigmas
 from .scheduler_config import SigmaSpacingConfig
 from .scheduling_euler_discrete import EulerSchedulerMixin
@@ -76,7 +77,7 @@ class LMSDiscreteScheduler(EulerSchedulerMixin):
         self.derivatives: list[torch.Tensor] = []
         self._schedule_training_timesteps()
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         timesteps, sigmas = self._respaced_schedule(n)
         self._set_schedule(timesteps, device, n, dtype=torch.float32)

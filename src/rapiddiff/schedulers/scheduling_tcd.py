@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..utils.outputs import BaseOutput
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Generator
 from .scheduling_lcm import ConsistencySchedulerConfig, ConsistencySchedulerMixin
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
@@ -71,20 +71,11 @@ class TCDScheduler(ConsistencySchedulerMixin):
         # s = floor((1 - eta) * t_prev) in float32, as Diffusers computes it on the timestep tensor
         timestep_s = int(np.floor(np.float32(1 - eta) * np.float32(prev_t)))
         alpha_prod_t_prev, alpha_prod_s = self._alpha_prod(prev_t), self.alphas_cumprod[timestep_s]
-        noise, sample_coeff, noise_coeff = None, 1.0, 0.0
-        if eta > 0 and self._draws_noise(i):
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            sample_coeff = (alpha_prod_t_prev / alpha_prod_s).sqrt()
-            noise_coeff = (1 - alpha_prod_t_prev / alpha_prod_s).sqrt()
-        elif eta > 0:
-            noise = torch.zeros_like(sample)
-        coeffs = make_coeffs(
-            TCDCoeffs,
-            alpha_prod_t=self.alphas_cumprod[t],
-            alpha_prod_s=alpha_prod_s,
-            sample_coeff=sample_coeff,
-            noise_coeff=noise_coeff,
-        )
+        if eta > 0:  # from s forward to t_prev (see `_renoise`)
+            noise, scales = self._renoise(i, sample, generator, alpha_prod_t_prev / alpha_prod_s)
+        else:
+            noise, scales = None, {"sample_coeff": 1.0, "noise_coeff": 0.0}
+        coeffs = make_coeffs(TCDCoeffs, alpha_prod_t=self.alphas_cumprod[t], alpha_prod_s=alpha_prod_s, **scales)
         return StepPlan(i, coeffs, noise)
 
     def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[TCDCoeffs]) -> PlanUpdate:

@@ -11,10 +11,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
-import numpy as np
 import torch
 
 from ..configuration import ConfigError
+from ..utils.torch_utils import Device
 from .scheduler_config import SolverConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_lambda
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
@@ -92,7 +92,7 @@ class UniPCMultistepScheduler(VPSolverMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         sigmas: Sequence[float] | None = None,
         mu: float | None = None,
     ) -> None:
@@ -101,14 +101,7 @@ class UniPCMultistepScheduler(VPSolverMixin):
                 "UniPCMultistepScheduler: custom sigmas need use_flow_sigmas, which rapiddiff does not support"
             )
         self._check_mu(mu)
-        n, timesteps, sigmas, respaced = self._multistep_schedule(num_inference_steps)
-        if self.config.final_sigmas_type == "zero":
-            last = 0.0
-        else:  # the last respaced sigma, else the training schedule's smallest
-            last = sigmas[-1] if respaced else self._train_sigmas()[0]
-        self._set_schedule(timesteps.astype(np.int64), device, n)
-        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
-        self._reset_history()
+        self._install_multistep_schedule(num_inference_steps, device)
 
     # --- the step ---------------------------------------------------------------------------------------------
     def _order(self, i: int) -> int:

@@ -41,7 +41,7 @@ import torch
 
 from ..configuration import Config, ConfigError, ConfigMixin
 from ..utils.outputs import BaseOutput
-from ..utils.torch_utils import Generator, to_device
+from ..utils.torch_utils import Device, Generator, to_device
 from .schedule_tables import SIGMA_SPACINGS, _broadcast_to, make_betas, match_timesteps
 from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, SchedulerConfig
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, owned
@@ -248,7 +248,7 @@ class SchedulerMixin(ConfigMixin):
     def _set_schedule(
         self,
         timesteps: np.ndarray,
-        device: str | torch.device | None,
+        device: Device,
         num_inference_steps: int | None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -281,7 +281,7 @@ class SchedulerMixin(ConfigMixin):
         return spacing(sigma_min, sigma_max, n)
 
     def _check_no_respacing(self, what: str) -> None:
-        on = [key for key in SIGMA_SPACINGS if self.config.own(key)]
+        on = [key for key in (*SIGMA_SPACINGS, "use_lu_lambdas") if self.config.own(key)]
         if on:
             raise ValueError(f"{type(self).__name__}: {what} cannot be combined with {on[0]}=True")
 
