@@ -38,10 +38,7 @@ class DDPMScheduler(GeneratorStepMixin):
     _steps_without_set_timesteps: ClassVar[bool] = True
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: Device = None,
-        timesteps: Sequence[int] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, timesteps: Sequence[int] | None = None
     ) -> None:
         """Evenly spaced timesteps per `timestep_spacing`, or the custom descending `timesteps`."""
         n = self._resolve_steps(num_inference_steps, timesteps)

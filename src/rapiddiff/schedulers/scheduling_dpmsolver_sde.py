@@ -118,10 +118,7 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         return self.sample is None
 
     def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: Device = None,
-        num_train_timesteps: int | None = None,
+        self, num_inference_steps: int, device: Device = None, num_train_timesteps: int | None = None
     ) -> None:
         self._install_schedule(num_inference_steps, device, num_train_timesteps)
         # every step's numbers, by (interval, first call?): the loop reads no tensor value

@@ -147,10 +147,7 @@ class HeunDiscreteScheduler(SecondOrderSchedulerMixin):
     config_class: ClassVar[type[HeunDiscreteSchedulerConfig]] = HeunDiscreteSchedulerConfig
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: Device = None,
-        timesteps: Sequence[float] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, timesteps: Sequence[float] | None = None
     ) -> None:
         """Spaced (or custom descending) timesteps t_0..t_{n-1}; `timesteps` lists t_0, t_1, t_1, ..., t_{n-1},
         t_{n-1}: the Euler evaluation of each interval, then its correction at the interval's end."""
