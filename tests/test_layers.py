@@ -1,5 +1,5 @@
-"""Layers point one way: models <- loaders <- pipelines <- (compile, bench, batch, serve, CLI); schedulers depend on
-neither models nor pipelines; nothing below the CLI imports the package root. Read from the source (every import
+"""Layers point one way: models <- loaders <- pipelines <- (compile, bench, batch, serve, CLI); schedulers and utils
+depend on neither models nor pipelines; nothing below them imports the package root. Read from the source (every import
 statement, those inside functions too), so that an import run only when a method is called counts as well."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ PACKAGE = Path(rapiddiff.__file__).parent
 ABOVE = ("pipelines", "compile", "bench", "batch", "serve", "cli", "cli_generate", "__main__")
 # What each layer may not import: the layers above it.
 FORBIDDEN = {
+    "utils": ("models", "schedulers", "loaders", *ABOVE),
     "models": ("loaders", *ABOVE),
     "schedulers": ("models", "loaders", *ABOVE),
     "loaders": ABOVE,
+    "pipelines": ABOVE[1:],
 }
 
 
