@@ -20,6 +20,27 @@ from .scheduling_utils import SchedulerMixin
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
+def check_custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
+    """Custom `set_timesteps(sigmas=...)`: the noise levels of the schedule, the last one the level after the final
+    step; finite, non-negative and strictly decreasing (so only the final one may be 0), as `timesteps=` must be
+    strictly descending. Diffusers takes any list; an ascending or negative one runs without a word there."""
+    try:
+        values = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas must be a list of numbers, got {sigmas!r}") from None
+    shown = values.tolist() if values.size <= 20 else f"{values[:20].tolist()}... ({values.size} values)"
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"sigmas must list at least 2 noise levels, got {shown}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"sigmas must be finite numbers, got {shown}")
+    if (values < 0).any():
+        raise ValueError(f"sigmas must be non-negative (the final one may be 0), got {shown}")
+    values = values.astype(np.float32)
+    if (np.diff(values) >= 0).any():
+        raise ValueError(f"sigmas must be strictly decreasing (highest noise level first), got {shown}")
+    return values
+
+
 class EulerSchedulerMixin(SchedulerMixin):
     """Sigma tables and the scaled-input convention of the Euler schedulers."""
 
@@ -150,7 +171,7 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         if sigmas is not None:
             if num_inference_steps is not None or timesteps is not None:
                 raise ValueError("pass only one of num_inference_steps, timesteps or sigmas to set_timesteps")
-            sigmas = self._check_custom_sigmas(sigmas)
+            sigmas = check_custom_sigmas(sigmas)
             timesteps = sigma_to_t(sigmas[:-1], np.log(self._train_sigmas()))
             steps = len(timesteps)
         else:

@@ -225,26 +225,6 @@ class SchedulerMixin(ConfigMixin):
             )
         return None
 
-    def _check_custom_sigmas(self, sigmas: Sequence[float]) -> np.ndarray:
-        """Custom `set_timesteps(sigmas=...)`: the noise levels of the schedule, the last one the level after the final
-        step; finite, non-negative and strictly decreasing (so only the final one may be 0), as `timesteps=` must be
-        strictly descending. Diffusers takes any list; an ascending or negative one runs without a word there."""
-        try:
-            values = np.asarray(sigmas, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"sigmas must be a list of numbers, got {sigmas!r}") from None
-        shown = values.tolist() if values.size <= 20 else f"{values[:20].tolist()}... ({values.size} values)"
-        if values.ndim != 1 or len(values) < 2:
-            raise ValueError(f"sigmas must list at least 2 noise levels, got {shown}")
-        if not np.isfinite(values).all():
-            raise ValueError(f"sigmas must be finite numbers, got {shown}")
-        if (values < 0).any():
-            raise ValueError(f"sigmas must be non-negative (the final one may be 0), got {shown}")
-        values = values.astype(np.float32)
-        if (np.diff(values) >= 0).any():
-            raise ValueError(f"sigmas must be strictly decreasing (highest noise level first), got {shown}")
-        return values
-
     def _set_schedule(
         self,
         timesteps: np.ndarray,
