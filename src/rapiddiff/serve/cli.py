@@ -22,14 +22,10 @@ DEFAULTS = {"max_batch_size": 4, "batch_wait_ms": 10.0, "max_queue": 64, "reques
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..batch.checks import positive_int
+    from ..cli import add_model_argument, subcommand_parser
 
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve a model over HTTP",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="a checkpoint folder in Diffusers' layout, or a Hub id")
+    parser = subcommand_parser(subparsers, "serve", "serve a model over HTTP", __doc__)
+    add_model_argument(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
