@@ -105,6 +105,34 @@ def tiny_sd_dir(tmp_path_factory):
     return path
 
 
+# --- tiny SDXL-shaped UNets (base: 2048-wide text, 6 time ids; refiner: 1280-wide text, 5 ids) -------------------
+SDXL_UNET = dict(
+    sample_size=16,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 2, 4),  # read as numbers of heads, per level
+    transformer_layers_per_block=(1, 1, 2),
+    use_linear_projection=True,
+    cross_attention_dim=64,  # the two text encoders' widths concatenated (SDXL: 768 + 1280)
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,  # pooled 32 + 6 time ids x 8 (SDXL: 1280 + 6 x 256 = 2816)
+    norm_num_groups=8,
+)
+SDXL_REFINER_UNET = dict(
+    SDXL_UNET,
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 2, 4, 4),
+    transformer_layers_per_block=2,
+    cross_attention_dim=32,  # the second text encoder only (SDXL refiner: 1280)
+    projection_class_embeddings_input_dim=72,  # pooled 32 + 5 time ids x 8 (refiner: 1280 + 5 x 256 = 2560)
+)
+
+
 # --- a tiny x4 upscaler checkpoint (shared by the upscaler and DeepFloyd IF cascade tests) ----------------------------
 def tiny_upscaler_components() -> dict:
     """Seeded, random-weight diffusers x4-upscaler components: a (32, 64) UNet taking 4 latent + 3 image channels
