@@ -21,6 +21,7 @@ from rapiddiff.pipelines.controlnet import ControlNetArgs
 from rapiddiff.pipelines.deepfloyd_if import IFArgs, IFSuperResolutionArgs
 from rapiddiff.pipelines.stable_diffusion_img2img import Img2ImgArgs, InpaintArgs
 from rapiddiff.pipelines.stable_diffusion_upscale import UpscaleArgs
+from rapiddiff.pipelines.stable_diffusion_xl import XLArgs
 from rapiddiff.pipelines.template import CallArgs, DenoisingPipeline
 
 PROMPT = "a red cube"
@@ -32,6 +33,7 @@ ARGS_CLASSES = {
     "StableDiffusionUpscalePipeline": UpscaleArgs,
     "IFPipeline": IFArgs,
     "IFSuperResolutionPipeline": IFSuperResolutionArgs,
+    "StableDiffusionXLPipeline": XLArgs,
 }
 
 

@@ -60,6 +60,8 @@ EXPORTS = {
     "IFSafetyChecker": "pipelines.deepfloyd_if_safety",
     "IFWatermarker": "pipelines.deepfloyd_if_safety",
     "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
+    "StableDiffusionXLPipeline": "pipelines.stable_diffusion_xl",
+    "StableDiffusionXLPipelineOutput": "pipelines.stable_diffusion_xl",
     # torch.compile recipe
     "compile_pipeline": "compile",
 }
