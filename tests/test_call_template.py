@@ -22,6 +22,7 @@ from rapiddiff.pipelines.deepfloyd_if import IFArgs, IFSuperResolutionArgs
 from rapiddiff.pipelines.stable_diffusion_img2img import Img2ImgArgs, InpaintArgs
 from rapiddiff.pipelines.stable_diffusion_upscale import UpscaleArgs
 from rapiddiff.pipelines.stable_diffusion_xl import XLArgs
+from rapiddiff.pipelines.stable_diffusion_xl_img2img import XLImg2ImgArgs
 from rapiddiff.pipelines.template import CallArgs, DenoisingPipeline
 
 PROMPT = "a red cube"
@@ -34,6 +35,7 @@ ARGS_CLASSES = {
     "IFPipeline": IFArgs,
     "IFSuperResolutionPipeline": IFSuperResolutionArgs,
     "StableDiffusionXLPipeline": XLArgs,
+    "StableDiffusionXLImg2ImgPipeline": XLImg2ImgArgs,
 }
 
 

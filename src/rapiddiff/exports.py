@@ -62,6 +62,7 @@ EXPORTS = {
     "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
     "StableDiffusionXLPipeline": "pipelines.stable_diffusion_xl",
     "StableDiffusionXLPipelineOutput": "pipelines.stable_diffusion_xl",
+    "StableDiffusionXLImg2ImgPipeline": "pipelines.stable_diffusion_xl_img2img",
     # torch.compile recipe
     "compile_pipeline": "compile",
 }

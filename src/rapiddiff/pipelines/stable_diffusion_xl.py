@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import importlib.util
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -120,23 +120,19 @@ class XLArgs(CallArgs):
         check_denoising_fraction("denoising_end", self.denoising_end)
 
 
-def check_denoising_fraction(name: str, value: Any) -> None:
-    """denoising_start / denoising_end: None or a fraction of the schedule in (0, 1] (1: the whole schedule)."""
+def check_denoising_fraction(name: str, value: Any, high: float = 1.0) -> None:
+    """denoising_start / denoising_end: None or a fraction of the schedule in (0, high]."""
     if value is None:
         return
-    check_number(name, value, 0.0, 1.0)
+    check_number(name, value, 0.0, high)
     if value == 0:
-        raise ValueError(f"{name}=0 leaves no steps; allowed: None or a fraction in (0, 1]")
+        raise ValueError(f"{name}=0 leaves no steps; allowed: None or a fraction in (0, {high:g}]")
 
 
-def cut_schedule(scheduler: Scheduler, timesteps: torch.Tensor, fraction: float, keep: str) -> torch.Tensor:
-    """The timesteps before (`keep="before"`: denoising_end) or from (`"from"`: denoising_start) the point `fraction`
-    of the way through the training timesteps, as Diffusers cuts them. One read of the schedule, before the loop."""
+def training_cutoff(scheduler: Scheduler, fraction: float) -> int:
+    """The training timestep `fraction` of the way through the schedule (Diffusers' discrete cut-off)."""
     train = scheduler.config.num_train_timesteps
-    cutoff = int(round(train - fraction * train))
-    if keep == "before":
-        return timesteps[: int((timesteps >= cutoff).sum())]
-    return timesteps[len(timesteps) - int((timesteps < cutoff).sum()) :]
+    return int(round(train - fraction * train))
 
 
 class StableDiffusionXLWatermarker:
@@ -183,8 +179,6 @@ class StableDiffusionXLBase(StableDiffusionBase):
     )
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
-    # The micro-conditioning numbers `add_time_ids` makes per image (base: sizes and crop; refiner: with the score).
-    time_ids_per_image: ClassVar[int] = 6
 
     def _register_xl(self, add_watermarker: bool | None, config: dict[str, Any], **components: Any) -> None:
         """What every SDXL `__init__` does after naming its components."""
@@ -221,20 +215,20 @@ class StableDiffusionXLBase(StableDiffusionBase):
         """The pooled text and the time ids must fill the UNet's `add_embedding` input, else the UNet fails deep
         inside: a base checkpoint's UNet in the refiner's pipeline (or the other way round) is named here."""
         config = self.unet.config
-        made = pooled_width + self.time_ids_per_image * config.addition_time_embed_dim
+        made = pooled_width + self.time_ids_per_image() * config.addition_time_embed_dim
         expected = config.projection_class_embeddings_input_dim
         if made == expected:
             return
         hint = ""
         if abs(made - expected) == config.addition_time_embed_dim and hasattr(self.config, "requires_aesthetics_score"):
-            flag = made < expected
+            flag = made > expected  # the aesthetic score replaces the two target-size ids
             hint = (
                 f"; set requires_aesthetics_score={flag} (`pipe.register_to_config(requires_aesthetics_score={flag})`"
                 " or from_pretrained(..., requires_aesthetics_score=...))"
             )
         raise ValueError(
             f"the UNet expects an added embedding of {expected} features (projection_class_embeddings_input_dim), "
-            f"this pipeline makes {pooled_width} (pooled text) + {self.time_ids_per_image} time ids x "
+            f"this pipeline makes {pooled_width} (pooled text) + {self.time_ids_per_image()} time ids x "
             f"{config.addition_time_embed_dim} = {made}{hint}"
         )
 
@@ -382,6 +376,10 @@ class StableDiffusionXLBase(StableDiffusionBase):
             "add_time_ids": add_time_ids,
         }
 
+    def time_ids_per_image(self) -> int:
+        """The micro-conditioning numbers `add_time_ids` makes per image: original size, crop, target size."""
+        return 6
+
     def add_time_ids(self, args: XLArgs, dtype: torch.dtype, guided: bool) -> torch.Tensor:
         """The micro-conditioning numbers of every image of the UNet batch: (batch x [2 when guided], N)."""
         raise NotImplementedError
@@ -411,7 +409,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
         hand-off; return latents with output_type="latent")."""
         if args.denoising_end is None or args.denoising_end >= 1:
             return timesteps, steps
-        kept = cut_schedule(self.scheduler, timesteps, args.denoising_end, "before")
+        kept = timesteps[: int((timesteps >= training_cutoff(self.scheduler, args.denoising_end)).sum())]
         if len(kept) == 0:
             raise ValueError(
                 f"denoising_end={args.denoising_end} stops before the first of the {steps} steps; allowed: a larger "
