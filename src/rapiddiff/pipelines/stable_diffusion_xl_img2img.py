@@ -45,13 +45,9 @@ class XLImg2ImgArgs(XLArgs, Img2ImgArgs):
             raise ValueError(f"denoising_start={start} must be smaller than denoising_end={end}")
 
 
-class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
-    """SDXL image-to-image, and the SDXL refiner (text_encoder=None, requires_aesthetics_score=True).
-
-    The image is encoded (or taken as latents when it has the VAE's latent channels), noised to where the last
-    `strength` share of the schedule starts, and denoised from there; with `denoising_start` the schedule starts that
-    far through instead and the image (the base's latents) is not noised.
-    """
+class XLImageToImageBase(StableDiffusionXLBase):
+    """What SDXL img2img and inpainting share: the refiner's config value, the schedule's start (`strength` or
+    `denoising_start`) and the time ids with the aesthetic score (`requires_aesthetics_score`)."""
 
     def __init__(
         self,
@@ -88,6 +84,73 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
     @property
     def denoising_start(self) -> float | None:
         return self.call_state.denoising_start
+
+    def time_ids_per_image(self) -> int:
+        """Original size, crop, then the aesthetic score (refiner) or the target size."""
+        return 5 if self.config.requires_aesthetics_score else 6
+
+    def new_call_state(self, args: XLImg2ImgArgs) -> Any:
+        return dataclasses.replace(super().new_call_state(args), denoising_start=args.denoising_start)
+
+    def prepare_timesteps(self, args: XLImg2ImgArgs, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The last `strength` share of the schedule, or from `denoising_start` on; then `denoising_end`."""
+        if args.denoising_start is None:
+            timesteps, steps = strength_timesteps(
+                self.scheduler, args.num_inference_steps, device, args.timesteps, args.sigmas, args.strength
+            )
+        else:
+            timesteps, steps = self.start_schedule(args, device)
+        return self.end_schedule(args, timesteps, steps)
+
+    def start_schedule(self, args: XLImg2ImgArgs, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The schedule from `denoising_start` on, as Diffusers cuts it (a 2nd-order scheduler starts on an
+        interval's first evaluation)."""
+        scheduler = self.scheduler
+        timesteps, _ = retrieve_timesteps(scheduler, args.num_inference_steps, device, args.timesteps, args.sigmas)
+        steps = int((timesteps < training_cutoff(scheduler, args.denoising_start)).sum())
+        if steps == 0:
+            raise ValueError(
+                f"denoising_start={args.denoising_start} leaves none of the {len(timesteps)} timesteps; allowed: a "
+                "smaller fraction or more steps"
+            )
+        if scheduler.order == 2 and steps % 2 == 0:
+            steps += 1
+        start = len(timesteps) - steps
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return timesteps[start:], steps
+
+    def add_time_ids(self, args: XLImg2ImgArgs, dtype: torch.dtype, guided: bool) -> torch.Tensor:
+        original, target = self.resolved_sizes(args, args.height, args.width)
+        negative_original = args.negative_original_size or original
+        negative_target = args.negative_target_size or target
+        if self.config.requires_aesthetics_score:
+            ids = [*original, *args.crops_coords_top_left, args.aesthetic_score]
+            negative = [*negative_original, *args.negative_crops_coords_top_left, args.negative_aesthetic_score]
+        else:  # Diffusers' negative row takes the positive crop here
+            ids = [*original, *args.crops_coords_top_left, *target]
+            negative = [*negative_original, *args.crops_coords_top_left, *negative_target]
+        rows = torch.tensor([ids], dtype=dtype).repeat(args.batch_size, 1)
+        if not guided:
+            return rows
+        return torch.cat([torch.tensor([negative], dtype=dtype).repeat(args.batch_size, 1), rows])
+
+    def encode_image_latents(
+        self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """Pixels -> scaled latents in the pixels' dtype, encoded in float32 for a `force_upcast` VAE (Diffusers'
+        `_encode_vae_image`)."""
+        with self.vae.upcast():
+            return encode_image_latents(self.vae, image.to(self.vae.dtype), generator).to(image.dtype)
+
+
+class StableDiffusionXLImg2ImgPipeline(XLImageToImageBase):
+    """SDXL image-to-image, and the SDXL refiner (text_encoder=None, requires_aesthetics_score=True).
+
+    The image is encoded (or taken as latents when it has the VAE's latent channels), noised to where the last
+    `strength` share of the schedule starts, and denoised from there; with `denoising_start` the schedule starts that
+    far through instead and the image (the base's latents) is not noised.
+    """
 
     @torch.no_grad()
     def __call__(
@@ -140,13 +203,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
         """
         return self.generate(XLImg2ImgArgs.from_locals(locals()))
 
-    def time_ids_per_image(self) -> int:
-        """Original size, crop, then the aesthetic score (refiner) or the target size."""
-        return 5 if self.config.requires_aesthetics_score else 6
-
-    def new_call_state(self, args: XLImg2ImgArgs) -> Any:
-        return dataclasses.replace(super().new_call_state(args), denoising_start=args.denoising_start)
-
     def check_inputs(self, args: XLImg2ImgArgs) -> None:
         super().check_inputs(args)
         channels = self.vae.config.latent_channels
@@ -165,49 +221,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
         start = args.latents if args.latents is not None else args.image
         scale = self.vae_scale_factor if start.shape[1] == channels else 1
         args.height, args.width = (start.shape[-2] * scale, start.shape[-1] * scale)
-
-    def prepare_timesteps(self, args: XLImg2ImgArgs, device: torch.device) -> tuple[torch.Tensor, int]:
-        """The last `strength` share of the schedule, or from `denoising_start` on; then `denoising_end`."""
-        if args.denoising_start is None:
-            timesteps, steps = strength_timesteps(
-                self.scheduler, args.num_inference_steps, device, args.timesteps, args.sigmas, args.strength
-            )
-        else:
-            timesteps, steps = self.start_schedule(args, device)
-        return self.end_schedule(args, timesteps, steps)
-
-    def start_schedule(self, args: XLImg2ImgArgs, device: torch.device) -> tuple[torch.Tensor, int]:
-        """The schedule from `denoising_start` on, as Diffusers cuts it (a 2nd-order scheduler starts on an
-        interval's first evaluation)."""
-        scheduler = self.scheduler
-        timesteps, _ = retrieve_timesteps(scheduler, args.num_inference_steps, device, args.timesteps, args.sigmas)
-        steps = int((timesteps < training_cutoff(scheduler, args.denoising_start)).sum())
-        if steps == 0:
-            raise ValueError(
-                f"denoising_start={args.denoising_start} leaves none of the {len(timesteps)} timesteps; allowed: a "
-                "smaller fraction or more steps"
-            )
-        if scheduler.order == 2 and steps % 2 == 0:
-            steps += 1
-        start = len(timesteps) - steps
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        return timesteps[start:], steps
-
-    def add_time_ids(self, args: XLImg2ImgArgs, dtype: torch.dtype, guided: bool) -> torch.Tensor:
-        original, target = self.resolved_sizes(args, args.height, args.width)
-        negative_original = args.negative_original_size or original
-        negative_target = args.negative_target_size or target
-        if self.config.requires_aesthetics_score:
-            ids = [*original, *args.crops_coords_top_left, args.aesthetic_score]
-            negative = [*negative_original, *args.negative_crops_coords_top_left, args.negative_aesthetic_score]
-        else:  # Diffusers' negative row takes the positive crop here
-            ids = [*original, *args.crops_coords_top_left, *target]
-            negative = [*negative_original, *args.crops_coords_top_left, *negative_target]
-        rows = torch.tensor([ids], dtype=dtype).repeat(args.batch_size, 1)
-        if not guided:
-            return rows
-        return torch.cat([torch.tensor([negative], dtype=dtype).repeat(args.batch_size, 1), rows])
 
     def prepare_denoising(
         self, args: XLImg2ImgArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
@@ -236,8 +249,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
         else:
             if isinstance(generator, list):  # one generator per output image: duplicate the images first
                 image = image.repeat(batch_repeats("image", image.shape[0], batch_size), 1, 1, 1)
-            with self.vae.upcast():
-                latents = encode_image_latents(self.vae, image.to(self.vae.dtype), generator).to(dtype)
+            latents = self.encode_image_latents(image, generator)
         latents = latents.repeat(batch_repeats("image", latents.shape[0], batch_size), 1, 1, 1)
         if timestep is None:
             return latents
