@@ -88,3 +88,32 @@ def test_sdxl_unet_compiles_fullgraph(save_diffusers):
     compiled = torch.compile(ours, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(**kw).sample, ours(**kw).sample)
+
+
+@pytest.mark.parametrize(
+    "path, params",
+    [
+        ("stable-diffusion-xl-base-1.0/unet/config.json", 2_567_463_684),
+        ("stable-diffusion-xl-refiner-1.0/unet/config.json", 2_259_526_660),
+        ("controlnet-canny-sdxl-1.0/config.json", 1_251_014_160),
+    ],
+)
+def test_real_sdxl_configs_build_with_diffusers_keys(path, params):
+    import json
+
+    import diffusers
+
+    from rapiddiff import ControlNetModel
+    from rapiddiff.presets import PRESETS_DIR
+
+    config = json.loads((PRESETS_DIR / path).read_text())
+    ours_cls, ref_cls = (
+        (ControlNetModel, diffusers.ControlNetModel)
+        if "controlnet" in path
+        else (UNet2DConditionModel, diffusers.UNet2DConditionModel)
+    )
+    with torch.device("meta"):
+        ours, ref = ours_cls.from_config(config), ref_cls.from_config(config)
+    assert ours.num_parameters() == params == ref.num_parameters()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert ours.config.upcast_attention is None  # the hub files' null, kept (read as False)

@@ -75,7 +75,7 @@ class ControlNetConfig(Config):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     num_class_embeds: int | None = None
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False
     resnet_time_scale_shift: str = "default"
     projection_class_embeddings_input_dim: int | None = None
     controlnet_conditioning_channel_order: str = "rgb"

@@ -87,7 +87,7 @@ class UNet2DConditionConfig(Config):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     num_class_embeds: int | None = None
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # None (SDXL's files): False, as in Diffusers
     resnet_time_scale_shift: str = "default"
     resnet_skip_time_act: bool = False
     resnet_out_scale_factor: float = 1.0
@@ -220,7 +220,7 @@ def level_options(cfg: Any, temb_channels: int) -> list[BlockOptions]:
             transformer_layers=layers[i],
             use_linear_projection=cfg.use_linear_projection,
             only_cross_attention=only_cross[i],
-            upcast_attention=cfg.upcast_attention,
+            upcast_attention=bool(cfg.upcast_attention),
             cross_attention_norm=getattr(cfg, "cross_attention_norm", None),
         )
         for i in range(n)
