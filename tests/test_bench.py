@@ -759,3 +759,15 @@ def test_a_cell_running_past_the_budget_is_stopped_and_cut(monkeypatch, tmp_path
     assert set(reasons) == {"sd_txt2img/1/eager-sdpa", "sd_txt2img/2/eager-sdpa"}
     assert any("stopped while it ran" in why for why in reasons.values())
     assert "cut" in capsys.readouterr().err
+
+
+def test_sdxl_txt2img_side_by_side(fake_clock):
+    """`--pipelines sdxl_txt2img`: SDXL from the shipped base config (two text encoders), both backends."""
+    doc = sweep(
+        pipelines=("sdxl_txt2img",), batch_sizes=(2,), modes=("eager-sdpa",), backends=("rapiddiff", "diffusers")
+    )
+    cells = cells_by_id(doc)
+    for backend in ("rapiddiff", "diffusers"):
+        assert cells[f"sdxl_txt2img/2/eager-sdpa/{backend}"]["status"] == "ok", cells
+    assert table_rows(report.batch_tables(doc), 2)["SDXL - txt2img"][2] == "1.00x"
+    assert doc["runs"][0]["settings"]["sizes"]["sdxl"] == 64

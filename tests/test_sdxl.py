@@ -4,6 +4,7 @@ seed -> same image (2e-3 on "np" output)."""
 from __future__ import annotations
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from conftest import run_both, seeded
@@ -133,3 +134,38 @@ def test_errors_before_any_model_runs(pipes):
     wrong = StableDiffusionXLPipeline(**(ours.components | {"unet": refiner_unet}))
     with pytest.raises(ValueError, match=r"expects an added embedding of 72 .* makes 32 .* = 80"):
         wrong("a", num_inference_steps=1, generator=seeded(0))
+
+
+# --- torch.compile -----------------------------------------------------------------------------------------------------
+@pytest.mark.compile
+@pytest.mark.parametrize("whole_step", [False, True], ids=["models", "whole-step"])
+def test_compiled_sdxl_never_recompiles(tiny_sdxl_dir, whole_step):
+    """compile_pipeline (fullgraph, channels_last): one graph per model (or per step), the eager images, and no
+    recompile for other prompts, micro-conditioning, step counts (and guidance, models compiled alone)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rapiddiff import compile_pipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    calls = [
+        dict(prompt="a red cube", num_inference_steps=2),
+        dict(prompt="a fox", prompt_2="oil", num_inference_steps=3, original_size=(64, 64)),
+        dict(prompt="a cat", negative_prompt="blurry", crops_coords_top_left=(8, 8)),
+    ]
+    if not whole_step:  # the whole step's graph holds the guidance scale as a constant (see docs/compile.md)
+        calls[1] |= dict(guidance_scale=7.0, guidance_rescale=0.5)
+
+    def run(kw):
+        return pipe(**{"num_inference_steps": 2, "output_type": "np", "generator": seeded(0)} | kw).images
+
+    expected = [run(kw) for kw in calls]
+    counter = CompileCounter()
+    compile_pipeline(pipe, backend=counter, whole_step=whole_step)
+    np.testing.assert_allclose(run(calls[0]), expected[0], atol=2e-3)
+    graphs = counter.frame_count
+    assert graphs == 2  # the UNet (or the whole step) and the VAE decoder
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for kw, want in zip(calls[1:], expected[1:]):
+            np.testing.assert_allclose(run(kw), want, atol=2e-3)
+    assert counter.frame_count == graphs
