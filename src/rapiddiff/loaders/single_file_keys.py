@@ -82,6 +82,8 @@ def _unet_down_rules(config: Mapping[str, Any], prefix: str = "") -> tuple[list[
         Rule("middle_block.1.", "mid_block.attentions.0."),
         Rule("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET),
     ]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: the pooled-text + size embedding
+        rules += [Rule("label_emb.0.0.", "add_embedding.linear_1."), Rule("label_emb.0.2.", "add_embedding.linear_2.")]
     i = 1
     for b in range(n):
         for j in range(layers[b]):

@@ -179,6 +179,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
     )
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
+    _lora_loadable_modules = ("unet", "text_encoder", "text_encoder_2")
 
     def _register_xl(self, add_watermarker: bool | None, config: dict[str, Any], **components: Any) -> None:
         """What every SDXL `__init__` does after naming its components."""
@@ -188,6 +189,13 @@ class StableDiffusionXLBase(StableDiffusionBase):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.watermark = make_watermarker(add_watermarker)
+
+    def fuse_lora(self, components: Sequence[str] = _lora_loadable_modules, **kwargs: Any) -> None:
+        """As the SD pipelines', over SDXL's three models by default (Diffusers' default)."""
+        super().fuse_lora(components, **kwargs)
+
+    def unfuse_lora(self, components: Sequence[str] = _lora_loadable_modules, **kwargs: Any) -> None:
+        super().unfuse_lora(components, **kwargs)
 
     @property
     def default_sample_size(self) -> int:
