@@ -104,7 +104,7 @@ def _text_encoder(component: Component, backend: Backend, settings: Settings, re
 
     values = _config(component, settings, real, "config.json")
     # CLIPTextModel, or SDXL's second encoder CLIPTextModelWithProjection, as the config's architectures say
-    cls = getattr(transformers, values.get("architectures", ["CLIPTextModel"])[0])
+    cls = getattr(transformers, (values.get("architectures") or ["CLIPTextModel"])[0])
     if real is not None:
         model = cls.from_pretrained(real, subfolder=component.subfolder, torch_dtype=settings.dtype)
         return model.to(settings.device).eval()
@@ -115,20 +115,14 @@ def _text_encoder(component: Component, backend: Backend, settings: Settings, re
 def _tokenizer(component: Component, backend: Backend, settings: Settings, real: Path | None) -> Any:
     from transformers import CLIPTokenizer
 
-    # the x4 upscaler's and SDXL's configs ship without the vocabulary: it is SD 1.5's CLIP tokenizer's
+    # the x4 upscaler's configs ship without a tokenizer: it is SD 1.5's CLIP tokenizer
     folders = [
         PRESETS_DIR / CHECKPOINTS[component.checkpoint] / component.subfolder,
         PRESETS_DIR / CHECKPOINTS["sd"] / "tokenizer",
     ]
     if real is not None:
         folders.insert(0, real / component.subfolder)
-    folder = next(f for f in folders if (f / "vocab.json").is_file())
-    shipped = folders[-2] / "special_tokens_map.json"  # the preset's own tokens
-    if folder == folders[-1] and shipped.is_file():  # SD 1.5's vocabulary with SDXL's tokens ("!" pads tokenizer_2)
-        pad = json.loads(shipped.read_text()).get("pad_token")
-        if isinstance(pad, str):
-            return CLIPTokenizer.from_pretrained(folder, pad_token=pad)
-    return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(next(f for f in folders if f.is_dir()))
 
 
 _BUILDERS = {"model": _model, "scheduler": _scheduler, "text_encoder": _text_encoder, "tokenizer": _tokenizer}
