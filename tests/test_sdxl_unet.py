@@ -82,6 +82,7 @@ def test_added_cond_kwargs_errors(save_diffusers):
 
 
 @pytest.mark.compile
+@pytest.mark.slow  # the pipeline compile tests (test_sdxl.py) cover the UNet's graph in the default suite
 def test_sdxl_unet_compiles_fullgraph(save_diffusers):
     _, ours = make_pair(SDXL_UNET, save_diffusers)
     kw = inputs(SDXL_UNET)
