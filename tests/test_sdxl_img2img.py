@@ -109,6 +109,10 @@ def test_refiner_size_mismatch_and_fraction_errors(refiner, tiny_sdxl_refiner_di
         wrong("a", image=random_image(32, 32))
     with pytest.raises(ValueError, match="denoising_start=0.8 must be smaller than denoising_end=0.5"):
         ours("a", image=random_image(32, 32), denoising_start=0.8, denoising_end=0.5)
+    with pytest.raises(
+        ValueError, match=r"denoising_start=1.0 leaves no steps; allowed: None or a fraction in \(0, 1\)"
+    ):
+        ours("a", image=random_image(32, 32), denoising_start=1.0)
     with pytest.raises(ValueError, match="image is required"):
         ours("a")
     assert not isinstance(ours, StableDiffusionXLPipeline)

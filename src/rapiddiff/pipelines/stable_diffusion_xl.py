@@ -120,13 +120,14 @@ class XLArgs(CallArgs):
         check_denoising_fraction("denoising_end", self.denoising_end)
 
 
-def check_denoising_fraction(name: str, value: Any, high: float = 1.0) -> None:
-    """denoising_start / denoising_end: None or a fraction of the schedule in (0, high]."""
+def check_denoising_fraction(name: str, value: Any, one_allowed: bool = True) -> None:
+    """denoising_start / denoising_end: None or a fraction of the schedule in (0, 1] ((0, 1) for a start)."""
     if value is None:
         return
-    check_number(name, value, 0.0, high)
-    if value == 0:
-        raise ValueError(f"{name}=0 leaves no steps; allowed: None or a fraction in (0, {high:g}]")
+    check_number(name, value, 0.0, 1.0)
+    if value == 0 or (value == 1 and not one_allowed):
+        allowed = "(0, 1]" if one_allowed else "(0, 1)"
+        raise ValueError(f"{name}={value} leaves no steps; allowed: None or a fraction in {allowed}")
 
 
 def training_cutoff(scheduler: Scheduler, fraction: float) -> int:

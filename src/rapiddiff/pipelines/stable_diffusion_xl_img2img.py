@@ -37,7 +37,7 @@ class XLImg2ImgArgs(XLArgs, Img2ImgArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_denoising_fraction("denoising_start", self.denoising_start, high=1.0 - 1e-9)
+        check_denoising_fraction("denoising_start", self.denoising_start, one_allowed=False)
         check_number("aesthetic_score", self.aesthetic_score)
         check_number("negative_aesthetic_score", self.negative_aesthetic_score)
         start, end = self.denoising_start, self.denoising_end
