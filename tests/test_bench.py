@@ -22,12 +22,13 @@ from rapiddiff.bench.measure import Cell
 from rapiddiff.bench.presets import PRESETS
 from rapiddiff.bench.settings import PIPELINES, Settings
 from rapiddiff.bench.sweep import run
-from rapiddiff.bench.workloads import FIGURES
+from rapiddiff.bench.workloads import figures_of
 
 pytest.importorskip("diffusers")
 
 TINY = PRESETS["tiny"]
 MODES = ("eager-sdpa", "eager-vanilla")
+FIGURES = figures_of(PIPELINES)  # the default run's (sdxl_txt2img runs when named)
 BATCHES = (1, 2)
 OOM_TIMED = ("sd_inpaint/2/eager-vanilla/diffusers", "after warm-up (timed call 2)")  # an OOM in this cell's call
 OOM_BUILD = ("if_stage_1", "diffusers")  # and one while building this pipeline
