@@ -32,7 +32,7 @@ from .budget import BudgetSpent
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
 from .report import FILES, batch_tables, load_document, merge_documents, settings_from_dict, write_outputs
-from .settings import PIPELINES, Settings
+from .settings import EXTRA_PIPELINES, PIPELINES, Settings
 from .sweep import run
 
 DEFAULT_OUT = "bench-out"
@@ -65,8 +65,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                         help="auto: gpu with CUDA, else cpu; tiny: seconds, for tests")  # fmt: skip
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, metavar="NAME",
-                        help=f"default: all of {', '.join(PIPELINES)}")  # fmt: skip
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES + EXTRA_PIPELINES, metavar="NAME",
+                        help=f"default: all of {', '.join(PIPELINES)}; also: {', '.join(EXTRA_PIPELINES)}")  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, metavar="N", help="default: the preset's")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), metavar="MODE",
                         help=f"{', '.join(MODES)}; default: the preset's")  # fmt: skip

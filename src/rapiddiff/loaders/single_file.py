@@ -27,6 +27,9 @@ from ..models.single_file_keys import (
     OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
+    XL_CLIP_PREFIX,
+    XL_OPENCLIP_PREFIX,
+    XL_REFINER_OPENCLIP_PREFIX,
     clip_rules,
     openclip_rules,
     to_diffusers,
@@ -41,12 +44,22 @@ PRESETS = {
     "v1": "stable-diffusion-v1-5",
     "v1-inpainting": "stable-diffusion-inpainting",
     "v2": "stable-diffusion-2-1",
+    "xl-base": "stable-diffusion-xl-base-1.0",
+    "xl-refiner": "stable-diffusion-xl-refiner-1.0",
+}
+# The text encoders of each architecture: (component, key prefix, OpenCLIP layout?).
+TEXT_ENCODERS = {
+    "v1": (("text_encoder", CLIP_PREFIX, False),),
+    "v2": (("text_encoder", OPENCLIP_PREFIX, True),),
+    "xl-base": (("text_encoder", XL_CLIP_PREFIX, False), ("text_encoder_2", XL_OPENCLIP_PREFIX, True)),
+    "xl-refiner": (("text_encoder_2", XL_REFINER_OPENCLIP_PREFIX, True),),
 }
 
 
 # --- reading the file and finding the architecture --------------------------------------------------------------------
 def detect(state: Mapping[str, torch.Tensor], path: str) -> str:
-    """The architecture of an original SD checkpoint, from its keys and shapes: "v1", "v1-inpainting", "v2", "v2-inpainting"."""
+    """The architecture of an original SD checkpoint, from its keys and shapes: "v1", "v2", "xl-base", "xl-refiner",
+    with "-inpainting" for a 9-channel UNet."""
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         sample = ", ".join(sorted(state)[:5])
@@ -54,10 +67,14 @@ def detect(state: Mapping[str, torch.Tensor], path: str) -> str:
             f"{path} is not a Stable Diffusion checkpoint in the original layout: no {UNET_PREFIX}input_blocks.0.0.weight "
             f"(first keys: {sample})"
         )
+    inpainting = "-inpainting" if conv_in.shape[1] == 9 else ""
+    if any(k.startswith("conditioner.embedders.") for k in state):  # SDXL: the refiner has one (OpenCLIP) embedder
+        xl = "xl-base" if any(k.startswith("conditioner.embedders.1.") for k in state) else "xl-refiner"
+        return xl + inpainting
     context = [v.shape[-1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
     v2 = any(k.startswith(OPENCLIP_PREFIX) for k in state) or 1024 in context
     kind = "v2" if v2 else "v1"
-    return kind + ("-inpainting" if conv_in.shape[1] == 9 else "")
+    return kind + inpainting
 
 
 def config_folder(kind: str, config: str | os.PathLike | None) -> Path:
@@ -77,11 +94,14 @@ def config_folder(kind: str, config: str | os.PathLike | None) -> Path:
 
 # --- building the models ---------------------------------------------------------------------------------------------
 def load_text_encoder(config: Mapping[str, Any], state: dict[str, torch.Tensor], source: str) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A CLIPTextModel, or the CLIPTextModelWithProjection its config's `architectures` names (SDXL's second)."""
+    import transformers
 
-    text_config = CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    text_config = transformers.CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer transformers builds
-    model = CLIPTextModel(text_config)
+    with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    model = cls(text_config)
     dtype = next(iter(state.values())).dtype
     model.to(dtype)
     if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5 drops the level
@@ -126,16 +146,16 @@ def convert_components(
         if not converted:
             raise ValueError(f"{source} has no VAE weights ({VAE_PREFIX}*): pass vae=")
         models["vae"] = load_model(AutoencoderKL, vae_config, converted, what)
-    if "text_encoder" not in skip:
-        text_config = read_model_config(folder, "text_encoder")
-        openclip = any(k.startswith(OPENCLIP_PREFIX) for k in state)
-        rules = openclip_rules(text_config) if openclip else clip_rules(text_config)
-        owned = (OPENCLIP_PREFIX if openclip else CLIP_PREFIX,)
-        what = f"{source} (text encoder, config {folder / 'text_encoder'})"
-        converted = to_diffusers(state, rules, what, owned)
+    for name, prefix, openclip in TEXT_ENCODERS[kind.removesuffix("-inpainting")]:
+        if name in skip:
+            continue
+        text_config = read_model_config(folder, name)
+        rules = openclip_rules(text_config, prefix) if openclip else clip_rules(text_config, prefix)
+        what = f"{source} ({name}, config {folder / name})"
+        converted = to_diffusers(state, rules, what, (prefix,))
         if not converted:
-            raise ValueError(f"{source} has no text encoder weights (cond_stage_model.*): pass text_encoder=")
-        models["text_encoder"] = load_text_encoder(text_config, cast_floats(converted, dtype), what)
+            raise ValueError(f"{source} has no {name} weights ({prefix}*): pass {name}=")
+        models[name] = load_text_encoder(text_config, cast_floats(converted, dtype), what)
     return folder, models, kind, checkpoint["global_step"]
 
 
