@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
+from .call_signature import pipeline_call
 from .checks import check_finite, check_number, check_unet_in_channels, required
-from .denoise import Conditioning, Scheduler, StepEndCallback
+from .denoise import Conditioning, Scheduler
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .loading import _unwrap, is_compiled
-from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
+from .stable_diffusion import StableDiffusionBase
 from .template import CallArgs, LoopStart
 
 
@@ -107,38 +108,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
     def is_multi(self) -> bool:
         return isinstance(_unwrap(self.controlnet), MultiControlNetModel)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: PipelineImageInput | list[PipelineImageInput] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+    __call__ = pipeline_call(
+        ControlNetArgs,
         """Generate images from `prompt` guided by `image`: the control image(s) of one ControlNet, or a list with one
         entry per ControlNet (each entry a batch of 1 or one per prompt).
 
@@ -146,8 +117,15 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         control_guidance_end: one number, or a list with one per ControlNet; a ControlNet only acts on the steps
         inside its [start, end] fraction of the schedule. guess_mode: the ControlNets see the conditional batch only
         (for prompt-free control; guidance_scale 3-5 recommended). Other arguments as text-to-image.
-        """
-        return self.generate(ControlNetArgs.from_locals(locals()))
+        """,
+        "prompt image height width num_inference_steps timesteps sigmas guidance_scale negative_prompt "
+        "num_images_per_prompt eta generator latents prompt_embeds negative_prompt_embeds ip_adapter_image "
+        "ip_adapter_image_embeds output_type return_dict cross_attention_kwargs controlnet_conditioning_scale "
+        "guess_mode control_guidance_start control_guidance_end clip_skip callback_on_step_end "
+        "callback_on_step_end_tensor_inputs",
+        returns="StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]",
+        var_kwargs=True,
+    )
 
     def check_inputs(self, args: ControlNetArgs) -> None:
         super().check_inputs(args)

@@ -10,13 +10,12 @@ from typing import Any
 import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
+from .call_signature import pipeline_call
 from .controlnet import ControlNetArgs, StableDiffusionControlNetPipeline
-from .denoise import Conditioning, Scheduler, StepEndCallback
-from .image_processor import PipelineImageInput
+from .denoise import Conditioning, Scheduler
 from .stable_diffusion_xl import (
     StableDiffusionXLBase,
     StableDiffusionXLPipeline,
-    StableDiffusionXLPipelineOutput,
     XLArgs,
 )
 
@@ -74,54 +73,23 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionControlNetPipeline, Sta
         )
         self.make_control_processors()
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        image: PipelineImageInput | list[PipelineImageInput] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        denoising_end: float | None = None,
-        guidance_scale: float = 5.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        original_size: tuple[int, int] = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
-        negative_target_size: tuple[int, int] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionXLPipelineOutput | tuple[Any]:
+    __call__ = pipeline_call(
+        XLControlNetArgs,
         """Generate images from `prompt` guided by `image` (the control image(s); height/width default to its
         size). ControlNet arguments as StableDiffusionControlNetPipeline's, SDXL's as StableDiffusionXLPipeline's.
         With denoising_end the control window is a share of the steps that run (Diffusers: of the whole schedule).
-        """
-        return self.generate(XLControlNetArgs.from_locals(locals()))
+        """,
+        "prompt prompt_2 image height width num_inference_steps timesteps sigmas denoising_end guidance_scale "
+        "negative_prompt negative_prompt_2 num_images_per_prompt eta generator latents prompt_embeds "
+        "negative_prompt_embeds pooled_prompt_embeds negative_pooled_prompt_embeds ip_adapter_image "
+        "ip_adapter_image_embeds output_type return_dict cross_attention_kwargs controlnet_conditioning_scale "
+        "guess_mode control_guidance_start control_guidance_end original_size crops_coords_top_left target_size "
+        "negative_original_size negative_crops_coords_top_left negative_target_size clip_skip "
+        "callback_on_step_end callback_on_step_end_tensor_inputs",
+        returns="StableDiffusionXLPipelineOutput | tuple[Any]",
+        var_kwargs=True,
+        guidance_scale=5.0,
+    )
 
     add_time_ids = StableDiffusionXLPipeline.add_time_ids  # the control image's size is the output's
 

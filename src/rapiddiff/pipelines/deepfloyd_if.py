@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.torch_utils import randn_tensor
+from .call_signature import pipeline_call
 from .call_state import CallState
 from .caption import preprocess_prompt
 from .checks import check_finite, check_generator, check_positive_int
 from .deepfloyd_if_safety import IFSafetyChecker, IFWatermarker
-from .denoise import Conditioning, Guidance, Scheduler, StepCallback, combine_guidance
+from .denoise import Conditioning, Guidance, Scheduler, combine_guidance
 from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, encode_prompt
@@ -235,36 +236,22 @@ class IFPipeline(IFPipelineBase):
             watermarker=watermarker,
         )
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: PromptInput = None,
-        num_inference_steps: int = 100,
-        timesteps: list[int] | None = None,
-        guidance_scale: float = 7.0,
-        negative_prompt: PromptInput = None,
-        num_images_per_prompt: int = 1,
-        height: int | None = None,
-        width: int | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback: StepCallback | None = None,
-        callback_steps: int = 1,
-        clean_caption: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]:
+    __call__ = pipeline_call(
+        IFArgs,
         """Generate 64x64 images from `prompt` or T5 `prompt_embeds` (B, tokens, 4096); arguments as Diffusers.
 
         guidance_scale <= 1 turns classifier-free guidance off. output_type "pt" gives the (B, 3, H, W) sample in
         [-1, 1] for stage II / the x4 upscaler; "np" and "pil" are in [0, 1] and safety-checked. clean_caption=True
         (Diffusers' default) cleans text prompts as Diffusers does (needs `rapiddiff[if]`; without it a warning and
         lower-case + strip, as Diffusers). Returns IFPipelineOutput(images, nsfw_detected, watermark_detected), or that tuple.
-        """
-        return self.generate(IFArgs.from_locals(locals()))
+        """,
+        "prompt num_inference_steps timesteps guidance_scale negative_prompt num_images_per_prompt height width "
+        "eta generator prompt_embeds negative_prompt_embeds output_type return_dict callback callback_steps "
+        "clean_caption cross_attention_kwargs",
+        returns="IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]",
+        num_inference_steps=100,
+        guidance_scale=7.0,
+    )
 
     def prepare_denoising(
         self, args: IFArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
@@ -336,38 +323,22 @@ class IFSuperResolutionPipeline(IFPipelineBase):
                 "the stage-I image, or a larger height/width"
             )
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: PromptInput = None,
-        height: int | None = None,
-        width: int | None = None,
-        image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        guidance_scale: float = 4.0,
-        negative_prompt: PromptInput = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback: StepCallback | None = None,
-        callback_steps: int = 1,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        noise_level: int = 250,
-        clean_caption: bool = True,
-    ) -> IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]:
+    __call__ = pipeline_call(
+        IFSuperResolutionArgs,
         """Upscale stage-I `image` (one per prompt) to height x width (default: the UNet's sample_size).
 
         image: stage I's output_type="pt" tensor (B, 3, h, w) in [-1, 1]; numpy arrays (B, h, w, 3) are taken as
         they are too, PIL images are mapped from [0, 255] to [-1, 1] (Diffusers' rules). noise_level: the timestep
         of `image_noising_scheduler` the upscaled image is noised to, in [0, num_train_timesteps). Other arguments,
         outputs and clean_caption as `IFPipeline`.
-        """
-        return self.generate(IFSuperResolutionArgs.from_locals(locals()))
+        """,
+        "prompt height width image num_inference_steps timesteps guidance_scale negative_prompt "
+        "num_images_per_prompt eta generator prompt_embeds negative_prompt_embeds output_type return_dict "
+        "callback callback_steps cross_attention_kwargs noise_level clean_caption",
+        returns="IFPipelineOutput | tuple[Any, list[bool] | None, list[bool] | None]",
+        guidance_scale=4.0,
+        noise_level=250,
+    )
 
     def check_inputs(self, args: IFSuperResolutionArgs) -> None:
         super().check_inputs(args)

@@ -22,16 +22,16 @@ from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..models import lora_layers
 from ..models.embeddings import guidance_scale_embedding
 from ..utils.torch_utils import randn_tensor
+from .call_signature import pipeline_call
 from .call_state import CallState
 from .checks import check_generator, check_number, check_positive_int
 from .denoise import (
     Conditioning,
     Guidance,
     Scheduler,
-    StepEndCallback,
     extra_step_kwargs,
 )
-from .image_processor import PipelineImageInput, VaeImageProcessor
+from .image_processor import VaeImageProcessor
 from .memory import StableDiffusionMixin
 from .pipeline_utils import BaseOutput
 from .prompt import check_clip_skip, encode_prompt
@@ -338,40 +338,20 @@ class StableDiffusionPipeline(StableDiffusionBase):
             image_encoder=image_encoder,
         )
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+    __call__ = pipeline_call(
+        CallArgs,
         """Generate images from `prompt` (or `prompt_embeds`); arguments and defaults as in Diffusers.
 
         guidance_scale <= 1 turns classifier-free guidance off (one UNet pass per step). output_type: "pil", "np",
         "pt" or "latent". Returns StableDiffusionPipelineOutput(images, nsfw_content_detected), or that tuple.
-        """
-        return self.generate(CallArgs.from_locals(locals()))
+        """,
+        "prompt height width num_inference_steps timesteps sigmas guidance_scale negative_prompt "
+        "num_images_per_prompt eta generator latents prompt_embeds negative_prompt_embeds ip_adapter_image "
+        "ip_adapter_image_embeds output_type return_dict cross_attention_kwargs guidance_rescale clip_skip "
+        "callback_on_step_end callback_on_step_end_tensor_inputs",
+        returns="StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]",
+        var_kwargs=True,
+    )
 
     def check_inputs(self, args: CallArgs) -> None:
         super().check_inputs(args)

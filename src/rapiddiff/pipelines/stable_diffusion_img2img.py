@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from ..utils.torch_utils import randn_tensor
+from .call_signature import pipeline_call
 from .checks import batch_repeats, check_finite, check_number, check_unet_in_channels, required
-from .denoise import Conditioning, Scheduler, StepEndCallback, retrieve_timesteps, truncate_timesteps
+from .denoise import Conditioning, Scheduler, retrieve_timesteps, truncate_timesteps
 from .image_processor import PipelineImageInput
-from .stable_diffusion import StableDiffusionBase, StableDiffusionPipeline, StableDiffusionPipelineOutput
+from .stable_diffusion import StableDiffusionBase, StableDiffusionPipeline
 from .template import CallArgs, LoopStart
 
 
@@ -99,38 +100,21 @@ class StableDiffusionImg2ImgPipeline(ImageToImageBase):
     __init__ = StableDiffusionPipeline.__init__
     _legacy_scheduler_fixes = StableDiffusionPipeline._legacy_scheduler_fixes
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: PipelineImageInput | None = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+    __call__ = pipeline_call(
+        Img2ImgArgs,
         """Transform `image` (PIL, array or tensor in [0, 1], or (B, 4, h, w) latents) following `prompt`.
 
         strength in [0, 1]: the share of the `num_inference_steps` schedule that runs. Other arguments as
         text-to-image (no height/width: the image's size, rounded down to a multiple of the VAE factor).
-        """
-        return self.generate(Img2ImgArgs.from_locals(locals()))
+        """,
+        "prompt image strength num_inference_steps timesteps sigmas guidance_scale negative_prompt "
+        "num_images_per_prompt eta generator prompt_embeds negative_prompt_embeds ip_adapter_image "
+        "ip_adapter_image_embeds output_type return_dict cross_attention_kwargs clip_skip callback_on_step_end "
+        "callback_on_step_end_tensor_inputs",
+        returns="StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]",
+        var_kwargs=True,
+        strength=0.8,
+    )
 
     def check_inputs(self, args: Img2ImgArgs) -> None:
         super().check_inputs(args)

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from .call_signature import pipeline_call
 from .checks import batch_repeats, check_finite, check_unet_in_channels, required
-from .denoise import Conditioning, StepEndCallback
+from .denoise import Conditioning
 from .image_processor import PipelineImageInput, VaeImageProcessor
-from .stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from .stable_diffusion import StableDiffusionPipeline
 from .stable_diffusion_img2img import ImageToImageBase, InpaintArgs
 from .template import LoopStart
 
@@ -209,45 +210,22 @@ class StableDiffusionInpaintPipeline(InpaintingMixin, ImageToImageBase):
         super()._register(requires_safety_checker, **components)
         self.make_mask_processor()
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: PipelineImageInput | None = None,
-        mask_image: PipelineImageInput | None = None,
-        masked_image_latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        padding_mask_crop: int | None = None,
-        strength: float = 1.0,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+    __call__ = pipeline_call(
+        InpaintArgs,
         """Repaint the white region of `mask_image` in `image` (both resized to height x width, the UNet's size by
         default) following `prompt`.
 
         strength < 1 starts from the noised image instead of pure noise. masked_image_latents: (B, 4, h, w) latents of
         the masked image, instead of encoding it. padding_mask_crop is not supported (must be None).
-        """
-        return self.generate(InpaintArgs.from_locals(locals()))
+        """,
+        "prompt image mask_image masked_image_latents height width padding_mask_crop strength num_inference_steps "
+        "timesteps sigmas guidance_scale negative_prompt num_images_per_prompt eta generator latents "
+        "prompt_embeds negative_prompt_embeds ip_adapter_image ip_adapter_image_embeds output_type return_dict "
+        "cross_attention_kwargs clip_skip callback_on_step_end callback_on_step_end_tensor_inputs",
+        returns="StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]",
+        var_kwargs=True,
+        strength=1.0,
+    )
 
     def check_inputs(self, args: InpaintArgs) -> None:
         super().check_inputs(args)

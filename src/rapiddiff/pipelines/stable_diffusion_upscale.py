@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ..utils.torch_utils import randn_tensor
+from .call_signature import pipeline_call
 from .checks import check_finite
-from .denoise import Conditioning, Scheduler, StepCallback
+from .denoise import Conditioning, Scheduler
 from .image_processor import PipelineImageInput, VaeImageProcessor
-from .prompt import PromptInput
 from .safety_checker import check_safety_components, run_safety_checker
 from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
 from .template import CallArgs, LoopStart
@@ -106,36 +106,23 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
             )
 
     # --- the call ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: PromptInput = None,
-        image: PipelineImageInput | None = None,
-        num_inference_steps: int = 75,
-        guidance_scale: float = 9.0,
-        noise_level: int = 20,
-        negative_prompt: PromptInput = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback: StepCallback | None = None,
-        callback_steps: int = 1,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+    __call__ = pipeline_call(
+        UpscaleArgs,
         """Upscale `image` 4x, guided by `prompt` (or `prompt_embeds`); arguments and defaults as in Diffusers.
 
         image: PIL images / arrays in [0, 1] / tensors in [0, 1] or [-1, 1] (e.g. IF stage I's "pt" output), one
         per prompt. noise_level: how much noise `low_res_scheduler` adds to it, in [0, max_noise_level].
         output_type: "pil", "np", "pt" or "latent". Returns StableDiffusionPipelineOutput(images,
         nsfw_content_detected), or that tuple.
-        """
-        return self.generate(UpscaleArgs.from_locals(locals()))
+        """,
+        "prompt image num_inference_steps guidance_scale noise_level negative_prompt num_images_per_prompt eta "
+        "generator latents prompt_embeds negative_prompt_embeds output_type return_dict callback callback_steps "
+        "cross_attention_kwargs clip_skip",
+        returns="StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]",
+        num_inference_steps=75,
+        guidance_scale=9.0,
+        noise_level=20,
+    )
 
     def check_inputs(self, args: UpscaleArgs) -> None:
         if args.image is None:

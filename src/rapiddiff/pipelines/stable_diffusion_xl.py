@@ -21,9 +21,10 @@ import PIL.Image
 import torch
 
 from ..models import lora_layers
+from .call_signature import pipeline_call
 from .checks import check_finite, check_number
-from .denoise import Conditioning, Scheduler, StepEndCallback, retrieve_timesteps
-from .image_processor import PipelineImageInput, VaeImageProcessor
+from .denoise import Conditioning, Scheduler, retrieve_timesteps
+from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, check_clip_skip, check_prompt_inputs, check_text, encode_hidden
 from .stable_diffusion import StableDiffusionBase
@@ -476,53 +477,25 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
             feature_extractor=feature_extractor,
         )
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        denoising_end: float | None = None,
-        guidance_scale: float = 5.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
-        negative_target_size: tuple[int, int] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionXLPipelineOutput | tuple[Any]:
+    __call__ = pipeline_call(
+        XLArgs,
         """Generate images from `prompt` (text encoder 1) and `prompt_2` (text encoder 2, default `prompt`).
 
         original_size / crops_coords_top_left / target_size: SDXL's micro-conditioning, (height, width) and (top,
         left) in pixels, default the output size and (0, 0); the negative_* ones condition the unconditional half
         (used when both negative sizes are given, as in Diffusers). denoising_end in (0, 1]: stop that far through
         the schedule (hand the latents to the refiner). Returns StableDiffusionXLPipelineOutput(images) or (images,).
-        """
-        return self.generate(XLArgs.from_locals(locals()))
+        """,
+        "prompt prompt_2 height width num_inference_steps timesteps sigmas denoising_end guidance_scale "
+        "negative_prompt negative_prompt_2 num_images_per_prompt eta generator latents prompt_embeds "
+        "negative_prompt_embeds pooled_prompt_embeds negative_pooled_prompt_embeds ip_adapter_image "
+        "ip_adapter_image_embeds output_type return_dict cross_attention_kwargs guidance_rescale original_size "
+        "crops_coords_top_left target_size negative_original_size negative_crops_coords_top_left "
+        "negative_target_size clip_skip callback_on_step_end callback_on_step_end_tensor_inputs",
+        returns="StableDiffusionXLPipelineOutput | tuple[Any]",
+        var_kwargs=True,
+        guidance_scale=5.0,
+    )
 
     def check_inputs(self, args: XLArgs) -> None:
         super().check_inputs(args)

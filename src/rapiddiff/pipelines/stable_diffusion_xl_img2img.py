@@ -13,13 +13,12 @@ from typing import Any
 import torch
 
 from ..utils.torch_utils import randn_tensor
+from .call_signature import pipeline_call
 from .checks import batch_repeats, check_finite, check_number, check_unet_in_channels, required
-from .denoise import Conditioning, Scheduler, StepEndCallback, retrieve_timesteps
-from .image_processor import PipelineImageInput
+from .denoise import Conditioning, Scheduler, retrieve_timesteps
 from .stable_diffusion_img2img import Img2ImgArgs, encode_image_latents, strength_timesteps
 from .stable_diffusion_xl import (
     StableDiffusionXLBase,
-    StableDiffusionXLPipelineOutput,
     XLArgs,
     check_denoising_fraction,
     training_cutoff,
@@ -152,56 +151,27 @@ class StableDiffusionXLImg2ImgPipeline(XLImageToImageBase):
     far through instead and the image (the base's latents) is not noised.
     """
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        image: PipelineImageInput | None = None,
-        strength: float = 0.3,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        denoising_start: float | None = None,
-        denoising_end: float | None = None,
-        guidance_scale: float = 5.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        original_size: tuple[int, int] = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
-        negative_target_size: tuple[int, int] | None = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionXLPipelineOutput | tuple[Any]:
+    __call__ = pipeline_call(
+        XLImg2ImgArgs,
         """Transform `image` (PIL, array or tensor in [0, 1], or (B, 4, h, w) latents) following `prompt`.
 
         strength in [0, 1]: the share of the schedule that runs (not read with denoising_start). denoising_start in
         (0, 1): start that far through the schedule from un-noised latents (the refiner's half of a hand-off).
         aesthetic_score / negative_aesthetic_score: the refiner's conditioning (requires_aesthetics_score=True).
         Other arguments as SDXL text-to-image; `latents`, when given, are the starting latents as they are.
-        """
-        return self.generate(XLImg2ImgArgs.from_locals(locals()))
+        """,
+        "prompt prompt_2 image strength num_inference_steps timesteps sigmas denoising_start denoising_end "
+        "guidance_scale negative_prompt negative_prompt_2 num_images_per_prompt eta generator latents "
+        "prompt_embeds negative_prompt_embeds pooled_prompt_embeds negative_pooled_prompt_embeds ip_adapter_image "
+        "ip_adapter_image_embeds output_type return_dict cross_attention_kwargs guidance_rescale original_size "
+        "crops_coords_top_left target_size negative_original_size negative_crops_coords_top_left "
+        "negative_target_size aesthetic_score negative_aesthetic_score clip_skip callback_on_step_end "
+        "callback_on_step_end_tensor_inputs",
+        returns="StableDiffusionXLPipelineOutput | tuple[Any]",
+        var_kwargs=True,
+        strength=0.3,
+        guidance_scale=5.0,
+    )
 
     def check_inputs(self, args: XLImg2ImgArgs) -> None:
         super().check_inputs(args)
