@@ -225,3 +225,24 @@ def batch_repeats(name: str, n: int, batch_size: int) -> int:
             f"num_images_per_prompt); allowed: a batch that divides {batch_size}, e.g. 1 or {batch_size}"
         )
     return batch_size // n
+
+
+def check_size_pair(name: str, value: Any, optional: bool = True) -> tuple[Any, Any] | None:
+    """A (height, width) or (top, left) pair of numbers, as a tuple; None where allowed."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair of numbers (a tuple of 2), got {value!r}")
+    for v in value:
+        check_number(name, v)
+    return tuple(value)
+
+
+def check_denoising_fraction(name: str, value: Any, one_allowed: bool = True) -> None:
+    """denoising_start / denoising_end: None or a fraction of the schedule in (0, 1] ((0, 1) for a start)."""
+    if value is None:
+        return
+    check_number(name, value, 0.0, 1.0)
+    if value == 0 or (value == 1 and not one_allowed):
+        allowed = "(0, 1]" if one_allowed else "(0, 1)"
+        raise ValueError(f"{name}={value} leaves no steps; allowed: None or a fraction in {allowed}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,13 +21,14 @@ import torch
 
 from ..models import lora_layers
 from .call_signature import pipeline_call
-from .checks import check_finite, check_number
+from .checks import check_denoising_fraction, check_finite, check_number, check_size_pair
 from .denoise import Conditioning, Scheduler, retrieve_timesteps
 from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, check_clip_skip, check_prompt_inputs, check_text, encode_hidden
 from .stable_diffusion import StableDiffusionBase
 from .template import CallArgs, LoopStart
+from .watermark_xl import make_watermarker
 
 Size = tuple[int, int]
 
@@ -36,17 +36,6 @@ Size = tuple[int, int]
 @dataclasses.dataclass
 class StableDiffusionXLPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-
-
-def check_size_pair(name: str, value: Any, optional: bool = True) -> Size | None:
-    """A (height, width) or (top, left) pair of numbers, as a tuple; None where allowed."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name} must be a pair of numbers (a tuple of 2), got {value!r}")
-    for v in value:
-        check_number(name, v)
-    return tuple(value)
 
 
 def check_xl_prompt_inputs(
@@ -121,50 +110,10 @@ class XLArgs(CallArgs):
         check_denoising_fraction("denoising_end", self.denoising_end)
 
 
-def check_denoising_fraction(name: str, value: Any, one_allowed: bool = True) -> None:
-    """denoising_start / denoising_end: None or a fraction of the schedule in (0, 1] ((0, 1) for a start)."""
-    if value is None:
-        return
-    check_number(name, value, 0.0, 1.0)
-    if value == 0 or (value == 1 and not one_allowed):
-        allowed = "(0, 1]" if one_allowed else "(0, 1)"
-        raise ValueError(f"{name}={value} leaves no steps; allowed: None or a fraction in {allowed}")
-
-
 def training_cutoff(scheduler: Scheduler, fraction: float) -> int:
     """The training timestep `fraction` of the way through the schedule (Diffusers' discrete cut-off)."""
     train = scheduler.config.num_train_timesteps
     return int(round(train - fraction * train))
-
-
-class StableDiffusionXLWatermarker:
-    """Stability AI's invisible watermark on SDXL images (`pip install invisible-watermark`), as Diffusers applies it:
-    the 48-bit message of the reference code, DWT-DCT, images of width 256 and above."""
-
-    MESSAGE = 0b101100111110110010010000011110111011000110011110
-
-    def __init__(self) -> None:
-        from imwatermark import WatermarkEncoder
-
-        self.encoder = WatermarkEncoder()
-        self.encoder.set_watermark("bits", [int(bit) for bit in bin(self.MESSAGE)[2:]])
-
-    def apply_watermark(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] < 256:
-            return images
-        pixels = (255 * (images / 2 + 0.5)).cpu().permute(0, 2, 3, 1).float().numpy()[..., ::-1]  # RGB -> BGR
-        marked = np.array([self.encoder.encode(p, "dwtDct")[:, :, ::-1] for p in pixels])
-        return torch.clamp(2 * (torch.from_numpy(marked).permute(0, 3, 1, 2) / 255 - 0.5), min=-1.0, max=1.0)
-
-
-def make_watermarker(add_watermarker: bool | None) -> StableDiffusionXLWatermarker | None:
-    """Diffusers' rule: None watermarks when `invisible-watermark` is installed; True requires it."""
-    available = importlib.util.find_spec("imwatermark") is not None
-    if add_watermarker is None:
-        add_watermarker = available
-    if add_watermarker and not available:
-        raise ImportError("add_watermarker=True needs the invisible-watermark package: pip install invisible-watermark")
-    return StableDiffusionXLWatermarker() if add_watermarker else None
 
 
 class StableDiffusionXLBase(StableDiffusionBase):

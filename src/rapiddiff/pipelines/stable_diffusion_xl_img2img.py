@@ -14,13 +14,19 @@ import torch
 
 from ..utils.torch_utils import randn_tensor
 from .call_signature import pipeline_call
-from .checks import batch_repeats, check_finite, check_number, check_unet_in_channels, required
+from .checks import (
+    batch_repeats,
+    check_denoising_fraction,
+    check_finite,
+    check_number,
+    check_unet_in_channels,
+    required,
+)
 from .denoise import Conditioning, Scheduler, retrieve_timesteps
 from .stable_diffusion_img2img import Img2ImgArgs, encode_image_latents, strength_timesteps
 from .stable_diffusion_xl import (
     StableDiffusionXLBase,
     XLArgs,
-    check_denoising_fraction,
     training_cutoff,
 )
 from .template import LoopStart

@@ -1,8 +1,7 @@
 """The call template every pipeline follows: its arguments as one checked object, one generate path.
 
-A pipeline's `__call__` keeps Diffusers' signature and hands its arguments over in one go:
-
-    return self.generate(Img2ImgArgs.from_locals(locals()))
+A pipeline's `__call__` is Diffusers' signature, built by `call_signature.pipeline_call` from the parameters' order
+and its `CallArgs` fields; it hands the arguments over in one go, `self.generate(Img2ImgArgs(...))`.
 
 `CallArgs` (a dataclass, one subclass per pipeline for its own arguments) checks what needs no pipeline when it is
 built; `DenoisingPipeline.generate` then runs the same path for every pipeline:
@@ -168,8 +167,8 @@ class CallArgs:
 
     @classmethod
     def from_locals(cls: type[A], values: Mapping[str, Any]) -> A:
-        """The arguments from `locals()` taken first thing in a `__call__` (its parameters, `self`, and `kwargs` where
-        the signature ends with Diffusers' `**kwargs`)."""
+        """The arguments a `__call__` bound (its parameters, `self`, and `kwargs` where the signature ends with
+        Diffusers' `**kwargs`)."""
         values = {k: v for k, v in values.items() if k != "self"}
         extra = values.pop("kwargs", None)
         if extra is not None:  # Diffusers' `kwargs.pop("callback", None)`
