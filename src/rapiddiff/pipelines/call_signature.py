@@ -1,13 +1,16 @@
-"""Diffusers' `__call__` signatures, each argument declared once.
+"""Diffusers' `__call__` and `__init__` signatures, each argument declared once.
 
 A pipeline names its parameters in Diffusers' order (positional calls such as `pipe(prompt, image)` bind as they do
 there). Their types are the fields of the pipeline's `CallArgs` class, their defaults `DEFAULTS`, or the pipeline's
 own where Diffusers' value differs between pipelines (steps, guidance, strength...). `inspect.signature(pipe.__call__)`
 is Diffusers' signature; the call binds its arguments to it and hands them to `generate` as that `CallArgs`.
+`pipeline_init` does the same for `__init__`: the components and config values, handed to the model family's
+`register_components`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -65,3 +68,27 @@ def pipeline_call(
     __call__.__signature__ = signature  # type: ignore[attr-defined]
     __call__.__doc__ = doc
     return __call__
+
+
+def pipeline_init(spec: str) -> Callable[..., None]:
+    """A pipeline's `__init__` with Diffusers' signature. `spec`: its parameters in Diffusers' order, space-separated,
+    `name=default` (a Python literal) for those with a default. The bound arguments go to
+    `self.register_components(components, config)`: the components are the class's `component_names()` (parameters
+    without a default, and `_optional_components`), the rest are config values."""
+    params = [inspect.Parameter("self", _ARG)]
+    for item in spec.split():
+        name, given, default = item.partition("=")
+        default = ast.literal_eval(default) if given else inspect.Parameter.empty
+        params.append(inspect.Parameter(name, _ARG, default=default, annotation="Any"))
+    signature = inspect.Signature(params, return_annotation="None")
+
+    def __init__(self: Any, *positional: Any, **keywords: Any) -> None:
+        bound = signature.bind(self, *positional, **keywords)
+        bound.apply_defaults()
+        values = {k: v for k, v in bound.arguments.items() if k != "self"}
+        names = set(type(self).component_names())
+        components = {k: v for k, v in values.items() if k in names}
+        self.register_components(components, {k: v for k, v in values.items() if k not in names})
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    return __init__

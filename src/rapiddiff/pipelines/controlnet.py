@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
-from .call_signature import pipeline_call
+from .call_signature import pipeline_call, pipeline_init
 from .checks import check_finite, check_number, check_unet_in_channels, required
-from .denoise import Conditioning, Scheduler
+from .denoise import Conditioning
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .loading import _unwrap, is_compiled
 from .stable_diffusion import StableDiffusionBase
@@ -63,33 +63,15 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
 
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "image")
 
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        unet: Any,
-        controlnet: ControlNetModel | Sequence[ControlNetModel] | MultiControlNetModel,
-        scheduler: Scheduler,
-        safety_checker: Any,
-        feature_extractor: Any,
-        image_encoder: Any = None,
-        requires_safety_checker: bool = True,
-    ):
-        if isinstance(controlnet, (list, tuple)):
-            controlnet = MultiControlNetModel(controlnet)
-        self._register(
-            requires_safety_checker,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-        )
+    __init__ = pipeline_init(
+        "vae text_encoder tokenizer unet controlnet scheduler safety_checker feature_extractor image_encoder=None "
+        "requires_safety_checker=True"
+    )
+
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        if isinstance(components["controlnet"], (list, tuple)):
+            components = {**components, "controlnet": MultiControlNetModel(components["controlnet"])}
+        super().register_components(components, config)
         self.make_control_processors()
 
     def make_control_processors(self) -> None:

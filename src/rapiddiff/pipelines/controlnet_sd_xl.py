@@ -4,15 +4,14 @@ checks and residual hook on the SDXL family (the ControlNets also get SDXL's `ad
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..models.controlnet import ControlNetModel, MultiControlNetModel
-from .call_signature import pipeline_call
+from ..models.controlnet import MultiControlNetModel
+from .call_signature import pipeline_call, pipeline_init
 from .controlnet import ControlNetArgs, StableDiffusionControlNetPipeline
-from .denoise import Conditioning, Scheduler
+from .denoise import Conditioning
 from .stable_diffusion_xl import (
     StableDiffusionXLBase,
     StableDiffusionXLPipeline,
@@ -40,37 +39,15 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionControlNetPipeline, Sta
         "image",
     )
 
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        text_encoder_2: Any,
-        tokenizer: Any,
-        tokenizer_2: Any,
-        unet: Any,
-        controlnet: ControlNetModel | Sequence[ControlNetModel] | MultiControlNetModel,
-        scheduler: Scheduler,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-        feature_extractor: Any = None,
-        image_encoder: Any = None,
-    ):
-        if isinstance(controlnet, (list, tuple)):
-            controlnet = MultiControlNetModel(controlnet)
-        self._register_xl(
-            add_watermarker,
-            dict(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt),
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-        )
+    __init__ = pipeline_init(
+        "vae text_encoder text_encoder_2 tokenizer tokenizer_2 unet controlnet scheduler "
+        "force_zeros_for_empty_prompt=True add_watermarker=None feature_extractor=None image_encoder=None"
+    )
+
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        if isinstance(components["controlnet"], (list, tuple)):
+            components = {**components, "controlnet": MultiControlNetModel(components["controlnet"])}
+        super().register_components(components, config)
         self.make_control_processors()
 
     __call__ = pipeline_call(

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.torch_utils import randn_tensor
-from .call_signature import pipeline_call
+from .call_signature import pipeline_call, pipeline_init
 from .call_state import CallState
 from .caption import preprocess_prompt
 from .checks import check_finite, check_generator, check_positive_int
-from .deepfloyd_if_safety import IFSafetyChecker, IFWatermarker
-from .denoise import Conditioning, Guidance, Scheduler, combine_guidance
+from .denoise import Conditioning, Guidance, combine_guidance
 from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, encode_prompt
@@ -88,16 +87,16 @@ class IFPipelineBase(DenoisingPipeline):
     output_types = IF_OUTPUT_TYPES
     hook_before_scaling = True
 
-    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
         check_safety_components(
             type(self).__name__,
             components["safety_checker"],
             components["feature_extractor"],
-            requires_safety_checker,
+            config["requires_safety_checker"],
             license="DeepFloyd IF",
         )
         self.register_modules(**components)
-        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        self.register_to_config(**config)
 
     # --- prompt -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -214,27 +213,9 @@ class IFPipelineBase(DenoisingPipeline):
 class IFPipeline(IFPipelineBase):
     """DeepFloyd IF stage I: text to a 64x64 image. Diffusers' `IFPipeline`."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        text_encoder: Any,
-        unet: Any,
-        scheduler: Scheduler,
-        safety_checker: IFSafetyChecker | None,
-        feature_extractor: Any,
-        watermarker: IFWatermarker | None,
-        requires_safety_checker: bool = True,
-    ):
-        self._register(
-            requires_safety_checker,
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            watermarker=watermarker,
-        )
+    __init__ = pipeline_init(
+        "tokenizer text_encoder unet scheduler safety_checker feature_extractor watermarker requires_safety_checker=True"
+    )
 
     __call__ = pipeline_call(
         IFArgs,
@@ -268,35 +249,20 @@ class IFSuperResolutionPipeline(IFPipelineBase):
     """DeepFloyd IF stage II: a stage-I image upscaled (bilinear), noised to `noise_level`, and denoised at 256 px.
     Diffusers' `IFSuperResolutionPipeline`."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        text_encoder: Any,
-        unet: Any,
-        scheduler: Scheduler,
-        image_noising_scheduler: Scheduler,
-        safety_checker: IFSafetyChecker | None,
-        feature_extractor: Any,
-        watermarker: IFWatermarker | None,
-        requires_safety_checker: bool = True,
-    ):
+    __init__ = pipeline_init(
+        "tokenizer text_encoder unet scheduler image_noising_scheduler safety_checker feature_extractor watermarker "
+        "requires_safety_checker=True"
+    )
+
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        unet = components["unet"]
         if unet is not None and unet.config.in_channels != 6:
             logger.warning(
                 "IFSuperResolutionPipeline: the unet has in_channels=%d; IF's super-resolution UNets take 6 (the "
                 "sample and the upscaled image). Is this a stage-I UNet?",
                 unet.config.in_channels,
             )
-        self._register(
-            requires_safety_checker,
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            unet=unet,
-            scheduler=scheduler,
-            image_noising_scheduler=image_noising_scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            watermarker=watermarker,
-        )
+        super().register_components(components, config)
 
     def check_noise_level(self, noise_level: Any) -> None:
         limit = self.image_noising_scheduler.config.num_train_timesteps

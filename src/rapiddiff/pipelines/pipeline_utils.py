@@ -108,6 +108,11 @@ class DiffusionPipeline(MemoryMixin):
         components = set(cls.component_names())
         return tuple(n for n in cls._init_parameters() if n not in components)
 
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        """What `__init__` (`call_signature.pipeline_init`) does with its arguments; a model family adds its checks."""
+        self.register_modules(**components)
+        self.register_to_config(**config)
+
     def register_modules(self, **modules: Any) -> None:
         for name, module in modules.items():
             setattr(self, name, module)

@@ -22,7 +22,7 @@ from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..models import lora_layers
 from ..models.embeddings import guidance_scale_embedding
 from ..utils.torch_utils import randn_tensor
-from .call_signature import pipeline_call
+from .call_signature import pipeline_call, pipeline_init
 from .call_state import CallState
 from .checks import check_generator, check_number, check_positive_int
 from .denoise import (
@@ -66,17 +66,17 @@ class StableDiffusionBase(
         """An older `callback` gets step `i // scheduler.order`, as Diffusers' SD pipelines count."""
         return self.scheduler.order
 
-    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
-        """What every SD `__init__` does after naming its components."""
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        """What every SD `__init__` does with its components and config."""
         fix_legacy_scheduler(components["scheduler"], self._legacy_scheduler_fixes)
         check_safety_components(
             type(self).__name__,
             components.get("safety_checker"),
             components.get("feature_extractor"),
-            requires_safety_checker,
+            config["requires_safety_checker"],
         )
         self.register_modules(**components)
-        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        self.register_to_config(**config)
         vae = components.get("vae")
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -314,29 +314,10 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
     _legacy_scheduler_fixes = ("steps_offset", "clip_sample")
 
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        unet: Any,
-        scheduler: Scheduler,
-        safety_checker: Any,
-        feature_extractor: Any,
-        image_encoder: Any = None,
-        requires_safety_checker: bool = True,
-    ):
-        self._register(
-            requires_safety_checker,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-        )
+    __init__ = pipeline_init(
+        "vae text_encoder tokenizer unet scheduler safety_checker feature_extractor image_encoder=None "
+        "requires_safety_checker=True"
+    )
 
     __call__ = pipeline_call(
         CallArgs,

@@ -21,7 +21,8 @@ class InpaintingMixin:
     strength 1), the mask channels of a 9-channel inpainting UNet or the known region pasted back after each step of
     a plain 4-channel one. Its pipelines supply `encode_image_latents` and `start_noised`."""
 
-    def make_mask_processor(self) -> None:
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        super().register_components(components, config)  # type: ignore[misc]
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
@@ -205,10 +206,6 @@ class StableDiffusionInpaintPipeline(InpaintingMixin, ImageToImageBase):
     __init__ = StableDiffusionPipeline.__init__
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
     _legacy_scheduler_fixes = ("steps_offset", "skip_prk_steps", "clip_sample")
-
-    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
-        super()._register(requires_safety_checker, **components)
-        self.make_mask_processor()
 
     __call__ = pipeline_call(
         InpaintArgs,

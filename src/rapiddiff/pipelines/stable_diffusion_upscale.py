@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..utils.torch_utils import randn_tensor
-from .call_signature import pipeline_call
+from .call_signature import pipeline_call, pipeline_init
 from .checks import check_finite
-from .denoise import Conditioning, Scheduler
+from .denoise import Conditioning
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .safety_checker import check_safety_components, run_safety_checker
 from .stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
@@ -43,20 +43,16 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
     _optional_components = ("watermarker", "safety_checker", "feature_extractor")
     deprecated_step_callback = False  # `callback` / `callback_steps` are regular arguments here, as in Diffusers
 
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        unet: Any,
-        low_res_scheduler: Scheduler,
-        scheduler: Scheduler,
-        safety_checker: Any = None,
-        feature_extractor: Any = None,
-        watermarker: Any = None,
-        max_noise_level: int = 350,
-    ):
-        check_safety_components(type(self).__name__, safety_checker, feature_extractor, requires_safety_checker=False)
+    __init__ = pipeline_init(
+        "vae text_encoder tokenizer unet low_res_scheduler scheduler safety_checker=None feature_extractor=None "
+        "watermarker=None max_noise_level=350"
+    )
+
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        vae = components["vae"]
+        check_safety_components(
+            type(self).__name__, components["safety_checker"], components["feature_extractor"], False
+        )
         if vae is not None and vae.config.scaling_factor != X4_SCALING_FACTOR:
             # Diffusers rewrites the VAE config the same way: the x4 VAE is only ever used at 0.08333.
             logger.warning(
@@ -65,18 +61,8 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
                 X4_SCALING_FACTOR,
             )
             vae.config = vae.config.replace(scaling_factor=X4_SCALING_FACTOR)
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            low_res_scheduler=low_res_scheduler,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            watermarker=watermarker,
-        )
-        self.register_to_config(max_noise_level=max_noise_level)
+        self.register_modules(**components)
+        self.register_to_config(**config)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, resample="bicubic")
 

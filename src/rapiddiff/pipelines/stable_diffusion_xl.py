@@ -20,7 +20,7 @@ import PIL.Image
 import torch
 
 from ..models import lora_layers
-from .call_signature import pipeline_call
+from .call_signature import pipeline_call, pipeline_init
 from .checks import check_denoising_fraction, check_finite, check_number, check_size_pair
 from .denoise import Conditioning, Scheduler, retrieve_timesteps
 from .image_processor import VaeImageProcessor
@@ -132,8 +132,11 @@ class StableDiffusionXLBase(StableDiffusionBase):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
     _lora_loadable_modules = ("unet", "text_encoder", "text_encoder_2")
 
-    def _register_xl(self, add_watermarker: bool | None, config: dict[str, Any], **components: Any) -> None:
-        """What every SDXL `__init__` does after naming its components."""
+    def register_components(self, components: dict[str, Any], config: dict[str, Any]) -> None:
+        """What every SDXL `__init__` does with its components and config (`add_watermarker` is not stored, as in
+        Diffusers)."""
+        config = dict(config)
+        add_watermarker = config.pop("add_watermarker")
         self.register_modules(**components)
         self.register_to_config(**config)
         vae = components.get("vae")
@@ -398,33 +401,10 @@ class StableDiffusionXLBase(StableDiffusionBase):
 class StableDiffusionXLPipeline(StableDiffusionXLBase):
     """Text-to-image with Stable Diffusion XL: Diffusers' `StableDiffusionXLPipeline`."""
 
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        text_encoder_2: Any,
-        tokenizer: Any,
-        tokenizer_2: Any,
-        unet: Any,
-        scheduler: Scheduler,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-    ):
-        self._register_xl(
-            add_watermarker,
-            dict(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt),
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-        )
+    __init__ = pipeline_init(
+        "vae text_encoder text_encoder_2 tokenizer tokenizer_2 unet scheduler image_encoder=None feature_extractor=None "
+        "force_zeros_for_empty_prompt=True add_watermarker=None"
+    )
 
     __call__ = pipeline_call(
         XLArgs,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..utils.torch_utils import randn_tensor
-from .call_signature import pipeline_call
+from .call_signature import pipeline_call, pipeline_init
 from .checks import (
     batch_repeats,
     check_denoising_fraction,
@@ -22,7 +22,7 @@ from .checks import (
     check_unet_in_channels,
     required,
 )
-from .denoise import Conditioning, Scheduler, retrieve_timesteps
+from .denoise import Conditioning, retrieve_timesteps
 from .stable_diffusion_img2img import Img2ImgArgs, encode_image_latents, strength_timesteps
 from .stable_diffusion_xl import (
     StableDiffusionXLBase,
@@ -54,37 +54,10 @@ class XLImageToImageBase(StableDiffusionXLBase):
     """What SDXL img2img and inpainting share: the refiner's config value, the schedule's start (`strength` or
     `denoising_start`) and the time ids with the aesthetic score (`requires_aesthetics_score`)."""
 
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        text_encoder_2: Any,
-        tokenizer: Any,
-        tokenizer_2: Any,
-        unet: Any,
-        scheduler: Scheduler,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-        requires_aesthetics_score: bool = False,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-    ):
-        self._register_xl(
-            add_watermarker,
-            dict(
-                requires_aesthetics_score=requires_aesthetics_score,
-                force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-            ),
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-        )
+    __init__ = pipeline_init(
+        "vae text_encoder text_encoder_2 tokenizer tokenizer_2 unet scheduler image_encoder=None feature_extractor=None "
+        "requires_aesthetics_score=False force_zeros_for_empty_prompt=True add_watermarker=None"
+    )
 
     @property
     def denoising_start(self) -> float | None:

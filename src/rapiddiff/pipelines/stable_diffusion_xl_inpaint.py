@@ -4,10 +4,8 @@ UNet, or a plain 4-channel SDXL UNet with the known region pasted back after eac
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from .call_signature import pipeline_call
-from .denoise import Scheduler
 from .stable_diffusion_img2img import InpaintArgs
 from .stable_diffusion_inpaint import InpaintingMixin
 from .stable_diffusion_xl import StableDiffusionXLBase
@@ -24,37 +22,6 @@ class StableDiffusionXLInpaintPipeline(InpaintingMixin, XLImageToImageBase):
     image's latents (a base -> refiner hand-off), as in Diffusers."""
 
     _callback_tensor_inputs = (*StableDiffusionXLBase._callback_tensor_inputs, "mask", "masked_image_latents")
-
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        text_encoder_2: Any,
-        tokenizer: Any,
-        tokenizer_2: Any,
-        unet: Any,
-        scheduler: Scheduler,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-        requires_aesthetics_score: bool = False,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-    ):
-        super().__init__(
-            vae,
-            text_encoder,
-            text_encoder_2,
-            tokenizer,
-            tokenizer_2,
-            unet,
-            scheduler,
-            image_encoder,
-            feature_extractor,
-            requires_aesthetics_score,
-            force_zeros_for_empty_prompt,
-            add_watermarker,
-        )
-        self.make_mask_processor()
 
     __call__ = pipeline_call(
         XLInpaintArgs,
