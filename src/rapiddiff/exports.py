@@ -26,6 +26,7 @@ EXPORTS = {
     "AutoencoderKL": "models.autoencoder_kl",
     "ControlNetModel": "models.controlnet",
     "MultiControlNetModel": "models.controlnet",
+    "DeepCacheConfig": "models.deep_cache",
     # schedulers
     "SchedulerMixin": "schedulers.scheduling_utils",
     "PNDMScheduler": "schedulers.scheduling_pndm",
@@ -60,6 +61,7 @@ EXPORTS = {
     "IFSafetyChecker": "pipelines.deepfloyd_if_safety",
     "IFWatermarker": "pipelines.deepfloyd_if_safety",
     "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
+    "DeepCacheSDHelper": "pipelines.deep_cache",
     # torch.compile recipe
     "compile_pipeline": "compile",
 }

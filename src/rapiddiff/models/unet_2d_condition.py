@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
+from .deep_cache import DeepCacheMixin, DeepCacheStep, cached_forward
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .fused_projections import FusedProjectionsMixin
 from .lora_adapter import LoraModelMixin
@@ -226,7 +227,7 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin):
+class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin, DeepCacheMixin):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig
@@ -354,7 +355,8 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        deep_cache: DeepCacheStep | None = None,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor, ...]:
         """Predict from `sample` (B, in_channels, H, W) at `timestep` (number, 0-d or (B,) tensor).
 
         encoder_hidden_states: (B, S, C) text embeddings. class_labels: noise level, for configs with a class
@@ -363,6 +365,8 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         timestep_cond: (B, time_cond_proj_dim), for an LCM-distilled UNet (time_cond_proj_dim set): the guidance-scale
         embedding (`guidance_scale_embedding`), added to the time features. Argument order as Diffusers;
         added_cond_kwargs and down_intrablock_additional_residuals (SDXL / T2I-Adapter features) must be None.
+        deep_cache: one step of a DeepCache loop (models/deep_cache.py); the call then returns the tuple
+        (sample, cached feature) whatever `return_dict`.
         """
         self._check_inputs(
             sample,
@@ -389,6 +393,16 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         emb = self.embed_conditions(sample, timestep, class_labels, encoder_hidden_states, timestep_cond)
         if self.encoder_hid_proj is not None:
             attn_kwargs["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
+        if deep_cache is not None:
+            return cached_forward(
+                self,
+                sample,
+                emb,
+                attn_kwargs,
+                down_block_additional_residuals,
+                mid_block_additional_residual,
+                deep_cache,
+            )
 
         hidden, skips = run_down_blocks(self.down_blocks, self.conv_in(sample), emb, **attn_kwargs)
         if down_block_additional_residuals is not None:

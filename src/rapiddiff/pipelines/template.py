@@ -45,6 +45,7 @@ from .checks import (
     check_positive_int,
     python_scalars,
 )
+from .deep_cache import deep_cache_loop
 from .denoise import (
     AfterStep,
     Conditioning,
@@ -346,12 +347,16 @@ class DenoisingPipeline(DiffusionPipeline):
             hook_before_scaling=self.hook_before_scaling,
             after_step=start.after_step,
         )
+        runner = self.step_runner
+        cache = deep_cache_loop(self.unet, state.scheduler, schedule)  # the call's own cache, if the UNet has one on
+        if cache is not None:
+            runner = cache.runner(runner)
         latents = denoise(
             start.latents,
             schedule,
             step,
             {**conditioning, **start.conditioning},
-            runner=self.step_runner,
+            runner=runner,
             progress=self.progress_bar,
             on_step_end=self.step_end(args, schedule),
         )
