@@ -183,11 +183,17 @@ def cached_forward(
         skips += block_skips
     if down_residuals is not None:  # zip stops at the skips this step computed
         skips = tuple(s + r for s, r in zip(skips, down_residuals))
-    if not shallow:
-        if unet.mid_block is not None:
-            hidden = unet.mid_block(hidden, emb, **attn_kwargs)
-        if mid_residual is not None:
-            hidden = hidden + mid_residual
+    # A cut right below the mid block caches the mid block's output, and the step's own ControlNet mid residual is
+    # added to it (DeepCache's skipped mid block returns its cached output, then the UNet adds the residual).
+    below_mid = point.up_index == 0 and point.split == 0
+    if not shallow and unet.mid_block is not None:
+        hidden = unet.mid_block(hidden, emb, **attn_kwargs)
+    if not shallow and below_mid:
+        feature = hidden
+    if shallow and below_mid:
+        hidden = feature
+    if (not shallow or below_mid) and mid_residual is not None:
+        hidden = hidden + mid_residual
     explicit_size = any(s % 2**unet.num_upsamplers for s in sample.shape[-2:])
     for i, block in enumerate(unet.up_blocks):
         n = len(block.resnets)
@@ -197,14 +203,14 @@ def cached_forward(
             # the skips of the layers that do not run are not computed: None in their places
             have = point.layers + 1
             block_skips, skips = skips[-have:] + (None,) * (n - have), skips[:-have]
-            hidden = feature
+            hidden = hidden if below_mid else feature
         else:
             block_skips, skips = skips[-n:], skips[:-n]
         size = skips[-1].shape[2:] if explicit_size and i < len(unet.up_blocks) - 1 else None
         if i != point.up_index:
             hidden = block(hidden, block_skips, emb, upsample_size=size, **attn_kwargs)
             continue
-        if not shallow:
+        if not shallow and not below_mid:
             hidden = block(hidden, block_skips, emb, stop=point.split, **attn_kwargs)
             feature = hidden
         hidden = block(hidden, block_skips, emb, upsample_size=size, start=point.split, **attn_kwargs)
