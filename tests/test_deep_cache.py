@@ -357,3 +357,37 @@ def test_compiled_cache_is_one_graph_per_step_kind(tiny_sd_dir, tiny_upscaler_di
         np.testing.assert_allclose(call(pipe, "txt2img", specs[1]), expected[1], atol=2e-3)
     assert counter.frame_count == 3
     torch._dynamo.reset()
+
+
+# --- command line -----------------------------------------------------------------------------------------------------
+def test_generate_deepcache_flag(tiny_sd_dir, tmp_path, capsys):
+    import json
+
+    import PIL.Image
+
+    from rapiddiff import cli
+
+    size = ["--height", "32", "--width", "48", "--steps", "5", "--seed", "3"]
+    out = tmp_path / "cube.png"
+    assert cli.main(["generate", "a red cube", "--model", str(tiny_sd_dir), "-o", str(out), *size,
+                     "--deepcache", "2:1"]) == 0  # fmt: skip
+    pipe = quiet(rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir))[0]
+    pipe.unet.enable_cache(DeepCacheConfig(cache_interval=2, cache_branch_id=1))
+    expected = pipe("a red cube", num_inference_steps=5, height=32, width=48, generator=seeded(3)).images[0]
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
+    capsys.readouterr()
+    bad = ["generate", "x", "--model", str(tiny_sd_dir), "-o", str(tmp_path / "y.png"), *size]
+    assert cli.main([*bad, "--deepcache", "3:6"]) == 2
+    assert "cache_branch_id=6" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*bad, "--deepcache", "three"])
+    assert "--deepcache 'three': expected INTERVAL[:BRANCH]" in capsys.readouterr().err
+    # the batch generator takes it and records it with the run's settings
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    folder = tmp_path / "batch"
+    argv = ["generate", "--prompts", str(prompts), "--model", str(tiny_sd_dir), "-o", str(folder), *size,
+            "--batch-size", "2", "--deepcache", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert json.loads((folder / "run.json").read_text())["settings"]["deepcache"] == "2:0"
+    assert len(list(folder.glob("**/*.png"))) == 2
