@@ -391,3 +391,50 @@ def test_generate_deepcache_flag(tiny_sd_dir, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert json.loads((folder / "run.json").read_text())["settings"]["deepcache"] == "2:0"
     assert len(list(folder.glob("**/*.png"))) == 2
+
+
+# --- LoRA -------------------------------------------------------------------------------------------------------------
+def test_lora_scale_with_the_cache_matches_deepcache(tiny_sd_dir, tmp_path):
+    from test_lora import make_lora, save_lora
+
+    pipes = quiet(
+        diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd_dir),
+        rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir),
+    )
+    source, _ = save_lora(make_lora(pipes[0], "peft", seed=3), tmp_path / "lora", "peft")
+    for pipe in pipes:
+        pipe.load_lora_weights(source)
+    params = dict(cache_interval=3, cache_branch_id=1)
+    images = []
+    for scale in (0.5, 1.0):
+        ref, ours = deepcache_images(*pipes, params, cross_attention_kwargs={"scale": scale})
+        assert_same_images(ref, ours)
+        images.append(ours.images)
+    assert np.abs(images[0] - images[1]).max() > 1e-3  # the scale reached the cached UNet
+
+
+@pytest.mark.compile
+def test_compiled_cache_with_lora_scale_and_adapters_never_recompiles(tiny_sd_dir, tiny_upscaler_dir):
+    from test_lora import make_lora
+
+    torch._dynamo.reset()
+    pipe = make_pipeline("txt2img", tiny_sd_dir, tiny_upscaler_dir)
+    pipe.load_lora_weights(make_lora(pipe, "peft", seed=6), adapter_name="a")
+    pipe.load_lora_weights(make_lora(pipe, "kohya", seed=7), adapter_name="b")
+    pipe.set_adapters(["a", "b"], [1.0, 1.0])
+    pipe.unet.enable_cache(DeepCacheConfig(cache_interval=3, cache_branch_id=1))
+    specs = [dict(num_inference_steps=7, cross_attention_kwargs={"scale": s}) for s in (1.0, 0.5)]
+    eager = [call(pipe, "txt2img", spec) for spec in specs]
+    pipe.set_adapters(["a", "b"], [0.5, 0.8])
+    eager.append(call(pipe, "txt2img", specs[0]))
+    pipe.set_adapters(["a", "b"], [1.0, 1.0])
+    counter = CompileCounter()
+    compile_pipeline(pipe, backend=counter)
+    np.testing.assert_allclose(call(pipe, "txt2img", specs[0]), eager[0], atol=2e-3)
+    with no_recompiles():
+        np.testing.assert_allclose(call(pipe, "txt2img", specs[1]), eager[1], atol=2e-3)
+        pipe.set_adapters(["a", "b"], [0.5, 0.8])
+        np.testing.assert_allclose(call(pipe, "txt2img", specs[0]), eager[2], atol=2e-3)
+    assert counter.frame_count == 3
+    assert np.abs(eager[0] - eager[1]).max() > 1e-3 and np.abs(eager[0] - eager[2]).max() > 1e-3
+    torch._dynamo.reset()
