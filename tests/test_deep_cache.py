@@ -438,3 +438,45 @@ def test_compiled_cache_with_lora_scale_and_adapters_never_recompiles(tiny_sd_di
     assert counter.frame_count == 3
     assert np.abs(eager[0] - eager[1]).max() > 1e-3 and np.abs(eager[0] - eager[2]).max() > 1e-3
     torch._dynamo.reset()
+
+
+# --- the quality script -----------------------------------------------------------------------------------------------
+def tiny_clip(folder: Path) -> Path:
+    from conftest import SD_TOKENIZER
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval().save_pretrained(folder)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=CLIPTokenizer.from_pretrained(SD_TOKENIZER),
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_quality_script_on_tiny_models(tiny_sd_dir, tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts" / "cache_quality.py"
+    spec = importlib.util.spec_from_file_location("cache_quality", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\na blue ball on grass\n")
+    result = script.main(["--model", str(tiny_sd_dir), "--prompts", str(prompts), "--deepcache", "1", "2:1",
+                          "--steps", "5", "--height", "32", "--width", "48", "--clip-model",
+                          str(tiny_clip(tmp_path / "clip")), "--json", str(tmp_path / "q.json")])  # fmt: skip
+    assert [row["prompt"] for row in result["prompts"]] == ["a red cube", "a blue ball on grass"]
+    assert result["summary"]["1"]["psnr"] == float("inf") and result["summary"]["1"]["ssim"] == pytest.approx(1.0)
+    cached = result["summary"]["2:1"]
+    assert 10 < cached["psnr"] < 80 and 0 < cached["ssim"] < 1
+    assert 0 <= cached["clip"] <= 100 and result["summary"]["uncached"]["clip"] == result["summary"]["1"]["clip"]
+    assert "| 2:1 |" in capsys.readouterr().out and (tmp_path / "q.json").is_file()
+    # the metrics themselves
+    image = np.random.RandomState(0).rand(16, 16, 3)
+    assert script.psnr(image, np.clip(image + 0.1, 0, 1)) < script.psnr(image, np.clip(image + 0.01, 0, 1))
+    assert script.ssim(image, image) == pytest.approx(1.0) and script.ssim(image, 1 - image) < 0
