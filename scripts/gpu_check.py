@@ -15,6 +15,9 @@ What it measures (real architectures from rapiddiff.presets, random fp16 weights
             encoding and decoding cancel): SD txt2img, img2img, inpainting, ControlNet (the compiled ControlNet ->
             UNet handoff), IF stage I; each compiled image against the same pipeline's eager image.
   whole     rapiddiff txt2img with whole_step=True.
+  cached    SD txt2img whole calls at batch 1/4/16 with DeepCache (interval 3, branch 0): rapiddiff compiled + cache
+            (`unet.enable_cache`), Diffusers + DeepCache 0.1.1's helper (eager: the only way it runs; needs the
+            DeepCache wheel), and Diffusers with the seed's recipe, uncached; seconds per call, images/s.
   levers    the UNet at batch 1 with each candidate lever on top of rapiddiff's default (docs/compile.md section 9):
             inductor freezing, fused Q/K/V, max-autotune, cudnn.benchmark (last: it is a process-wide switch).
 Every job records inductor's cudagraph_skips, FX-graph cache hits/misses and dynamo's recompiles.
@@ -47,6 +50,7 @@ import torch  # noqa: E402
 OUT = Path(os.environ.get("OUT", "."))
 FIGURES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if_stage_1")
 UNET_BATCHES = {"real": (1, 4, 16), "dry": (1, 2)}
+CACHED = ("rapiddiff", "deepcache", "recipe")  # the cached rows: rapiddiff compiled + cache, and the two baselines
 # Candidate levers on top of compile_pipeline's default, measured on the UNet at batch 1: compile_pipeline keyword
 # arguments, plus fuse_qkv (before compiling) and cudnn_benchmark (process-wide, so it runs last).
 LEVERS: dict[str, dict[str, Any]] = {
@@ -111,7 +115,8 @@ def jobs(dry: bool) -> list[str]:
     unet = [f"unet:{lib}:{b}" for b in UNET_BATCHES["dry" if dry else "real"] for lib in ("diffusers", "rapiddiff")]
     pipes = [f"pipeline:{lib}:{fig}" for lib in ("rapiddiff", "diffusers") for fig in FIGURES]
     levers = [f"unet:{name}:1" for name in LEVERS]
-    return unet + pipes + ["whole:rapiddiff:sd_txt2img"] + levers
+    cached = [f"cached:{lib}:{b}" for b in UNET_BATCHES["dry" if dry else "real"] for lib in CACHED]
+    return unet + cached + pipes + ["whole:rapiddiff:sd_txt2img"] + levers
 
 
 def unet_config(run: Run) -> dict[str, Any]:
@@ -224,6 +229,42 @@ def pipeline_job(run: Run, library: str, figure: str, measure: bool, whole_step:
     return result
 
 
+def cached_job(run: Run, variant: str, batch: int, measure: bool) -> dict[str, Any]:
+    """SD txt2img whole calls at `batch` with DeepCache (interval 3, branch 0), or Diffusers' recipe uncached."""
+    import rapiddiff
+    from rapiddiff.bench.workloads import FIGURES_BY_NAME
+
+    figure = "sd_txt2img"
+    pipe = build_pipeline(run, "rapiddiff" if variant == "rapiddiff" else "diffusers", figure)
+    if variant == "rapiddiff":
+        pipe.unet.enable_cache(rapiddiff.DeepCacheConfig(cache_interval=3, cache_branch_id=0))
+        rapiddiff.compile_pipeline(pipe, **run.backend)
+    elif variant == "deepcache":
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+    else:
+        for name in FIGURES_BY_NAME[figure].denoisers:
+            module = getattr(pipe, name)
+            module.to(memory_format=torch.channels_last)
+            setattr(pipe, name, torch.compile(module, fullgraph=True, **(run.backend or {"mode": "reduce-overhead"})))
+    kwargs = FIGURES_BY_NAME[figure].inputs(run.settings, batch)
+    steps = run.steps[1]
+
+    def call() -> Any:
+        generator = torch.Generator(run.device).manual_seed(0)
+        return pipe(num_inference_steps=steps, **(kwargs | {"generator": generator})).images
+
+    with torch.inference_mode():
+        result: dict[str, Any] = {"ready_s": run.first_call(call)[0], "steps": steps}
+        if measure:
+            result["call_s"] = run.seconds_per_call(call, 2)
+            result["images_s"] = batch / result["call_s"]
+    return result
+
+
 def _numpy(images: Any) -> Any:
     return images.float().cpu().numpy() if isinstance(images, torch.Tensor) else images
 
@@ -235,6 +276,8 @@ def run_job(run: Run, job: str, measure: bool) -> dict[str, Any]:
     before = _counts(counters)
     if kind == "unet":
         result = unet_job(run, library, int(what), measure)
+    elif kind == "cached":
+        result = cached_job(run, library, int(what), measure)
     else:
         result = pipeline_job(run, library, what, measure, whole_step=kind == "whole")
     after = _counts(counters)
@@ -327,7 +370,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("\n| job | steps/s or it/s | error | compile s (worker) | ready s | cudagraph skips | recompiles |")
     print("|---|---|---|---|---|---|---|")
     for job, r in measured.items():
-        rate = r.get("steps_s", r.get("its"))
+        rate = r.get("steps_s", r.get("its", r.get("images_s")))
         err = r.get("rel_error_vs_fp32", r.get("max_abs_diff_vs_eager"))
         cells = [rate, err, compiled.get(job, {}).get("ready_s"), r.get("ready_s")]
         text = [f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells]
@@ -338,6 +381,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ours, theirs = unet.get(f"unet:rapiddiff:{batch}"), unet.get(f"unet:diffusers:{batch}")
         if ours and theirs:
             print(f"UNet batch {batch}: rapiddiff / Diffusers-with-recipe = {ours / theirs:.2f}x")
+    cached = {j: r.get("call_s") for j, r in measured.items() if j.startswith("cached:")}
+    for batch in sorted({j.split(":")[2] for j in cached}, key=int):
+        ours = cached.get(f"cached:rapiddiff:{batch}")
+        for other in ("deepcache", "recipe"):
+            theirs = cached.get(f"cached:{other}:{batch}")
+            if ours and theirs:
+                print(f"txt2img batch {batch}: rapiddiff compiled + DeepCache vs {other}: {theirs / ours:.2f}x")
     theirs = unet.get("unet:diffusers:1")
     for name in LEVERS:
         ours = unet.get(f"unet:{name}:1")
