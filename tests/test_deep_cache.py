@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_same_images, random_image, seeded, tiny_sd_components, use_scheduler
+from test_bench import fake_clock, sweep  # noqa: F401 (fake_clock: a fixture)
 from test_compile import CALLS, call, make_pipeline, no_recompiles
 from test_controlnet import tiny_controlnet
 from torch._dynamo.testing import CompileCounter
@@ -480,3 +481,38 @@ def test_quality_script_on_tiny_models(tiny_sd_dir, tmp_path, capsys):
     image = np.random.RandomState(0).rand(16, 16, 3)
     assert script.psnr(image, np.clip(image + 0.1, 0, 1)) < script.psnr(image, np.clip(image + 0.01, 0, 1))
     assert script.ssim(image, image) == pytest.approx(1.0) and script.ssim(image, 1 - image) < 0
+
+
+# --- rapiddiff bench's cached mode --------------------------------------------------------------------------------------
+@pytest.mark.compile
+@pytest.mark.usefixtures("fake_clock")
+def test_bench_cached_mode_next_to_deepcache(monkeypatch):
+    """The cached mode: rapiddiff compiled + cache next to Diffusers + DeepCache (eager); other figures skipped.
+    Graph capture on dynamo's eager backend (inductor would take minutes here)."""
+    from rapiddiff.bench.presets import PRESETS
+
+    real_pipeline = rapiddiff.compile_pipeline
+    compiled = []
+
+    def eager_pipeline(pipe, **kwargs):
+        compiled.append(pipe.unet)
+        return real_pipeline(pipe, backend="eager", **kwargs)
+
+    monkeypatch.setattr(rapiddiff, "compile_pipeline", eager_pipeline)
+    helpers = []
+    real_enable = DeepCache.DeepCacheSDHelper.enable
+
+    def enable(self, *args):
+        helpers.append(self.params)
+        return real_enable(self, *args)
+
+    monkeypatch.setattr(DeepCache.DeepCacheSDHelper, "enable", enable)
+    doc = sweep(pipelines=("sd_txt2img", "sd_img2img"), batch_sizes=(1,), modes=("cached",),
+                backends=("rapiddiff", "diffusers"))  # fmt: skip
+    status = {(c["figure"], c["backend"]): c["status"] for c in doc["cells"]}
+    assert status == {("sd_txt2img", "rapiddiff"): "ok", ("sd_txt2img", "diffusers"): "ok",
+                      ("sd_img2img", "rapiddiff"): "skipped", ("sd_img2img", "diffusers"): "skipped"}  # fmt: skip
+    assert len(compiled) == 1 and not compiled[0].is_cache_enabled  # undone after the cell
+    assert helpers and helpers[0]["cache_interval"] == 3 and helpers[0]["cache_block_id"] == 0
+    # opt-in (`--modes compiled cached`): the cpu preset's default matrix already fills its 10-minute budget
+    assert "cached" not in PRESETS["cpu"].modes and PRESETS["cpu"].compiled_batch_sizes == (1,)
