@@ -158,9 +158,20 @@ def test_controlnet_matches_deepcache(tiny_sd_dir, tmp_path):
             tiny_sd_dir, controlnet=rapiddiff.ControlNetModel.from_pretrained(tmp_path / "cn")
         ),
     )
-    for branch in (0, 4):
+    for branch in (0, 1, 3, 4):  # 4: the cut right below the mid block (the step's own mid residual)
         ref, ours = deepcache_images(*pipes, dict(cache_interval=3, cache_branch_id=branch), image=IMAGE)
         assert_same_images(ref, ours)
+    ref, ours = deepcache_images(*pipes, dict(cache_interval=2, cache_branch_id=0), image=IMAGE, guess_mode=True)
+    assert_same_images(ref, ours)
+    # shallow steps stop the ControlNet at the residuals they read: its mid block runs on full steps only
+    net = pipes[1].controlnet
+    counts, handles = count_calls({"mid": net.mid_block, "deepest": net.down_blocks[-1], "conv_in": net.conv_in})
+    try:
+        deepcache_images(*pipes, dict(cache_interval=3, cache_branch_id=0), image=IMAGE)
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts == {"mid": 3, "deepest": 3, "conv_in": 8}  # PNDM: 8 model calls, positions 0 and 3 and 6 full
 
 
 def test_deepcache_own_helper_runs_on_rapiddiff(txt2img, tiny_sd_dir):
@@ -516,3 +527,22 @@ def test_bench_cached_mode_next_to_deepcache(monkeypatch):
     assert helpers and helpers[0]["cache_interval"] == 3 and helpers[0]["cache_block_id"] == 0
     # opt-in (`--modes compiled cached`): the cpu preset's default matrix already fills its 10-minute budget
     assert "cached" not in PRESETS["cpu"].modes and PRESETS["cpu"].compiled_batch_sizes == (1,)
+
+
+@pytest.mark.compile
+def test_compiled_controlnet_cache_never_recompiles(tiny_sd_dir, tiny_upscaler_dir):
+    torch._dynamo.reset()
+    pipe = make_pipeline("controlnet", tiny_sd_dir, tiny_upscaler_dir)
+    pipe.unet.enable_cache(DeepCacheConfig(cache_interval=3, cache_branch_id=1))
+    first, second = (dict(CALLS["controlnet"][k], num_inference_steps=7) for k in (0, 1))
+    expected = [call(pipe, "controlnet", spec) for spec in (first, second)]
+    counter = CompileCounter()
+    compile_pipeline(pipe, backend=counter)
+    np.testing.assert_allclose(call(pipe, "controlnet", first), expected[0], atol=2e-3)
+    # UNet: full and shallow steps, each with residuals and past the control window without; ControlNet: whole and
+    # stopped early; the VAE decoder
+    assert counter.frame_count == 7
+    with no_recompiles():
+        np.testing.assert_allclose(call(pipe, "controlnet", second), expected[1], atol=2e-3)
+    assert counter.frame_count == 7
+    torch._dynamo.reset()

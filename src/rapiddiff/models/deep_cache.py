@@ -123,6 +123,15 @@ def cache_point(down_blocks: Any, branch_id: int) -> CachePoint:
     return CachePoint(level, layers, levels - 1 - level, n - layers)
 
 
+def shallow_residuals(down_blocks: Any, point: CachePoint) -> int | None:
+    """How many ControlNet skip residuals (from the first) a shallow step reads: those of the layers it runs. None
+    for a cut right below the mid block, whose shallow steps read the mid residual too (the whole ControlNet)."""
+    if point.up_index == 0 and point.split == 0:
+        return None
+    above = sum(len(b.resnets) + (b.downsamplers is not None) for b in list(down_blocks)[: point.level])
+    return 1 + above + point.layers
+
+
 class DeepCacheStep(NamedTuple):
     """What one UNet call of a cached loop takes: the cut, and the cached feature (None: a full step, which
     computes every level and returns the feature for the shallow steps after it)."""

@@ -379,6 +379,8 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
                 added_cond_kwargs=added_cond_kwargs or None,
                 down_intrablock_additional_residuals=down_intrablock_additional_residuals,
             ),
+            # a DeepCache shallow step takes the ControlNet residuals of the levels it runs only
+            partial_residuals=deep_cache is not None and deep_cache.feature is not None,
         )
         attention_mask = mask_to_bias(attention_mask, sample.dtype)
         encoder_attention_mask = mask_to_bias(encoder_attention_mask, sample.dtype)
@@ -434,6 +436,7 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         mid_residual: torch.Tensor | None,
         timestep_cond: torch.Tensor | None,
         unsupported: dict[str, Any],
+        partial_residuals: bool = False,
     ) -> None:
         cfg = self.config
         if timestep_cond is not None and cfg.time_cond_proj_dim is None:
@@ -463,14 +466,16 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             raise ValueError(f"class_labels is required: this UNet has {what}")
         if self.class_embedding is None and class_labels is not None:
             raise ValueError("class_labels given, but this UNet has no class embedding (class_embed_type is None)")
-        if (down_residuals is None) != (mid_residual is None):
+        if (down_residuals is None) != (mid_residual is None) and not partial_residuals:
             raise ValueError(
                 "down_block_additional_residuals and mid_block_additional_residual (ControlNet outputs) go together; "
                 f"got down={'None' if down_residuals is None else 'given'}, "
                 f"mid={'None' if mid_residual is None else 'given'}"
             )
         n_skips = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.down_blocks)
-        if down_residuals is not None and len(down_residuals) != n_skips:
+        if down_residuals is not None and (
+            len(down_residuals) > n_skips or len(down_residuals) < n_skips and not partial_residuals
+        ):
             raise ValueError(
                 f"down_block_additional_residuals has {len(down_residuals)} tensors, this UNet has {n_skips} skips"
             )

@@ -243,6 +243,21 @@ def run_down_blocks(
     return hidden_states, skips
 
 
+def first_skips(
+    blocks: nn.ModuleList, hidden_states: torch.Tensor, temb: torch.Tensor, count: int, **attn_kwargs: Any
+) -> tuple[torch.Tensor, ...]:
+    """The first `count` skips of `run_down_blocks`, running no layer past the last one needed."""
+    skips = (hidden_states,)
+    for block in blocks:
+        need = count - len(skips)
+        if need <= 0:
+            break
+        stop = need if need <= len(block.resnets) else None  # None: the whole block, downsampler included
+        hidden_states, block_skips = block(hidden_states, temb, stop=stop, **attn_kwargs)
+        skips += block_skips
+    return skips[:count]
+
+
 class _Block(nn.Module):
     def __init__(self, block_type: str, resnets: list[nn.Module], attentions: list[nn.Module] | None):
         super().__init__()

@@ -23,9 +23,10 @@ from ..models.deep_cache import (
     DeepCacheStep,
     cache_point,
     full_steps,
+    shallow_residuals,
     step_positions,
 )
-from .denoise import DenoisingStep, Schedule, StepInput, StepRunner, run_step
+from .denoise import DenoisingStep, StepInput, StepRunner, run_step
 
 
 class CachedModelCall:
@@ -50,7 +51,12 @@ class DeepCacheLoop:
 
     point: CachePoint
     full: tuple[bool, ...]
+    shallow_residuals: int | None  # ControlNet skip residuals a shallow step reads (None: all, and the mid one)
     feature: torch.Tensor | None = None
+
+    def residuals(self, i: int) -> int | None:
+        """The ControlNet residuals step i reads: None (all of them) on a full step."""
+        return None if self.full[i] else self.shallow_residuals
 
     def runner(self, inner: StepRunner | None) -> StepRunner:
         """`inner` (the pipeline's step runner, None: eager) with each step's model bound to its cache step."""
@@ -77,15 +83,16 @@ def host_timesteps(scheduler: Any) -> list[float]:
     return [float(v) for v in scheduler.timesteps.tolist()]
 
 
-def deep_cache_loop(unet: Any, scheduler: Any, schedule: Schedule) -> DeepCacheLoop | None:
-    """The call's DeepCache state when `unet` has a cache enabled, else None. The interval counts from the first
-    step that runs (img2img's strength) by the steps' positions in the scheduler's timesteps (DeepCache's
-    `timesteps.index(t)`)."""
+def deep_cache_loop(unet: Any, scheduler: Any, steps: int) -> DeepCacheLoop | None:
+    """The call's DeepCache state when `unet` has a cache enabled, else None, for a loop of the last `steps` of the
+    scheduler's timesteps. The interval counts from the first step that runs (img2img's strength) by the steps'
+    positions in the scheduler's timesteps (DeepCache's `timesteps.index(t)`)."""
     config = getattr(unet, "cache_config", None)
     if config is None:
         return None
-    positions = step_positions(host_timesteps(scheduler), len(schedule.timesteps))
-    return DeepCacheLoop(cache_point(unet.down_blocks, config.cache_branch_id), full_steps(config, positions))
+    positions = step_positions(host_timesteps(scheduler), steps)
+    point = cache_point(unet.down_blocks, config.cache_branch_id)
+    return DeepCacheLoop(point, full_steps(config, positions), shallow_residuals(unet.down_blocks, point))
 
 
 class DeepCacheSDHelper:

@@ -333,6 +333,10 @@ class DenoisingPipeline(DiffusionPipeline):
     def run_call(self, args: CallArgs) -> Any:
         device = self._execution_device
         timesteps, num_inference_steps = self.prepare_timesteps(args, device)
+        # the call's own DeepCache state, if the UNet has a cache on (the ControlNet hook reads it too)
+        cache = deep_cache_loop(self.unet, self.scheduler, len(timesteps))
+        if cache is not None:
+            call_state.update(self, "deep_cache", deep_cache=cache)
         conditioning = self.encode_conditioning(args, device)
         dtype = conditioning["prompt_embeds"].dtype
         start = self.prepare_denoising(args, timesteps, conditioning, device)
@@ -348,7 +352,6 @@ class DenoisingPipeline(DiffusionPipeline):
             after_step=start.after_step,
         )
         runner = self.step_runner
-        cache = deep_cache_loop(self.unet, state.scheduler, schedule)  # the call's own cache, if the UNet has one on
         if cache is not None:
             runner = cache.runner(runner)
         latents = denoise(
