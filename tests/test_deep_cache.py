@@ -546,3 +546,22 @@ def test_compiled_controlnet_cache_never_recompiles(tiny_sd_dir, tiny_upscaler_d
         np.testing.assert_allclose(call(pipe, "controlnet", second), expected[1], atol=2e-3)
     assert counter.frame_count == 7
     torch._dynamo.reset()
+
+
+def test_cached_loop_reads_no_tensor_value_and_non_uniform_runs_its_full_steps(txt2img, tiny_sd_dir):
+    from rapiddiff.compile import forbid_host_syncs_in_loop
+
+    use_scheduler(txt2img, "DDIMScheduler", tiny_sd_dir)
+    ours = txt2img[1]
+    config = DeepCacheConfig(cache_interval=3, cache_branch_id=0, skip_mode="non-uniform", center=4)
+    ours.unet.enable_cache(config)
+    counts, handles = count_calls({"mid": ours.unet.mid_block})
+    try:
+        with forbid_host_syncs_in_loop(ours):
+            images = ours(generator=seeded(0), **(RUN | dict(num_inference_steps=12))).images
+    finally:
+        for h in handles:
+            h.remove()
+        ours.unet.disable_cache()
+    assert np.isfinite(images).all()
+    assert counts["mid"] == len(quad_center_indices(12, 4, 4, 1.4)) == 4
