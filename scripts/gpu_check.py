@@ -18,6 +18,9 @@ What it measures (real architectures from rapiddiff.presets, random fp16 weights
   cached    SD txt2img whole calls at batch 1/4/16 with DeepCache (interval 3, branch 0): rapiddiff compiled + cache
             (`unet.enable_cache`), Diffusers + DeepCache 0.1.1's helper (eager: the only way it runs; needs the
             DeepCache wheel), and Diffusers with the seed's recipe, uncached; seconds per call, images/s.
+  serve     `rapiddiff serve --compile` in this process (its app, batcher and pipeline setup) on SD txt2img at
+            --max-batch-size 1/4/16 with as many clients, each sending its next request (n=1) when answered: images/s,
+            p50/p95 latency, the mean batch run and the shapes compiled (one per batch size when batches fill).
   levers    the UNet at batch 1 with each candidate lever on top of rapiddiff's default (docs/compile.md section 9):
             inductor freezing, fused Q/K/V, max-autotune, cudnn.benchmark (last: it is a process-wide switch).
 Every job records inductor's cudagraph_skips, FX-graph cache hits/misses and dynamo's recompiles.
@@ -51,6 +54,8 @@ OUT = Path(os.environ.get("OUT", "."))
 FIGURES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if_stage_1")
 UNET_BATCHES = {"real": (1, 4, 16), "dry": (1, 2)}
 CACHED = ("rapiddiff", "deepcache", "recipe")  # the cached rows: rapiddiff compiled + cache, and the two baselines
+SERVE_STEPS = {"real": 20, "dry": 2}
+SERVE_ROUNDS = {"real": 4, "dry": 2}  # requests per client, timed after one warm round
 # Candidate levers on top of compile_pipeline's default, measured on the UNet at batch 1: compile_pipeline keyword
 # arguments, plus fuse_qkv (before compiling) and cudnn_benchmark (process-wide, so it runs last).
 LEVERS: dict[str, dict[str, Any]] = {
@@ -111,12 +116,15 @@ class Run:
 
 # --- jobs ------------------------------------------------------------------------------------------------------------
 def jobs(dry: bool) -> list[str]:
-    """In order of importance: the UNet table, the pipelines (rapiddiff first), the whole step."""
-    unet = [f"unet:{lib}:{b}" for b in UNET_BATCHES["dry" if dry else "real"] for lib in ("diffusers", "rapiddiff")]
+    """In order of importance: the UNet table, the cached rows (DeepCache), the pipelines (rapiddiff first), the whole
+    step, the server, levers."""
+    batches = UNET_BATCHES["dry" if dry else "real"]
+    unet = [f"unet:{lib}:{b}" for b in batches for lib in ("diffusers", "rapiddiff")]
     pipes = [f"pipeline:{lib}:{fig}" for lib in ("rapiddiff", "diffusers") for fig in FIGURES]
+    serve = [f"serve:rapiddiff:{b}" for b in batches]
     levers = [f"unet:{name}:1" for name in LEVERS]
-    cached = [f"cached:{lib}:{b}" for b in UNET_BATCHES["dry" if dry else "real"] for lib in CACHED]
-    return unet + cached + pipes + ["whole:rapiddiff:sd_txt2img"] + levers
+    cached = [f"cached:{lib}:{b}" for b in batches for lib in CACHED]
+    return unet + cached + pipes + ["whole:rapiddiff:sd_txt2img"] + serve + levers
 
 
 def unet_config(run: Run) -> dict[str, Any]:
@@ -262,6 +270,51 @@ def cached_job(run: Run, variant: str, batch: int, measure: bool) -> dict[str, A
         if measure:
             result["call_s"] = run.seconds_per_call(call, 2)
             result["images_s"] = batch / result["call_s"]
+
+
+def serve_job(run: Run, batch: int, measure: bool) -> dict[str, Any]:
+    """The server with `--compile --max-batch-size batch` and `batch` closed-loop clients, through FastAPI's
+    TestClient (no sockets: the app, the batcher and the pipeline are what is timed)."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rapiddiff.serve.app import create_app
+    from rapiddiff.serve.batcher import ServeSettings
+    from rapiddiff.serve.setup import PipelineSetup
+
+    pipe = PipelineSetup("sd_txt2img", compile=True).prepare(build_pipeline(run, "rapiddiff", "sd_txt2img"))
+    settings = ServeSettings(max_batch_size=batch, batch_wait_ms=100, max_queue=4 * batch, pad_to_compiled=True)
+    size = run.settings.preset.sd_size
+    steps, rounds = SERVE_STEPS["dry" if run.dry else "real"], SERVE_ROUNDS["dry" if run.dry else "real"]
+
+    def client(c: int, count: int) -> list[float]:
+        latencies = []
+        for r in range(count):
+            body = {"prompt": f"a photo of an astronaut, {c} {r}", "size": f"{size}x{size}", "seed": 1000 * c + r,
+                    "num_inference_steps": steps}  # fmt: skip
+            start = time.perf_counter()
+            response = http.post("/v1/images/generations", json=body)
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                raise RuntimeError(f"status {response.status_code}: {response.text[:300]}")
+        return latencies
+
+    with TestClient(create_app(pipe, "sd_txt2img", settings)) as http, ThreadPoolExecutor(batch) as pool:
+        ready_s, _ = run.first_call(lambda: list(pool.map(client, range(batch), [1] * batch)))  # compiles
+        result: dict[str, Any] = {"ready_s": ready_s}
+        if measure:
+            start = time.perf_counter()
+            latencies = sorted(t for ts in pool.map(client, range(batch), [rounds] * batch) for t in ts)
+            elapsed = time.perf_counter() - start
+            samples = {s.name: s.value for f in text_string_to_metric_families(http.get("/metrics").text)
+                       for s in f.samples if not s.labels}  # fmt: skip
+            result |= {
+                "images_s": len(latencies) / elapsed,
+                "p50_s": latencies[len(latencies) // 2],
+                "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+                "mean_batch": samples["rapiddiff_batch_size_sum"] / samples["rapiddiff_batch_size_count"],
+                "shapes_compiled": samples["rapiddiff_compiled_shapes_total"],
+            }
     return result
 
 
@@ -278,6 +331,8 @@ def run_job(run: Run, job: str, measure: bool) -> dict[str, Any]:
         result = unet_job(run, library, int(what), measure)
     elif kind == "cached":
         result = cached_job(run, library, int(what), measure)
+    elif kind == "serve":
+        result = serve_job(run, int(what), measure)
     else:
         result = pipeline_job(run, library, what, measure, whole_step=kind == "whole")
     after = _counts(counters)
@@ -367,7 +422,7 @@ def env(run: Run) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     measured = {r["job"]: r for r in rows if r.get("phase") == "measure"}
     compiled = {r["job"]: r for r in rows if r.get("phase") == "compile"}
-    print("\n| job | steps/s or it/s | error | compile s (worker) | ready s | cudagraph skips | recompiles |")
+    print("\n| job | steps/s, it/s or images/s | error | compile s (worker) | ready s | cudagraph skips | recompiles |")
     print("|---|---|---|---|---|---|---|")
     for job, r in measured.items():
         rate = r.get("steps_s", r.get("its", r.get("images_s")))
@@ -388,6 +443,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             theirs = cached.get(f"cached:{other}:{batch}")
             if ours and theirs:
                 print(f"txt2img batch {batch}: rapiddiff compiled + DeepCache vs {other}: {theirs / ours:.2f}x")
+    serve = {j: r for j, r in measured.items() if j.startswith("serve:") and "images_s" in r}
+    for job, r in serve.items():
+        print(f"{job}: {r['images_s']:.3g} images/s, p50 {r['p50_s']:.3g} s, p95 {r['p95_s']:.3g} s, mean batch "
+              f"{r['mean_batch']:.3g}, shapes compiled {r['shapes_compiled']:g}")  # fmt: skip
     theirs = unet.get("unet:diffusers:1")
     for name in LEVERS:
         ours = unet.get(f"unet:{name}:1")

@@ -155,64 +155,38 @@ TINY_ESTIMATES = Estimates(
     batch_slope=0.5, reserve_s=1.0
 )  # fmt: skip
 
+# One line per aspect: sizes and steps; the default matrix; timing (rounds, warm-up, threads); configs and budget.
 PRESETS = {
     p.name: p
     for p in (
         Preset(
             name="gpu",
             description="the reference matrix: real architectures, fp16, SD 512x512, default steps",
-            dtype="float16",
-            sd_size=512,
-            if_sizes=(64, 256),
-            steps=REFERENCE_STEPS,
-            batch_sizes=(1, 4, 16),
-            modes=("eager-sdpa", "compiled"),
-            repeats=3,
-            max_repeats=10,
-            cell_seconds=120.0,
-            warmup=2,
-            threads=None,
-            time_budget=1800.0,
-            estimates=GPU_ESTIMATES,
+            dtype="float16", sd_size=512, if_sizes=(64, 256), steps=REFERENCE_STEPS,
+            batch_sizes=(1, 4, 16), modes=("eager-sdpa", "compiled"),
+            repeats=3, max_repeats=10, cell_seconds=120.0, warmup=2, threads=None,
+            time_budget=1800.0, estimates=GPU_ESTIMATES,
         ),
         Preset(
             name="cpu",
             description="scaled-down architectures, fp32, SD 128x128, IF 16 -> 64, 8 steps: minutes on two cores",
-            dtype="float32",
-            sd_size=128,
-            if_sizes=(16, 64),
-            steps=dict.fromkeys(REFERENCE_STEPS, 8),
-            batch_sizes=(1, 2),
-            modes=("eager-sdpa", "compiled"),
-            repeats=3,  # odd: the median drops one call slowed by a busy machine
-            max_repeats=9,
-            cell_seconds=25.0,
-            warmup=1,
-            threads=1,
-            overrides=CPU_OVERRIDES,
-            compiled_batch_sizes=(1,),  # a CPU compile takes tens of seconds: one per pipeline and backend
-            time_budget=600.0,
-            estimates=CPU_ESTIMATES,
+            dtype="float32", sd_size=128, if_sizes=(16, 64), steps=dict.fromkeys(REFERENCE_STEPS, 8),
+            # a CPU compile takes tens of seconds: one per pipeline and backend, at batch size 1
+            batch_sizes=(1, 2), modes=("eager-sdpa", "compiled"), compiled_batch_sizes=(1,),
+            # repeats odd: the median drops one call slowed by a busy machine
+            repeats=3, max_repeats=9, cell_seconds=25.0, warmup=1, threads=1,
+            overrides=CPU_OVERRIDES, time_budget=600.0, estimates=CPU_ESTIMATES,
         ),
         Preset(
             name="tiny",
             description="tiny architectures, fp32, SD 64x64, 6 steps: seconds, for tests",
-            dtype="float32",
-            sd_size=64,
-            if_sizes=(16, 32),
-            steps=dict.fromkeys(REFERENCE_STEPS, 6),
-            batch_sizes=(1, 2),
-            modes=("eager-sdpa", "eager-vanilla"),
-            repeats=1,
-            max_repeats=1,
-            cell_seconds=0.0,
-            warmup=1,
-            threads=1,
-            overrides=TINY_OVERRIDES,
-            estimates=TINY_ESTIMATES,
+            dtype="float32", sd_size=64, if_sizes=(16, 32), steps=dict.fromkeys(REFERENCE_STEPS, 6),
+            batch_sizes=(1, 2), modes=("eager-sdpa", "eager-vanilla"),
+            repeats=1, max_repeats=1, cell_seconds=0.0, warmup=1, threads=1,
+            overrides=TINY_OVERRIDES, estimates=TINY_ESTIMATES,
         ),
     )
-}
+}  # fmt: skip
 
 
 def resolve_preset(name: str, cuda_available: bool) -> Preset:

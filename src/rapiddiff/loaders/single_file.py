@@ -20,21 +20,20 @@ import torch
 
 from ..configuration import read_json
 from ..exports import exported_class
-from ..models.modeling_utils import load_state_dict_file, resolve_dtype_arg
-from ..presets import PRESETS_DIR
-from .single_file_keys import (
+from ..models.modeling_utils import resolve_dtype_arg
+from ..models.single_file import cast_floats, load_model, read_checkpoint, read_model_config
+from ..models.single_file_keys import (
     CLIP_PREFIX,
-    CONTROLNET_PREFIX,
     OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     clip_rules,
-    controlnet_rules,
     openclip_rules,
     to_diffusers,
     unet_rules,
     vae_rules,
 )
+from ..presets import PRESETS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -42,32 +41,10 @@ PRESETS = {
     "v1": "stable-diffusion-v1-5",
     "v1-inpainting": "stable-diffusion-inpainting",
     "v2": "stable-diffusion-2-1",
-    "controlnet-v1": "sd-controlnet-canny",
 }
 
 
 # --- reading the file and finding the architecture --------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A `.safetensors` or `.ckpt` / `.pt` / `.bin` file (pickles read with weights_only=True): the raw key -> tensor dict,
-    plus `global_step` where a .ckpt stores it."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a folder: from_single_file reads one checkpoint file (from_pretrained reads folders)"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"single-file checkpoint {str(path)!r} does not exist")
-    data = load_state_dict_file(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
-    step = data.get("global_step")
-    state = data.get("state_dict", data)
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"{path}: no tensors found (keys: {sorted(state)[:8]})")
-    return {"state": tensors, "global_step": step if isinstance(step, int) else None}
-
-
 def detect(state: Mapping[str, torch.Tensor], path: str) -> str:
     """The architecture of an original SD checkpoint, from its keys and shapes: "v1", "v1-inpainting", "v2", "v2-inpainting"."""
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
@@ -98,31 +75,7 @@ def config_folder(kind: str, config: str | os.PathLike | None) -> Path:
     return PRESETS_DIR / PRESETS[kind]
 
 
-def _model_config(folder: Path, name: str | None) -> dict[str, Any]:
-    path = (folder / name if name else folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    return read_json(path)
-
-
 # --- building the models ---------------------------------------------------------------------------------------------
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | str) -> dict[str, torch.Tensor]:
-    if dtype == "auto":
-        return state
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def load_model(
-    cls: type, config: Mapping[str, Any], state: dict[str, torch.Tensor], source: str, **overrides: Any
-) -> Any:
-    """A rapiddiff model built on the meta device from `config`, holding the converted tensors."""
-    parsed = cls._parse_config(config, overrides, source=source)
-    with torch.device("meta"):
-        model = cls(parsed)
-    model.load_checkpoint_state(state, source=source)
-    return model.eval()
-
-
 def load_text_encoder(config: Mapping[str, Any], state: dict[str, torch.Tensor], source: str) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -162,19 +115,19 @@ def convert_components(
     folder = config_folder(kind, config)
     models: dict[str, Any] = {}
     if "unet" not in skip:
-        unet_config = _model_config(folder, "unet")
+        unet_config = read_model_config(folder, "unet")
         what = f"{source} (UNet, {kind}, config {folder / 'unet'})"
-        converted = _cast(to_diffusers(state, unet_rules(unet_config), what, (UNET_PREFIX,)), dtype)
+        converted = cast_floats(to_diffusers(state, unet_rules(unet_config), what, (UNET_PREFIX,)), dtype)
         models["unet"] = load_model(UNet2DConditionModel, unet_config, converted, what)
     if "vae" not in skip:
-        vae_config = _model_config(folder, "vae")
+        vae_config = read_model_config(folder, "vae")
         what = f"{source} (VAE, config {folder / 'vae'})"
-        converted = _cast(to_diffusers(state, vae_rules(vae_config), what, (VAE_PREFIX,)), dtype)
+        converted = cast_floats(to_diffusers(state, vae_rules(vae_config), what, (VAE_PREFIX,)), dtype)
         if not converted:
             raise ValueError(f"{source} has no VAE weights ({VAE_PREFIX}*): pass vae=")
         models["vae"] = load_model(AutoencoderKL, vae_config, converted, what)
     if "text_encoder" not in skip:
-        text_config = _model_config(folder, "text_encoder")
+        text_config = read_model_config(folder, "text_encoder")
         openclip = any(k.startswith(OPENCLIP_PREFIX) for k in state)
         rules = openclip_rules(text_config) if openclip else clip_rules(text_config)
         owned = (OPENCLIP_PREFIX if openclip else CLIP_PREFIX,)
@@ -182,7 +135,7 @@ def convert_components(
         converted = to_diffusers(state, rules, what, owned)
         if not converted:
             raise ValueError(f"{source} has no text encoder weights (cond_stage_model.*): pass text_encoder=")
-        models["text_encoder"] = load_text_encoder(text_config, _cast(converted, dtype), what)
+        models["text_encoder"] = load_text_encoder(text_config, cast_floats(converted, dtype), what)
     return folder, models, kind, checkpoint["global_step"]
 
 
@@ -244,36 +197,6 @@ def pipeline_from_single_file(
     )
     pipe._name_or_path = str(path)
     return pipe
-
-
-def controlnet_from_single_file(
-    cls: type,
-    path: str | os.PathLike,
-    *,
-    config: str | os.PathLike | None = None,
-    torch_dtype: Any = None,
-    dtype: Any = None,
-) -> Any:
-    """`ControlNetModel.from_single_file`: an original ControlNet file (`control_model.*` or bare keys)."""
-    load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_single_file")
-    state, source = read_checkpoint(path)["state"], str(path)
-    prefix = CONTROLNET_PREFIX if any(k.startswith(CONTROLNET_PREFIX) for k in state) else ""
-    if prefix + "input_hint_block.0.weight" not in state:
-        raise ValueError(f"{source} is not a ControlNet in the original layout: no {prefix}input_hint_block.0.weight")
-    if config is not None:
-        folder = Path(os.path.expanduser(str(config)))
-        if not (folder / "config.json").is_file() and (folder / "controlnet" / "config.json").is_file():
-            folder = folder / "controlnet"
-    else:
-        context = state[prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[-1]
-        if context != 768:
-            raise ValueError(
-                f"{source}: a ControlNet for a cross-attention width of {context} (not SD 1.x): pass config="
-            )
-        folder = PRESETS_DIR / PRESETS["controlnet-v1"]
-    net_config = _model_config(folder, None)
-    converted = _cast(to_diffusers(state, controlnet_rules(net_config, prefix), source, (prefix,)), load_dtype)
-    return load_model(cls, net_config, converted, f"{source} (ControlNet)")
 
 
 def _scheduler(folder: Path, prediction_type: str | None) -> Any:

@@ -24,6 +24,7 @@ from ..utils.outputs import BaseOutput
 from .embeddings import TimestepEmbedding, Timesteps, batch_timesteps
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS
+from .single_file import controlnet_from_single_file
 from .unet_2d_condition import level_options, mask_to_bias
 from .unet_blocks import first_skips, get_down_block, get_mid_block, run_down_blocks
 
@@ -221,11 +222,7 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
     ) -> ControlNetModel:
         """An original-layout ControlNet file (`control_model.*`, e.g. control_v11p_sd15_canny.pth), offline; the
         config from `config=` (a local folder) or the SD 1.x ControlNet preset."""
-        from ..loaders.single_file import controlnet_from_single_file
-
-        return controlnet_from_single_file(
-            cls, pretrained_model_link_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype
-        )
+        return controlnet_from_single_file(cls, pretrained_model_link_or_path, config, torch_dtype, dtype)
 
     def forward(
         self,

@@ -1,4 +1,5 @@
-"""The key table between the original Stable Diffusion layout and Diffusers' (see single_file.py): for each model,
+"""The key table between the original Stable Diffusion layout and Diffusers' (see single_file.py here and in the
+loaders): for each model,
 `*_rules(config)` lists `Rule`s mapping a key prefix of the original layout to Diffusers' (block indices follow from
 the config), with renames below the prefix and a tensor transform; `to_diffusers` applies a table, `to_original`
 applies it backwards (to write original-layout files, e.g. in the tests)."""

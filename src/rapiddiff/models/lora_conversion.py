@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.lora_layers import expected_shapes, lora_capable
 from ..utils.torch_utils import first_non_finite
+from .lora_layers import expected_shapes, lora_capable
 
 # Key suffix of one LoRA matrix -> which half of the pair (checked in this order: the longest first).
 MATRIX_SUFFIXES: tuple[tuple[str, str], ...] = (
