@@ -96,7 +96,9 @@ def run_command(args: argparse.Namespace, load_pipeline: Callable[..., Any], dty
         seed=args.seed if args.seed is not None else 0,
         dtype=dtype,
         device_type=device_type,
-        deepcache=None if args.deepcache is None else f"{args.deepcache.cache_interval}:{args.deepcache.cache_branch_id}",
+        deepcache=None
+        if args.deepcache is None
+        else f"{args.deepcache.cache_interval}:{args.deepcache.cache_branch_id}",
     )
     job = BatchJob.prepare(settings, args.prompts, args.output, args.compile_cache, worker, args.overwrite)
     try:
