@@ -17,6 +17,9 @@ What it measures (real architectures from rapiddiff.presets, random fp16 weights
   sdxl      the SDXL base UNet alone at batch 1/4 (128x128 latents: 1024x1024, text_time inputs) as the SD UNet rows,
             then SDXL text-to-image at 1024x1024 in both libraries as the pipeline rows.
   whole     rapiddiff txt2img with whole_step=True.
+  cached    SD txt2img whole calls at batch 1/4/16 with DeepCache (interval 3, branch 0): rapiddiff compiled + cache
+            (`unet.enable_cache`), Diffusers + DeepCache 0.1.1's helper (eager: the only way it runs; needs the
+            DeepCache wheel), and Diffusers with the seed's recipe, uncached; seconds per call, images/s.
   serve     `rapiddiff serve --compile` in this process (its app, batcher and pipeline setup) on SD txt2img at
             --max-batch-size 1/4/16 with as many clients, each sending its next request (n=1) when answered: images/s,
             p50/p95 latency, the mean batch run and the shapes compiled (one per batch size when batches fill).
@@ -52,6 +55,7 @@ import torch  # noqa: E402
 OUT = Path(os.environ.get("OUT", "."))
 FIGURES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if_stage_1")
 UNET_BATCHES = {"real": (1, 4, 16), "dry": (1, 2)}
+CACHED = ("rapiddiff", "deepcache", "recipe")  # the cached rows: rapiddiff compiled + cache, and the two baselines
 SERVE_STEPS = {"real": 20, "dry": 2}
 SERVE_ROUNDS = {"real": 4, "dry": 2}  # requests per client, timed after one warm round
 SDXL_UNET_BATCHES = {"real": (1, 4), "dry": (1,)}
@@ -116,17 +120,19 @@ class Run:
 
 # --- jobs ------------------------------------------------------------------------------------------------------------
 def jobs(dry: bool) -> list[str]:
-    """In order of importance: the UNet table, the pipelines (rapiddiff first), SDXL, the whole step, the server,
-    levers."""
+    """In order of importance: the UNet table, the cached rows (DeepCache), the pipelines (rapiddiff first), SDXL,
+    the whole step, the server, levers."""
     kind = "dry" if dry else "real"
+    batches = UNET_BATCHES[kind]
     libraries = ("diffusers", "rapiddiff")
-    unet = [f"unet:{lib}:{b}" for b in UNET_BATCHES[kind] for lib in libraries]
+    unet = [f"unet:{lib}:{b}" for b in batches for lib in libraries]
     pipes = [f"pipeline:{lib}:{fig}" for lib in ("rapiddiff", "diffusers") for fig in FIGURES]
     sdxl = [f"sdxlunet:{lib}:{b}" for b in SDXL_UNET_BATCHES[kind] for lib in libraries]
     sdxl += [f"pipeline:{lib}:sdxl_txt2img" for lib in ("rapiddiff", "diffusers")]
     serve = [f"serve:rapiddiff:{b}" for b in UNET_BATCHES[kind]]
     levers = [f"unet:{name}:1" for name in LEVERS]
-    return unet + pipes + sdxl + ["whole:rapiddiff:sd_txt2img"] + serve + levers
+    cached = [f"cached:{lib}:{b}" for b in batches for lib in CACHED]
+    return unet + cached + pipes + sdxl + ["whole:rapiddiff:sd_txt2img"] + serve + levers
 
 
 def unet_config(run: Run, model: str = "sd") -> dict[str, Any]:
@@ -251,6 +257,41 @@ def pipeline_job(run: Run, library: str, figure: str, measure: bool, whole_step:
     return result
 
 
+def cached_job(run: Run, variant: str, batch: int, measure: bool) -> dict[str, Any]:
+    """SD txt2img whole calls at `batch` with DeepCache (interval 3, branch 0), or Diffusers' recipe uncached."""
+    import rapiddiff
+    from rapiddiff.bench.workloads import FIGURES_BY_NAME
+
+    figure = "sd_txt2img"
+    pipe = build_pipeline(run, "rapiddiff" if variant == "rapiddiff" else "diffusers", figure)
+    if variant == "rapiddiff":
+        pipe.unet.enable_cache(rapiddiff.DeepCacheConfig(cache_interval=3, cache_branch_id=0))
+        rapiddiff.compile_pipeline(pipe, **run.backend)
+    elif variant == "deepcache":
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+    else:
+        for name in FIGURES_BY_NAME[figure].denoisers:
+            module = getattr(pipe, name)
+            module.to(memory_format=torch.channels_last)
+            setattr(pipe, name, torch.compile(module, fullgraph=True, **(run.backend or {"mode": "reduce-overhead"})))
+    kwargs = FIGURES_BY_NAME[figure].inputs(run.settings, batch)
+    steps = run.steps[1]
+
+    def call() -> Any:
+        generator = torch.Generator(run.device).manual_seed(0)
+        return pipe(num_inference_steps=steps, **(kwargs | {"generator": generator})).images
+
+    with torch.inference_mode():
+        result: dict[str, Any] = {"ready_s": run.first_call(call)[0], "steps": steps}
+        if measure:
+            result["call_s"] = run.seconds_per_call(call, 2)
+            result["images_s"] = batch / result["call_s"]
+
+
 def serve_job(run: Run, batch: int, measure: bool) -> dict[str, Any]:
     """The server with `--compile --max-batch-size batch` and `batch` closed-loop clients, through FastAPI's
     TestClient (no sockets: the app, the batcher and the pipeline are what is timed)."""
@@ -308,6 +349,8 @@ def run_job(run: Run, job: str, measure: bool) -> dict[str, Any]:
     before = _counts(counters)
     if kind in UNET_MODELS:
         result = unet_job(run, library, int(what), measure, UNET_MODELS[kind])
+    elif kind == "cached":
+        result = cached_job(run, library, int(what), measure)
     elif kind == "serve":
         result = serve_job(run, int(what), measure)
     else:
@@ -414,6 +457,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             ours, theirs = unet.get(f"{kind}:rapiddiff:{batch}"), unet.get(f"{kind}:diffusers:{batch}")
             if ours and theirs:
                 print(f"{label} batch {batch}: rapiddiff / Diffusers-with-recipe = {ours / theirs:.2f}x")
+    cached = {j: r.get("call_s") for j, r in measured.items() if j.startswith("cached:")}
+    for batch in sorted({j.split(":")[2] for j in cached}, key=int):
+        ours = cached.get(f"cached:rapiddiff:{batch}")
+        for other in ("deepcache", "recipe"):
+            theirs = cached.get(f"cached:{other}:{batch}")
+            if ours and theirs:
+                print(f"txt2img batch {batch}: rapiddiff compiled + DeepCache vs {other}: {theirs / ours:.2f}x")
     serve = {j: r for j, r in measured.items() if j.startswith("serve:") and "images_s" in r}
     for job, r in serve.items():
         print(f"{job}: {r['images_s']:.3g} images/s, p50 {r['p50_s']:.3g} s, p95 {r['p95_s']:.3g} s, mean batch "

@@ -89,3 +89,24 @@ def test_compiled_outputs_may_be_overwritten_by_the_next_graph(
         assert np.isfinite(got).all(), f"{family}: a compiled output was read after the next graph ran"
         np.testing.assert_allclose(got, want, atol=1e-4)
     assert poisoning.calls >= 4 and poisoning.returned  # the models did run through the stand-in
+
+
+@pytest.mark.parametrize("whole_step", [False, True], ids=["model-only", "whole-step"])
+@pytest.mark.parametrize("family", ["txt2img", "controlnet"])
+def test_deep_cache_owns_its_feature(family, whole_step, tiny_sd_dir, tiny_upscaler_dir, monkeypatch):
+    """DeepCache: the feature a full step leaves is read by the shallow steps after it, while other graphs ran."""
+    from rapiddiff import DeepCacheConfig
+
+    if whole_step and family == "controlnet":
+        pytest.skip("compile_pipeline refuses whole_step for ControlNet pipelines")
+    pipe = make_pipeline(family, tiny_sd_dir, tiny_upscaler_dir)
+    pipe.unet.enable_cache(DeepCacheConfig(cache_interval=3, cache_branch_id=1))
+    spec = dict(CALLS[family][0], num_inference_steps=7)
+    expected = call(pipe, family, spec)
+    poisoning = PoisoningCompile()
+    monkeypatch.setattr(torch, "compile", poisoning)
+    compile_pipeline(pipe, backend="eager", whole_step=whole_step)
+    got = call(pipe, family, spec)
+    assert np.isfinite(got).all(), f"{family}: the cached feature was read after the next graph ran"
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert poisoning.calls >= 7

@@ -26,6 +26,7 @@ EXPORTS = {
     "AutoencoderKL": "models.autoencoder_kl",
     "ControlNetModel": "models.controlnet",
     "MultiControlNetModel": "models.controlnet",
+    "DeepCacheConfig": "models.deep_cache",
     # schedulers
     "SchedulerMixin": "schedulers.scheduling_utils",
     "PNDMScheduler": "schedulers.scheduling_pndm",
@@ -65,6 +66,7 @@ EXPORTS = {
     "StableDiffusionXLImg2ImgPipeline": "pipelines.stable_diffusion_xl_img2img",
     "StableDiffusionXLInpaintPipeline": "pipelines.stable_diffusion_xl_inpaint",
     "StableDiffusionXLControlNetPipeline": "pipelines.controlnet_sd_xl",
+    "DeepCacheSDHelper": "pipelines.deep_cache",
     # torch.compile recipe
     "compile_pipeline": "compile",
 }

@@ -91,11 +91,13 @@ def run_command(args: argparse.Namespace, load_pipeline: Callable[..., Any], dty
     device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device_type == "cuda" else "float32")
     checks.check_seed(args.seed)
+    cache = args.deepcache  # a DeepCacheConfig or None
     settings = BatchSettings(
         **{name: getattr(args, name) for name in PLAIN_SETTINGS},
         seed=args.seed if args.seed is not None else 0,
         dtype=dtype,
         device_type=device_type,
+        deepcache=cache and f"{cache.cache_interval}:{cache.cache_branch_id}",
     )
     job = BatchJob.prepare(settings, args.prompts, args.output, args.compile_cache, worker, args.overwrite)
     try:

@@ -89,6 +89,7 @@ class BatchSettings:
     dtype: str
     device_type: str
     compile: bool
+    deepcache: str | None = None  # INTERVAL:BRANCH (DeepCache), None: off
     defaults: Defaults = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,8 @@ class BatchSettings:
 
     def fingerprint(self, index: ChunkIndex) -> dict[str, Any]:
         settings = {k: v for k, v in asdict(self).items() if k not in ("defaults", "model")}
+        if self.deepcache is None:  # the run.json of a run without DeepCache, as before the setting existed
+            del settings["deepcache"]
         return {
             "format": FORMAT,
             "settings": settings,

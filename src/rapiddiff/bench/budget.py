@@ -8,7 +8,7 @@ and a faster one gets them back.
 When the groups left do not fit:
 1. fewer rounds per cell, down to `Limits.low` (2 where the settings ask for an interval: one round gives none);
 2. then whole groups are cut, least important first (`cut_order`): the largest batch size first; within a batch size
-   eager-vanilla, then compiled, then eager-sdpa; within those the last figure of the report first. A pipeline none
+   eager-vanilla, then cached, then compiled, then eager-sdpa; within those the last figure of the report first. A pipeline none
    of whose groups is kept is not built. Cut cells are listed in the report with the reason; `--resume` runs them.
 """
 
@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 # the report's modes from most to least important when time is short
-MODE_IMPORTANCE = ("eager-sdpa", "compiled", "eager-vanilla")
+MODE_IMPORTANCE = ("eager-sdpa", "compiled", "cached", "eager-vanilla")
 MIN_INTERVAL_ROUNDS = 2  # a 95 % interval needs two paired rounds
 
 
@@ -81,7 +81,7 @@ class Plan:
 
 
 def cut_order(groups: Sequence[Group]) -> list[Group]:
-    """The groups least important first: largest batch, then mode (eager-vanilla, compiled, eager-sdpa), then the
+    """The groups least important first: largest batch, then mode (eager-vanilla, cached, compiled, eager-sdpa), then the
     figures from the last."""
 
     def importance(g: Group) -> tuple:

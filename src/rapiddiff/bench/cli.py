@@ -2,6 +2,8 @@
 
 rapiddiff bench                                    # GPU: the reference matrix; CPU: the `cpu` preset, minutes
 rapiddiff bench --pipelines sd_txt2img if --batch-sizes 1 4 --modes compiled -o out1
+rapiddiff bench --pipelines sd_txt2img --modes compiled cached -o out3   # DeepCache: rapiddiff compiled + cache
+                                                   # next to Diffusers + DeepCache and the recipe (docs/cache.md)
 rapiddiff bench merge out1/results.json out2/results.json -o report
 rapiddiff bench --time-budget 300 -o out2          # the whole run in 5 minutes: fewer rounds, the least important cut
 rapiddiff bench --resume -o out1                   # finish a sweep that was interrupted (Ctrl-C, SIGTERM) or cut

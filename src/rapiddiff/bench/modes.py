@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .backends import Backend
+from .backends import Backend, Unavailable
 
 if TYPE_CHECKING:
     from .workloads import Figure
@@ -69,6 +69,35 @@ def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
     return undo
 
 
+# The cached mode: DeepCache's published setting, on the figures it runs for (SD txt2img: DeepCache's own workload)
+CACHE_PARAMS = {"cache_interval": 3, "cache_branch_id": 0}
+CACHED_FIGURES = ("sd_txt2img",)
+
+
+def cached(pipe: Any, figure: Figure, backend: Backend) -> Undo:
+    """DeepCache (interval 3, branch 0). rapiddiff: `compile_pipeline` (as the compiled mode) plus
+    `unet.enable_cache`: one graph for full steps and one for shallow steps. Diffusers: DeepCache 0.1.1's helper,
+    eager (it swaps module forwards and reads the timestep on the host: it cannot run compiled); the compiled mode's
+    Diffusers cell is the recipe to compare with."""
+    if backend.has("DeepCacheConfig"):
+        undo_compile = compiled(pipe, figure, backend)
+        pipe.unet.enable_cache(backend.get("DeepCacheConfig")(**CACHE_PARAMS))
+
+        def undo() -> None:
+            pipe.unet.disable_cache()
+            undo_compile()
+
+        return undo
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ModuleNotFoundError as e:
+        raise Unavailable("DeepCache is not installed (pip install DeepCache==0.1.1 --no-deps)") from e
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(**CACHE_PARAMS)
+    helper.enable()
+    return helper.disable
+
+
 def compile_recipes(backends: Sequence[str]) -> dict[str, Any]:
     """What the compiled column runs, read now (not restated): per backend the call and its arguments (rapiddiff:
     `compile_pipeline`'s signature defaults, freezing included), the options the torch.compile mode adds, and
@@ -106,4 +135,5 @@ MODES: dict[str, Callable[[Any, Figure, Backend], Undo]] = {
     "eager-sdpa": eager_sdpa,
     "eager-vanilla": eager_vanilla,
     "compiled": compiled,
+    "cached": cached,  # last: it compiles rapiddiff's pipeline in place too
 }

@@ -374,7 +374,7 @@ def render_markdown(doc: dict[str, Any], charts: Sequence[str] = (), chart_note:
     cut = {_group(c): reasons.get(_group(c), "cut") for c in doc["cells"] if c["status"] == "cut"}
     if cut:
         parts += ["## Cut by the time budget",
-                  "Least important first: the largest batch size, then eager-vanilla, compiled, eager-sdpa, then the "
+                  "Least important first: the largest batch size, then eager-vanilla, cached, compiled, eager-sdpa, then the "
                   "last pipelines. `rapiddiff bench --resume -o FOLDER` runs them (`--time-budget` to give it more "
                   "time) and keeps the rest.",
                   "\n".join(f"- `{key}`: {why}" for key, why in cut.items())]  # fmt: skip

@@ -32,7 +32,7 @@ from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS
 from .single_file import controlnet_from_single_file
 from .unet_2d_condition import level_options, mask_to_bias
-from .unet_blocks import get_down_block, get_mid_block, run_down_blocks
+from .unet_blocks import first_skips, get_down_block, get_mid_block, run_down_blocks
 
 # The Stable Diffusion (1.x, 2.x, XL) block types; class-conditioned ControlNets are not implemented.
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -249,6 +249,7 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         cross_attention_kwargs: dict[str, Any] | None = None,
         guess_mode: bool = False,
         return_dict: bool = True,
+        num_residuals: int | None = None,
     ) -> ControlNetOutput | tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Residuals for the UNet from `sample` (B, in_channels, h, w) and `controlnet_cond` (B, 3, h*f, w*f).
 
@@ -256,6 +257,8 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         changes). guess_mode: scale the residuals from 0.1 (first skip) up to 1 (mid), for prompt-free control.
         added_cond_kwargs: SDXL ControlNets' {"text_embeds", "time_ids"}, as the UNet's; else None. class_labels and
         timestep_cond (class-conditioned / LCM ControlNets) must be None.
+        num_residuals: only the first `num_residuals` skip residuals, and no mid residual (None: all): a DeepCache
+        shallow step reads no more, and the layers below them do not run (the residuals computed are the same).
         """
         self._check_inputs(sample, encoder_hidden_states, controlnet_cond, class_labels, timestep_cond)
         check_added_cond_kwargs(self.config, added_cond_kwargs, sample.shape[0])
@@ -273,21 +276,25 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
             emb = emb + self.add_embedding(text_time_features(self.add_time_proj, added_cond_kwargs, emb.dtype))
 
         hidden = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
-        hidden, skips = run_down_blocks(self.down_blocks, hidden, emb, **attn_kwargs)
-        hidden = self.mid_block(hidden, emb, **attn_kwargs)
+        mid: torch.Tensor | None = None
+        if num_residuals is None:
+            hidden, skips = run_down_blocks(self.down_blocks, hidden, emb, **attn_kwargs)
+            mid = self.controlnet_mid_block(self.mid_block(hidden, emb, **attn_kwargs))
+        else:
+            skips = first_skips(self.down_blocks, hidden, emb, num_residuals, **attn_kwargs)
 
         down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
-        mid = self.controlnet_mid_block(hidden)
         if guess_mode and not cfg.global_pool_conditions:
-            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale  # 0.1 .. 1
+            count = len(self.controlnet_down_blocks) + 1
+            scales = torch.logspace(-1, 0, count, device=sample.device) * conditioning_scale  # 0.1 .. 1
             down = [d * s for d, s in zip(down, scales)]
-            mid = mid * scales[-1]
+            mid = mid * scales[-1] if mid is not None else None
         else:
             down = [d * conditioning_scale for d in down]
-            mid = mid * conditioning_scale
+            mid = mid * conditioning_scale if mid is not None else None
         if cfg.global_pool_conditions:
             down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
-            mid = mid.mean(dim=(2, 3), keepdim=True)
+            mid = mid.mean(dim=(2, 3), keepdim=True) if mid is not None else None
         out = ControlNetOutput(tuple(down), mid)
         return out if return_dict else (out.down_block_res_samples, out.mid_block_res_sample)
 
@@ -352,6 +359,7 @@ class MultiControlNetModel(ModelMixin):
         cross_attention_kwargs: dict[str, Any] | None = None,
         guess_mode: bool = False,
         return_dict: bool = True,
+        num_residuals: int | None = None,
     ) -> ControlNetOutput | tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """One control image and one scale per net (lists as long as `nets`); returns the summed residuals."""
         n = len(self.nets)
@@ -376,9 +384,10 @@ class MultiControlNetModel(ModelMixin):
                 cross_attention_kwargs,
                 guess_mode,
                 return_dict=False,
+                num_residuals=num_residuals,
             )
             down = d if down is None else tuple(a + b for a, b in zip(down, d))
-            mid = m if mid is None else mid + m
+            mid = m if mid is None or m is None else mid + m
         out = ControlNetOutput(down, mid)
         return out if return_dict else (out.down_block_res_samples, out.mid_block_res_sample)
 

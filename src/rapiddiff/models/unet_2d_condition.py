@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
+from .deep_cache import DeepCacheMixin, DeepCacheStep, cached_forward
 from .embeddings import (
     TextTimeEmbedding,
     TimestepEmbedding,
@@ -241,7 +242,7 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin):
+class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin, DeepCacheMixin):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig
@@ -376,7 +377,8 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        deep_cache: DeepCacheStep | None = None,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor, ...]:
         """Predict from `sample` (B, in_channels, H, W) at `timestep` (number, 0-d or (B,) tensor).
 
         encoder_hidden_states: (B, S, C) text embeddings. class_labels: noise level, for configs with a class
@@ -386,6 +388,8 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         embedding (`guidance_scale_embedding`), added to the time features. added_cond_kwargs: for SDXL UNets
         (`addition_embed_type="text_time"`) {"text_embeds": (B, pooled width), "time_ids": (B, N)}, else None.
         Argument order as Diffusers; down_intrablock_additional_residuals (T2I-Adapter) must be None.
+        deep_cache: one step of a DeepCache loop (models/deep_cache.py); the call then returns the tuple
+        (sample, cached feature) whatever `return_dict`.
         """
         self._check_inputs(
             sample,
@@ -395,6 +399,8 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             mid_block_additional_residual,
             timestep_cond,
             unsupported=dict(down_intrablock_additional_residuals=down_intrablock_additional_residuals),
+            # a DeepCache shallow step takes the ControlNet residuals of the levels it runs only
+            partial_residuals=deep_cache is not None and deep_cache.feature is not None,
         )
         check_added_cond_kwargs(self.config, added_cond_kwargs, sample.shape[0])
         attention_mask = mask_to_bias(attention_mask, sample.dtype)
@@ -412,6 +418,16 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         )
         if self.encoder_hid_proj is not None:
             attn_kwargs["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
+        if deep_cache is not None:
+            return cached_forward(
+                self,
+                sample,
+                emb,
+                attn_kwargs,
+                down_block_additional_residuals,
+                mid_block_additional_residual,
+                deep_cache,
+            )
 
         hidden, skips = run_down_blocks(self.down_blocks, self.conv_in(sample), emb, **attn_kwargs)
         if down_block_additional_residuals is not None:
@@ -443,6 +459,7 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         mid_residual: torch.Tensor | None,
         timestep_cond: torch.Tensor | None,
         unsupported: dict[str, Any],
+        partial_residuals: bool = False,
     ) -> None:
         cfg = self.config
         if timestep_cond is not None and cfg.time_cond_proj_dim is None:
@@ -472,14 +489,16 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             raise ValueError(f"class_labels is required: this UNet has {what}")
         if self.class_embedding is None and class_labels is not None:
             raise ValueError("class_labels given, but this UNet has no class embedding (class_embed_type is None)")
-        if (down_residuals is None) != (mid_residual is None):
+        if (down_residuals is None) != (mid_residual is None) and not partial_residuals:
             raise ValueError(
                 "down_block_additional_residuals and mid_block_additional_residual (ControlNet outputs) go together; "
                 f"got down={'None' if down_residuals is None else 'given'}, "
                 f"mid={'None' if mid_residual is None else 'given'}"
             )
         n_skips = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.down_blocks)
-        if down_residuals is not None and len(down_residuals) != n_skips:
+        if down_residuals is not None and (
+            len(down_residuals) > n_skips or len(down_residuals) < n_skips and not partial_residuals
+        ):
             raise ValueError(
                 f"down_block_additional_residuals has {len(down_residuals)} tensors, this UNet has {n_skips} skips"
             )

@@ -243,12 +243,28 @@ def run_down_blocks(
     return hidden_states, skips
 
 
+def first_skips(
+    blocks: nn.ModuleList, hidden_states: torch.Tensor, temb: torch.Tensor, count: int, **attn_kwargs: Any
+) -> tuple[torch.Tensor, ...]:
+    """The first `count` skips of `run_down_blocks`, running no layer past the last one needed."""
+    skips = (hidden_states,)
+    for block in blocks:
+        need = count - len(skips)
+        if need <= 0:
+            break
+        stop = need if need <= len(block.resnets) else None  # None: the whole block, downsampler included
+        hidden_states, block_skips = block(hidden_states, temb, stop=stop, **attn_kwargs)
+        skips += block_skips
+    return skips[:count]
+
+
 class _Block(nn.Module):
     def __init__(self, block_type: str, resnets: list[nn.Module], attentions: list[nn.Module] | None):
         super().__init__()
         self.block_type = block_type
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(attentions) if attentions is not None else None
+        # empty, not None, when the block has none: tools that walk Diffusers' blocks iterate `attentions` (DeepCache)
+        self.attentions = nn.ModuleList(attentions or [])
         self.has_cross_attention = attentions is not None  # Diffusers' flag, read by callers
 
     def extra_repr(self) -> str:
@@ -276,11 +292,14 @@ class UNetDownBlock(_Block):
         attention_mask: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        stop: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """`stop`: run only the first `stop` layers (resnet and attention), not the downsampler (DeepCache's shallow
+        steps)."""
         skips = []
-        for i, resnet in enumerate(self.resnets):
+        for i, resnet in enumerate(list(self.resnets)[:stop]):
             hidden_states = resnet(hidden_states, temb)
-            if self.attentions is not None:
+            if self.attentions:
                 hidden_states = attend(
                     self.attentions[i],
                     hidden_states,
@@ -290,7 +309,7 @@ class UNetDownBlock(_Block):
                     cross_attention_kwargs,
                 )
             skips.append(hidden_states)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and stop is None:
             hidden_states = resample(self.downsamplers[0], hidden_states, temb)
             skips.append(hidden_states)
         return hidden_states, tuple(skips)
@@ -332,16 +351,21 @@ class UNetUpBlock(_Block):
         upsample_size: torch.Size | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        """`res_hidden_states_tuple`: this block's skips, consumed last first; `upsample_size`: (H, W) or None (x2)."""
+        """`res_hidden_states_tuple`: this block's skips, consumed last first; `upsample_size`: (H, W) or None (x2).
+        `start` / `stop`: run layers start..stop-1 only, the upsampler only when `stop` is None (DeepCache's split of
+        the block at its cached feature; resnet i always takes skip -1 - i)."""
         freeu = self.freeu_factors()  # module attributes, not data: a compiled graph guards on them
-        for i, resnet in enumerate(self.resnets):
+        for i in range(start, len(self.resnets) if stop is None else stop):
+            resnet = self.resnets[i]
             skip = res_hidden_states_tuple[-1 - i]
             if freeu is not None:
                 hidden_states, skip = apply_freeu(self.resolution_idx, hidden_states, skip, *freeu)
             hidden_states = torch.cat([hidden_states, skip], dim=1)
             hidden_states = resnet(hidden_states, temb)
-            if self.attentions is not None:
+            if self.attentions:
                 hidden_states = attend(
                     self.attentions[i],
                     hidden_states,
@@ -350,7 +374,7 @@ class UNetUpBlock(_Block):
                     encoder_attention_mask,
                     cross_attention_kwargs,
                 )
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop is None:
             hidden_states = resample(self.upsamplers[0], hidden_states, temb, upsample_size)
         return hidden_states
 
@@ -369,7 +393,7 @@ class UNetMidBlock(_Block):
     ) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
         # a list, not `self.resnets[1:]`: slicing a ModuleList builds (and registers) a new module at every call
-        for attn, resnet in zip(self.attentions or (), list(self.resnets)[1:]):
+        for attn, resnet in zip(self.attentions, list(self.resnets)[1:]):
             hidden_states = attend(
                 attn,
                 hidden_states,

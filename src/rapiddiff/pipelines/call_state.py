@@ -37,6 +37,7 @@ class CallState:
     num_timesteps: int | None = None
     interrupt: bool = False
     scheduler: Any = None
+    deep_cache: Any = None  # the call's DeepCache state (`pipelines.deep_cache.DeepCacheLoop`), None: no cache
     # after the loop: per image, whether its final latents held nan/inf
     non_finite_images: list[bool] | None = None
 

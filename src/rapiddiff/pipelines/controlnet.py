@@ -170,6 +170,9 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
                 scale = list(step_scales[i].unbind())
             else:
                 scale = step_scales[i, 0]
+            # a DeepCache shallow step reads the residuals of the levels it runs only: the ControlNet stops there
+            cache = self.call_state.deep_cache
+            needed = {} if cache is None or cache.residuals(i) is None else {"num_residuals": cache.residuals(i)}
             down, mid = self.controlnet(
                 x_control,
                 t,
@@ -179,14 +182,15 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
                 guess_mode=guess_mode,
                 return_dict=False,
                 **self.controlnet_kwargs(cond, split),
+                **needed,
             )
             if split:  # zero residuals for the unconditional half
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-                mid = torch.cat([torch.zeros_like(mid), mid])
+                mid = torch.cat([torch.zeros_like(mid), mid]) if mid is not None else None
             elif is_compiled(self.controlnet):
                 # A compiled ControlNet's outputs live in its CUDA graphs' memory, which the UNet's graph may reuse
                 # before reading them (pytorch issue 160281): the UNet gets copies the loop owns.
-                down, mid = [d.clone() for d in down], mid.clone()
+                down, mid = [d.clone() for d in down], mid.clone() if mid is not None else None
             return x, {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
         return LoopStart(latents, model_inputs=control_residuals, conditioning={"image": control_image})

@@ -44,6 +44,7 @@ from .checks import (
     check_positive_int,
     python_scalars,
 )
+from .deep_cache import deep_cache_loop
 from .denoise import (
     AfterStep,
     Conditioning,
@@ -342,6 +343,10 @@ class DenoisingPipeline(DiffusionPipeline):
     def run_call(self, args: CallArgs) -> Any:
         device = self._execution_device
         timesteps, num_inference_steps = self.prepare_timesteps(args, device)
+        # the call's own DeepCache state, if the UNet has a cache on (the ControlNet hook reads it too)
+        cache = deep_cache_loop(self.unet, self.scheduler, len(timesteps))
+        if cache is not None:
+            call_state.update(self, "deep_cache", deep_cache=cache)
         conditioning = self.encode_conditioning(args, device)
         dtype = conditioning["prompt_embeds"].dtype
         start = self.prepare_denoising(args, timesteps, conditioning, device)
@@ -358,12 +363,15 @@ class DenoisingPipeline(DiffusionPipeline):
             hook_before_scaling=self.hook_before_scaling,
             after_step=start.after_step,
         )
+        runner = self.step_runner
+        if cache is not None:
+            runner = cache.runner(runner)
         latents = denoise(
             start.latents,
             schedule,
             step,
             {**conditioning, **start.conditioning},
-            runner=self.step_runner,
+            runner=runner,
             progress=self.progress_bar,
             on_step_end=self.step_end(args, schedule),
         )
