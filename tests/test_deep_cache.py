@@ -12,7 +12,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_images, random_image, seeded, tiny_sd_components, use_scheduler
+from conftest import PIPELINE_ATOL, assert_same_images, random_image, seeded, tiny_sd_components, use_scheduler
 from test_bench import fake_clock, sweep  # noqa: F401 (fake_clock: a fixture)
 from test_compile import CALLS, call, make_pipeline, no_recompiles
 from test_controlnet import tiny_controlnet
@@ -565,3 +565,16 @@ def test_cached_loop_reads_no_tensor_value_and_non_uniform_runs_its_full_steps(t
         ours.unet.disable_cache()
     assert np.isfinite(images).all()
     assert counts["mid"] == len(quad_center_indices(12, 4, 4, 1.4)) == 4
+
+
+def test_sdxl_matches_deepcache(tiny_sdxl_dir):
+    """SDXL's UNet (text_time conditioning) caches as SD's: the same images as DeepCache's helper on Diffusers' SDXL."""
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, add_watermarker=False)
+    ours = rapiddiff.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, add_watermarker=False)
+    quiet(ref, ours)
+    size = dict(height=32, width=48, num_inference_steps=5)
+    for branch in (0, 1):
+        ref_out, ours_out = deepcache_images(ref, ours, dict(cache_interval=2, cache_branch_id=branch), **size)
+        np.testing.assert_allclose(ours_out.images, ref_out.images, rtol=0, atol=PIPELINE_ATOL)
+    uncached = ours(generator=seeded(0), **(RUN | size)).images
+    assert np.abs(ours_out.images - uncached).max() > 1e-4  # the cache did change the image
