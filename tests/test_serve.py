@@ -484,6 +484,28 @@ def test_the_pipeline_setup_loads_checks_and_prepares(pipe, tiny_sd_dir, tiny_up
         PipelineSetup(str(tiny_upscaler_dir)).check()
 
 
+def test_deepcache_serves_the_cached_images_of_each_seed(pipe, tiny_sd_dir):
+    """`serve --deepcache 2:0`: the setup enables the UNet's cache; batched requests give a direct cached call's
+    image for their seeds (each call counts its own full and shallow steps), which are not the uncached images."""
+    from rapiddiff import DeepCacheConfig
+    from rapiddiff.cli import build_parser
+    from rapiddiff.serve.setup import PipelineSetup
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_sd_dir), "--deepcache", "2:0"])
+    assert args.deepcache == DeepCacheConfig(cache_interval=2, cache_branch_id=0)
+    served = PipelineSetup(str(tiny_sd_dir), deepcache=args.deepcache).load()
+    assert served.unet.is_cache_enabled
+    requests = [body("a red cube", seed=1), body("a blue sphere", seed=7, n=2)]
+    with client_for(served, max_batch_size=4, batch_wait_ms=300) as client:
+        responses = post_all(client, requests)
+    assert [r.status_code for r in responses] == [200, 200]
+    for request, response in zip(requests, responses):
+        for k, item in enumerate(response.json()["data"]):
+            cached = direct_for(served, request, k)
+            np.testing.assert_allclose(decode(item), cached, rtol=0, atol=PNG_ATOL)
+            assert np.abs(cached - direct_for(pipe, request, k)).max() > 2 * PNG_ATOL
+
+
 # --- the Ray Serve engine --------------------------------------------------------------------------------------------
 RAY_REQUESTS = [
     body("a red cube", seed=1),

@@ -32,6 +32,24 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
 
 
+def add_deepcache_argument(parser: argparse.ArgumentParser) -> None:
+    from .pipelines.deep_cache import parse_deep_cache
+
+    def deepcache(text: str) -> Any:
+        try:
+            return parse_deep_cache(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parser.add_argument(
+        "--deepcache",
+        type=deepcache,
+        metavar="INTERVAL[:BRANCH]",
+        help="DeepCache: a full UNet step every INTERVAL steps, the others reuse the deep features below branch BRANCH "
+        "(default 0, the fastest); 3:0 is ~2x fewer UNet FLOPs (docs/cache.md)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapiddiff", description="Fast, Diffusers-compatible diffusion pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -24,12 +24,10 @@ import rapiddiff
 
 from .batch import checks
 from .batch import cli as batch_cli
-from .cli import add_device_argument, add_model_argument, subcommand_parser
+from .cli import add_deepcache_argument, add_device_argument, add_model_argument, subcommand_parser
 from .compile import compile_pipeline
 from .models.attention_processor import Attention
-from .models.deep_cache import DeepCacheConfig
 from .pipelines.checks import check_number
-from .pipelines.deep_cache import parse_deep_cache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCHEDULER_ALIASES = {
@@ -61,13 +59,6 @@ def _scheduler_name(text: str) -> str:
     return name
 
 
-def _deepcache(text: str) -> DeepCacheConfig:
-    try:
-        return parse_deep_cache(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subcommand_parser(subparsers, "generate", "generate images from a prompt", __doc__)
     parser.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
@@ -84,14 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=["sdpa", "vanilla"], default="sdpa",
                         help="sdpa: PyTorch's scaled_dot_product_attention (default); vanilla: matmul + softmax")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the pipeline's models")
-    parser.add_argument(
-        "--deepcache",
-        type=_deepcache,
-        metavar="INTERVAL[:BRANCH]",
-        help="DeepCache: a full UNet step every INTERVAL steps, the others reuse the deep features "
-        "below branch BRANCH (default 0, the fastest); 3:0 is ~2x fewer UNet FLOPs "
-        "(docs/cache.md)",
-    )
+    add_deepcache_argument(parser)
     parser.add_argument("--scheduler", type=_scheduler_name, metavar="NAME",
                         help=f"replace the checkpoint's scheduler: {', '.join(SCHEDULER_ALIASES)} or a class name")  # fmt: skip
     parser.add_argument("-o", "--output", type=Path, default=Path("outputs"),

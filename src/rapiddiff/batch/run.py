@@ -97,7 +97,7 @@ class BatchSettings:
 
     def fingerprint(self, index: ChunkIndex) -> dict[str, Any]:
         settings = {k: v for k, v in asdict(self).items() if k not in ("defaults", "model")}
-        if self.deepcache is None:  # the run.json of a run without DeepCache, as before the setting existed
+        if self.deepcache is None:  # without DeepCache, run.json does not name it (runs written without it resume)
             del settings["deepcache"]
         return {
             "format": FORMAT,

@@ -22,7 +22,7 @@ DEFAULTS = {"max_batch_size": 4, "batch_wait_ms": 10.0, "max_queue": 64, "reques
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..batch.checks import positive_int
-    from ..cli import add_model_argument, subcommand_parser
+    from ..cli import add_deepcache_argument, add_model_argument, subcommand_parser
 
     parser = subcommand_parser(subparsers, "serve", "serve a model over HTTP", __doc__)
     add_model_argument(parser)
@@ -32,6 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the models; batches are padded to powers of two (few shapes to compile)")  # fmt: skip
+    add_deepcache_argument(parser)
     parser.add_argument("--max-batch-size", type=positive_int, default=DEFAULTS["max_batch_size"],
                         help=f"most images per pipeline call, and per request (default {DEFAULTS['max_batch_size']})")  # fmt: skip
     parser.add_argument("--batch-wait-ms", type=_non_negative, default=DEFAULTS["batch_wait_ms"],
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from .setup import PipelineSetup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    setup = PipelineSetup(args.model, compile=args.compile)
+    setup = PipelineSetup(args.model, compile=args.compile, deepcache=args.deepcache)
     settings = ServeSettings(
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,

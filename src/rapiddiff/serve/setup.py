@@ -13,6 +13,7 @@ from ..batch import checks
 from ..compile import compile_pipeline
 from ..configuration import read_json
 from ..hub import resolve_file
+from ..models.deep_cache import DeepCacheConfig
 from ..pipelines.loading import MODEL_INDEX
 
 SERVED_CLASS = "StableDiffusionPipeline"
@@ -25,6 +26,7 @@ class PipelineSetup:
 
     model: str  # a Diffusers-layout folder or a Hub id
     compile: bool = False  # rapiddiff.compile_pipeline
+    deepcache: DeepCacheConfig | None = None  # the UNet's step cache (unet.enable_cache)
 
     def check(self) -> None:
         """What needs no weights (a Ray engine checks it before any replica starts): the model resolves (its
@@ -48,6 +50,8 @@ class PipelineSetup:
         """The options applied to a loaded pipeline, in order; the pipeline to serve. Each option that changes how
         the served pipeline runs (compiling, caching across steps) is a field of this class and is applied here."""
         pipe.set_progress_bar_config(disable=True)
+        if self.deepcache is not None:
+            pipe.unet.enable_cache(self.deepcache)
         if self.compile:
             pipe = compile_pipeline(pipe)
         return pipe
