@@ -317,6 +317,14 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         for block in self.up_blocks:
             block.s1 = block.s2 = block.b1 = block.b2 = None
 
+    # --- IP-Adapter (Diffusers' model-level entry point; reading and placing the weights is the loaders' work) -------
+    def _load_ip_adapter_weights(self, state_dicts: Any, low_cpu_mem_usage: bool = True) -> None:
+        """Diffusers' method: IP-Adapter state dicts ({"image_proj": ..., "ip_adapter": ...}, one or a list) into
+        this UNet, replacing those loaded before. `low_cpu_mem_usage` has no effect (weights are never initialised)."""
+        from ..loaders.ip_adapter import load_ip_adapter_weights
+
+        load_ip_adapter_weights(self, state_dicts)
+
     # --- conditioning -----------------------------------------------------------------------------------------------
     def embed_conditions(
         self,
@@ -362,8 +370,10 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         (one per skip) and mid_block_additional_residual: ControlNet outputs, added to the skips and the mid output.
         timestep_cond: (B, time_cond_proj_dim), for an LCM-distilled UNet (time_cond_proj_dim set): the guidance-scale
         embedding (`guidance_scale_embedding`), added to the time features. Argument order as Diffusers;
-        added_cond_kwargs and down_intrablock_additional_residuals (SDXL / T2I-Adapter features) must be None.
+        added_cond_kwargs: {"image_embeds": [one tensor per adapter]} while IP-Adapters are loaded (and then required);
+        nothing else (SDXL's) is supported, nor down_intrablock_additional_residuals (T2I-Adapter features).
         """
+        image_embeds, added_cond_kwargs = self._image_embeds(added_cond_kwargs)
         self._check_inputs(
             sample,
             encoder_hidden_states,
@@ -372,7 +382,7 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             mid_block_additional_residual,
             timestep_cond,
             unsupported=dict(
-                added_cond_kwargs=added_cond_kwargs or None,
+                added_cond_kwargs=added_cond_kwargs,
                 down_intrablock_additional_residuals=down_intrablock_additional_residuals,
             ),
         )
@@ -387,8 +397,10 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.embed_conditions(sample, timestep, class_labels, encoder_hidden_states, timestep_cond)
-        if self.encoder_hid_proj is not None:
+        if self.config.encoder_hid_dim_type == "text_proj":
             attn_kwargs["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
+        elif self.config.encoder_hid_dim_type == "ip_image_proj":  # IP-Adapter: image tokens beside the text
+            attn_kwargs["encoder_hidden_states"] = (encoder_hidden_states, self.encoder_hid_proj(image_embeds))
 
         hidden, skips = run_down_blocks(self.down_blocks, self.conv_in(sample), emb, **attn_kwargs)
         if down_block_additional_residuals is not None:
@@ -410,6 +422,19 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
 
         out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _image_embeds(self, added_cond_kwargs: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
+        """IP-Adapter's image embeddings out of added_cond_kwargs (required while IP-Adapters are loaded), and what
+        else it holds (None when nothing)."""
+        added = dict(added_cond_kwargs or {})
+        if self.config.encoder_hid_dim_type != "ip_image_proj":
+            return None, added or None
+        if "image_embeds" not in added:
+            raise ValueError(
+                'IP-Adapter weights are loaded (encoder_hid_dim_type="ip_image_proj"): pass the image embeddings as '
+                'added_cond_kwargs={"image_embeds": [one tensor per adapter]}'
+            )
+        return added.pop("image_embeds"), added or None
 
     def _check_inputs(
         self,
