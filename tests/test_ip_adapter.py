@@ -306,3 +306,18 @@ def test_scale_changes_do_not_recompile(tiny_sd_dir):
         assert not torch.allclose(check("scale 0.3"), first)
         pipe.set_ip_adapter_scale({"up": {"block_0": [0.0, 2.0]}})
         check("per-block scales")
+
+
+def test_one_tensor_is_one_image_as_in_diffusers():
+    """Diffusers' deprecated form: `image_embeds` as one tensor without the images axis (one adapter)."""
+    ref = tiny_sd_components()["unet"]
+    ours = rapiddiff.UNet2DConditionModel(**ref.config)
+    ours.load_state_dict(ref.state_dict())
+    ours._load_ip_adapter_weights(ip_adapter_state_dict(ref))
+    g = torch.Generator().manual_seed(0)
+    embeds, x, text = torch.randn(2, 24, generator=g), torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, CROSS)
+    with torch.no_grad():
+        want = ours(x, 10, text, added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
+        with pytest.warns(FutureWarning, match="deprecated"):
+            got = ours(x, 10, text, added_cond_kwargs={"image_embeds": embeds}).sample
+    assert torch.equal(got, want)

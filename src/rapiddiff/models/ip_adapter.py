@@ -147,7 +147,16 @@ class MultiIPAdapterImageProjection(nn.Module):
         return len(self.image_projection_layers)
 
     def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One (B, images, ...) tensor per adapter -> (B, images, tokens, cross_attention_dim) per adapter."""
+        """One (B, images, ...) tensor per adapter -> (B, images, tokens, cross_attention_dim) per adapter. As in
+        Diffusers (deprecated there), one tensor without the images axis is taken as one image for one adapter."""
+        if torch.is_tensor(image_embeds):
+            warnings.warn(
+                'added_cond_kwargs["image_embeds"] as a tensor is deprecated (as in Diffusers): pass a list with one '
+                "(batch, images, ...) tensor per IP-Adapter",
+                FutureWarning,
+                stacklevel=2,
+            )
+            image_embeds = [image_embeds.unsqueeze(1)]
         if not isinstance(image_embeds, (list, tuple)) or len(image_embeds) != self.num_ip_adapters:
             got = f"{len(image_embeds)} tensors" if isinstance(image_embeds, (list, tuple)) else type(image_embeds)
             raise ValueError(
