@@ -355,7 +355,10 @@ class ModelMixin(nn.Module, ConfigMixin):
     @property
     def dtype(self) -> torch.dtype:
         """The first floating-point parameter's dtype, else a floating-point buffer's, else any tensor's (as
-        Diffusers looks); float32 for a model that holds no tensors."""
+        Diffusers looks); float32 for a model that holds no tensors. With layerwise casting: the compute dtype."""
+        casting = self.__dict__.get("_layerwise_casting")
+        if casting is not None:
+            return casting.compute_dtype
         other = None
         for tensor in itertools.chain(self.parameters(), self.buffers()):
             if tensor.is_floating_point():
@@ -371,6 +374,24 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # --- layerwise casting (models/layerwise_casting.py) -------------------------------------------------------------
+    _keep_in_fp32_modules: ClassVar[list[str] | None] = None
+    _skip_layerwise_casting_patterns: ClassVar[list[str] | None] = None
+
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[type[nn.Module], ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        """Diffusers' method: weights stored in `storage_dtype`, each layer computed in `compute_dtype` (default:
+        the model's dtype); norms and the model's `_skip_layerwise_casting_patterns` are not cast."""
+        from .layerwise_casting import enable
+
+        enable(self, storage_dtype, compute_dtype, skip_modules_pattern, skip_modules_classes, non_blocking)
 
     # --- attention processors -------------------------------------------------------------------------------------
     @property

@@ -231,6 +231,7 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
 
     config_class = UNet2DConditionConfig
     config: UNet2DConditionConfig
+    _skip_layerwise_casting_patterns = ["norm"]  # as Diffusers'
 
     def __init__(self, config: UNet2DConditionConfig | dict[str, Any] | None = None, **kwargs: Any):
         super().__init__()
