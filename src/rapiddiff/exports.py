@@ -22,6 +22,8 @@ EXPORTS = {
     "AttnProcessor2_0": "models.attention_processor",
     "AttnAddedKVProcessor": "models.attention_processor",
     "AttnAddedKVProcessor2_0": "models.attention_processor",
+    "CustomDiffusionAttnProcessor": "models.custom_diffusion",
+    "CustomDiffusionAttnProcessor2_0": "models.custom_diffusion",
     "IPAdapterAttnProcessor": "models.ip_adapter",
     "IPAdapterAttnProcessor2_0": "models.ip_adapter",
     "ImageProjection": "models.ip_adapter",

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
+from .custom_diffusion import CustomDiffusionModelMixin
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
 from .fused_projections import FusedProjectionsMixin
 from .lora_adapter import LoraModelMixin
@@ -226,7 +227,9 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin):
+class UNet2DConditionModel(
+    LoraModelMixin, CustomDiffusionModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin
+):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig
