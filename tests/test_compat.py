@@ -464,3 +464,9 @@ def test_register_to_config_and_config_attributes(name, tmp_path):
         _ = sched.does_not_exist
     with pytest.raises(ValueError, match="beta_schedule"):
         sched.register_to_config(beta_schedule="nope")
+
+
+def test_missing_variant_error_starts_as_diffusers(tiny_sd_dir):
+    """Diffusers' pipeline tests (and users) match the first sentence of the missing-variant error."""
+    with pytest.raises(ValueError, match=r"You are trying to load the model files of the `variant=fp16`"):
+        rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir, variant="fp16")

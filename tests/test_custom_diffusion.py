@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close_rel, tiny_sd_components
 
 import rapiddiff
-from tests.conftest import assert_close_rel, tiny_sd_components
 
 
 def custom_diffusion_processors(library, model, seed: int = 0) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_rel, assert_same_images, random_image, run_both, tiny_sd_components
 
 import rapiddiff
-from tests.conftest import assert_close_rel, assert_same_images, random_image, run_both, tiny_sd_components
 
 CROSS = 32  # tiny_sd_components' cross_attention_dim
 
