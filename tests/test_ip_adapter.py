@@ -300,6 +300,9 @@ def test_scale_changes_do_not_recompile(tiny_sd_dir):
         assert_close_rel(got, want, 1e-4, what)
         return got
 
+    from rapiddiff.frozen import default_freezes
+
+    assert not default_freezes(unet), "compile_pipeline keeps the scales as graph inputs (not frozen constants)"
     first = check("warm-up")
     with torch._dynamo.config.patch(error_on_recompile=True):
         pipe.set_ip_adapter_scale(0.3)
