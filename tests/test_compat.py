@@ -470,3 +470,15 @@ def test_missing_variant_error_starts_as_diffusers(tiny_sd_dir):
     """Diffusers' pipeline tests (and users) match the first sentence of the missing-variant error."""
     with pytest.raises(ValueError, match=r"You are trying to load the model files of the `variant=fp16`"):
         rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir, variant="fp16")
+
+
+def test_model_loading_and_processor_errors_say_what_diffusers_says(tmp_path):
+    """The first words Diffusers' model tests match: a missing weight file, a processor dict of the wrong size."""
+    ref = tiny_sd_components()["unet"]
+    ref.save_pretrained(tmp_path, variant="fp16")
+    with pytest.raises(OSError, match="Error no file named diffusion_pytorch_model.bin found in directory"):
+        rapiddiff.UNet2DConditionModel.from_pretrained(tmp_path)
+    unet = rapiddiff.UNet2DConditionModel.from_pretrained(tmp_path, variant="fp16")
+    first = next(iter(unet.attn_processors))
+    with pytest.raises(ValueError, match=r"the number of processors \(1\) does not match"):
+        unet.set_attn_processor({first: rapiddiff.AttnProcessor()})

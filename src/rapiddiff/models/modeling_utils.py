@@ -196,7 +196,10 @@ def find_weight_files(
             return [folder / s for s in shards]
     tried = ", ".join(_weights_filename(base, ext, variant) for ext in exts)
     present = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    raise FileNotFoundError(f"no weights in {folder}: looked for {tried}; the folder has {present}")
+    last = _weights_filename(base, exts[-1], variant)
+    raise FileNotFoundError(  # Diffusers' first sentence, which callers match
+        f"Error no file named {last} found in directory {folder}. Looked for {tried}; the folder has {present}"
+    )
 
 
 def load_state_dict_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -411,8 +414,9 @@ class ModelMixin(nn.Module, ConfigMixin):
                 missing = sorted(set(layers) - set(processor))
                 extra = sorted(set(processor) - set(layers))
                 raise ValueError(
-                    f"set_attn_processor got a dict of {len(processor)} processors, but {type(self).__name__} has "
-                    f"{len(layers)} attention layers; missing {_short(missing)}, unknown {_short(extra)}"
+                    f"set_attn_processor got a dict of processors, but the number of processors ({len(processor)}) "
+                    f"does not match the number of attention layers of {type(self).__name__} ({len(layers)}); "
+                    f"missing {_short(missing)}, unknown {_short(extra)}"
                 )
             for key, module in layers.items():
                 module.set_processor(processor[key])
