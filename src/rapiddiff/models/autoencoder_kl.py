@@ -219,6 +219,8 @@ class AutoencoderKL(ModelMixin, FusedProjectionsMixin):
     """
 
     config_class = AutoencoderKLConfig
+    _supports_gradient_checkpointing = True
+    _checkpointed_blocks = (Encoder, Decoder, MidBlock)
     # Checkpoints from before Diffusers 0.14 name the mid-block attention projections like the original LDM code.
     _legacy_key_renames: ClassVar[dict[str, str]] = {
         ".query.": ".to_q.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -377,6 +377,27 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # --- gradient checkpointing (models/gradient_checkpointing.py) ---------------------------------------------------
+    _supports_gradient_checkpointing: ClassVar[bool] = False
+    _checkpointed_blocks: ClassVar[tuple[type[nn.Module], ...]] = ()  # the blocks that recompute in the backward
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable[..., Any] | None = None) -> None:
+        """Diffusers' method: blocks recompute their activations in the backward pass (training)."""
+        from .gradient_checkpointing import enable
+
+        enable(self, self._checkpointed_blocks, gradient_checkpointing_func)
+
+    def disable_gradient_checkpointing(self) -> None:
+        from .gradient_checkpointing import disable
+
+        disable(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from .gradient_checkpointing import enabled
+
+        return enabled(self)
 
     # --- layerwise casting (models/layerwise_casting.py) -------------------------------------------------------------
     _keep_in_fp32_modules: ClassVar[list[str] | None] = None

@@ -22,11 +22,15 @@ from .fused_projections import FusedProjectionsMixin
 from .lora_adapter import LoraModelMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS, activation
+from .transformer_2d import Transformer2DModel
 from .unet_blocks import (
     DOWN_BLOCK_TYPES,
     MID_BLOCK_TYPES,
     UP_BLOCK_TYPES,
     BlockOptions,
+    UNetDownBlock,
+    UNetMidBlock,
+    UNetUpBlock,
     get_down_block,
     get_mid_block,
     get_up_block,
@@ -235,6 +239,8 @@ class UNet2DConditionModel(
     config_class = UNet2DConditionConfig
     config: UNet2DConditionConfig
     _skip_layerwise_casting_patterns = ["norm"]  # as Diffusers'
+    _supports_gradient_checkpointing = True
+    _checkpointed_blocks = (UNetDownBlock, UNetUpBlock, UNetMidBlock, Transformer2DModel)
 
     def __init__(self, config: UNet2DConditionConfig | dict[str, Any] | None = None, **kwargs: Any):
         super().__init__()
