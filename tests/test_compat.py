@@ -482,3 +482,21 @@ def test_model_loading_and_processor_errors_say_what_diffusers_says(tmp_path):
     first = next(iter(unet.attn_processors))
     with pytest.raises(ValueError, match=r"the number of processors \(1\) does not match"):
         unet.set_attn_processor({first: rapiddiff.AttnProcessor()})
+
+
+@pytest.mark.parametrize("skip_prk_steps", [False, True])
+def test_pndm_step_prk_and_step_plms_as_diffusers(skip_prk_steps):
+    """Diffusers' public PNDM methods, as custom loops call them: step_prk over prk_timesteps, step_plms over
+    plms_timesteps (with the Runge-Kutta warm-up or without)."""
+    config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", skip_prk_steps=skip_prk_steps)
+    ref, ours = diffusers.PNDMScheduler(**config), rapiddiff.PNDMScheduler(**config)
+    samples = []
+    for scheduler in (ref, ours):
+        scheduler.set_timesteps(10)
+        sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        for t in scheduler.prk_timesteps:
+            sample = scheduler.step_prk(0.1 * sample + 0.01 * int(t), int(t), sample).prev_sample
+        for t in scheduler.plms_timesteps:
+            sample = scheduler.step_plms(0.1 * sample + 0.01 * int(t), int(t), sample).prev_sample
+        samples.append(sample)
+    assert_close_rel(samples[1], samples[0], 1e-5, "PNDM step_prk / step_plms loop")
