@@ -500,3 +500,26 @@ def test_pndm_step_prk_and_step_plms_as_diffusers(skip_prk_steps):
             sample = scheduler.step_plms(0.1 * sample + 0.01 * int(t), int(t), sample).prev_sample
         samples.append(sample)
     assert_close_rel(samples[1], samples[0], 1e-5, "PNDM step_prk / step_plms loop")
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "LCMScheduler", "TCDScheduler"])
+def test_previous_timestep_as_diffusers(name):
+    ref, ours = getattr(diffusers, name)(), getattr(rapiddiff, name)()
+    assert int(ours.previous_timestep(500)) == int(ref.previous_timestep(500)) == 499  # before set_timesteps
+    for scheduler in (ref, ours):
+        scheduler.set_timesteps(4)
+    for t in ref.timesteps.tolist():
+        assert int(ours.previous_timestep(t)) == int(ref.previous_timestep(t))
+
+
+def test_scheduler_signatures_name_their_config_keys():
+    """Constructors show their config keys as Diffusers' do (inspect.signature, IDEs); no **kwargs to hide them."""
+    import inspect
+
+    for name in ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        params = inspect.signature(getattr(rapiddiff, name).__init__).parameters
+        theirs = inspect.signature(getattr(diffusers, name).__init__).parameters
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+        assert set(params) - {"self", "config"} <= set(theirs), name
+        assert params["num_train_timesteps"].default == theirs["num_train_timesteps"].default
+        assert getattr(rapiddiff, name)._deprecated_kwargs == []
