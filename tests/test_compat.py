@@ -523,3 +523,25 @@ def test_scheduler_signatures_name_their_config_keys():
         assert set(params) - {"self", "config"} <= set(theirs), name
         assert params["num_train_timesteps"].default == theirs["num_train_timesteps"].default
         assert getattr(rapiddiff, name)._deprecated_kwargs == []
+
+
+@pytest.mark.parametrize("name", ["UNet2DConditionModel", "ControlNetModel", "AutoencoderKL"])
+def test_same_seed_same_random_weights_as_diffusers(name):
+    """Models are built in Diffusers' order: torch.manual_seed(s) then Model(**config) gives Diffusers' weights (user
+    test suites hard-code output slices of such tiny models)."""
+    configs = {
+        "UNet2DConditionModel": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32,
+                                     time_cond_proj_dim=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32),
+        "ControlNetModel": dict(block_out_channels=(8, 16), layers_per_block=2, cross_attention_dim=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=4,
+                                conditioning_embedding_out_channels=(16, 32)),
+        "AutoencoderKL": dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4),
+    }  # fmt: skip
+    states = []
+    for library in (diffusers, rapiddiff):
+        torch.manual_seed(0)
+        states.append(getattr(library, name)(**configs[name]).state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

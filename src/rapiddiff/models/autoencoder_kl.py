@@ -145,6 +145,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
         super().__init__()
+        first = _resnet(channels, channels, groups, act_fn)  # resnet, attention, resnet: Diffusers' order
         attention = Attention(
             channels,
             heads=1,
@@ -156,7 +157,7 @@ class MidBlock(nn.Module):
             residual_connection=True,
         )
         self.attentions = nn.ModuleList([attention] if add_attention else [])
-        self.resnets = nn.ModuleList([_resnet(channels, channels, groups, act_fn) for _ in range(2)])
+        self.resnets = nn.ModuleList([first, _resnet(channels, channels, groups, act_fn)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, None)

@@ -283,13 +283,17 @@ class UNet2DConditionModel(
             for i, block_type in enumerate(cfg.down_block_types)
         )
 
-        up_blocks = []
+        # Built down, mid, up (Diffusers' random-init order) but registered down, up, mid (Diffusers' state-dict and
+        # attn_processors order).
+        self.up_blocks = nn.ModuleList()
+        mid = dataclasses.replace(levels[-1], only_cross_attention=mid_only_cross_attention(cfg))
+        self.mid_block = get_mid_block(cfg.mid_block_type, mid, ch[-1], cfg.mid_block_scale_factor)
         for i, block_type in enumerate(cfg.up_block_types):
             j = n - 1 - i  # the down level this up block mirrors
             # Diffusers' quirk, kept for weight compatibility: up blocks take every per-block option reversed except
             # attention_head_dim, which is indexed in down order.
             opts = dataclasses.replace(levels[j], head_dim=levels[i].head_dim)
-            up_blocks.append(
+            self.up_blocks.append(
                 get_up_block(
                     block_type,
                     opts,
@@ -300,13 +304,9 @@ class UNet2DConditionModel(
                     add_upsample=i < n - 1,
                 )
             )
-        self.up_blocks = nn.ModuleList(up_blocks)
         for i, block in enumerate(self.up_blocks):
             block.resolution_idx = i
         self.num_upsamplers = n - 1
-        # Registered after the up blocks, as in Diffusers: state_dict and attn_processors list in the same order.
-        mid = dataclasses.replace(levels[-1], only_cross_attention=mid_only_cross_attention(cfg))
-        self.mid_block = get_mid_block(cfg.mid_block_type, mid, ch[-1], cfg.mid_block_scale_factor)
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
