@@ -83,8 +83,9 @@ def test_from_locals_refuses_unknown_arguments():
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['foo'\]"):
         CallArgs.from_locals(sd_locals | {"kwargs": {"foo": 1}})
     assert CallArgs.from_locals(sd_locals | {"kwargs": {"callback_steps": 2}}).callback_steps == 2
-    with pytest.raises(ValueError, match="ip_adapter_image is not supported"):
-        CallArgs.from_locals(sd_locals | {"ip_adapter_image": random_image(8, 8)})
+    with pytest.raises(ValueError, match="Provide either `ip_adapter_image` or `ip_adapter_image_embeds`"):
+        both = {"ip_adapter_image": random_image(8, 8), "ip_adapter_image_embeds": [torch.zeros(2, 1, 8)]}
+        CallArgs.from_locals(sd_locals | both)
     img2img = signature_defaults(rapiddiff.StableDiffusionImg2ImgPipeline)
     args = Img2ImgArgs.from_locals(img2img | {"prompt": [PROMPT, PROMPT], "strength": 0.5})
     assert (args.strength, args.batch_size, args.image, args.callback) == (0.5, 2, None, None)

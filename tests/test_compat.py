@@ -464,3 +464,84 @@ def test_register_to_config_and_config_attributes(name, tmp_path):
         _ = sched.does_not_exist
     with pytest.raises(ValueError, match="beta_schedule"):
         sched.register_to_config(beta_schedule="nope")
+
+
+def test_missing_variant_error_starts_as_diffusers(tiny_sd_dir):
+    """Diffusers' pipeline tests (and users) match the first sentence of the missing-variant error."""
+    with pytest.raises(ValueError, match=r"You are trying to load the model files of the `variant=fp16`"):
+        rapiddiff.StableDiffusionPipeline.from_pretrained(tiny_sd_dir, variant="fp16")
+
+
+def test_model_loading_and_processor_errors_say_what_diffusers_says(tmp_path):
+    """The first words Diffusers' model tests match: a missing weight file, a processor dict of the wrong size."""
+    ref = tiny_sd_components()["unet"]
+    ref.save_pretrained(tmp_path, variant="fp16")
+    with pytest.raises(OSError, match="Error no file named diffusion_pytorch_model.bin found in directory"):
+        rapiddiff.UNet2DConditionModel.from_pretrained(tmp_path)
+    unet = rapiddiff.UNet2DConditionModel.from_pretrained(tmp_path, variant="fp16")
+    first = next(iter(unet.attn_processors))
+    with pytest.raises(ValueError, match=r"the number of processors \(1\) does not match"):
+        unet.set_attn_processor({first: rapiddiff.AttnProcessor()})
+
+
+@pytest.mark.parametrize("skip_prk_steps", [False, True])
+def test_pndm_step_prk_and_step_plms_as_diffusers(skip_prk_steps):
+    """Diffusers' public PNDM methods, as custom loops call them: step_prk over prk_timesteps, step_plms over
+    plms_timesteps (with the Runge-Kutta warm-up or without)."""
+    config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", skip_prk_steps=skip_prk_steps)
+    ref, ours = diffusers.PNDMScheduler(**config), rapiddiff.PNDMScheduler(**config)
+    samples = []
+    for scheduler in (ref, ours):
+        scheduler.set_timesteps(10)
+        sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        for t in scheduler.prk_timesteps:
+            sample = scheduler.step_prk(0.1 * sample + 0.01 * int(t), int(t), sample).prev_sample
+        for t in scheduler.plms_timesteps:
+            sample = scheduler.step_plms(0.1 * sample + 0.01 * int(t), int(t), sample).prev_sample
+        samples.append(sample)
+    assert_close_rel(samples[1], samples[0], 1e-5, "PNDM step_prk / step_plms loop")
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "LCMScheduler", "TCDScheduler"])
+def test_previous_timestep_as_diffusers(name):
+    ref, ours = getattr(diffusers, name)(), getattr(rapiddiff, name)()
+    assert int(ours.previous_timestep(500)) == int(ref.previous_timestep(500)) == 499  # before set_timesteps
+    for scheduler in (ref, ours):
+        scheduler.set_timesteps(4)
+    for t in ref.timesteps.tolist():
+        assert int(ours.previous_timestep(t)) == int(ref.previous_timestep(t))
+
+
+def test_scheduler_signatures_name_their_config_keys():
+    """Constructors show their config keys as Diffusers' do (inspect.signature, IDEs); no **kwargs to hide them."""
+    import inspect
+
+    for name in ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        params = inspect.signature(getattr(rapiddiff, name).__init__).parameters
+        theirs = inspect.signature(getattr(diffusers, name).__init__).parameters
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+        assert set(params) - {"self", "config"} <= set(theirs), name
+        assert params["num_train_timesteps"].default == theirs["num_train_timesteps"].default
+        assert getattr(rapiddiff, name)._deprecated_kwargs == []
+
+
+@pytest.mark.parametrize("name", ["UNet2DConditionModel", "ControlNetModel", "AutoencoderKL"])
+def test_same_seed_same_random_weights_as_diffusers(name):
+    """Models are built in Diffusers' order: torch.manual_seed(s) then Model(**config) gives Diffusers' weights (user
+    test suites hard-code output slices of such tiny models)."""
+    configs = {
+        "UNet2DConditionModel": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32,
+                                     time_cond_proj_dim=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32),
+        "ControlNetModel": dict(block_out_channels=(8, 16), layers_per_block=2, cross_attention_dim=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=4,
+                                conditioning_embedding_out_channels=(16, 32)),
+        "AutoencoderKL": dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4),
+    }  # fmt: skip
+    states = []
+    for library in (diffusers, rapiddiff):
+        torch.manual_seed(0)
+        states.append(getattr(library, name)(**configs[name]).state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -231,3 +231,6 @@ def test_images_outside_the_value_range_are_refused(make):
         processor.preprocess(make((x + 5) * 25.5))
     edge = (x / 5 * 1.005).clamp(-1.005, 1.005)  # rounding slack of a previous stage's [-1, 1] sample
     assert processor.preprocess(make(edge)).shape == (1, 3, 16, 16)
+    # a processor that does not normalise (ControlNet's conditioning images) takes any range, as in Diffusers
+    control = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    assert torch.equal(control.preprocess(make(x)), x)

@@ -14,16 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.ip_adapter import IPAdapterAttnProcessor2_0
 from .models.lora_layers import LoRALayerMixin
 
 logger = logging.getLogger("rapiddiff.compile")  # one logger for everything compile_pipeline sets up
 
 
 def default_freezes(module: nn.Module) -> bool:
-    """freezing=None: on for CPU weights, off for a module holding LoRA layers (whose scales and adapters change
-    between calls: frozen, each change would compile anew; unfrozen, the graph reads them as inputs)."""
+    """freezing=None: on for CPU weights, off for a module holding LoRA layers or IP-Adapter processors (whose scales
+    and adapters change between calls: frozen, each change would compile anew; unfrozen, the graph reads them as
+    inputs)."""
     on_cpu = next(module.parameters()).device.type == "cpu"
-    return on_cpu and not any(isinstance(m, LoRALayerMixin) for m in module.modules())
+    return on_cpu and not any(isinstance(m, (LoRALayerMixin, IPAdapterAttnProcessor2_0)) for m in module.modules())
 
 
 def weights_fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:

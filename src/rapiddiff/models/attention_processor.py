@@ -279,8 +279,14 @@ class Attention(nn.Module):
                 f"use {type(want[1]).__name__} or {type(want[0]).__name__}"
             )
         params = _call_parameters(processor)
-        # Not a submodule: processors hold no weights (assigning via __dict__ keeps nn.Module bookkeeping out).
-        self.__dict__["processor"] = processor
+        # A processor with weights (an nn.Module: IP-Adapter's image key/value projections) is a submodule, so that
+        # `.to()` and `state_dict` see its weights, as in Diffusers; the plain ones live in __dict__.
+        self.__dict__.pop("processor", None)
+        self._modules.pop("processor", None)
+        if isinstance(processor, nn.Module):
+            self._modules["processor"] = processor
+        else:
+            self.__dict__["processor"] = processor
         self.__dict__["_processor_params"] = params
 
     def get_processor(self) -> Any:
@@ -330,8 +336,11 @@ class Attention(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        extra: Any = None,
     ) -> torch.Tensor:
-        """hidden_states (B, C, H, W) or (B, L, C); encoder_hidden_states (B, S, Ckv) -> same shape as hidden_states."""
+        """hidden_states (B, C, H, W) or (B, L, C); encoder_hidden_states (B, S, Ckv) -> same shape as hidden_states.
+
+        extra(q, out) -> out: more attention added to the heads' output (B, H, L, D) before `to_out` (IP-Adapter)."""
         residual = hidden_states
         x = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states  # (B, L, C)
         if self.group_norm is not None:
@@ -356,6 +365,8 @@ class Attention(nn.Module):
 
         mask = self.prepare_mask(attention_mask, x.shape[0], k.shape[2])
         out = kernel(self, q, k, v, mask)  # (B, H, L, D)
+        if extra is not None:
+            out = extra(q, out)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         out = self.to_out[0](out)
         if hidden_states.ndim == 4:

@@ -146,6 +146,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
         super().__init__()
+        first = _resnet(channels, channels, groups, act_fn)  # resnet, attention, resnet: Diffusers' order
         attention = Attention(
             channels,
             heads=1,
@@ -157,7 +158,7 @@ class MidBlock(nn.Module):
             residual_connection=True,
         )
         self.attentions = nn.ModuleList([attention] if add_attention else [])
-        self.resnets = nn.ModuleList([_resnet(channels, channels, groups, act_fn) for _ in range(2)])
+        self.resnets = nn.ModuleList([first, _resnet(channels, channels, groups, act_fn)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, None)
@@ -220,6 +221,8 @@ class AutoencoderKL(ModelMixin, FusedProjectionsMixin):
     """
 
     config_class = AutoencoderKLConfig
+    _supports_gradient_checkpointing = True
+    _checkpointed_blocks = (Encoder, Decoder, MidBlock)
     # Checkpoints from before Diffusers 0.14 name the mid-block attention projections like the original LDM code.
     _legacy_key_renames: ClassVar[dict[str, str]] = {
         ".query.": ".to_q.",

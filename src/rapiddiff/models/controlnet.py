@@ -188,14 +188,16 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
 
         # The UNet's encoder half, built by the UNet's own builders; one zero conv per skip it produces.
         levels = level_options(cfg, time_dim)
-        self.down_blocks = nn.ModuleList(
-            get_down_block(t, levels[i], ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, add_downsample=i < n - 1)
-            for i, t in enumerate(cfg.down_block_types)
-        )
-        skip_channels = [ch[0]]
-        for i, block in enumerate(self.down_blocks):
-            skip_channels += [ch[i]] * (len(block.resnets) + (block.downsamplers is not None))
-        self.controlnet_down_blocks = nn.ModuleList(zero_conv(c) for c in skip_channels)
+        # Built in Diffusers' order (each block, then its zero convs: the same random init for the same seed).
+        self.down_blocks = nn.ModuleList()
+        self.controlnet_down_blocks = nn.ModuleList([zero_conv(ch[0])])
+        for i, t in enumerate(cfg.down_block_types):
+            block = get_down_block(
+                t, levels[i], ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, add_downsample=i < n - 1
+            )
+            self.down_blocks.append(block)
+            skips = len(block.resnets) + (block.downsamplers is not None)
+            self.controlnet_down_blocks.extend(zero_conv(ch[i]) for _ in range(skips))
         self.controlnet_mid_block = zero_conv(ch[-1])
         # Registered after the zero convs, as in Diffusers: state_dict and attn_processors list in the same order.
         self.mid_block = get_mid_block(cfg.mid_block_type, levels[-1], ch[-1], cfg.mid_block_scale_factor)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -196,7 +196,10 @@ def find_weight_files(
             return [folder / s for s in shards]
     tried = ", ".join(_weights_filename(base, ext, variant) for ext in exts)
     present = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    raise FileNotFoundError(f"no weights in {folder}: looked for {tried}; the folder has {present}")
+    last = _weights_filename(base, exts[-1], variant)
+    raise FileNotFoundError(  # Diffusers' first sentence, which callers match
+        f"Error no file named {last} found in directory {folder}. Looked for {tried}; the folder has {present}"
+    )
 
 
 def load_state_dict_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -355,7 +358,10 @@ class ModelMixin(nn.Module, ConfigMixin):
     @property
     def dtype(self) -> torch.dtype:
         """The first floating-point parameter's dtype, else a floating-point buffer's, else any tensor's (as
-        Diffusers looks); float32 for a model that holds no tensors."""
+        Diffusers looks); float32 for a model that holds no tensors. With layerwise casting: the compute dtype."""
+        casting = self.__dict__.get("_layerwise_casting")
+        if casting is not None:
+            return casting.compute_dtype
         other = None
         for tensor in itertools.chain(self.parameters(), self.buffers()):
             if tensor.is_floating_point():
@@ -371,6 +377,45 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # --- gradient checkpointing (models/gradient_checkpointing.py) ---------------------------------------------------
+    _supports_gradient_checkpointing: ClassVar[bool] = False
+    _checkpointed_blocks: ClassVar[tuple[type[nn.Module], ...]] = ()  # the blocks that recompute in the backward
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable[..., Any] | None = None) -> None:
+        """Diffusers' method: blocks recompute their activations in the backward pass (training)."""
+        from .gradient_checkpointing import enable
+
+        enable(self, self._checkpointed_blocks, gradient_checkpointing_func)
+
+    def disable_gradient_checkpointing(self) -> None:
+        from .gradient_checkpointing import disable
+
+        disable(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from .gradient_checkpointing import enabled
+
+        return enabled(self)
+
+    # --- layerwise casting (models/layerwise_casting.py) -------------------------------------------------------------
+    _keep_in_fp32_modules: ClassVar[list[str] | None] = None
+    _skip_layerwise_casting_patterns: ClassVar[list[str] | None] = None
+
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[type[nn.Module], ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        """Diffusers' method: weights stored in `storage_dtype`, each layer computed in `compute_dtype` (default:
+        the model's dtype); norms and the model's `_skip_layerwise_casting_patterns` are not cast."""
+        from .layerwise_casting import enable
+
+        enable(self, storage_dtype, compute_dtype, skip_modules_pattern, skip_modules_classes, non_blocking)
 
     # --- attention processors -------------------------------------------------------------------------------------
     @property
@@ -390,8 +435,9 @@ class ModelMixin(nn.Module, ConfigMixin):
                 missing = sorted(set(layers) - set(processor))
                 extra = sorted(set(processor) - set(layers))
                 raise ValueError(
-                    f"set_attn_processor got a dict of {len(processor)} processors, but {type(self).__name__} has "
-                    f"{len(layers)} attention layers; missing {_short(missing)}, unknown {_short(extra)}"
+                    f"set_attn_processor got a dict of processors, but the number of processors ({len(processor)}) "
+                    f"does not match the number of attention layers of {type(self).__name__} ({len(layers)}); "
+                    f"missing {_short(missing)}, unknown {_short(extra)}"
                 )
             for key, module in layers.items():
                 module.set_processor(processor[key])

@@ -21,7 +21,10 @@ def conv1x1_on_tokens(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     forward_tokens = getattr(conv, "forward_tokens", None)
     if forward_tokens is not None:
         return forward_tokens(x)
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+    # `.to` is a no-op unless the weights are stored in another dtype (layerwise casting: this path skips the conv's
+    # forward and so its casting hooks).
+    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+    return F.linear(x, conv.weight.flatten(1).to(x.dtype), bias)
 
 
 class GEGLU(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
+from .custom_diffusion import CustomDiffusionModelMixin
 from .deep_cache import DeepCacheMixin, DeepCacheStep, cached_forward
 from .embeddings import (
     TextTimeEmbedding,
@@ -29,11 +30,15 @@ from .fused_projections import FusedProjectionsMixin
 from .lora_adapter import LoraModelMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS, activation
+from .transformer_2d import Transformer2DModel
 from .unet_blocks import (
     DOWN_BLOCK_TYPES,
     MID_BLOCK_TYPES,
     UP_BLOCK_TYPES,
     BlockOptions,
+    UNetDownBlock,
+    UNetMidBlock,
+    UNetUpBlock,
     get_down_block,
     get_mid_block,
     get_up_block,
@@ -242,11 +247,16 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin, DeepCacheMixin):
+class UNet2DConditionModel(
+    LoraModelMixin, CustomDiffusionModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin, DeepCacheMixin
+):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
     config_class = UNet2DConditionConfig
     config: UNet2DConditionConfig
+    _skip_layerwise_casting_patterns = ["norm"]  # as Diffusers'
+    _supports_gradient_checkpointing = True
+    _checkpointed_blocks = (UNetDownBlock, UNetUpBlock, UNetMidBlock, Transformer2DModel)
 
     def __init__(self, config: UNet2DConditionConfig | dict[str, Any] | None = None, **kwargs: Any):
         super().__init__()
@@ -293,13 +303,17 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             for i, block_type in enumerate(cfg.down_block_types)
         )
 
-        up_blocks = []
+        # Built down, mid, up (Diffusers' random-init order) but registered down, up, mid (Diffusers' state-dict and
+        # attn_processors order).
+        self.up_blocks = nn.ModuleList()
+        mid = dataclasses.replace(levels[-1], only_cross_attention=mid_only_cross_attention(cfg))
+        self.mid_block = get_mid_block(cfg.mid_block_type, mid, ch[-1], cfg.mid_block_scale_factor)
         for i, block_type in enumerate(cfg.up_block_types):
             j = n - 1 - i  # the down level this up block mirrors
             # Diffusers' quirk, kept for weight compatibility: up blocks take every per-block option reversed except
             # attention_head_dim, which is indexed in down order.
             opts = dataclasses.replace(levels[j], head_dim=levels[i].head_dim)
-            up_blocks.append(
+            self.up_blocks.append(
                 get_up_block(
                     block_type,
                     opts,
@@ -310,13 +324,9 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
                     add_upsample=i < n - 1,
                 )
             )
-        self.up_blocks = nn.ModuleList(up_blocks)
         for i, block in enumerate(self.up_blocks):
             block.resolution_idx = i
         self.num_upsamplers = n - 1
-        # Registered after the up blocks, as in Diffusers: state_dict and attn_processors list in the same order.
-        mid = dataclasses.replace(levels[-1], only_cross_attention=mid_only_cross_attention(cfg))
-        self.mid_block = get_mid_block(cfg.mid_block_type, mid, ch[-1], cfg.mid_block_scale_factor)
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
@@ -336,6 +346,14 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
     def disable_freeu(self) -> None:
         for block in self.up_blocks:
             block.s1 = block.s2 = block.b1 = block.b2 = None
+
+    # --- IP-Adapter (Diffusers' model-level entry point; reading and placing the weights is the loaders' work) -------
+    def _load_ip_adapter_weights(self, state_dicts: Any, low_cpu_mem_usage: bool = True) -> None:
+        """Diffusers' method: IP-Adapter state dicts ({"image_proj": ..., "ip_adapter": ...}, one or a list) into
+        this UNet, replacing those loaded before. `low_cpu_mem_usage` has no effect (weights are never initialised)."""
+        from ..loaders.ip_adapter import load_ip_adapter_weights
+
+        load_ip_adapter_weights(self, state_dicts)
 
     # --- conditioning -----------------------------------------------------------------------------------------------
     def embed_conditions(
@@ -386,11 +404,13 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         (one per skip) and mid_block_additional_residual: ControlNet outputs, added to the skips and the mid output.
         timestep_cond: (B, time_cond_proj_dim), for an LCM-distilled UNet (time_cond_proj_dim set): the guidance-scale
         embedding (`guidance_scale_embedding`), added to the time features. added_cond_kwargs: for SDXL UNets
-        (`addition_embed_type="text_time"`) {"text_embeds": (B, pooled width), "time_ids": (B, N)}, else None.
-        Argument order as Diffusers; down_intrablock_additional_residuals (T2I-Adapter) must be None.
+        (`addition_embed_type="text_time"`) {"text_embeds": (B, pooled width), "time_ids": (B, N)}; while IP-Adapters
+        are loaded also (and then required) "image_embeds": [one tensor per adapter]; else None. Argument order as
+        Diffusers; down_intrablock_additional_residuals (T2I-Adapter) must be None.
         deep_cache: one step of a DeepCache loop (models/deep_cache.py); the call then returns the tuple
         (sample, cached feature) whatever `return_dict`.
         """
+        image_embeds, added_cond_kwargs = self._image_embeds(added_cond_kwargs)
         self._check_inputs(
             sample,
             encoder_hidden_states,
@@ -416,8 +436,10 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         emb = self.embed_conditions(
             sample, timestep, class_labels, encoder_hidden_states, timestep_cond, added_cond_kwargs
         )
-        if self.encoder_hid_proj is not None:
+        if self.config.encoder_hid_dim_type == "text_proj":
             attn_kwargs["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
+        elif self.config.encoder_hid_dim_type == "ip_image_proj":  # IP-Adapter: image tokens beside the text
+            attn_kwargs["encoder_hidden_states"] = (encoder_hidden_states, self.encoder_hid_proj(image_embeds))
         if deep_cache is not None:
             return cached_forward(
                 self,
@@ -449,6 +471,19 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
 
         out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _image_embeds(self, added_cond_kwargs: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
+        """IP-Adapter's image embeddings out of added_cond_kwargs (required while IP-Adapters are loaded), and what
+        else it holds (None when nothing)."""
+        added = dict(added_cond_kwargs or {})
+        if self.config.encoder_hid_dim_type != "ip_image_proj":
+            return None, added or None
+        if "image_embeds" not in added:
+            raise ValueError(
+                'IP-Adapter weights are loaded (encoder_hid_dim_type="ip_image_proj"): pass the image embeddings as '
+                'added_cond_kwargs={"image_embeds": [one tensor per adapter]}'
+            )
+        return added.pop("image_embeds"), added or None
 
     def _check_inputs(
         self,

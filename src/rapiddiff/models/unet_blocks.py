@@ -142,8 +142,11 @@ def get_down_block(
 ) -> UNetDownBlock:
     attention, resampler = _lookup(DOWN_BLOCK_TYPES, block_type, "down block type")
     res = _resnet_options(resampler, o)
-    resnets = [make_resnet(o, in_channels if i == 0 else out_channels, out_channels, **res) for i in range(num_layers)]
-    attentions = [make_attention(attention, o, out_channels) for _ in range(num_layers)] if attention else None
+    resnets, attentions = [], [] if attention else None
+    for i in range(num_layers):  # resnet, attention, resnet...: Diffusers' construction (random-init) order
+        resnets.append(make_resnet(o, in_channels if i == 0 else out_channels, out_channels, **res))
+        if attention:
+            attentions.append(make_attention(attention, o, out_channels))
     if not add_downsample:
         downsampler = None
     elif resampler == "resnet":
@@ -165,16 +168,12 @@ def get_up_block(
     """`in_channels`: the skip width of the level below (taken by the last resnet); `prev_output_channel`: input."""
     attention, resampler = _lookup(UP_BLOCK_TYPES, block_type, "up block type")
     res = _resnet_options(resampler, o)
-    resnets = [
-        make_resnet(
-            o,
-            (prev_output_channel if i == 0 else out_channels) + (in_channels if i == num_layers - 1 else out_channels),
-            out_channels,
-            **res,
-        )
-        for i in range(num_layers)
-    ]
-    attentions = [make_attention(attention, o, out_channels) for _ in range(num_layers)] if attention else None
+    resnets, attentions = [], [] if attention else None
+    for i in range(num_layers):  # Diffusers' construction order, as in get_down_block
+        skip = in_channels if i == num_layers - 1 else out_channels
+        resnets.append(make_resnet(o, (prev_output_channel if i == 0 else out_channels) + skip, out_channels, **res))
+        if attention:
+            attentions.append(make_attention(attention, o, out_channels))
     if not add_upsample:
         upsampler = None
     elif resampler == "resnet":
@@ -195,8 +194,10 @@ def get_mid_block(
     res = dict(output_scale_factor=output_scale_factor, skip_time_act=o.skip_time_act and attention == "added_kv")
     if attention == "transformer":
         o = dataclasses.replace(o, only_cross_attention=False)
-    resnets = [make_resnet(o, channels, channels, **res) for _ in range(2 if attention else 1)]
+    resnets = [make_resnet(o, channels, channels, **res)]  # resnet, attention, resnet: Diffusers' order
     attentions = [make_attention(attention, o, channels)] if attention else None
+    if attention:
+        resnets.append(make_resnet(o, channels, channels, **res))
     return UNetMidBlock(block_type, resnets, attentions)
 
 

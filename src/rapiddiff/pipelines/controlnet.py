@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..loaders.ip_adapter import IPAdapterMixin
 from ..models.controlnet import ControlNetModel, MultiControlNetModel
 from .call_signature import pipeline_call, pipeline_init
 from .checks import check_finite, check_number, check_unet_in_channels, required
@@ -58,7 +59,7 @@ class ControlNetArgs(CallArgs):
             raise TypeError(f"guess_mode must be a bool, got {self.guess_mode!r}")
 
 
-class StableDiffusionControlNetPipeline(StableDiffusionBase):
+class StableDiffusionControlNetPipeline(IPAdapterMixin, StableDiffusionBase):
     """Stable Diffusion with one ControlNet, or several (a list, or a MultiControlNetModel: residuals summed)."""
 
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "image")

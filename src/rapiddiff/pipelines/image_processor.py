@@ -261,7 +261,8 @@ class VaeImageProcessor:
                 if batch.shape[1] == self.config.vae_latent_channels:
                     return batch
                 self._check_tensor_channels(batch)
-            check_image_range(batch)
+            if self.config.do_normalize:  # pixels on their way to a VAE / UNet; not ControlNet's conditioning inputs
+                check_image_range(batch)
             if self.config.do_resize:
                 batch = self.resize(batch, *self.get_default_height_width(batch, height, width))
 
@@ -465,7 +466,9 @@ RANGE_TOLERANCE = 1e-2
 def check_image_range(batch: torch.Tensor) -> None:
     """An image tensor or array must hold values in [0, 1] (or [-1, 1]: taken as normalised already). Values beyond
     (0-255 pixel values, unnormalised features) would reach the VAE as they are: a ValueError names the range found.
-    Diffusers takes them silently. Non-finite values are left to the finiteness check, which names them."""
+    Diffusers takes them silently. Non-finite values are left to the finiteness check, which names them. Only for
+    processors that normalise: a ControlNet conditioning image (`do_normalize=False`) is a model input of any range,
+    taken as given as in Diffusers."""
     if not batch.is_floating_point() or batch.numel() == 0:
         return
     low, high = float(batch.min()), float(batch.max())

@@ -132,7 +132,10 @@ def _check_variant_present(root: Path, names: list[str], variant: str | None, so
         return
     weighted = [n for n in names if (root / n).is_dir() and any(_is_weight(p.name) for p in (root / n).iterdir())]
     if weighted and not any(_folder_has_variant(root / n, variant) for n in weighted):
-        raise ValueError(f"{source}: none of the components {weighted} has weight files of variant={variant!r}")
+        raise ValueError(  # Diffusers' first sentence, which callers match
+            f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+            f"available. {source}: none of the components {weighted} has weight files of variant={variant!r}"
+        )
 
 
 def _load_component(

@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..loaders.ip_adapter import IPAdapterMixin
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..models import lora_layers
@@ -101,6 +102,8 @@ class StableDiffusionBase(
         super().check_inputs(args)
         check_clip_skip(args.clip_skip, self.text_encoder)
         check_cross_attention_kwargs(args.cross_attention_kwargs)
+        if uses_ip_adapter(args):
+            self.ip_adapter_projections()  # loaded, else a ValueError (IPAdapterMixin)
 
     def call_scope(self, state: CallState) -> contextlib.AbstractContextManager[None]:
         """The call's LoRA scale on the UNet's adapters (a buffer update: no recompile), back to 1.0 when the call
@@ -165,7 +168,16 @@ class StableDiffusionBase(
         )
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        conditioning = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        if uses_ip_adapter(args):  # one tensor per adapter, batched as prompt_embeds
+            conditioning[IP_ADAPTER_EMBEDS] = self.prepare_ip_adapter_image_embeds(
+                args.ip_adapter_image,
+                args.ip_adapter_image_embeds,
+                device,
+                args.batch_size,
+                self.do_classifier_free_guidance,
+            )
+        return conditioning
 
     # --- LCM-distilled UNets (time_cond_proj_dim): the guidance scale is an input, not a second UNet pass ------------
     @property
@@ -191,13 +203,20 @@ class StableDiffusionBase(
 
     def model_extras(self, state: CallState, conditioning: Conditioning) -> dict[str, Any]:
         """An LCM-distilled UNet also gets `timestep_cond`: the embedding of guidance_scale - 1 (the call's value at
-        the start, as Diffusers computes it once), one row per image."""
+        the start, as Diffusers computes it once), one row per image. With IP-Adapter images, the UNet gets their
+        embeddings (`added_cond_kwargs`) and the call's `ip_adapter_masks`."""
+        extras: dict[str, Any] = {}
+        if IP_ADAPTER_EMBEDS in conditioning:
+            extras["added_cond_kwargs"] = {"image_embeds": conditioning[IP_ADAPTER_EMBEDS]}
+            masks = (state.cross_attention_kwargs or {}).get("ip_adapter_masks")
+            if masks is not None:
+                extras["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
         if not self.lcm_distilled:
-            return {}
+            return extras
         embeds = conditioning["prompt_embeds"]
         w = torch.tensor(state.guidance_scale - 1).repeat(embeds.shape[0])
         cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
-        return {"timestep_cond": cond.to(device=embeds.device, dtype=embeds.dtype)}
+        return {**extras, "timestep_cond": cond.to(device=embeds.device, dtype=embeds.dtype)}
 
     def latent_shape(self, batch_size: int, num_channels_latents: int, height: int, width: int) -> tuple[int, ...]:
         return (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -266,14 +285,24 @@ class StableDiffusionBase(
         return StableDiffusionPipelineOutput(image, nsfw) if args.return_dict else (image, nsfw)
 
 
+# The call's IP-Adapter image embeddings in its conditioning (one tensor per adapter; not a callback tensor).
+IP_ADAPTER_EMBEDS = "ip_adapter_image_embeds"
+
+
+def uses_ip_adapter(args: CallArgs) -> bool:
+    return args.ip_adapter_image is not None or args.ip_adapter_image_embeds is not None
+
+
 def check_cross_attention_kwargs(cross_attention_kwargs: Any) -> None:
-    """Only the LoRA scale is supported: {"scale": number} or None."""
+    """Supported: the LoRA scale, {"scale": number}, and IP-Adapter's {"ip_adapter_masks": [...]} (checked by the
+    IP-Adapter layers), or None."""
     if cross_attention_kwargs is None:
         return
-    if not isinstance(cross_attention_kwargs, dict) or set(cross_attention_kwargs) - {"scale"}:
+    if not isinstance(cross_attention_kwargs, dict) or set(cross_attention_kwargs) - {"scale", "ip_adapter_masks"}:
         raise ValueError(
             f"cross_attention_kwargs={cross_attention_kwargs!r}: rapiddiff supports only the LoRA scale, "
-            '{"scale": number}, or None (no custom attention-processor arguments)'
+            '{"scale": number}, and IP-Adapter masks, {"ip_adapter_masks": [...]}, or None (no custom '
+            "attention-processor arguments)"
         )
     if "scale" in cross_attention_kwargs:
         check_number('cross_attention_kwargs["scale"]', cross_attention_kwargs["scale"])
@@ -309,7 +338,7 @@ def fix_legacy_scheduler(scheduler: Scheduler | None, keys: Sequence[str]) -> No
     scheduler.config = config.replace(**own).with_extras(hidden, config.defaulted)
 
 
-class StableDiffusionPipeline(StableDiffusionBase):
+class StableDiffusionPipeline(IPAdapterMixin, StableDiffusionBase):
     """Text-to-image with Stable Diffusion 1.x/2.x: Diffusers' `StableDiffusionPipeline`."""
 
     _legacy_scheduler_fixes = ("steps_offset", "clip_sample")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..loaders.ip_adapter import IPAdapterMixin
 from ..utils.torch_utils import randn_tensor
 from .call_signature import pipeline_call
 from .checks import batch_repeats, check_finite, check_number, check_unet_in_channels, required
@@ -74,7 +75,7 @@ class InpaintArgs(Img2ImgArgs):
         check_finite("masked_image_latents", self.masked_image_latents)
 
 
-class ImageToImageBase(StableDiffusionBase):
+class ImageToImageBase(IPAdapterMixin, StableDiffusionBase):
     """What img2img and inpainting share: the call runs the last `strength` share of the schedule."""
 
     def encode_image_latents(

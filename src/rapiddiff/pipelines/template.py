@@ -30,6 +30,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 
+from ..loaders.ip_adapter import check_ip_adapter_args
 from ..models import lora_layers
 from ..utils import concurrency
 from . import call_state
@@ -157,8 +158,8 @@ class CallArgs:
     clip_skip: int | None = None
     callback_on_step_end: StepEndCallback | None = None
     callback_on_step_end_tensor_inputs: Sequence[str] = dataclasses.field(default_factory=lambda: ["latents"])
-    ip_adapter_image: Any = None  # not supported: must be None
-    ip_adapter_image_embeds: list[torch.Tensor] | None = None  # not supported: must be None
+    ip_adapter_image: Any = None
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None
     # The SD pipelines take these through `**kwargs` (Diffusers' deprecated arguments, None when not given); no other
     # keyword is accepted.
     keyword_only_extras: ClassVar[tuple[str, ...]] = ("callback", "callback_steps")
@@ -200,9 +201,7 @@ class CallArgs:
         check_number("eta", self.eta, 0.0)
         check_generator(self.generator, self.batch_size)
         step_callback(self.callback, self.callback_steps)  # validates both
-        for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name} is not supported by rapiddiff (no IP-Adapter); pass None")
+        check_ip_adapter_args(self.ip_adapter_image, self.ip_adapter_image_embeds)
         for name in ("prompt_embeds", "negative_prompt_embeds", "latents"):
             check_finite(name, getattr(self, name))
 

@@ -87,6 +87,25 @@ class PNDMScheduler(SchedulerMixin):
         self._step_index = i + 1
         return self._output(prev_sample, None, return_dict)
 
+    def step_prk(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        """Diffusers' method: the next Runge-Kutta evaluation (of the 12 warm-up steps) at `timestep`, whatever the
+        schedule says; custom loops call it for `prk_timesteps`, then `step_plms` for `plms_timesteps`."""
+        self._require_schedule()
+        prev_sample = self._step_prk(model_output, int(timestep), sample)
+        self.counter += 1
+        return self._output(prev_sample, None, return_dict)
+
+    def step_plms(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
+        """Diffusers' method: a linear multistep at `timestep` from the stored outputs (`ets`), whatever the schedule
+        says; with skip_prk_steps=False the Runge-Kutta steps must have stored three outputs first."""
+        self._require_schedule()
+        i = self._step_index or 0
+        return self._run_plan(model_output, sample, self._plms_plan(i, int(timestep), sample), return_dict)
+
     def _in_prk_steps(self) -> bool:
         return self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps
 
@@ -122,6 +141,9 @@ class PNDMScheduler(SchedulerMixin):
                 "PNDMScheduler(skip_prk_steps=False): its Runge-Kutta warm-up steps keep Python state a compiled "
                 "step cannot take; use skip_prk_steps=True (Stable Diffusion's setting)"
             )
+        return self._plms_plan(i, t, sample)
+
+    def _plms_plan(self, i: int, t: int, sample: torch.Tensor) -> StepPlan[PLMSCoeffs]:
         if not self.config.skip_prk_steps and len(self.ets) < 3:
             raise ValueError("PNDMScheduler: PLMS steps need the 12 Runge-Kutta steps first (skip_prk_steps=False)")
         step = self.config.num_train_timesteps // self.num_inference_steps

@@ -27,13 +27,14 @@ one class per scheduler, read by name), the model-input scale, the noise drawn w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
 import operator
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -61,6 +62,29 @@ S = TypeVar("S", bound="SchedulerMixin")
 
 
 # --- base ----------------------------------------------------------------------------------------------------------
+def with_config_signature(init: Callable[..., None], config_class: type[SchedulerConfig]) -> Callable[..., None]:
+    """`init` (which takes the config as keywords) with a signature naming each config key and its default, as
+    Diffusers' constructors have: `inspect.signature`, IDEs and tools that read it see the real arguments (an unknown
+    key is still refused by the config's parsing)."""
+
+    @functools.wraps(init)
+    def __init__(self: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        init(self, config, **kwargs)
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params.append(inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+    for field in dataclasses.fields(config_class):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return __init__
+
+
 class SchedulerMixin(ConfigMixin):
     """Base of every rapiddiff scheduler (see the module docstring for the rules a step follows)."""
 
@@ -77,6 +101,15 @@ class SchedulerMixin(ConfigMixin):
     output_class: ClassVar[type[BaseOutput]] = SchedulerOutput
     # Names of the schedulers this one can be swapped for, as Diffusers lists them (see `compatibles`).
     _compatibles: ClassVar[tuple[str, ...]] = KARRAS_SCHEDULERS
+
+    # Diffusers' list of constructor arguments kept only for old configs: rapiddiff's constructors document exactly
+    # their config keys (`__init_subclass__`), so none.
+    _deprecated_kwargs: ClassVar[list[str]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            cls.__init__ = with_config_signature(cls.__init__, cls.config_class)  # type: ignore[method-assign]
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config = self._parse_config(config, kwargs, source=type(self).__name__)
@@ -330,6 +363,18 @@ class SchedulerMixin(ConfigMixin):
     def _require_schedule(self) -> None:
         if self.num_inference_steps is None and not self._steps_without_set_timesteps:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> torch.Tensor:
+        """Diffusers' method (DDPM, LCM, TCD): the timestep after `timestep` in the schedule (-1 after the last one);
+        before `set_timesteps`, timestep - 1."""
+        if self.num_inference_steps is None:
+            return torch.as_tensor(timestep) - 1
+        schedule = self.timesteps.cpu()
+        hits = (schedule == torch.as_tensor(timestep).cpu()).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"previous_timestep: {timestep} is not one of the scheduler's timesteps")
+        index = int(hits[0, 0])
+        return schedule[index + 1] if index + 1 < len(schedule) else torch.tensor(-1)
 
     # --- shared math --------------------------------------------------------------------------------------------
     def _alpha_prod(self, t: int) -> torch.Tensor:
