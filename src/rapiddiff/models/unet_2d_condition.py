@@ -347,11 +347,11 @@ class UNet2DConditionModel(
         for block in self.up_blocks:
             block.s1 = block.s2 = block.b1 = block.b2 = None
 
-    # --- IP-Adapter (Diffusers' model-level entry point; reading and placing the weights is the loaders' work) -------
+    # --- IP-Adapter (Diffusers' model-level entry point; ip_adapter_weights reads and places them) -------
     def _load_ip_adapter_weights(self, state_dicts: Any, low_cpu_mem_usage: bool = True) -> None:
         """Diffusers' method: IP-Adapter state dicts ({"image_proj": ..., "ip_adapter": ...}, one or a list) into
         this UNet, replacing those loaded before. `low_cpu_mem_usage` has no effect (weights are never initialised)."""
-        from ..loaders.ip_adapter import load_ip_adapter_weights
+        from .ip_adapter_weights import load_ip_adapter_weights
 
         load_ip_adapter_weights(self, state_dicts)
 
