@@ -62,6 +62,10 @@ EXPORTS = {
     "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
     # torch.compile recipe
     "compile_pipeline": "compile",
+    # lower precision
+    "TorchAoConfig": "quantization.config",
+    "PipelineQuantizationConfig": "quantization.config",
+    "quantize_pipeline": "quantization.static",
 }
 
 

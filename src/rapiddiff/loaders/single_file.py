@@ -21,6 +21,8 @@ import torch
 from ..configuration import read_json
 from ..exports import exported_class
 from ..models.modeling_utils import load_state_dict_file, resolve_dtype_arg
+from ..quantization.config import pipeline_quantization
+from ..quantization.torchao_quant import check_quantization_config, quantize_loaded
 from ..presets import PRESETS_DIR
 from .single_file_keys import (
     CLIP_PREFIX,
@@ -204,11 +206,15 @@ def pipeline_from_single_file(
     torch_dtype: Any = None,
     dtype: Any = None,
     prediction_type: str | None = None,
+    quantization_config: Any = None,
     **kwargs: Any,
 ) -> Any:
     """`Pipeline.from_single_file`: the converted UNet, VAE and text encoder, the other components from the config
-    folder; keyword arguments named after components replace them (those given are not read from the file)."""
-    load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{pipeline_cls.__name__}.from_single_file")
+    folder; keyword arguments named after components replace them (those given are not read from the file).
+    `quantization_config`: a PipelineQuantizationConfig, as in from_pretrained."""
+    where = f"{pipeline_cls.__name__}.from_single_file"
+    quantization = pipeline_quantization(quantization_config, where)
+    load_dtype = resolve_dtype_arg(torch_dtype, dtype, where)
     components = set(pipeline_cls.component_names())
     if not {"unet", "vae", "text_encoder"} <= components:
         raise TypeError(
@@ -225,6 +231,11 @@ def pipeline_from_single_file(
     kwargs.pop("local_files_only", None)  # always offline
     given = tuple(k for k in kwargs if k in components)
     folder, models, kind, step = convert_components(path, config, load_dtype, skip=given)
+    if quantization is not None:
+        quantization.check_components(components, where)
+        for name, model in models.items():
+            quantize_loaded(model, quantization._resolve_quant_config(module_name=name), torch_dtype or dtype, where)
+        kwargs["quantization_config"] = quantization  # for the components read from the config folder
     if "scheduler" not in kwargs:
         kwargs["scheduler"] = _scheduler(folder, prediction_type_for(kind, prediction_type, step))
     if (
@@ -253,9 +264,13 @@ def controlnet_from_single_file(
     config: str | os.PathLike | None = None,
     torch_dtype: Any = None,
     dtype: Any = None,
+    quantization_config: Any = None,
 ) -> Any:
     """`ControlNetModel.from_single_file`: an original ControlNet file (`control_model.*` or bare keys)."""
-    load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_single_file")
+    where = f"{cls.__name__}.from_single_file"
+    if quantization_config is not None:
+        check_quantization_config(quantization_config, where)
+    load_dtype = resolve_dtype_arg(torch_dtype, dtype, where)
     state, source = read_checkpoint(path)["state"], str(path)
     prefix = CONTROLNET_PREFIX if any(k.startswith(CONTROLNET_PREFIX) for k in state) else ""
     if prefix + "input_hint_block.0.weight" not in state:
@@ -273,7 +288,8 @@ def controlnet_from_single_file(
         folder = PRESETS_DIR / PRESETS["controlnet-v1"]
     net_config = _model_config(folder, None)
     converted = _cast(to_diffusers(state, controlnet_rules(net_config, prefix), source, (prefix,)), load_dtype)
-    return load_model(cls, net_config, converted, f"{source} (ControlNet)")
+    model = load_model(cls, net_config, converted, f"{source} (ControlNet)")
+    return quantize_loaded(model, quantization_config, torch_dtype or dtype, where)
 
 
 def _scheduler(folder: Path, prediction_type: str | None) -> Any:

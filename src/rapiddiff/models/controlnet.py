@@ -218,13 +218,20 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         config: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
+        quantization_config: Any = None,
     ) -> ControlNetModel:
         """An original-layout ControlNet file (`control_model.*`, e.g. control_v11p_sd15_canny.pth), offline; the
-        config from `config=` (a local folder) or the SD 1.x ControlNet preset."""
+        config from `config=` (a local folder) or the SD 1.x ControlNet preset; `quantization_config=` a
+        `TorchAoConfig`, as in from_pretrained."""
         from ..loaders.single_file import controlnet_from_single_file
 
         return controlnet_from_single_file(
-            cls, pretrained_model_link_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype
+            cls,
+            pretrained_model_link_or_path,
+            config=config,
+            torch_dtype=torch_dtype,
+            dtype=dtype,
+            quantization_config=quantization_config,
         )
 
     def forward(

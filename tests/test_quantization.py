@@ -1,0 +1,256 @@
+"""Diffusers' quantization API with torchao: TorchAoConfig / PipelineQuantizationConfig against Diffusers 0.42.1 with
+the same configs (tiny random checkpoints, CPU), eager and compiled."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+import torch
+from conftest import assert_close_rel, assert_same_images, run_both
+
+torchao_quant = pytest.importorskip("torchao.quantization")
+import diffusers  # noqa: E402
+
+import rapiddiff  # noqa: E402
+from rapiddiff.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
+from rapiddiff.quantization.torchao_quant import is_torchao_quantized  # noqa: E402
+
+SD1 = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=2,
+    norm_num_groups=8,
+    use_linear_projection=True,  # proj_in / proj_out are linear layers too
+)
+# The quant types torchao runs on a CPU (float8 dynamic needs a CUDA GPU of compute capability >= 8.9, int4
+# weight-only the `mslk` kernels package).
+QUANT_TYPES = {
+    "int8-weight-only": lambda: torchao_quant.Int8WeightOnlyConfig(),
+    "int8-dynamic": lambda: torchao_quant.Int8DynamicActivationInt8WeightConfig(),
+    "float8-weight-only": lambda: torchao_quant.Float8WeightOnlyConfig(),
+    "fqn-table": lambda: torchao_quant.FqnToConfig(
+        {"re:.*attn1\\..*": torchao_quant.Int8WeightOnlyConfig(), "time_embedding.linear_1": None}
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.disable(logging.WARNING)  # Diffusers' dtype warnings
+    yield
+    logging.disable(logging.NOTSET)
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("quant") / "unet"
+    diffusers.UNet2DConditionModel(**SD1).save_pretrained(path)
+    return path
+
+
+def unet_inputs(dtype: torch.dtype = torch.float32) -> tuple:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g).to(dtype)
+    return x, torch.tensor(10.0), torch.randn(2, 7, 32, generator=g).to(dtype)
+
+
+def quantized_names(model: torch.nn.Module) -> set[str]:
+    base = sys.modules["torchao"].utils.TorchAOBaseTensor
+    return {n for n, p in model.named_parameters() if isinstance(p, base)}
+
+
+def load_both(path, quant_type, dtype=torch.float32, **config_kwargs):
+    ref = diffusers.UNet2DConditionModel.from_pretrained(
+        path, torch_dtype=dtype, quantization_config=diffusers.TorchAoConfig(quant_type(), **config_kwargs)
+    )
+    ours = UNet2DConditionModel.from_pretrained(
+        path, torch_dtype=dtype, quantization_config=rapiddiff.TorchAoConfig(quant_type(), **config_kwargs)
+    )
+    return ref, ours
+
+
+# --- configs: Diffusers' arguments and errors -----------------------------------------------------------------------
+def test_torchao_config_refuses_strings_as_diffusers():
+    for library in (diffusers, rapiddiff):
+        with pytest.raises(TypeError, match="quant_type must be an AOBaseConfig instance, got str"):
+            library.TorchAoConfig("int8wo")
+
+
+def test_torchao_config_round_trips_through_a_dict():
+    config = rapiddiff.TorchAoConfig(torchao_quant.Int8WeightOnlyConfig(), modules_to_not_convert=["conv_in"])
+    again = rapiddiff.TorchAoConfig.from_dict(config.to_dict())
+    assert (
+        again.to_dict()
+        == config.to_dict()
+        == {
+            **diffusers.TorchAoConfig(
+                torchao_quant.Int8WeightOnlyConfig(), modules_to_not_convert=["conv_in"]
+            ).to_dict()
+        }
+    )
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        rapiddiff.TorchAoConfig(torchao_quant.Int8WeightOnlyConfig(), group_size=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"quant_backend": "torchao"},
+        {"quant_backend": "foo", "quant_kwargs": {"a": 1}},
+        {"quant_backend": "torchao", "quant_mapping": {"unet": None}},
+    ],
+)
+def test_pipeline_config_errors_as_diffusers(kwargs):
+    with pytest.raises(ValueError) as ref:
+        diffusers.PipelineQuantizationConfig(**kwargs)
+    with pytest.raises(ValueError) as ours:
+        rapiddiff.PipelineQuantizationConfig(**kwargs)
+    assert str(ours.value).split("\n")[0].split(" (")[0].rstrip(".") == str(ref.value).split("\n")[0].rstrip(".")
+
+
+def test_pipeline_config_names_what_it_takes():
+    with pytest.raises(ValueError, match="module_name=unet could not be found.*rapiddiff.TorchAoConfig"):
+        rapiddiff.PipelineQuantizationConfig(
+            quant_mapping={"unet": diffusers.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())}
+        )
+    config = rapiddiff.PipelineQuantizationConfig(
+        quant_backend="torchao",
+        quant_kwargs={"quant_type": torchao_quant.Int8WeightOnlyConfig()},
+        components_to_quantize="unet",
+    )
+    assert isinstance(config._resolve_quant_config(module_name="unet"), rapiddiff.TorchAoConfig)
+    assert config._resolve_quant_config(module_name="vae") is None
+
+
+def test_missing_torchao_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.core.config", None)
+    with pytest.raises(ImportError, match=r"rapiddiff\[quant\]"):
+        rapiddiff.TorchAoConfig(object())
+
+
+# --- models: the same transform, the same outputs --------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(QUANT_TYPES))
+def test_unet_matches_diffusers(unet_dir, name):
+    ref, ours = load_both(unet_dir, QUANT_TYPES[name])
+    assert quantized_names(ours) == quantized_names(ref) != set()
+    x, t, e = unet_inputs()
+    with torch.no_grad():
+        assert_close_rel(ours(x, t, e).sample, ref(x, t, e).sample, what=name)
+
+
+def test_modules_to_not_convert_as_diffusers(unet_dir):
+    skip = ["attn1", "down_blocks.0.attentions.0.proj_in", "time_embedding"]
+    ref, ours = load_both(unet_dir, QUANT_TYPES["int8-dynamic"], modules_to_not_convert=skip)
+    names = quantized_names(ours)
+    assert names == quantized_names(ref)
+    assert not any("attn1." in n or "proj_in" in n and "down_blocks.0" in n or "time_embedding" in n for n in names)
+    x, t, e = unet_inputs()
+    with torch.no_grad():
+        assert_close_rel(ours(x, t, e).sample, ref(x, t, e).sample)
+
+
+def test_bfloat16_default_and_output(unet_dir):
+    """No dtype: bfloat16 (Diffusers' default for torchao); outputs within bfloat16's own library-to-library spread."""
+    ref = diffusers.UNet2DConditionModel.from_pretrained(
+        unet_dir, quantization_config=diffusers.TorchAoConfig(QUANT_TYPES["int8-weight-only"]())
+    )
+    ours = UNet2DConditionModel.from_pretrained(
+        unet_dir, quantization_config=rapiddiff.TorchAoConfig(QUANT_TYPES["int8-weight-only"]())
+    )
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    x, t, e = unet_inputs(torch.bfloat16)
+    with torch.no_grad():
+        assert_close_rel(ours(x, t, e).sample, ref(x, t, e).sample, rel=3e-2)
+
+
+def test_saving_a_quantized_model_is_refused_whole(unet_dir, tmp_path):
+    ours = UNet2DConditionModel.from_pretrained(
+        unet_dir, quantization_config=rapiddiff.TorchAoConfig(QUANT_TYPES["int8-weight-only"]())
+    )
+    with pytest.raises(NotImplementedError, match="save the float model and quantize when loading"):
+        ours.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_takes_only_a_torchao_config(unet_dir):
+    with pytest.raises(TypeError, match="quantization_config must be a rapiddiff.TorchAoConfig"):
+        UNet2DConditionModel.from_pretrained(unet_dir, quantization_config={"quant_type": "int8"})
+
+
+# --- pipelines ---------------------------------------------------------------------------------------------------
+def test_pipeline_quant_mapping_matches_diffusers(tiny_sd_dir):
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(
+        tiny_sd_dir,
+        torch_dtype=torch.float32,
+        quantization_config=diffusers.PipelineQuantizationConfig(
+            quant_mapping={"unet": diffusers.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())}
+        ),
+    )
+    ours = rapiddiff.DiffusionPipeline.from_pretrained(
+        tiny_sd_dir,
+        torch_dtype=torch.float32,
+        quantization_config=rapiddiff.PipelineQuantizationConfig(
+            quant_mapping={"unet": rapiddiff.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())}
+        ),
+    )
+    assert quantized_names(ours.unet) == quantized_names(ref.unet) != set()
+    assert not is_torchao_quantized(ours.vae) and not is_torchao_quantized(ours.text_encoder)
+    assert_same_images(*run_both((ref, ours)))
+    with pytest.raises(NotImplementedError, match="torchao-quantized"):
+        ours.save_pretrained(tiny_sd_dir.parent / "quantized-copy")
+
+
+def test_pipeline_backend_quantizes_components_listed(tiny_sd_dir):
+    """quant_backend="torchao" (refused by Diffusers 0.42.1 next to transformers): one TorchAoConfig per listed
+    component, transformers ones included; unlisted components stay float32."""
+    pipe = rapiddiff.DiffusionPipeline.from_pretrained(
+        tiny_sd_dir,
+        quantization_config=rapiddiff.PipelineQuantizationConfig(
+            quant_backend="torchao",
+            quant_kwargs={"quant_type": torchao_quant.Int8WeightOnlyConfig()},
+            components_to_quantize=["unet", "text_encoder"],
+        ),
+    )
+    assert is_torchao_quantized(pipe.unet) and is_torchao_quantized(pipe.text_encoder)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
+    assert pipe("a cube", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match=r"names component\(s\) \['transformer'\]"):
+        rapiddiff.DiffusionPipeline.from_pretrained(
+            tiny_sd_dir,
+            quantization_config=rapiddiff.PipelineQuantizationConfig(
+                quant_mapping={"transformer": rapiddiff.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())}
+            ),
+        )
+    with pytest.raises(ValueError, match="must be an instance of `PipelineQuantizationConfig`"):
+        rapiddiff.DiffusionPipeline.from_pretrained(
+            tiny_sd_dir, quantization_config=rapiddiff.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())
+        )
+
+
+# --- compiled -------------------------------------------------------------------------------------------------------
+@pytest.mark.compile
+@pytest.mark.parametrize("name", ["int8-weight-only", "int8-dynamic"])
+def test_compiled_quantized_unet_matches_diffusers_without_recompiles(unet_dir, name):
+    """compile_pipeline (fullgraph, CPU freezing on) on a quantized UNet: Diffusers' eager output (within the fused
+    int8 kernels' rounding), torchao's inductor options, and no recompile across calls with new values."""
+    from rapiddiff.compile import quantized_module_options
+
+    ref, ours = load_both(unet_dir, QUANT_TYPES[name])
+    assert quantized_module_options(ours)["force_fuse_int_mm_with_mul"] is True
+    rapiddiff.compile_pipeline(types.SimpleNamespace(unet=ours), components=["unet"])
+    x, t, e = unet_inputs()
+    with torch.no_grad():
+        expected = ref(x, t, e).sample
+        assert_close_rel(ours(x, t, e).sample, expected, rel=1e-4 if name == "int8-weight-only" else 1e-2, what=name)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            ours(x + 1, torch.tensor(500.0), e * 2)
