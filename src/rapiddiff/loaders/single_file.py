@@ -21,9 +21,9 @@ import torch
 from ..configuration import read_json
 from ..exports import exported_class
 from ..models.modeling_utils import load_state_dict_file, resolve_dtype_arg
+from ..presets import PRESETS_DIR
 from ..quantization.config import pipeline_quantization
 from ..quantization.torchao_quant import check_quantization_config, quantize_loaded
-from ..presets import PRESETS_DIR
 from .single_file_keys import (
     CLIP_PREFIX,
     CONTROLNET_PREFIX,
