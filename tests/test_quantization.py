@@ -254,3 +254,56 @@ def test_compiled_quantized_unet_matches_diffusers_without_recompiles(unet_dir, 
         assert_close_rel(ours(x, t, e).sample, expected, rel=1e-4 if name == "int8-weight-only" else 1e-2, what=name)
         with torch._dynamo.config.patch(error_on_recompile=True):
             ours(x + 1, torch.tensor(500.0), e * 2)
+
+
+# --- int8 static (PT2E) ---------------------------------------------------------------------------------------------
+def test_quantize_pipeline_refuses_before_any_work(tiny_sd_dir, monkeypatch):
+    from rapiddiff.quantization import static
+    from rapiddiff.quantization.cpu import CpuPrecisions
+
+    pipe = rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir)
+    with pytest.raises(ValueError, match="mode='int4-static'; allowed: 'int8-static'"):
+        rapiddiff.quantize_pipeline(pipe, "int4-static", calibration_prompts=["a"], num_inference_steps=2)
+    with pytest.raises(ValueError, match="calibration_prompts must be a non-empty list"):
+        rapiddiff.quantize_pipeline(pipe, "int8-static", calibration_prompts="a cube", num_inference_steps=2)
+    with pytest.raises(TypeError, match="sets output_type= itself"):
+        rapiddiff.quantize_pipeline(
+            pipe, "int8-static", calibration_prompts=["a"], num_inference_steps=2, output_type="pil"
+        )
+    monkeypatch.setattr(static, "cpu_precisions", lambda: CpuPrecisions(bf16=False, int8=False, amx=False))
+    with pytest.raises(RuntimeError, match="needs a CPU with int8 dot-product instructions.*this CPU has: none"):
+        rapiddiff.quantize_pipeline(pipe, "int8-static", calibration_prompts=["a"], num_inference_steps=2)
+    bf16 = rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir, torch_dtype=torch.bfloat16)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="calibrates a float32 UNet, got torch.bfloat16"):
+        rapiddiff.quantize_pipeline(bf16, "int8-static", calibration_prompts=["a"], num_inference_steps=2)
+
+
+def test_cpu_precisions_reads_torch_probes(monkeypatch):
+    from rapiddiff.quantization.cpu import cpu_precisions
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    assert cpu_precisions() == (True, True, True)
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert cpu_precisions().describe() == "none"
+
+
+@pytest.mark.slow
+def test_quantize_pipeline_int8_static(tiny_sd_dir):
+    """Calibrated on the pipeline's own steps, compiled, close to the float images; shapes and compile guarded."""
+    pipe = rapiddiff.DiffusionPipeline.from_pretrained(tiny_sd_dir)
+    float_images = pipe("a cube", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    report = rapiddiff.quantize_pipeline(
+        pipe, "int8-static", calibration_prompts=["a cube", "a red ball"], num_inference_steps=3
+    )
+    assert report.calibration_calls == 8  # PNDM: 3 steps are 4 UNet calls
+    assert 0 < report.max_abs_diff < 0.2 and report.psnr_db > 25
+    again = pipe("a cube", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert 0 < abs(again.images - float_images.images).max() < 0.2
+    with pytest.raises(ValueError, match="calibrated and compiled for sample"):
+        pipe("a cube", num_inference_steps=2, height=16, width=16)
+    with pytest.raises(ValueError, match="runs the compiled int8 graph"):
+        rapiddiff.compile_pipeline(pipe)

@@ -103,6 +103,11 @@ def compile_pipeline(
     if whole_step:
         check_whole_step_compilable(pipe, DENOISERS)
     for name, module in _targets(pipe, components):
+        if getattr(getattr(module, "_compiled_call_impl", None), "quantized_static", False):
+            raise ValueError(
+                f"compile_pipeline: {name} runs the compiled int8 graph quantize_pipeline installed; compile the "
+                "other components by name (components=['vae.decoder'])"
+            )
         if memory_format is not None:
             module.to(memory_format=memory_format)
         # With whole_step the denoisers run inside the step's graph: compiling them alone too would only add guards.

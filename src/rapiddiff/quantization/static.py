@@ -121,6 +121,24 @@ def _output(sample: torch.Tensor) -> Any:
     return UNet2DConditionOutput(sample=sample)
 
 
+def int8_static_call(unet: nn.Module, inputs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Any:
+    """The int8 UNet call: `unet` exported at the inputs' shapes, annotated by `X86InductorQuantizer` (its default
+    config), observed on `inputs` (sample, float32 timestep, prompt embeddings), converted and compiled (fullgraph,
+    freezing). Set it as `unet._compiled_call_impl` to run it in place of the UNet."""
+    pt2e = import_torchao("torchao.quantization.pt2e.quantize_pt2e")
+    x86 = import_torchao("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    with torch.no_grad():
+        exported = torch.export.export(_UNetCore(unet).eval(), tuple(inputs[0])).module()
+        prepared = pt2e.prepare_pt2e(exported, quantizer)
+        for args in inputs:
+            prepared(*args)
+        converted = pt2e.convert_pt2e(prepared)
+    compiled = torch.compile(converted, fullgraph=True, options={"freezing": True})
+    return StaticInt8Call(compiled, (inputs[0][0].shape, inputs[0][2].shape))
+
+
 def check_static_supported(pipe: Any, mode: str) -> None:
     """The checks quantize_pipeline makes before any work: the mode, a float32 UNet on the CPU, a CPU with VNNI."""
     if mode not in MODES:
@@ -169,8 +187,7 @@ def quantize_pipeline(
     for taken in ("prompt", "output_type", "generator", "num_inference_steps"):
         if taken in call_kwargs:
             raise TypeError(f"quantize_pipeline sets {taken}= itself; got {taken}={call_kwargs[taken]!r}")
-    pt2e = import_torchao("torchao.quantization.pt2e.quantize_pt2e")
-    x86 = import_torchao("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+    import_torchao("torchao.quantization.pt2e.quantize_pt2e")  # before the float run: no torchao, no wait
 
     def run_all() -> np.ndarray:
         images = []
@@ -198,16 +215,7 @@ def quantize_pipeline(
     if len(shapes) != 1:
         raise ValueError(f"quantize_pipeline: the calibration calls used several UNet input shapes {sorted(shapes)}")
 
-    quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    with torch.no_grad():
-        exported = torch.export.export(_UNetCore(unet).eval(), inputs[0]).module()
-        prepared = pt2e.prepare_pt2e(exported, quantizer)
-        for args in inputs:
-            prepared(*args)
-        converted = pt2e.convert_pt2e(prepared)
-    compiled = torch.compile(converted, fullgraph=True, options={"freezing": True})
-    unet._compiled_call_impl = StaticInt8Call(compiled, next(iter(shapes)))
+    unet._compiled_call_impl = int8_static_call(unet, inputs)
     quantized = run_all()
     return QuantizationReport(
         mode=mode,
