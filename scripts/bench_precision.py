@@ -134,6 +134,26 @@ def build(name: str, inputs: tuple[torch.Tensor, ...], calib: int) -> Callable[[
     return lambda: compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
 
+def first_calls(
+    name: str, runs: dict[str, Callable[[], torch.Tensor]], inputs: tuple, reference: torch.Tensor, calib: int
+) -> dict[str, Any]:
+    """Build row `name` into `runs`, make its first two calls (the compile); its build and first-call seconds and
+    its output's deviation from the fp32 reference."""
+    before = graphs()
+    start = time.perf_counter()
+    with torch.inference_mode(ROWS[name][2] != "int8-static"):  # export traces outside inference mode
+        runs[name] = build(name, inputs, calib)
+    build_s = time.perf_counter() - start
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = runs[name]().float()
+        first_s = time.perf_counter() - start
+        runs[name]()
+    if graphs() == before:
+        raise RuntimeError(f"{name}: its first call compiled no graph (it would time another model's code)")
+    return {"build_s": build_s, "first_call_s": first_s, "seconds": [], **deviation(out, reference)}
+
+
 def graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -168,24 +188,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = reference_model(*inputs[:2], encoder_hidden_states=context, return_dict=False)[0]
         del reference_model
     runs, results = {}, {}
+    failed = {}
     for name in args.rows:
-        before = graphs()
-        start = time.perf_counter()
-        with torch.inference_mode(ROWS[name][2] != "int8-static"):  # export traces outside inference mode
-            runs[name] = build(name, inputs, args.calib)
-        build_s = time.perf_counter() - start
-        with torch.no_grad():
-            start = time.perf_counter()
-            out = runs[name]().float()
-            first_s = time.perf_counter() - start
-            runs[name]()
-        if graphs() == before:
-            raise RuntimeError(f"{name}: its first call compiled no graph (it would time another model's code)")
-        results[name] = {"build_s": build_s, "first_call_s": first_s, "seconds": [], **deviation(out, reference)}
-        print(f"{name}: built {build_s:.0f} s, first call {first_s:.0f} s, {results[name]}", flush=True)
+        try:
+            results[name] = first_calls(name, runs, inputs, reference, args.calib)
+        except Exception as e:  # a row that cannot run is reported, the others still measured
+            failed[name] = f"{type(e).__name__}: {e}"
+            runs.pop(name, None)
+            print(f"{name}: FAILED {failed[name]}", flush=True)
+            continue
+        print(f"{name}: {results[name]}", flush=True)
+    rows = list(results)
     with torch.no_grad():
         for r in range(args.rounds):
-            order = args.rows[r % len(args.rows) :] + args.rows[: r % len(args.rows)]
+            order = rows[r % len(rows) :] + rows[: r % len(rows)]
             for name in order:
                 start = time.perf_counter()
                 for _ in range(args.iters):
@@ -198,9 +214,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "latent": args.latent,
         "rows": results,
+        "failed": failed,
         STEP_CACHE_ROW: "not measured: the step cache is not in this branch",
     }
-    print(table(results, args))
+    print(table(results, args) + "".join(f"\n{name}: FAILED {why}" for name, why in failed.items()))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return summary
