@@ -80,3 +80,34 @@ def test_pipeline_runs_in_bfloat16_as_diffusers(case, tiny_sd_dir, tiny_upscaler
     ref_distance = np.abs(ref_bf16 - reference).max()
     our_distance = np.abs(ours_bf16 - reference).max()
     assert our_distance <= SLACK * ref_distance + SLACK_ABS, (case, our_distance, ref_distance)
+
+
+# --- the benchmark's bf16 column -------------------------------------------------------------------------------------
+def test_cpu_preset_has_a_bf16_column_where_the_cpu_has_bf16(monkeypatch):
+    from rapiddiff.bench import presets
+    from rapiddiff.quantization.cpu import CpuPrecisions
+
+    for native in (True, False):
+        monkeypatch.setattr(presets, "cpu_precisions", lambda n=native: CpuPrecisions(bf16=n, int8=n, amx=n))
+        assert ("compiled-bf16" in presets.resolve_preset("cpu", cuda_available=False).modes) is native
+        assert "compiled-bf16" not in presets.resolve_preset("gpu", cuda_available=True).modes
+
+
+@pytest.mark.parametrize("library", ["rapiddiff", "diffusers"])
+def test_compiled_bf16_mode_casts_compiles_and_undoes(library, monkeypatch):
+    from rapiddiff.bench.backends import Backend
+    from rapiddiff.bench.modes import MODES
+    from rapiddiff.bench.presets import PRESETS
+    from rapiddiff.bench.settings import Settings
+    from rapiddiff.bench.workloads import FIGURES_BY_NAME, build_pipeline
+
+    compiled = []
+    monkeypatch.setattr(rapiddiff, "compile_pipeline", lambda pipe, **kw: compiled.append(kw["components"]))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(type(model).__name__) or model)
+    settings = Settings.create(PRESETS["tiny"], device="cpu", backends=(library,), progress=False)
+    figure = FIGURES_BY_NAME["sd_txt2img"]
+    pipe = build_pipeline(figure, Backend(library), settings)
+    undo = MODES["compiled-bf16"](pipe, figure, Backend(library))
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16 and compiled
+    undo()
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.float32

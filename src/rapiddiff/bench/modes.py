@@ -69,6 +69,26 @@ def compiled(pipe: Any, figure: Figure, backend: Backend) -> Undo:
     return undo
 
 
+def compiled_bf16(pipe: Any, figure: Figure, backend: Backend) -> Undo:
+    """The compiled column in bfloat16: the pipeline's models cast to bfloat16 (as `torch_dtype=torch.bfloat16`
+    loads them), then compiled as in `compiled`. The CPU preset has this column where the CPU computes bf16 natively
+    (`rapiddiff.quantization.cpu.cpu_precisions`). The undo casts back to the dtype the models had."""
+    dtype = next(getattr(pipe, figure.denoisers[0]).parameters()).dtype
+    pipe.to(dtype=torch.bfloat16)
+    undo_compiled = compiled(pipe, figure, backend)
+
+    def undo() -> None:
+        undo_compiled()
+        pipe.to(dtype=dtype)
+
+    return undo
+
+
+def is_compiled_mode(mode: str) -> bool:
+    """Modes that compile the denoisers (one compile per cell and backend; compiled batch sizes apply)."""
+    return mode in ("compiled", "compiled-bf16")
+
+
 def compile_recipes(backends: Sequence[str]) -> dict[str, Any]:
     """What the compiled column runs, read now (not restated): per backend the call and its arguments (rapiddiff:
     `compile_pipeline`'s signature defaults, freezing included), the options the torch.compile mode adds, and
@@ -106,4 +126,5 @@ MODES: dict[str, Callable[[Any, Figure, Backend], Undo]] = {
     "eager-sdpa": eager_sdpa,
     "eager-vanilla": eager_vanilla,
     "compiled": compiled,
+    "compiled-bf16": compiled_bf16,
 }

@@ -42,7 +42,7 @@ from .measure import (
     measure_interleaved,
     short_steps,
 )
-from .modes import MODES, compile_recipes
+from .modes import MODES, compile_recipes, is_compiled_mode
 from .report import cells_of, make_document
 from .settings import Settings
 from .workloads import FIGURES, Figure, build_pipeline, figures_of
@@ -70,7 +70,9 @@ def run(
             if not cell.done:
                 cell.run = len(prior_runs)
         budget = Budget(settings, cells, elapsed)
-        compiled = {"compiled": compile_recipes(settings.backends)} if "compiled" in settings.modes else {}
+        compiled = (
+            {"compiled": compile_recipes(settings.backends)} if any(map(is_compiled_mode, settings.modes)) else {}
+        )
 
         def document() -> dict[str, Any]:
             return make_document(settings, environment, cells, prior_runs, {"budget": budget.record(), **compiled})
@@ -118,7 +120,7 @@ def plan_cells(settings: Settings, done: Sequence[Cell] = ()) -> list[Cell]:
                 elif batch > 1 and not figure.batched:
                     for c in group:
                         c.status, c.summary = "skipped", "batch 1 only"
-                elif mode == "compiled" and batch not in (settings.compiled_batch_sizes or (batch,)):
+                elif is_compiled_mode(mode) and batch not in (settings.compiled_batch_sizes or (batch,)):
                     for c in group:
                         c.status, c.summary = "skipped", "not compiled at this batch size (preset)"
                 cells += group
@@ -166,7 +168,7 @@ class Budget:
         preset_calls = short_steps(settings.preset.steps[figure]) + settings.preset.steps[figure]
         pair = e.pair_s[figure] * calls / preset_calls * (1 + e.batch_slope * (batch - 1))
         backends = len(settings.backends)
-        compile_s = backends * e.compile_s[figure] if mode == "compiled" else 0.0
+        compile_s = backends * e.compile_s[figure] if is_compiled_mode(mode) else 0.0
         return backends * settings.warmup * pair / 2, compile_s, backends * pair
 
     def group(self, figure: str, batch: int, mode: str) -> Group:
