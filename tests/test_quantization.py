@@ -307,3 +307,33 @@ def test_quantize_pipeline_int8_static(tiny_sd_dir):
         pipe("a cube", num_inference_steps=2, height=16, width=16)
     with pytest.raises(ValueError, match="runs the compiled int8 graph"):
         rapiddiff.compile_pipeline(pipe)
+
+
+def test_from_single_file_quantizes_as_from_pretrained(tiny_sd_dir, tmp_path):
+    import safetensors.torch
+    from conftest import tiny_sd_components
+    from test_single_file import _original_layout
+
+    c = tiny_sd_components()
+    path = tmp_path / "tiny-sd.safetensors"
+    safetensors.torch.save_file(_original_layout(c["unet"], c["vae"], c["text_encoder"]), str(path))
+
+    def config():
+        return rapiddiff.PipelineQuantizationConfig(
+            quant_mapping={"unet": rapiddiff.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())}
+        )
+
+    single = rapiddiff.StableDiffusionPipeline.from_single_file(
+        path, config=tiny_sd_dir, torch_dtype=torch.float32, quantization_config=config()
+    )
+    folder = rapiddiff.StableDiffusionPipeline.from_pretrained(
+        tiny_sd_dir, torch_dtype=torch.float32, quantization_config=config()
+    )
+    assert quantized_names(single.unet) == quantized_names(folder.unet) != set()
+    assert not is_torchao_quantized(single.vae)
+    kw = dict(num_inference_steps=2, output_type="np")
+    a = single("a cube", generator=torch.Generator().manual_seed(0), **kw).images
+    b = folder("a cube", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - b).max() < 2e-3
+    default = rapiddiff.StableDiffusionPipeline.from_single_file(path, config=tiny_sd_dir, quantization_config=config())
+    assert default.unet.dtype == torch.bfloat16 and default.vae.dtype == torch.float32
