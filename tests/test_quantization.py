@@ -182,6 +182,14 @@ def test_saving_a_quantized_model_is_refused_whole(unet_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_quantized_model_keeps_its_dtype_as_diffusers(unet_dir):
+    ref, ours = load_both(unet_dir, QUANT_TYPES["int8-weight-only"])
+    for model in (ref, ours):
+        with pytest.raises(ValueError, match="Casting a quantized model to a new `dtype` is unsupported"):
+            model.to(torch.float16)
+        assert model.to("cpu") is model
+
+
 def test_model_takes_only_a_torchao_config(unet_dir):
     with pytest.raises(TypeError, match="quantization_config must be a rapiddiff.TorchAoConfig"):
         UNet2DConditionModel.from_pretrained(unet_dir, quantization_config={"quant_type": "int8"})

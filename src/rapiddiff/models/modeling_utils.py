@@ -18,7 +18,13 @@ from torch import nn
 
 from ..configuration import ConfigMixin, read_json
 from ..hub import resolve_dir
-from ..quantization.torchao_quant import check_quantization_config, quantize_model, refuse_prequantized, refuse_save
+from ..quantization.torchao_quant import (
+    check_castable,
+    check_quantization_config,
+    quantize_model,
+    refuse_prequantized,
+    refuse_save,
+)
 from ..utils.atomic_io import atomic_folder, read_lock
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -441,6 +447,11 @@ class ModelMixin(nn.Module, ConfigMixin):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.set_processor(m.default_processor())
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """nn.Module.to; a torchao-quantized model refuses a new dtype (Diffusers' rule: choose it at loading)."""
+        check_castable(self, torch._C._nn._parse_to(*args, **kwargs)[1], f"{type(self).__name__}.to")
+        return super().to(*args, **kwargs)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`nn.Module.compile`, keeping a model-offload hook (rapiddiff.pipelines.offload) outside the graph."""

@@ -106,7 +106,7 @@ def check_castable(module: nn.Module, dtype: torch.dtype | None, where: str) -> 
     """Diffusers' rule: a quantized model's dtype is chosen at loading, never cast afterwards."""
     if dtype is not None and is_torchao_quantized(module):
         raise ValueError(
-            f"{where}: casting a quantized model to a new `dtype` is unsupported. To set the dtype of unquantized "
+            f"{where}: Casting a quantized model to a new `dtype` is unsupported. To set the dtype of unquantized "
             "layers, please use the `torch_dtype` argument when loading the model using `from_pretrained` or "
             "`from_single_file`"
         )
