@@ -15,8 +15,9 @@ Rows (random weights seeded by tensor name, the same in both libraries; inputs: 
   rapiddiff-int8dyn  rapiddiff, the same config, compile_pipeline default.
   rapiddiff-int8static  rapiddiff's int8 static path (`int8_static_call`, what `quantize_pipeline` installs):
                      X86InductorQuantizer calibrated on --calib UNet calls (random samples at timesteps spread over
-                     the schedule; the pipeline path calibrates on the pipeline's own steps), compiled with freezing.
-                     Diffusers has no such path.
+                     the schedule; the pipeline path calibrates on the pipeline's own steps), compiled with freezing;
+                     the unquantized ops in bf16 under autocast where the CPU has native bf16 (torchao's
+                     int8-mixed-bf16). Diffusers has no such path.
   The step cache (DeepCache) row is not in this branch: `--rows` gains it when the cache lands (STEP_CACHE_ROW).
 
 Per row: seconds per UNet call (median of the rounds, each the mean of --iters calls) with the lowest-highest

@@ -92,9 +92,10 @@ class StaticInt8Call:
 
     quantized_static = True  # compile_pipeline leaves such a UNet alone (see its check)
 
-    def __init__(self, compiled: Any, shapes: tuple[torch.Size, torch.Size]) -> None:
+    def __init__(self, compiled: Any, shapes: tuple[torch.Size, torch.Size], mixed_bf16: bool) -> None:
         self._compiled = compiled
         self.shapes = shapes
+        self.mixed_bf16 = mixed_bf16
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs: Any
@@ -110,8 +111,8 @@ class StaticInt8Call:
                 "calibration's height, width, batch and guidance, or quantize_pipeline again"
             )
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
-        with _global_freezing():
-            out = self._compiled(sample, timestep, encoder_hidden_states)
+        with _global_freezing(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.mixed_bf16):
+            out = self._compiled(sample, timestep, encoder_hidden_states).to(sample.dtype)
         return (out,) if kwargs.get("return_dict") is False else _output(out)
 
 
@@ -121,10 +122,19 @@ def _output(sample: torch.Tensor) -> Any:
     return UNet2DConditionOutput(sample=sample)
 
 
-def int8_static_call(unet: nn.Module, inputs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Any:
+def int8_static_call(
+    unet: nn.Module,
+    inputs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    mixed_bf16: bool | None = None,
+) -> Any:
     """The int8 UNet call: `unet` exported at the inputs' shapes, annotated by `X86InductorQuantizer` (its default
     config), observed on `inputs` (sample, float32 timestep, prompt embeddings), converted and compiled (fullgraph,
-    freezing). Set it as `unet._compiled_call_impl` to run it in place of the UNet."""
+    freezing). Set it as `unet._compiled_call_impl` to run it in place of the UNet.
+
+    mixed_bf16: run the ops left in floating point (attention's matmuls and softmax, norms, activations) in bfloat16
+    under autocast, torchao's "int8-mixed-bf16" recipe; None: where the CPU has native bf16."""
+    if mixed_bf16 is None:
+        mixed_bf16 = cpu_precisions().bf16
     pt2e = import_torchao("torchao.quantization.pt2e.quantize_pt2e")
     x86 = import_torchao("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
     quantizer = x86.X86InductorQuantizer()
@@ -135,8 +145,18 @@ def int8_static_call(unet: nn.Module, inputs: Sequence[tuple[torch.Tensor, torch
         for args in inputs:
             prepared(*args)
         converted = pt2e.convert_pt2e(prepared)
+    if mixed_bf16:
+        _drop_dtype_asserts(converted)
     compiled = torch.compile(converted, fullgraph=True, options={"freezing": True})
-    return StaticInt8Call(compiled, (inputs[0][0].shape, inputs[0][2].shape))
+    return StaticInt8Call(compiled, (inputs[0][0].shape, inputs[0][2].shape), mixed_bf16)
+
+
+def _drop_dtype_asserts(graph_module: torch.fx.GraphModule) -> None:
+    """torch.export records the dtype each `.to()` in the forward saw (float32); under autocast some are bfloat16."""
+    for node in list(graph_module.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()
 
 
 def check_static_supported(pipe: Any, mode: str) -> None:
@@ -170,6 +190,7 @@ def quantize_pipeline(
     calibration_prompts: Sequence[str],
     num_inference_steps: int,
     seed: int = 0,
+    mixed_bf16: bool | None = None,
     **call_kwargs: Any,
 ) -> QuantizationReport:
     """Quantize `pipe.unet` in place (see the module docstring) and return how far its images moved.
@@ -177,7 +198,8 @@ def quantize_pipeline(
     mode: "int8-static". calibration_prompts: prompts run through the float pipeline, one call each, generator
     seeded with `seed`; their UNet inputs calibrate the activation scales. call_kwargs: more pipeline arguments
     (height, width, guidance_scale, negative_prompt, num_images_per_prompt...): they fix the shapes the int8 UNet
-    is compiled for, so later calls must use the same size, batch and guidance on/off.
+    is compiled for, so later calls must use the same size, batch and guidance on/off. mixed_bf16: the
+    unquantized ops in bfloat16 (see `int8_static_call`; default: where the CPU has native bf16).
     """
     check_static_supported(pipe, mode)
     if isinstance(calibration_prompts, str) or not calibration_prompts:
@@ -215,7 +237,7 @@ def quantize_pipeline(
     if len(shapes) != 1:
         raise ValueError(f"quantize_pipeline: the calibration calls used several UNet input shapes {sorted(shapes)}")
 
-    unet._compiled_call_impl = int8_static_call(unet, inputs)
+    unet._compiled_call_impl = int8_static_call(unet, inputs, mixed_bf16)
     quantized = run_all()
     return QuantizationReport(
         mode=mode,
