@@ -3,6 +3,7 @@ of each `nn.Linear` not named by `modules_to_not_convert` becomes a torchao tens
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from typing import Any
@@ -98,7 +99,7 @@ def is_torchao_quantized(module: nn.Module) -> bool:
     """Whether any parameter of `module` is a torchao tensor (False without importing torchao if nobody did)."""
     if "torchao" not in sys.modules:
         return False
-    base = sys.modules["torchao"].utils.TorchAOBaseTensor
+    base = importlib.import_module("torchao.utils").TorchAOBaseTensor  # loaded with torchao
     return any(isinstance(p, base) for p in module.parameters())
 
 
