@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -139,6 +140,15 @@ def build(name: str, inputs: tuple[torch.Tensor, ...], calib: int) -> Callable[[
     return lambda: compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
 
+class Stop(Exception):
+    """SIGTERM arrived."""
+
+
+def _stop(*_: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process
+    raise Stop
+
+
 def first_calls(
     name: str, runs: dict[str, Callable[[], torch.Tensor]], inputs: tuple, reference: torch.Tensor, calib: int
 ) -> dict[str, Any]:
@@ -195,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs, results = {}, {}
     failed = {}
     started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _stop)  # `timeout`: stop building, time the rows built so far
     for name in args.rows:
         if args.budget and time.perf_counter() - started > args.budget:
             failed[name] = f"skipped: past --budget {args.budget:.0f} s of building and compiling"
@@ -202,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         try:
             results[name] = first_calls(name, runs, inputs, reference, args.calib)
+        except Stop:
+            failed[name] = "interrupted (SIGTERM) while building or compiling"
+            runs.pop(name, None)
+            print(f"{name}: {failed[name]}", flush=True)
+            break
         except Exception as e:  # a row that cannot run is reported, the others still measured
             failed[name] = f"{type(e).__name__}: {e}"
             runs.pop(name, None)
@@ -209,15 +225,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         print(f"{name}: {results[name]}", flush=True)
     rows = list(results)
-    with torch.no_grad():
-        for r in range(args.rounds):
-            order = rows[r % len(rows) :] + rows[: r % len(rows)]
-            for name in order:
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    runs[name]()
-                results[name]["seconds"].append((time.perf_counter() - start) / args.iters)
-            print(f"round {r + 1}/{args.rounds}", flush=True)
+    try:
+        with torch.no_grad():
+            for r in range(args.rounds):
+                order = rows[r % len(rows) :] + rows[: r % len(rows)]
+                seconds = {}
+                for name in order:
+                    start = time.perf_counter()
+                    for _ in range(args.iters):
+                        runs[name]()
+                    seconds[name] = (time.perf_counter() - start) / args.iters
+                for name, s in seconds.items():  # whole rounds only
+                    results[name]["seconds"].append(s)
+                print(f"round {r + 1}/{args.rounds}", flush=True)
+    except Stop:
+        print("SIGTERM: the rounds done so far", flush=True)
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, native: "
         f"{precisions.describe()}",
@@ -237,6 +259,8 @@ def ratio(results: dict[str, Any], name: str, base: str) -> str:
     if base not in results:
         return "-"
     ours, theirs = results[name]["seconds"], results[base]["seconds"]
+    if not ours or not theirs:
+        return "-"
     per_round = [b / a for a, b in zip(ours, theirs)]
     return f"{statistics.median(theirs) / statistics.median(ours):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
 
@@ -251,7 +275,7 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        s = r["seconds"]
+        s = r["seconds"] or [math.nan]
         lines.append(
             f"| {name} | {statistics.median(s):.3f} ({min(s):.3f}-{max(s):.3f}) | {ratio(results, name, 'diffusers-fp32')} "
             f"| {ratio(results, name, 'diffusers-bf16')} | {r['first_call_s']:.0f} | {r['rel_max_abs_diff']:.4f} "
