@@ -144,8 +144,12 @@ class Stop(Exception):
     """SIGTERM arrived."""
 
 
+STOPPED: list[bool] = []  # SIGTERM seen (dynamo may wrap the Stop it raised inside a compile)
+
+
 def _stop(*_: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process
+    STOPPED.append(True)
     raise Stop
 
 
@@ -213,21 +217,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         try:
             results[name] = first_calls(name, runs, inputs, reference, args.calib)
-        except Stop:
-            failed[name] = "interrupted (SIGTERM) while building or compiling"
-            runs.pop(name, None)
-            print(f"{name}: {failed[name]}", flush=True)
-            break
         except Exception as e:  # a row that cannot run is reported, the others still measured
+            if STOPPED:
+                failed[name] = "interrupted (SIGTERM) while building or compiling"
+                runs.pop(name, None)
+                print(f"{name}: {failed[name]}", flush=True)
+                break
             failed[name] = f"{type(e).__name__}: {e}"
             runs.pop(name, None)
             print(f"{name}: FAILED {failed[name]}", flush=True)
             continue
         print(f"{name}: {results[name]}", flush=True)
+    failed |= {n: "not built (SIGTERM)" for n in args.rows if n not in results and n not in failed}
     rows = list(results)
     try:
         with torch.no_grad():
-            for r in range(args.rounds):
+            for r in range(args.rounds if rows else 0):
                 order = rows[r % len(rows) :] + rows[: r % len(rows)]
                 seconds = {}
                 for name in order:
