@@ -1,12 +1,14 @@
-"""The SD 1.5 UNet alone, eager: rapiddiff vs diffusers on the same weights and inputs; prints steps/s and the ratio.
+"""The SD 1.5 (or SDXL) UNet alone, eager: rapiddiff vs diffusers on the same weights and inputs; prints steps/s and
+the ratio.
 
-Full SD 1.5 architecture (rapiddiff/presets), random weights built once with diffusers and loaded into rapiddiff's
-model, classifier-free guidance batch (2 x --batch). Rounds alternate between the backends so that a machine's
+Full SD 1.5 / SDXL base architecture (rapiddiff/presets), random weights built once with diffusers, in the run's
+dtype, and shared by rapiddiff's model (one copy in memory), classifier-free guidance batch (2 x --batch). Rounds alternate between the backends so that a machine's
 drift hits both. On the CPU the defaults shrink the latent and the repeat count so it runs in a minute or two.
 
     python scripts/bench_unet.py                              # CUDA: fp16, 64x64 latents; CPU: fp32, 16x16
     python scripts/bench_unet.py --batch 4 --attn vanilla --iters 30
     python scripts/bench_unet.py --formats contiguous          # one memory format only
+    python scripts/bench_unet.py --model sdxl --dtype bfloat16   # SDXL's 2.6B UNet (5.1 GB in bf16), text_time inputs
 
 Each memory format is a table row: steps/s of each backend (median of the rounds) and the speed-up with its spread
 (lowest-highest ratio of the rounds, each round timing both backends back to back).
@@ -25,15 +27,18 @@ from rapiddiff.bench.measure import synchronize
 from rapiddiff.bench.presets import PRESETS, preset_config
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+MODELS = {"sd": ("SD 1.5", 64), "sdxl": ("SDXL base", 128)}  # --model -> (name, trained latent size)
 
 
 def parse_args() -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(MODELS), default="sd", help="the UNet: SD 1.5 or SDXL base 1.0")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16" if cuda else "float32")
     p.add_argument("--batch", type=int, default=1, help="images; the UNet sees twice as many (guidance)")
-    p.add_argument("--latent", type=int, default=64 if cuda else 16, help="latent height = width (512 px: 64)")
+    p.add_argument("--latent", type=int, help="latent height = width (default: CUDA the model's size, 64 for SD "
+                   "and 128 for SDXL; CPU 16)")  # fmt: skip
     p.add_argument("--iters", type=int, default=20 if cuda else 2, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend; the median is reported")
     p.add_argument("--attn", choices=["sdpa", "vanilla"], default="sdpa")
@@ -45,7 +50,10 @@ def parse_args() -> argparse.Namespace:
         help="memory formats to measure, one after the other on the same models (default: both)",
     )
     p.add_argument("--threads", type=int, help="CPU threads for torch (a loaded machine: 1)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.latent is None:
+        args.latent = MODELS[args.model][1] if cuda else 16
+    return args
 
 
 def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
@@ -54,8 +62,13 @@ def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     import rapiddiff
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config = preset_config("sd", "unet", "config.json", PRESETS["gpu"])
-    theirs = random_model(lambda: diffusers.UNet2DConditionModel.from_config(config), device, dtype)
+    config = preset_config(args.model, "unet", "config.json", PRESETS["gpu"])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the run's dtype: no float32 copy of a 2.6B model on the way
+    try:
+        theirs = random_model(lambda: diffusers.UNet2DConditionModel.from_config(config), device, dtype)
+    finally:
+        torch.set_default_dtype(default)
     with torch.device("meta"):
         ours = rapiddiff.UNet2DConditionModel.from_config(config)
     ours.load_checkpoint_state(dict(theirs.state_dict()), source="diffusers' UNet")  # the very same tensors
@@ -75,13 +88,22 @@ def main() -> None:
     g = torch.Generator(device).manual_seed(0)
     n = 2 * args.batch
     sample = torch.randn(n, 4, args.latent, args.latent, generator=g, device=device, dtype=dtype)
-    context = torch.randn(n, 77, 768, generator=g, device=device, dtype=dtype)
+    config = models["diffusers"].config
+    context = torch.randn(n, 77, config.cross_attention_dim, generator=g, device=device, dtype=dtype)
     timestep = torch.tensor(999, device=device)
+    extra = {}
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text and the 6 micro-conditioning numbers
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        size = float(8 * args.latent)
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(n, pooled, generator=g, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * n, device=device, dtype=dtype),
+        }
 
     def step(model: torch.nn.Module) -> torch.Tensor:
-        return model(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        return model(sample, timestep, encoder_hidden_states=context, return_dict=False, **extra)[0]
 
-    print(f"SD 1.5 UNet, {args.device} {args.dtype}, batch {args.batch} (UNet batch {n}), latent {args.latent}, "
+    print(f"{MODELS[args.model][0]} UNet, {args.device} {args.dtype}, batch {args.batch} (UNet batch {n}), latent {args.latent}, "
           f"attention {args.attn}, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds of "
           f"{args.iters} steps")  # fmt: skip
     for label in args.formats:

@@ -14,7 +14,12 @@ What it measures (real architectures from rapiddiff.presets, random fp16 weights
   pipeline  it/s of five pipelines at batch 1, both libraries compiled ((S_long - S_short) / (T_long - T_short): text
             encoding and decoding cancel): SD txt2img, img2img, inpainting, ControlNet (the compiled ControlNet ->
             UNet handoff), IF stage I; each compiled image against the same pipeline's eager image.
+  sdxl      the SDXL base UNet alone at batch 1/4 (128x128 latents: 1024x1024, text_time inputs) as the SD UNet rows,
+            then SDXL text-to-image at 1024x1024 in both libraries as the pipeline rows.
   whole     rapiddiff txt2img with whole_step=True.
+  serve     `rapiddiff serve --compile` in this process (its app, batcher and pipeline setup) on SD txt2img at
+            --max-batch-size 1/4/16 with as many clients, each sending its next request (n=1) when answered: images/s,
+            p50/p95 latency, the mean batch run and the shapes compiled (one per batch size when batches fill).
   levers    the UNet at batch 1 with each candidate lever on top of rapiddiff's default (docs/compile.md section 9):
             inductor freezing, fused Q/K/V, max-autotune, cudnn.benchmark (last: it is a process-wide switch).
   precision `--precision`: the UNet table in fp16, bf16, int8 dynamic and float8 dynamic (torchao; float8 needs
@@ -49,6 +54,10 @@ import torch  # noqa: E402
 OUT = Path(os.environ.get("OUT", "."))
 FIGURES = ("sd_txt2img", "sd_img2img", "sd_inpaint", "sd_controlnet", "if_stage_1")
 UNET_BATCHES = {"real": (1, 4, 16), "dry": (1, 2)}
+SERVE_STEPS = {"real": 20, "dry": 2}
+SERVE_ROUNDS = {"real": 4, "dry": 2}  # requests per client, timed after one warm round
+SDXL_UNET_BATCHES = {"real": (1, 4), "dry": (1,)}
+UNET_MODELS = {"unet": "sd", "sdxlunet": "sdxl"}  # job kind -> bench checkpoint key of the UNet
 # Candidate levers on top of compile_pipeline's default, measured on the UNet at batch 1: compile_pipeline keyword
 # arguments, plus fuse_qkv (before compiling) and cudnn_benchmark (process-wide, so it runs last).
 LEVERS: dict[str, dict[str, Any]] = {
@@ -109,11 +118,17 @@ class Run:
 
 # --- jobs ------------------------------------------------------------------------------------------------------------
 def jobs(dry: bool) -> list[str]:
-    """In order of importance: the UNet table, the pipelines (rapiddiff first), the whole step."""
-    unet = [f"unet:{lib}:{b}" for b in UNET_BATCHES["dry" if dry else "real"] for lib in ("diffusers", "rapiddiff")]
+    """In order of importance: the UNet table, the pipelines (rapiddiff first), SDXL, the whole step, the server,
+    levers."""
+    kind = "dry" if dry else "real"
+    libraries = ("diffusers", "rapiddiff")
+    unet = [f"unet:{lib}:{b}" for b in UNET_BATCHES[kind] for lib in libraries]
     pipes = [f"pipeline:{lib}:{fig}" for lib in ("rapiddiff", "diffusers") for fig in FIGURES]
+    sdxl = [f"sdxlunet:{lib}:{b}" for b in SDXL_UNET_BATCHES[kind] for lib in libraries]
+    sdxl += [f"pipeline:{lib}:sdxl_txt2img" for lib in ("rapiddiff", "diffusers")]
+    serve = [f"serve:rapiddiff:{b}" for b in UNET_BATCHES[kind]]
     levers = [f"unet:{name}:1" for name in LEVERS]
-    return unet + pipes + ["whole:rapiddiff:sd_txt2img"] + levers
+    return unet + pipes + sdxl + ["whole:rapiddiff:sd_txt2img"] + serve + levers
 
 
 def precision_jobs(dry: bool) -> list[str]:
@@ -155,20 +170,20 @@ def quantize(library: str, model: torch.nn.Module, config_name: str) -> None:
             ao.quantize_(module, config)
 
 
-def unet_config(run: Run) -> dict[str, Any]:
+def unet_config(run: Run, model: str = "sd") -> dict[str, Any]:
     from rapiddiff.bench.presets import preset_config
 
-    return preset_config("sd", "unet", "config.json", run.preset)
+    return preset_config(model, "unet", "config.json", run.preset)
 
 
-def build_unet(run: Run, library: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def build_unet(run: Run, library: str, dtype: torch.dtype | None = None, model: str = "sd") -> torch.nn.Module:
     """The same weights in both libraries (seeded per state-dict key by bench's random_model)."""
     import diffusers
 
     import rapiddiff
     from rapiddiff.bench.components import random_model
 
-    config = unet_config(run)
+    config = unet_config(run, model)
     reference = random_model(lambda: diffusers.UNet2DConditionModel.from_config(config), run.device, dtype or run.dtype)
     if library == "diffusers":
         return reference
@@ -178,12 +193,23 @@ def build_unet(run: Run, library: str, dtype: torch.dtype | None = None) -> torc
     return model.eval()
 
 
-def unet_inputs(run: Run, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def unet_inputs(run: Run, batch: int, dtype: torch.dtype, model: str = "sd") -> tuple[tuple[Any, ...], dict]:
+    """(positional inputs, keyword inputs): SDXL's UNet also gets the pooled text and the time ids."""
     g = torch.Generator(run.device).manual_seed(0)
     n = 2 * batch
-    sample = torch.randn(n, 4, run.latent, run.latent, generator=g, device=run.device).to(dtype)
-    text = torch.randn(n, 77, unet_config(run)["cross_attention_dim"], generator=g, device=run.device).to(dtype)
-    return sample, torch.tensor(999.0, device=run.device), text
+    config = unet_config(run, model)
+    latent = run.latent * (2 if model == "sdxl" else 1)  # SDXL: 1024 px
+    sample = torch.randn(n, 4, latent, latent, generator=g, device=run.device).to(dtype)
+    text = torch.randn(n, 77, config["cross_attention_dim"], generator=g, device=run.device).to(dtype)
+    extra = {}
+    if model == "sdxl":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        size = float(8 * latent)
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(n, pooled, generator=g, device=run.device).to(dtype),
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * n, device=run.device).to(dtype),
+        }
+    return (sample, torch.tensor(999.0, device=run.device), text), extra
 
 
 def compile_unet(run: Run, library: str, model: torch.nn.Module) -> Any:
@@ -202,25 +228,26 @@ def compile_unet(run: Run, library: str, model: torch.nn.Module) -> Any:
     return model
 
 
-def unet_job(run: Run, library: str, batch: int, measure: bool) -> dict[str, Any]:
+def unet_job(run: Run, library: str, batch: int, measure: bool, unet: str = "sd") -> dict[str, Any]:
     library, precision = split_precision(library)
     dtype, torchao_config = PRECISIONS[precision] if precision else (run.dtype, None)
-    model = build_unet(run, library, dtype)
+    model = build_unet(run, library, dtype, model=unet)
     if torchao_config:
         quantize(library, model, torchao_config)
     model = compile_unet(run, library, model)
-    inputs = unet_inputs(run, batch, dtype)
+    inputs, extra = unet_inputs(run, batch, dtype, unet)
 
     def step() -> torch.Tensor:
-        return model(*inputs, return_dict=False)[0]
+        return model(*inputs, return_dict=False, **extra)[0]
 
     with torch.inference_mode():
         ready_s, out = run.first_call(step)
         result: dict[str, Any] = {"ready_s": ready_s}
         if measure:
             out = out.float().clone()
-            reference = build_unet(run, "diffusers", torch.float32)
-            expected = reference(*unet_inputs(run, batch, torch.float32), return_dict=False)[0]
+            reference = build_unet(run, "diffusers", torch.float32, model=unet)
+            ref_inputs, ref_extra = unet_inputs(run, batch, torch.float32, unet)
+            expected = reference(*ref_inputs, return_dict=False, **ref_extra)[0]
             del reference
             result["rel_error_vs_fp32"] = ((out - expected).abs().max() / expected.abs().max()).item()
             result["steps_s"] = 1 / run.seconds_per_call(step, run.iters)
@@ -270,6 +297,52 @@ def pipeline_job(run: Run, library: str, figure: str, measure: bool, whole_step:
     return result
 
 
+def serve_job(run: Run, batch: int, measure: bool) -> dict[str, Any]:
+    """The server with `--compile --max-batch-size batch` and `batch` closed-loop clients, through FastAPI's
+    TestClient (no sockets: the app, the batcher and the pipeline are what is timed)."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rapiddiff.serve.app import create_app
+    from rapiddiff.serve.batcher import ServeSettings
+    from rapiddiff.serve.setup import PipelineSetup
+
+    pipe = PipelineSetup("sd_txt2img", compile=True).prepare(build_pipeline(run, "rapiddiff", "sd_txt2img"))
+    settings = ServeSettings(max_batch_size=batch, batch_wait_ms=100, max_queue=4 * batch, pad_to_compiled=True)
+    size = run.settings.preset.sd_size
+    steps, rounds = SERVE_STEPS["dry" if run.dry else "real"], SERVE_ROUNDS["dry" if run.dry else "real"]
+
+    def client(c: int, count: int) -> list[float]:
+        latencies = []
+        for r in range(count):
+            body = {"prompt": f"a photo of an astronaut, {c} {r}", "size": f"{size}x{size}", "seed": 1000 * c + r,
+                    "num_inference_steps": steps}  # fmt: skip
+            start = time.perf_counter()
+            response = http.post("/v1/images/generations", json=body)
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                raise RuntimeError(f"status {response.status_code}: {response.text[:300]}")
+        return latencies
+
+    with TestClient(create_app(pipe, "sd_txt2img", settings)) as http, ThreadPoolExecutor(batch) as pool:
+        ready_s, _ = run.first_call(lambda: list(pool.map(client, range(batch), [1] * batch)))  # compiles
+        result: dict[str, Any] = {"ready_s": ready_s}
+        if measure:
+            start = time.perf_counter()
+            latencies = sorted(t for ts in pool.map(client, range(batch), [rounds] * batch) for t in ts)
+            elapsed = time.perf_counter() - start
+            samples = {s.name: s.value for f in text_string_to_metric_families(http.get("/metrics").text)
+                       for s in f.samples if not s.labels}  # fmt: skip
+            result |= {
+                "images_s": len(latencies) / elapsed,
+                "p50_s": latencies[len(latencies) // 2],
+                "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+                "mean_batch": samples["rapiddiff_batch_size_sum"] / samples["rapiddiff_batch_size_count"],
+                "shapes_compiled": samples["rapiddiff_compiled_shapes_total"],
+            }
+    return result
+
+
 def _numpy(images: Any) -> Any:
     return images.float().cpu().numpy() if isinstance(images, torch.Tensor) else images
 
@@ -279,8 +352,10 @@ def run_job(run: Run, job: str, measure: bool) -> dict[str, Any]:
 
     kind, library, what = job.split(":")
     before = _counts(counters)
-    if kind == "unet":
-        result = unet_job(run, library, int(what), measure)
+    if kind in UNET_MODELS:
+        result = unet_job(run, library, int(what), measure, UNET_MODELS[kind])
+    elif kind == "serve":
+        result = serve_job(run, int(what), measure)
     else:
         result = pipeline_job(run, library, what, measure, whole_step=kind == "whole")
     after = _counts(counters)
@@ -371,25 +446,30 @@ def env(run: Run) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     measured = {r["job"]: r for r in rows if r.get("phase") == "measure"}
     compiled = {r["job"]: r for r in rows if r.get("phase") == "compile"}
-    print("\n| job | steps/s or it/s | error | compile s (worker) | ready s | cudagraph skips | recompiles |")
+    print("\n| job | steps/s, it/s or images/s | error | compile s (worker) | ready s | cudagraph skips | recompiles |")
     print("|---|---|---|---|---|---|---|")
     for job, r in measured.items():
-        rate = r.get("steps_s", r.get("its"))
+        rate = r.get("steps_s", r.get("its", r.get("images_s")))
         err = r.get("rel_error_vs_fp32", r.get("max_abs_diff_vs_eager"))
         cells = [rate, err, compiled.get(job, {}).get("ready_s"), r.get("ready_s")]
         text = [f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells]
         note = r.get("error") or r.get("skipped") or ""
         print(f"| {job} | {' | '.join(text)} | {r.get('cudagraph_skips')} | {r.get('recompiles')} | {note}")
-    unet = {j: r.get("steps_s") for j, r in measured.items() if j.startswith("unet:")}
-    for batch in sorted({j.split(":")[2] for j in unet}, key=int):
-        ours, theirs = unet.get(f"unet:rapiddiff:{batch}"), unet.get(f"unet:diffusers:{batch}")
-        if ours and theirs:
-            print(f"UNet batch {batch}: rapiddiff / Diffusers-with-recipe = {ours / theirs:.2f}x")
-        for p in PRECISIONS:
-            ours_p, theirs_p = unet.get(f"unet:rapiddiff-{p}:{batch}"), unet.get(f"unet:diffusers-{p}:{batch}")
-            if ours_p and theirs_p and theirs:
-                print(f"UNet batch {batch}, {p}: rapiddiff / Diffusers-{p} = {ours_p / theirs_p:.2f}x; "
-                      f"rapiddiff-{p} / Diffusers-fp16 = {ours_p / theirs:.2f}x")  # fmt: skip
+    unet = {j: r.get("steps_s") for j, r in measured.items() if j.split(":")[0] in UNET_MODELS}
+    for kind, label in (("unet", "UNet"), ("sdxlunet", "SDXL UNet")):
+        for batch in sorted({j.split(":")[2] for j in unet if j.startswith(kind + ":")}, key=int):
+            ours, theirs = unet.get(f"{kind}:rapiddiff:{batch}"), unet.get(f"{kind}:diffusers:{batch}")
+            if ours and theirs:
+                print(f"{label} batch {batch}: rapiddiff / Diffusers-with-recipe = {ours / theirs:.2f}x")
+            for p in PRECISIONS:
+                ours_p, theirs_p = unet.get(f"{kind}:rapiddiff-{p}:{batch}"), unet.get(f"{kind}:diffusers-{p}:{batch}")
+                if ours_p and theirs_p and theirs:
+                    print(f"{label} batch {batch}, {p}: rapiddiff / Diffusers-{p} = {ours_p / theirs_p:.2f}x; "
+                          f"rapiddiff-{p} / Diffusers-fp16 = {ours_p / theirs:.2f}x")  # fmt: skip
+    serve = {j: r for j, r in measured.items() if j.startswith("serve:") and "images_s" in r}
+    for job, r in serve.items():
+        print(f"{job}: {r['images_s']:.3g} images/s, p50 {r['p50_s']:.3g} s, p95 {r['p95_s']:.3g} s, mean batch "
+              f"{r['mean_batch']:.3g}, shapes compiled {r['shapes_compiled']:g}")  # fmt: skip
     theirs = unet.get("unet:diffusers:1")
     for name in LEVERS:
         ours = unet.get(f"unet:{name}:1")

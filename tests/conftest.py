@@ -105,6 +105,103 @@ def tiny_sd_dir(tmp_path_factory):
     return path
 
 
+# --- tiny SDXL-shaped UNets (base: 2048-wide text, 6 time ids; refiner: 1280-wide text, 5 ids) -------------------
+SDXL_UNET = dict(
+    sample_size=16,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 2, 4),  # read as numbers of heads, per level
+    transformer_layers_per_block=(1, 1, 2),
+    use_linear_projection=True,
+    cross_attention_dim=64,  # the two text encoders' widths concatenated (SDXL: 768 + 1280)
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,  # pooled 32 + 6 time ids x 8 (SDXL: 1280 + 6 x 256 = 2816)
+    norm_num_groups=8,
+)
+SDXL_REFINER_UNET = dict(
+    SDXL_UNET,
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 2, 4, 4),
+    transformer_layers_per_block=2,
+    cross_attention_dim=32,  # the second text encoder only (SDXL refiner: 1280)
+    projection_class_embeddings_input_dim=72,  # pooled 32 + 5 time ids x 8 (refiner: 1280 + 5 x 256 = 2560)
+)
+
+
+def tiny_sdxl_components(refiner: bool = False) -> dict:
+    """Seeded, random-weight diffusers SDXL components: the SDXL-shaped UNet above (or the refiner's), the tiny SD
+    VAE with SDXL's scaling_factor, two hidden-32 CLIP text encoders (the second with a 32-wide projection: the pooled
+    text) on SD1.5's tokenizer, SDXL's Euler scheduler. The refiner has the second encoder only."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    sd = tiny_sd_components()
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**(SDXL_REFINER_UNET if refiner else SDXL_UNET))
+    vae = diffusers.AutoencoderKL.from_config(sd["vae"].config, scaling_factor=0.13025)
+    vae.load_state_dict(sd["vae"].state_dict())
+    text_config = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=49408,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=32,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(text_config).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(text_config).eval()
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=None if refiner else text_encoder,
+        tokenizer=None if refiner else sd["tokenizer"],
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=sd["tokenizer"],
+        scheduler=scheduler,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A diffusers StableDiffusionXLPipeline of `tiny_sdxl_components()`, saved (no watermarker)."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLPipeline(**tiny_sdxl_components(), add_watermarker=False)
+    path = tmp_path_factory.mktemp("tiny-sdxl") / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_dir(tmp_path_factory):
+    """A diffusers StableDiffusionXLImg2ImgPipeline of the refiner's components (the refiner's config values:
+    requires_aesthetics_score, no zeroed negatives), saved."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **tiny_sdxl_components(refiner=True),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    path = tmp_path_factory.mktemp("tiny-sdxl-refiner") / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
+
+
 # --- a tiny x4 upscaler checkpoint (shared by the upscaler and DeepFloyd IF cascade tests) ----------------------------
 def tiny_upscaler_components() -> dict:
     """Seeded, random-weight diffusers x4-upscaler components: a (32, 64) UNet taking 4 latent + 3 image channels

@@ -22,12 +22,13 @@ from rapiddiff.bench.measure import Cell
 from rapiddiff.bench.presets import PRESETS
 from rapiddiff.bench.settings import PIPELINES, Settings
 from rapiddiff.bench.sweep import run
-from rapiddiff.bench.workloads import FIGURES
+from rapiddiff.bench.workloads import figures_of
 
 pytest.importorskip("diffusers")
 
 TINY = PRESETS["tiny"]
 MODES = ("eager-sdpa", "eager-vanilla")
+FIGURES = figures_of(PIPELINES)  # the default run's (sdxl_txt2img runs when named)
 BATCHES = (1, 2)
 OOM_TIMED = ("sd_inpaint/2/eager-vanilla/diffusers", "after warm-up (timed call 2)")  # an OOM in this cell's call
 OOM_BUILD = ("if_stage_1", "diffusers")  # and one while building this pipeline
@@ -759,3 +760,15 @@ def test_a_cell_running_past_the_budget_is_stopped_and_cut(monkeypatch, tmp_path
     assert set(reasons) == {"sd_txt2img/1/eager-sdpa", "sd_txt2img/2/eager-sdpa"}
     assert any("stopped while it ran" in why for why in reasons.values())
     assert "cut" in capsys.readouterr().err
+
+
+def test_sdxl_txt2img_side_by_side(fake_clock):
+    """`--pipelines sdxl_txt2img`: SDXL from the shipped base config (two text encoders), both backends."""
+    doc = sweep(
+        pipelines=("sdxl_txt2img",), batch_sizes=(2,), modes=("eager-sdpa",), backends=("rapiddiff", "diffusers")
+    )
+    cells = cells_by_id(doc)
+    for backend in ("rapiddiff", "diffusers"):
+        assert cells[f"sdxl_txt2img/2/eager-sdpa/{backend}"]["status"] == "ok", cells
+    assert table_rows(report.batch_tables(doc), 2)["SDXL - txt2img"][2] == "1.00x"
+    assert doc["runs"][0]["settings"]["sizes"]["sdxl"] == 64

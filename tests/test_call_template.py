@@ -18,9 +18,13 @@ import rapiddiff
 from rapiddiff.compile import forbid_host_syncs_in_loop
 from rapiddiff.pipelines import denoise as denoise_module
 from rapiddiff.pipelines.controlnet import ControlNetArgs
+from rapiddiff.pipelines.controlnet_sd_xl import XLControlNetArgs
 from rapiddiff.pipelines.deepfloyd_if import IFArgs, IFSuperResolutionArgs
 from rapiddiff.pipelines.stable_diffusion_img2img import Img2ImgArgs, InpaintArgs
 from rapiddiff.pipelines.stable_diffusion_upscale import UpscaleArgs
+from rapiddiff.pipelines.stable_diffusion_xl import XLArgs
+from rapiddiff.pipelines.stable_diffusion_xl_img2img import XLImg2ImgArgs
+from rapiddiff.pipelines.stable_diffusion_xl_inpaint import XLInpaintArgs
 from rapiddiff.pipelines.template import CallArgs, DenoisingPipeline
 
 PROMPT = "a red cube"
@@ -32,6 +36,10 @@ ARGS_CLASSES = {
     "StableDiffusionUpscalePipeline": UpscaleArgs,
     "IFPipeline": IFArgs,
     "IFSuperResolutionPipeline": IFSuperResolutionArgs,
+    "StableDiffusionXLPipeline": XLArgs,
+    "StableDiffusionXLImg2ImgPipeline": XLImg2ImgArgs,
+    "StableDiffusionXLInpaintPipeline": XLInpaintArgs,
+    "StableDiffusionXLControlNetPipeline": XLControlNetArgs,
 }
 
 

@@ -543,6 +543,12 @@ def test_swap_from_sd15_pndm_config_matches_diffusers(target):
     run_loop(ref, ours, {}, {}, sample, ref.timesteps, f"{target} from PNDM")
 
 
+@pytest.mark.parametrize("name", sorted({*SWAP_TARGETS, "PNDMScheduler", "DPMSolverSDEScheduler"}))
+def test_default_config_is_diffusers(name):
+    """Every key and default, the ones declared in shared key groups included, as Diffusers' own class has them."""
+    assert fields(getattr(rapiddiff, name)()) == fields(getattr(diffusers, name)())
+
+
 def test_shipped_configs_load():
     """Real configs carry other schedulers' keys (skip_prk_steps in DDIM, lambda_min_clipped in IF's DDPM)."""
     for model, sub, cls in [

@@ -89,6 +89,18 @@ def direct(pipe, prompt, seed, *, scheduler=None, **kwargs) -> np.ndarray:
     return pipe(prompt=prompt, generator=seeded(seed), **args).images[0]
 
 
+def direct_for(pipe, request: dict, k: int) -> np.ndarray:
+    """The direct call's image k of a request body (the settings these tests vary)."""
+    return direct(
+        pipe,
+        request["prompt"],
+        request["seed"] + k,
+        negative_prompt=request.get("negative_prompt"),
+        guidance_scale=request.get("guidance_scale", 7.5),
+        scheduler={"euler_a": "EulerAncestralDiscreteScheduler"}.get(request.get("scheduler")),
+    )
+
+
 def metric(client: TestClient, name: str, labels: dict | None = None) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -126,15 +138,13 @@ def test_concurrent_requests_give_the_direct_images_of_their_seeds(pipe):
         assert set(answer) == {"created", "data"} and len(answer["data"]) == request.get("n", 1)
         for k, item in enumerate(answer["data"]):
             assert item["seed"] == request["seed"] + k
-            expected = direct(
-                pipe,
-                request["prompt"],
-                request["seed"] + k,
-                negative_prompt=request.get("negative_prompt"),
-                guidance_scale=request.get("guidance_scale", 7.5),
-                scheduler={"euler_a": "EulerAncestralDiscreteScheduler"}.get(request.get("scheduler")),
-            )
-            np.testing.assert_allclose(decode(item), expected, rtol=0, atol=PNG_ATOL)
+            np.testing.assert_allclose(decode(item), direct_for(pipe, request, k), rtol=0, atol=PNG_ATOL)
+
+
+def test_another_scheduler_keeps_the_pipeline_s_progress_bar_setting(pipe, capfd):
+    with client_for(pipe) as client:  # the fixture's pipeline shows no bar; neither does its view with Euler a
+        assert client.post(ENDPOINT, json=body(seed=0, scheduler="euler_a")).status_code == 200
+    assert "it/s]" not in capfd.readouterr().err
 
 
 def test_padding_to_compiled_sizes_keeps_the_images(pipe):
@@ -454,7 +464,134 @@ def test_the_command_checks_before_serving(tiny_upscaler_dir, tmp_path, capsys):
     assert "must be a finite number > 0" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "70000"]) == 2
     assert "--port 70000 must be in [1, 65535]" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--replicas", "2"]) == 2
+    assert "--replicas 2 is for --engine ray" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "rapiddiff serve: error:" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_upscaler_dir)]) == 2
     assert "loads as StableDiffusionUpscalePipeline" in capsys.readouterr().err
+
+
+def test_the_pipeline_setup_loads_checks_and_prepares(pipe, tiny_sd_dir, tiny_upscaler_dir):
+    """What the command and every Ray replica serve: the checkpoint on this process's device, without progress bars."""
+    from rapiddiff.serve.setup import PipelineSetup
+
+    served = PipelineSetup(str(tiny_sd_dir)).load()
+    assert type(served) is rapiddiff.StableDiffusionPipeline and served.device.type == "cpu"
+    assert served._progress_bar_config == {"disable": True}
+    np.testing.assert_array_equal(direct(served, "a red cube", 3), direct(pipe, "a red cube", 3))
+    with pytest.raises(ValueError, match="loads as StableDiffusionUpscalePipeline"):
+        PipelineSetup(str(tiny_upscaler_dir)).check()
+
+
+# --- the Ray Serve engine --------------------------------------------------------------------------------------------
+RAY_REQUESTS = [
+    body("a red cube", seed=1),
+    body("a blue sphere", seed=7, n=2),
+    body("a green cone", seed=3, negative_prompt="blurry"),
+    body("a cat", seed=11, scheduler="euler_a"),
+]
+RAY_BAD = [body(quality="hd"), body(n=9), body(model="dall-e-3"), body(size="30x32")]
+RAY_IN_FLIGHT = body("a slow castle", seed=5, n=4, size="64x64", num_inference_steps=60)  # 5-10 s of work
+
+
+def _drive_ray_server(url: str, seen: dict, exited: threading.Event) -> None:
+    """The client side of the Ray test, in a thread while the command runs in the main one: once the replicas are
+    ready, the requests, the bad bodies and one slow request in flight when SIGTERM is sent to this process (the
+    command's handler: only sent once it is installed, so pytest itself is never terminated)."""
+    from ray import serve
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline and not exited.is_set(), "the replicas did not get ready"
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        seen["ready_after"] = time.monotonic()  # the proxy routes once one replica runs: wait for them all
+        while (application := serve.status().applications["rapiddiff"]).status != "RUNNING":
+            assert time.monotonic() < deadline, f"the replicas did not all start: {application}"
+            time.sleep(0.5)
+        seen["running_after"] = time.monotonic()
+        seen["replicas"] = {name: d.replica_states for name, d in application.deployments.items()}
+        with ThreadPoolExecutor(len(RAY_REQUESTS)) as pool:
+            seen["answers"] = list(pool.map(lambda b: httpx.post(url + ENDPOINT, json=b, timeout=120), RAY_REQUESTS))
+        seen["bad"] = [httpx.post(url + ENDPOINT, json=b, timeout=30) for b in RAY_BAD]
+
+        def answered_at(request: dict) -> tuple[httpx.Response, float]:
+            return httpx.post(url + ENDPOINT, json=request, timeout=120), time.monotonic()
+
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(answered_at, RAY_IN_FLIGHT)
+            time.sleep(2.0)  # routed to a replica and running
+            seen["sigterm_at"] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen["in_flight"], seen["in_flight_at"] = in_flight.result()
+    except BaseException as error:  # reported by the test
+        seen["error"] = error
+    finally:
+        if "sigterm_at" not in seen and "ready_after" in seen and signal.getsignal(signal.SIGTERM) is not handler:
+            os.kill(os.getpid(), signal.SIGTERM)  # stop the command after a failure
+
+
+@pytest.mark.dist  # a local Ray, 2 replicas: ~30 s on 2 quiet cores (Ray starts in ~5 s, each replica loads torch)
+def test_ray_engine_serves_the_same_app_on_replicas(pipe, tiny_sd_dir):
+    """`rapiddiff serve --engine ray --replicas 2` on a local Ray: both replicas run; requests (batched on either
+    replica) give the direct-call images of their seeds; bad bodies get the uvicorn server's errors, byte for byte;
+    SIGTERM lets the request in flight finish, then the command exits 0 with Ray shut down and its signal handlers
+    put back."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'rapiddiff[ray]')")
+    import ray
+
+    from rapiddiff.cli import main
+
+    port, seen = free_port(), {}
+    url = f"http://127.0.0.1:{port}"
+    handler = signal.getsignal(signal.SIGTERM)
+    exited = threading.Event()
+    client = threading.Thread(target=_drive_ray_server, args=(url, seen, exited), daemon=True)
+    start = time.monotonic()
+    client.start()
+    code = main(["serve", "--engine", "ray", "--replicas", "2", "--model", str(tiny_sd_dir), "--port", str(port),
+                 "--max-batch-size", "4", "--batch-wait-ms", "300"])  # fmt: skip
+    stopped = time.monotonic()
+    exited.set()
+    client.join(60)
+    if "error" in seen:
+        raise seen["error"]
+    print(
+        f"ray: first replica ready in {seen['ready_after'] - start:.1f} s, all in {seen['running_after'] - start:.1f} "
+        f"s; stopped {stopped - seen['sigterm_at']:.1f} s after SIGTERM"
+    )
+    assert code == 0 and not ray.is_initialized()
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert seen["replicas"] == {"rapiddiff": {"RUNNING": 2}}
+    for request, response in zip(RAY_REQUESTS, seen["answers"]):
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert [item["seed"] for item in data] == [request["seed"] + k for k in range(request.get("n", 1))]
+        for k, item in enumerate(data):
+            np.testing.assert_allclose(decode(item), direct_for(pipe, request, k), rtol=0, atol=PNG_ATOL)
+    with TestClient(create_app(pipe, str(tiny_sd_dir), ServeSettings(max_batch_size=4))) as local:
+        for request, response in zip(RAY_BAD, seen["bad"]):
+            same = local.post(ENDPOINT, json=request)
+            assert (response.status_code, response.json()) == (same.status_code, same.json())
+    assert seen["in_flight"].status_code == 200 and len(seen["in_flight"].json()["data"]) == 4
+    assert seen["sigterm_at"] < seen["in_flight_at"] < stopped  # it was in flight at SIGTERM, answered before the exit
+
+
+def test_the_ray_engine_checks_the_model_before_ray_starts(tiny_upscaler_dir, tmp_path, capsys):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'rapiddiff[ray]')")
+    import ray
+
+    from rapiddiff.cli import main
+
+    assert main(["serve", "--engine", "ray", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "--engine", "ray", "--model", str(tiny_upscaler_dir)]) == 2
+    assert "loads as StableDiffusionUpscalePipeline" in capsys.readouterr().err
+    assert not ray.is_initialized()

@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import rapiddiff
 from rapiddiff.loaders import single_file as sf
-from rapiddiff.loaders import single_file_keys as keys
+from rapiddiff.models import single_file_keys as keys
 from rapiddiff.presets import PRESETS_DIR
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 SUBCOMMANDS = {
     "generate": "rapiddiff.cli_generate",
@@ -15,6 +16,20 @@ SUBCOMMANDS = {
     "manifest": "rapiddiff.batch.cli",
     "serve": "rapiddiff.serve.cli",
 }
+
+
+def subcommand_parser(subparsers: Any, name: str, help: str, doc: str | None) -> argparse.ArgumentParser:
+    """A subcommand's parser: `doc` (its module's docstring, examples first) is its description, shown as written."""
+    return subparsers.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# Options that several subcommands take, declared once.
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a checkpoint folder in Diffusers' layout, or a Hub id")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import rapiddiff
 
 from .batch import checks
 from .batch import cli as batch_cli
+from .cli import add_device_argument, add_model_argument, subcommand_parser
 from .compile import compile_pipeline
 from .models.attention_processor import Attention
 from .pipelines.checks import check_number
@@ -38,6 +39,16 @@ SCHEDULER_ALIASES = {
     "dpm": "DPMSolverMultistepScheduler",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The pipeline call's arguments that options give: {argument: option's dest}.
+CALL_OPTIONS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "height": "height",
+    "width": "width",
+    "num_images_per_prompt": "num_images",
+}
 
 
 def _scheduler_name(text: str) -> str:
@@ -49,14 +60,9 @@ def _scheduler_name(text: str) -> str:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "generate",
-        help="generate images from a prompt",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = subcommand_parser(subparsers, "generate", "generate images from a prompt", __doc__)
     parser.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
-    parser.add_argument("--model", required=True, help="a checkpoint folder in Diffusers' layout, or a Hub id")
+    add_model_argument(parser)
     parser.add_argument("--negative-prompt", help="what the image should not show")
     parser.add_argument("--steps", type=checks.positive_int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -65,7 +71,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--width", type=checks.positive_int, help="image width in pixels (default: the model's)")
     parser.add_argument("--num-images", type=checks.positive_int, default=1, help="images to generate (default 1)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on the CPU")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--attention", choices=["sdpa", "vanilla"], default="sdpa",
                         help="sdpa: PyTorch's scaled_dot_product_attention (default); vanilla: matmul + softmax")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the pipeline's models")
@@ -119,17 +125,8 @@ def choose_pipeline(args: argparse.Namespace) -> str | None:
 
 def call_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dict[str, Any]:
     """Pipeline call arguments from the command line; image files are opened (and checked) here."""
-    kwargs = dict(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        num_images_per_prompt=args.num_images,
-        generator=generator,
-        output_type="pil",
-    )
+    kwargs = {name: getattr(args, dest) for name, dest in CALL_OPTIONS.items()}
+    kwargs |= dict(generator=generator, output_type="pil")
     if args.image:
         kwargs["image"] = checks.open_image(args.image, "RGB", "--image")
         if not args.mask:  # img2img takes the image's size

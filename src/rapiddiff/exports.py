@@ -60,6 +60,11 @@ EXPORTS = {
     "IFSafetyChecker": "pipelines.deepfloyd_if_safety",
     "IFWatermarker": "pipelines.deepfloyd_if_safety",
     "StableDiffusionUpscalePipeline": "pipelines.stable_diffusion_upscale",
+    "StableDiffusionXLPipeline": "pipelines.stable_diffusion_xl",
+    "StableDiffusionXLPipelineOutput": "pipelines.stable_diffusion_xl",
+    "StableDiffusionXLImg2ImgPipeline": "pipelines.stable_diffusion_xl_img2img",
+    "StableDiffusionXLInpaintPipeline": "pipelines.stable_diffusion_xl_inpaint",
+    "StableDiffusionXLControlNetPipeline": "pipelines.controlnet_sd_xl",
     # torch.compile recipe
     "compile_pipeline": "compile",
     # lower precision

@@ -1,10 +1,11 @@
 """Inductor freezing that never serves stale weights: `FrozenWeightsCall`, the compiled call `compile_pipeline` gives a
 module whose weights it freezes (the CPU default), and what it needs - a cheap check that no weight changed, and
-inductor's global freezing flag held on across threads while frozen calls run."""
+inductor's freezing flag on in each thread while its frozen calls run."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -146,14 +147,29 @@ class _GlobalFreezing:
     saved = False
 
 
+def _config_is_per_thread() -> bool:
+    """Newer torch keeps a config module's assignments per thread (a ContextVar for each key); older torch shares them
+    across threads."""
+    entry = getattr(torch._inductor.config, "_config", {}).get("freezing")
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
+
+
+_PER_THREAD_CONFIG = _config_is_per_thread()
+
+
 @contextlib.contextmanager
 def _global_freezing() -> Iterator[None]:
     """Inductor's global `freezing` flag on while a frozen call runs. Dynamo reads it when it traces, to make the
     parameters constants of the graph rather than graph inputs; `torch.compile(options={"freezing": True})` alone
     reaches inductor after that, with the weights already inputs it cannot fold or prepack (the compiled code is then
-    the recipe's). Counted, not patched and restored, so that threads in frozen calls at once never leave it on: the
-    last one out restores the value it had. (A module compiled elsewhere that traces during such a call freezes too.)
+    the recipe's). Where the config is per thread, each call patches its own thread's value. Where it is shared, it is
+    counted, not patched and restored, so that threads in frozen calls at once never leave it on: the last one out
+    restores the value it had. (A module compiled elsewhere that traces during such a call freezes too.)
     """
+    if _PER_THREAD_CONFIG:
+        with torch._inductor.config.patch(freezing=True):
+            yield
+        return
     with _GlobalFreezing.lock:
         if _GlobalFreezing.users == 0:
             _GlobalFreezing.saved = torch._inductor.config.freezing

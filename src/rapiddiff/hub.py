@@ -73,6 +73,19 @@ def resolve_file(
     return path
 
 
+def given_weight_file(
+    source: str | os.PathLike, weight_name: str | None, subfolder: str | None, **hub_kwargs: Any
+) -> Path | None:
+    """`source` itself when it is a file, else file `weight_name` of the folder or Hub repo `source` when given;
+    None: neither (the caller looks for its default file names)."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        return path
+    if weight_name is not None:
+        return resolve_file(source, weight_name, subfolder, **hub_kwargs)
+    return None
+
+
 def _snapshot(repo_id: str, *, allow_patterns: Sequence[str] | None, local_files_only: bool, **kwargs: Any) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import HFValidationError

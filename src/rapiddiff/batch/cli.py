@@ -32,6 +32,9 @@ from .run import (
 
 ENGINES = ("torchrun", "ray")
 DEFAULT_BATCH_SIZE = 4
+# The `BatchSettings` that options give as they are, under their own names.
+PLAIN_SETTINGS = ("model", "batch_size", "steps", "guidance", "negative_prompt", "num_images", "height", "width",
+                  "scheduler", "attention", "compile")  # fmt: skip
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,20 +92,10 @@ def run_command(args: argparse.Namespace, load_pipeline: Callable[..., Any], dty
     dtype = args.dtype or ("float16" if device_type == "cuda" else "float32")
     checks.check_seed(args.seed)
     settings = BatchSettings(
-        model=args.model,
-        batch_size=args.batch_size,
+        **{name: getattr(args, name) for name in PLAIN_SETTINGS},
         seed=args.seed if args.seed is not None else 0,
-        steps=args.steps,
-        guidance=args.guidance,
-        negative_prompt=args.negative_prompt,
-        num_images=args.num_images,
-        height=args.height,
-        width=args.width,
-        scheduler=args.scheduler,
-        attention=args.attention,
         dtype=dtype,
         device_type=device_type,
-        compile=args.compile,
     )
     job = BatchJob.prepare(settings, args.prompts, args.output, args.compile_cache, worker, args.overwrite)
     try:

@@ -9,14 +9,12 @@ it a local Ray starts. Install with `pip install 'rapiddiff[ray]'`.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..utils.ray_cluster import ray_session
 from .run import BatchJob, ChunkRunner, Worker, merge_manifest, warm_pipeline
 
 RETRIES = 3  # actor restarts and chunk retries before the job fails (a retried chunk is regenerated whole)
@@ -53,42 +51,18 @@ def run_ray(
 ) -> int:
     """Every pending chunk of the job through `workers` Ray actors, then the merged manifest; returns 0."""
     try:
-        import ray
-        import ray.data
+        import ray.data  # noqa: F401
     except ModuleNotFoundError as e:
         raise ValueError(f"--engine ray needs Ray Data: pip install 'rapiddiff[ray]' ({e})") from None
     pending = job.pending(Worker())
-    started = False
-    handlers = _signal_handlers()  # ray.init installs its own SIGTERM handler in the driver; put ours back after
-    if pending and not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:  # a local Ray: one CPU per actor and one for Ray Data's own tasks
-            ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        if pending:
+    if pending:  # a local Ray: one CPU per actor and one for Ray Data's own tasks
+        with ray_session(num_cpus=workers + 1, log_to_driver=False):
             run_chunks(job, args, load_pipeline, dtype, workers, pending, log)
-        else:
-            log("ray: nothing to do (every chunk is committed)")
-    finally:
-        if started:
-            ray.shutdown()
-            _restore_signal_handlers(handlers)
+    else:
+        log("ray: nothing to do (every chunk is committed)")
     if merge_manifest(job.layout, job.index.num_chunks):
         log(f"ray: all {job.index.total_images} image(s) done: {job.layout.manifest}")
     return 0
-
-
-def _signal_handlers() -> dict[int, Any]:
-    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
-    if threading.current_thread() is threading.main_thread():
-        for sig, handler in handlers.items():
-            if handler is not None:  # None: installed outside Python, cannot be restored from here
-                signal.signal(sig, handler)
 
 
 def run_chunks(

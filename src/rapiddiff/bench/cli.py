@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from ..batch.scale import add_parser as add_scale_parser
+from ..cli import add_device_argument, subcommand_parser
 from .backends import BACKENDS
 from .budget import BudgetSpent
 from .modes import MODES
 from .presets import CHECKPOINTS, PRESETS, resolve_preset
 from .report import FILES, batch_tables, load_document, merge_documents, settings_from_dict, write_outputs
-from .settings import PIPELINES, Settings
+from .settings import EXTRA_PIPELINES, PIPELINES, Settings
 from .sweep import run
 
 DEFAULT_OUT = "bench-out"
@@ -59,16 +60,13 @@ def _budgets() -> str:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "bench",
-        help="benchmark the denoising loop (iterations/s), rapiddiff vs diffusers",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = subcommand_parser(
+        subparsers, "bench", "benchmark the denoising loop (iterations/s), rapiddiff vs diffusers", __doc__
     )
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                         help="auto: gpu with CUDA, else cpu; tiny: seconds, for tests")  # fmt: skip
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, metavar="NAME",
-                        help=f"default: all of {', '.join(PIPELINES)}")  # fmt: skip
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES + EXTRA_PIPELINES, metavar="NAME",
+                        help=f"default: all of {', '.join(PIPELINES)}; also: {', '.join(EXTRA_PIPELINES)}")  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, metavar="N", help="default: the preset's")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), metavar="MODE",
                         help=f"{', '.join(MODES)}; default: the preset's")  # fmt: skip
@@ -82,7 +80,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "is wider than +-5 %%")  # fmt: skip
     parser.add_argument("--cell-seconds", type=float, help="no new round after this many seconds of timed calls")
     parser.add_argument("--warmup", type=int, help="untimed calls per cell before timing")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the preset's; gpu: torch's own)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the preset's")
     parser.add_argument("--model", action="append", type=_model_arg, default=[], metavar="NAME=PATH",
@@ -110,6 +108,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 MATRIX_OPTIONS = ("preset", "pipelines", "batch_sizes", "modes", "backends", "steps", "repeats", "max_repeats",
                   "cell_seconds", "warmup", "device", "threads", "dtype", "model")  # fmt: skip
+# The options that pass on to `Settings.create` as they are, under their own names.
+PLAIN_OPTIONS = (
+    "device",
+    "dtype",
+    "steps",
+    "repeats",
+    "max_repeats",
+    "cell_seconds",
+    "warmup",
+    "threads",
+    "time_budget",
+)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -162,21 +172,13 @@ def check_not_overwriting(out: Path, overwrite: bool) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.create(
         resolve_preset(args.preset, torch.cuda.is_available()),
-        device=args.device,
-        dtype=args.dtype,
         pipelines=tuple(args.pipelines or PIPELINES),
         batch_sizes=tuple(args.batch_sizes) if args.batch_sizes else None,
         modes=tuple(args.modes) if args.modes else None,
         backends=tuple(args.backends or BACKENDS),
-        steps=args.steps,
-        repeats=args.repeats,
-        max_repeats=args.max_repeats,
-        cell_seconds=args.cell_seconds,
-        warmup=args.warmup,
-        threads=args.threads,
         models=dict(args.model),
         progress=not args.no_progress,
-        time_budget=args.time_budget,
+        **{name: getattr(args, name) for name in PLAIN_OPTIONS},
     )
 
 

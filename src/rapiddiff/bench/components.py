@@ -100,13 +100,16 @@ def _scheduler(component: Component, backend: Backend, settings: Settings, real:
 
 
 def _text_encoder(component: Component, backend: Backend, settings: Settings, real: Path | None) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    import transformers
 
+    values = _config(component, settings, real, "config.json")
+    # CLIPTextModel, or SDXL's second encoder CLIPTextModelWithProjection, as the config's architectures say
+    cls = getattr(transformers, (values.get("architectures") or ["CLIPTextModel"])[0])
     if real is not None:
-        model = CLIPTextModel.from_pretrained(real, subfolder=component.subfolder, torch_dtype=settings.dtype)
+        model = cls.from_pretrained(real, subfolder=component.subfolder, torch_dtype=settings.dtype)
         return model.to(settings.device).eval()
-    config = CLIPTextConfig.from_dict(_config(component, settings, None, "config.json"))
-    return random_model(lambda: CLIPTextModel(config), settings.device, settings.dtype)
+    config = transformers.CLIPTextConfig.from_dict(values)
+    return random_model(lambda: cls(config), settings.device, settings.dtype)
 
 
 def _tokenizer(component: Component, backend: Backend, settings: Settings, real: Path | None) -> Any:
@@ -114,7 +117,7 @@ def _tokenizer(component: Component, backend: Backend, settings: Settings, real:
 
     # the x4 upscaler's configs ship without a tokenizer: it is SD 1.5's CLIP tokenizer
     folders = [
-        PRESETS_DIR / CHECKPOINTS[component.checkpoint] / "tokenizer",
+        PRESETS_DIR / CHECKPOINTS[component.checkpoint] / component.subfolder,
         PRESETS_DIR / CHECKPOINTS["sd"] / "tokenizer",
     ]
     if real is not None:

@@ -23,6 +23,7 @@ CHECKPOINTS = {
     "if_stage_1": "IF-I-M-v1.0",
     "if_stage_2": "IF-II-M-v1.0",
     "if_stage_3": "stable-diffusion-x4-upscaler",
+    "sdxl": "stable-diffusion-xl-base-1.0",
 }
 
 # The reference page's step counts (the pipelines' own defaults).
@@ -34,6 +35,7 @@ REFERENCE_STEPS = {
     "if_stage_1": 100,
     "if_stage_2": 50,
     "if_stage_3": 75,
+    "sdxl_txt2img": 30,  # not on the reference page: the step count of Diffusers' SDXL speed recipes
 }
 
 
@@ -61,6 +63,7 @@ class Preset:
     dtype: str  # "float16" | "float32"
     sd_size: int  # SD height = width (txt2img, img2img, inpaint, controlnet)
     if_sizes: tuple[int, int]  # IF stage I and stage II output size; stage III upscales the stage-I image x4
+    sdxl_size: int  # SDXL height = width
     steps: Mapping[str, int]  # figure -> steps of the long (timed, end-to-end) call
     batch_sizes: tuple[int, ...]
     modes: tuple[str, ...]
@@ -90,6 +93,14 @@ def _clip(width: int, layers: int, heads: int) -> dict[str, Any]:
                 num_attention_heads=heads, projection_dim=width)  # fmt: skip
 
 
+def _sdxl_unet(widths: list[int], heads: list[int], layers: list[int], text: int, time: int) -> dict[str, Any]:
+    """A narrower SDXL UNet reading two `text`-wide encoders (cross-attention on both, the second's pooled
+    projection plus 6 time ids of `time` features in the added embedding)."""
+    return dict(block_out_channels=widths, attention_head_dim=heads, transformer_layers_per_block=layers,
+                cross_attention_dim=2 * text, addition_time_embed_dim=time,
+                projection_class_embeddings_input_dim=text + 6 * time)  # fmt: skip
+
+
 CPU_OVERRIDES: dict[str, Mapping[str, Any]] = {
     **dict.fromkeys(
         _SD_DENOISERS, dict(block_out_channels=[64, 128, 256, 256], layers_per_block=1, cross_attention_dim=256)
@@ -106,6 +117,9 @@ CPU_OVERRIDES: dict[str, Mapping[str, Any]] = {
     "if_stage_3/unet": dict(block_out_channels=[64, 128, 128, 256], layers_per_block=1, cross_attention_dim=256),
     "if_stage_3/vae": dict(block_out_channels=[32, 64, 64], layers_per_block=1),
     "if_stage_3/text_encoder": _clip(256, 4, 4),
+    "sdxl/unet": _sdxl_unet([64, 128, 256], [1, 2, 4], [1, 1, 2], text=128, time=32) | dict(layers_per_block=1),
+    "sdxl/vae": dict(block_out_channels=[32, 64, 128, 128], layers_per_block=1),
+    **dict.fromkeys(("sdxl/text_encoder", "sdxl/text_encoder_2"), _clip(128, 2, 2)),
 }
 
 TINY_OVERRIDES: dict[str, Mapping[str, Any]] = {
@@ -127,15 +141,18 @@ TINY_OVERRIDES: dict[str, Mapping[str, Any]] = {
     "if_stage_3/unet": dict(block_out_channels=[32, 32, 32, 64], layers_per_block=1, cross_attention_dim=32),
     "if_stage_3/vae": dict(block_out_channels=[32, 32, 32], layers_per_block=1),
     "if_stage_3/text_encoder": _clip(32, 1, 2),
+    "sdxl/unet": _sdxl_unet([32, 32, 64], [1, 1, 2], [1, 1, 1], text=32, time=8) | dict(layers_per_block=1),
+    "sdxl/vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),
+    **dict.fromkeys(("sdxl/text_encoder", "sdxl/text_encoder_2"), _clip(32, 1, 2)),
 }
 
 # The 2-core CPU the `cpu` preset was tuned on (2026-12-07, quiet): compiles with a cold inductor cache, which later
 # figures of the same architecture partly reuse.
 CPU_ESTIMATES = Estimates(
     pair_s={"sd_txt2img": 0.85, "sd_img2img": 0.7, "sd_inpaint": 0.8, "sd_controlnet": 1.25, "if_stage_1": 0.75,
-            "if_stage_2": 1.5, "if_stage_3": 0.5},
+            "if_stage_2": 1.5, "if_stage_3": 0.5, "sdxl_txt2img": 1.0},
     compile_s={"sd_txt2img": 32.0, "sd_img2img": 11.0, "sd_inpaint": 19.0, "sd_controlnet": 33.0, "if_stage_1": 37.0,
-               "if_stage_2": 36.0, "if_stage_3": 27.0},
+               "if_stage_2": 36.0, "if_stage_3": 27.0, "sdxl_txt2img": 40.0},
     build_s=4.0,  # the first one imports the library's modules too
     batch_slope=0.55,
     reserve_s=15.0,
@@ -144,7 +161,7 @@ CPU_ESTIMATES = Estimates(
 # Not measured yet: of the right order for an H100 (SD 1.5 eager ~34 it/s at 512x512, a UNet compile about a minute).
 GPU_ESTIMATES = Estimates(
     pair_s={"sd_txt2img": 2.0, "sd_img2img": 1.6, "sd_inpaint": 2.0, "sd_controlnet": 2.8, "if_stage_1": 4.0,
-            "if_stage_2": 3.0, "if_stage_3": 10.0},
+            "if_stage_2": 3.0, "if_stage_3": 10.0, "sdxl_txt2img": 5.0},
     compile_s=dict.fromkeys(REFERENCE_STEPS, 60.0),
     build_s=5.0,
     batch_slope=0.9,
@@ -156,64 +173,38 @@ TINY_ESTIMATES = Estimates(
     batch_slope=0.5, reserve_s=1.0
 )  # fmt: skip
 
+# One line per aspect: sizes and steps; the default matrix; timing (rounds, warm-up, threads); configs and budget.
 PRESETS = {
     p.name: p
     for p in (
         Preset(
             name="gpu",
-            description="the reference matrix: real architectures, fp16, SD 512x512, default steps",
-            dtype="float16",
-            sd_size=512,
-            if_sizes=(64, 256),
-            steps=REFERENCE_STEPS,
-            batch_sizes=(1, 4, 16),
-            modes=("eager-sdpa", "compiled"),
-            repeats=3,
-            max_repeats=10,
-            cell_seconds=120.0,
-            warmup=2,
-            threads=None,
-            time_budget=1800.0,
-            estimates=GPU_ESTIMATES,
+            description="the reference matrix: real architectures, fp16, SD 512x512, default steps (SDXL: 1024x1024, 30)",
+            dtype="float16", sd_size=512, if_sizes=(64, 256), sdxl_size=1024, steps=REFERENCE_STEPS,
+            batch_sizes=(1, 4, 16), modes=("eager-sdpa", "compiled"),
+            repeats=3, max_repeats=10, cell_seconds=120.0, warmup=2, threads=None,
+            time_budget=1800.0, estimates=GPU_ESTIMATES,
         ),
         Preset(
             name="cpu",
-            description="scaled-down architectures, fp32, SD 128x128, IF 16 -> 64, 8 steps: minutes on two cores",
-            dtype="float32",
-            sd_size=128,
-            if_sizes=(16, 64),
-            steps=dict.fromkeys(REFERENCE_STEPS, 8),
-            batch_sizes=(1, 2),
-            modes=("eager-sdpa", "compiled"),
-            repeats=3,  # odd: the median drops one call slowed by a busy machine
-            max_repeats=9,
-            cell_seconds=25.0,
-            warmup=1,
-            threads=1,
-            overrides=CPU_OVERRIDES,
-            compiled_batch_sizes=(1,),  # a CPU compile takes tens of seconds: one per pipeline and backend
-            time_budget=600.0,
-            estimates=CPU_ESTIMATES,
+            description="scaled-down architectures, fp32, SD and SDXL 128x128, IF 16 -> 64, 8 steps: minutes on two cores",
+            dtype="float32", sd_size=128, if_sizes=(16, 64), sdxl_size=128, steps=dict.fromkeys(REFERENCE_STEPS, 8),
+            # a CPU compile takes tens of seconds: one per pipeline and backend, at batch size 1
+            batch_sizes=(1, 2), modes=("eager-sdpa", "compiled"), compiled_batch_sizes=(1,),
+            # repeats odd: the median drops one call slowed by a busy machine
+            repeats=3, max_repeats=9, cell_seconds=25.0, warmup=1, threads=1,
+            overrides=CPU_OVERRIDES, time_budget=600.0, estimates=CPU_ESTIMATES,
         ),
         Preset(
             name="tiny",
             description="tiny architectures, fp32, SD 64x64, 6 steps: seconds, for tests",
-            dtype="float32",
-            sd_size=64,
-            if_sizes=(16, 32),
-            steps=dict.fromkeys(REFERENCE_STEPS, 6),
-            batch_sizes=(1, 2),
-            modes=("eager-sdpa", "eager-vanilla"),
-            repeats=1,
-            max_repeats=1,
-            cell_seconds=0.0,
-            warmup=1,
-            threads=1,
-            overrides=TINY_OVERRIDES,
-            estimates=TINY_ESTIMATES,
+            dtype="float32", sd_size=64, if_sizes=(16, 32), sdxl_size=64, steps=dict.fromkeys(REFERENCE_STEPS, 6),
+            batch_sizes=(1, 2), modes=("eager-sdpa", "eager-vanilla"),
+            repeats=1, max_repeats=1, cell_seconds=0.0, warmup=1, threads=1,
+            overrides=TINY_OVERRIDES, estimates=TINY_ESTIMATES,
         ),
     )
-}
+}  # fmt: skip
 
 
 def resolve_preset(name: str, cuda_available: bool) -> Preset:

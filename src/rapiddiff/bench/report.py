@@ -45,7 +45,7 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
         "preset": p.name,
         "device": str(settings.device),
         "dtype": str(settings.dtype).removeprefix("torch."),
-        "sizes": {"sd": p.sd_size, "if_stage_1": p.if_sizes[0], "if_stage_2": p.if_sizes[1]},
+        "sizes": {"sd": p.sd_size, "if_stage_1": p.if_sizes[0], "if_stage_2": p.if_sizes[1], "sdxl": p.sdxl_size},
         "steps": {f: {"long": n, "short": short_steps(n)} for f, n in settings.steps.items()},
         "repeats": settings.repeats,
         "max_repeats": settings.max_repeats,

@@ -1,6 +1,6 @@
 """The reference page's workloads: each figure (row of the report) is a pipeline class, its components and its call inputs.
 
-Five pipelines, seven figures: DeepFloyd IF reports one figure per stage. All inputs are made here (no downloads):
+Five pipelines, seven figures: DeepFloyd IF reports one figure per stage; SDXL text-to-image runs when named. All inputs are made here (no downloads):
 the init image, the inpainting mask, the control (edge) image, and IF's random prompt embeddings of shape
 (batch, 2, 4096). As on the reference page, only IF stage I is batched; stages II and III run at batch 1 on a stage-I-sized
 image, and the x4 upscaler gets it with noise_level=100.
@@ -52,6 +52,14 @@ def sd_components(checkpoint: str) -> dict[str, Component]:
         "tokenizer": Component(checkpoint, "tokenizer", "tokenizer"),
         "unet": Component(checkpoint, "unet", "model"),
         "scheduler": Component(checkpoint, "scheduler", "scheduler"),
+    }
+
+
+def sdxl_components(checkpoint: str) -> dict[str, Component]:
+    return {
+        **sd_components(checkpoint),
+        "text_encoder_2": Component(checkpoint, "text_encoder_2", "text_encoder"),
+        "tokenizer_2": Component(checkpoint, "tokenizer_2", "tokenizer"),
     }
 
 
@@ -118,6 +126,11 @@ def sd_controlnet_inputs(settings: Settings, batch: int) -> dict[str, Any]:
     return _sd_call(settings, batch, image=edge_image(settings.preset.sd_size))
 
 
+def sdxl_txt2img_inputs(settings: Settings, batch: int) -> dict[str, Any]:
+    size = settings.preset.sdxl_size
+    return _sd_call(settings, batch, sized=False, height=size, width=size)
+
+
 def if_stage_1_inputs(settings: Settings, batch: int) -> dict[str, Any]:
     size = settings.preset.if_sizes[0]
     return dict(height=size, width=size, output_type="pt", **prompt_embeds(settings, batch))
@@ -148,6 +161,8 @@ FIGURES = (
     Figure("if_stage_3", "if", "IF - stage III (x4 upscaler)", "StableDiffusionUpscalePipeline",
            {**sd_components("if_stage_3"), "low_res_scheduler": Component("if_stage_3", "low_res_scheduler", "scheduler")},
            if_stage_3_inputs, batched=False),
+    Figure("sdxl_txt2img", "sdxl_txt2img", "SDXL - txt2img", "StableDiffusionXLPipeline", sdxl_components("sdxl"),
+           sdxl_txt2img_inputs, dict(add_watermarker=False)),
 )  # fmt: skip
 FIGURES_BY_NAME = {f.name: f for f in FIGURES}
 

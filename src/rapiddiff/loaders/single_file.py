@@ -20,23 +20,25 @@ import torch
 
 from ..configuration import read_json
 from ..exports import exported_class
-from ..models.modeling_utils import load_state_dict_file, resolve_dtype_arg
-from ..presets import PRESETS_DIR
-from ..quantization.config import pipeline_quantization
-from ..quantization.torchao_quant import check_quantization_config, quantize_loaded
-from .single_file_keys import (
+from ..models.modeling_utils import resolve_dtype_arg
+from ..models.single_file import cast_floats, load_model, read_checkpoint, read_model_config
+from ..models.single_file_keys import (
     CLIP_PREFIX,
-    CONTROLNET_PREFIX,
     OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
+    XL_CLIP_PREFIX,
+    XL_OPENCLIP_PREFIX,
+    XL_REFINER_OPENCLIP_PREFIX,
     clip_rules,
-    controlnet_rules,
     openclip_rules,
     to_diffusers,
     unet_rules,
     vae_rules,
 )
+from ..presets import PRESETS_DIR
+from ..quantization.config import pipeline_quantization
+from ..quantization.torchao_quant import quantize_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -44,34 +46,22 @@ PRESETS = {
     "v1": "stable-diffusion-v1-5",
     "v1-inpainting": "stable-diffusion-inpainting",
     "v2": "stable-diffusion-2-1",
-    "controlnet-v1": "sd-controlnet-canny",
+    "xl-base": "stable-diffusion-xl-base-1.0",
+    "xl-refiner": "stable-diffusion-xl-refiner-1.0",
+}
+# The text encoders of each architecture: (component, key prefix, OpenCLIP layout?).
+TEXT_ENCODERS = {
+    "v1": (("text_encoder", CLIP_PREFIX, False),),
+    "v2": (("text_encoder", OPENCLIP_PREFIX, True),),
+    "xl-base": (("text_encoder", XL_CLIP_PREFIX, False), ("text_encoder_2", XL_OPENCLIP_PREFIX, True)),
+    "xl-refiner": (("text_encoder_2", XL_REFINER_OPENCLIP_PREFIX, True),),
 }
 
 
 # --- reading the file and finding the architecture --------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A `.safetensors` or `.ckpt` / `.pt` / `.bin` file (pickles read with weights_only=True): the raw key -> tensor dict,
-    plus `global_step` where a .ckpt stores it."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a folder: from_single_file reads one checkpoint file (from_pretrained reads folders)"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"single-file checkpoint {str(path)!r} does not exist")
-    data = load_state_dict_file(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
-    step = data.get("global_step")
-    state = data.get("state_dict", data)
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"{path}: no tensors found (keys: {sorted(state)[:8]})")
-    return {"state": tensors, "global_step": step if isinstance(step, int) else None}
-
-
 def detect(state: Mapping[str, torch.Tensor], path: str) -> str:
-    """The architecture of an original SD checkpoint, from its keys and shapes: "v1", "v1-inpainting", "v2", "v2-inpainting"."""
+    """The architecture of an original SD checkpoint, from its keys and shapes: "v1", "v2", "xl-base", "xl-refiner",
+    with "-inpainting" for a 9-channel UNet."""
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         sample = ", ".join(sorted(state)[:5])
@@ -79,10 +69,14 @@ def detect(state: Mapping[str, torch.Tensor], path: str) -> str:
             f"{path} is not a Stable Diffusion checkpoint in the original layout: no {UNET_PREFIX}input_blocks.0.0.weight "
             f"(first keys: {sample})"
         )
+    inpainting = "-inpainting" if conv_in.shape[1] == 9 else ""
+    if any(k.startswith("conditioner.embedders.") for k in state):  # SDXL: the refiner has one (OpenCLIP) embedder
+        xl = "xl-base" if any(k.startswith("conditioner.embedders.1.") for k in state) else "xl-refiner"
+        return xl + inpainting
     context = [v.shape[-1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
     v2 = any(k.startswith(OPENCLIP_PREFIX) for k in state) or 1024 in context
     kind = "v2" if v2 else "v1"
-    return kind + ("-inpainting" if conv_in.shape[1] == 9 else "")
+    return kind + inpainting
 
 
 def config_folder(kind: str, config: str | os.PathLike | None) -> Path:
@@ -100,37 +94,16 @@ def config_folder(kind: str, config: str | os.PathLike | None) -> Path:
     return PRESETS_DIR / PRESETS[kind]
 
 
-def _model_config(folder: Path, name: str | None) -> dict[str, Any]:
-    path = (folder / name if name else folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    return read_json(path)
-
-
 # --- building the models ---------------------------------------------------------------------------------------------
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | str) -> dict[str, torch.Tensor]:
-    if dtype == "auto":
-        return state
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def load_model(
-    cls: type, config: Mapping[str, Any], state: dict[str, torch.Tensor], source: str, **overrides: Any
-) -> Any:
-    """A rapiddiff model built on the meta device from `config`, holding the converted tensors."""
-    parsed = cls._parse_config(config, overrides, source=source)
-    with torch.device("meta"):
-        model = cls(parsed)
-    model.load_checkpoint_state(state, source=source)
-    return model.eval()
-
-
 def load_text_encoder(config: Mapping[str, Any], state: dict[str, torch.Tensor], source: str) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A CLIPTextModel, or the CLIPTextModelWithProjection its config's `architectures` names (SDXL's second)."""
+    import transformers
 
-    text_config = CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    text_config = transformers.CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer transformers builds
-    model = CLIPTextModel(text_config)
+    with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    model = cls(text_config)
     dtype = next(iter(state.values())).dtype
     model.to(dtype)
     if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5 drops the level
@@ -164,27 +137,27 @@ def convert_components(
     folder = config_folder(kind, config)
     models: dict[str, Any] = {}
     if "unet" not in skip:
-        unet_config = _model_config(folder, "unet")
+        unet_config = read_model_config(folder, "unet")
         what = f"{source} (UNet, {kind}, config {folder / 'unet'})"
-        converted = _cast(to_diffusers(state, unet_rules(unet_config), what, (UNET_PREFIX,)), dtype)
+        converted = cast_floats(to_diffusers(state, unet_rules(unet_config), what, (UNET_PREFIX,)), dtype)
         models["unet"] = load_model(UNet2DConditionModel, unet_config, converted, what)
     if "vae" not in skip:
-        vae_config = _model_config(folder, "vae")
+        vae_config = read_model_config(folder, "vae")
         what = f"{source} (VAE, config {folder / 'vae'})"
-        converted = _cast(to_diffusers(state, vae_rules(vae_config), what, (VAE_PREFIX,)), dtype)
+        converted = cast_floats(to_diffusers(state, vae_rules(vae_config), what, (VAE_PREFIX,)), dtype)
         if not converted:
             raise ValueError(f"{source} has no VAE weights ({VAE_PREFIX}*): pass vae=")
         models["vae"] = load_model(AutoencoderKL, vae_config, converted, what)
-    if "text_encoder" not in skip:
-        text_config = _model_config(folder, "text_encoder")
-        openclip = any(k.startswith(OPENCLIP_PREFIX) for k in state)
-        rules = openclip_rules(text_config) if openclip else clip_rules(text_config)
-        owned = (OPENCLIP_PREFIX if openclip else CLIP_PREFIX,)
-        what = f"{source} (text encoder, config {folder / 'text_encoder'})"
-        converted = to_diffusers(state, rules, what, owned)
+    for name, prefix, openclip in TEXT_ENCODERS[kind.removesuffix("-inpainting")]:
+        if name in skip:
+            continue
+        text_config = read_model_config(folder, name)
+        rules = openclip_rules(text_config, prefix) if openclip else clip_rules(text_config, prefix)
+        what = f"{source} ({name}, config {folder / name})"
+        converted = to_diffusers(state, rules, what, (prefix,))
         if not converted:
-            raise ValueError(f"{source} has no text encoder weights (cond_stage_model.*): pass text_encoder=")
-        models["text_encoder"] = load_text_encoder(text_config, _cast(converted, dtype), what)
+            raise ValueError(f"{source} has no {name} weights ({prefix}*): pass {name}=")
+        models[name] = load_text_encoder(text_config, cast_floats(converted, dtype), what)
     return folder, models, kind, checkpoint["global_step"]
 
 
@@ -255,41 +228,6 @@ def pipeline_from_single_file(
     )
     pipe._name_or_path = str(path)
     return pipe
-
-
-def controlnet_from_single_file(
-    cls: type,
-    path: str | os.PathLike,
-    *,
-    config: str | os.PathLike | None = None,
-    torch_dtype: Any = None,
-    dtype: Any = None,
-    quantization_config: Any = None,
-) -> Any:
-    """`ControlNetModel.from_single_file`: an original ControlNet file (`control_model.*` or bare keys)."""
-    where = f"{cls.__name__}.from_single_file"
-    if quantization_config is not None:
-        check_quantization_config(quantization_config, where)
-    load_dtype = resolve_dtype_arg(torch_dtype, dtype, where)
-    state, source = read_checkpoint(path)["state"], str(path)
-    prefix = CONTROLNET_PREFIX if any(k.startswith(CONTROLNET_PREFIX) for k in state) else ""
-    if prefix + "input_hint_block.0.weight" not in state:
-        raise ValueError(f"{source} is not a ControlNet in the original layout: no {prefix}input_hint_block.0.weight")
-    if config is not None:
-        folder = Path(os.path.expanduser(str(config)))
-        if not (folder / "config.json").is_file() and (folder / "controlnet" / "config.json").is_file():
-            folder = folder / "controlnet"
-    else:
-        context = state[prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[-1]
-        if context != 768:
-            raise ValueError(
-                f"{source}: a ControlNet for a cross-attention width of {context} (not SD 1.x): pass config="
-            )
-        folder = PRESETS_DIR / PRESETS["controlnet-v1"]
-    net_config = _model_config(folder, None)
-    converted = _cast(to_diffusers(state, controlnet_rules(net_config, prefix), source, (prefix,)), load_dtype)
-    model = load_model(cls, net_config, converted, f"{source} (ControlNet)")
-    return quantize_loaded(model, quantization_config, torch_dtype or dtype, where)
 
 
 def _scheduler(folder: Path, prediction_type: str | None) -> Any:

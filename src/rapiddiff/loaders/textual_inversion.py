@@ -10,15 +10,13 @@ adds the tokens `tok`, `tok_1`, ..., `tok_{n-1}`, and prompts mentioning `tok` a
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..hub import resolve_dir, resolve_file
+from ..hub import given_weight_file, resolve_dir
 from ..utils import concurrency
 from ..utils.torch_utils import first_non_finite
 
@@ -32,12 +30,8 @@ def _read(
     """(state dict or tensor, description) of one textual-inversion source."""
     if isinstance(source, (Mapping, torch.Tensor)):
         return source, "(a state dict)" if isinstance(source, Mapping) else "(a tensor)"
-    path = Path(os.path.expanduser(str(source)))
-    if path.is_file():
-        file = path
-    elif weight_name is not None:
-        file = resolve_file(source, weight_name, subfolder, **hub)
-    else:
+    file = given_weight_file(source, weight_name, subfolder, **hub)
+    if file is None:
         names = {None: TI_WEIGHT_NAMES, True: TI_WEIGHT_NAMES[:1], False: TI_WEIGHT_NAMES[::-1]}[use_safetensors]
         patterns = [f"{subfolder}/{n}" if subfolder else n for n in names]
         folder = resolve_dir(source, subfolder, allow_patterns=patterns, **hub)

@@ -6,9 +6,10 @@ giving the mean and log-variance of the latent. Decoder mirrors it with nearest-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -322,16 +323,24 @@ class AutoencoderKL(ModelMixin, FusedProjectionsMixin):
         image = self._sliced(self._decode, z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
-    def decode_upcast(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode as Diffusers' x4-upscale pipeline does: when `needs_upcasting`, the whole VAE runs in float32 for
-        this call (and is cast back to float16 after); `z` is cast to the weights' dtype. Returns the image tensor."""
+    @contextlib.contextmanager
+    def upcast(self) -> Iterator[None]:
+        """Inside the block the VAE runs in float32 when `needs_upcasting` (cast back to float16 after), as
+        Diffusers' SDXL and x4-upscale pipelines encode and decode."""
         if not self.needs_upcasting:
-            return self.decode(z.to(self.dtype), return_dict=False)[0]
+            yield
+            return
         self.to(torch.float32)
         try:
-            return self.decode(z.to(torch.float32), return_dict=False)[0]
+            yield
         finally:
             self.to(torch.float16)
+
+    def decode_upcast(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode as Diffusers' x4-upscale and SDXL pipelines do: in float32 when `needs_upcasting` (`upcast`); `z`
+        is cast to the weights' dtype. Returns the image tensor."""
+        with self.upcast():
+            return self.decode(z.to(self.dtype), return_dict=False)[0]
 
     def decode_finite(self, z: torch.Tensor) -> torch.Tensor:
         """Decode in the VAE's own dtype (as Diffusers' SD pipelines do, at float16 speed); if a float16 VAE with

@@ -21,13 +21,20 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
-from .embeddings import TimestepEmbedding, Timesteps, batch_timesteps
+from .embeddings import (
+    TimestepEmbedding,
+    Timesteps,
+    batch_timesteps,
+    check_added_cond_kwargs,
+    text_time_features,
+)
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS
+from .single_file import controlnet_from_single_file
 from .unet_2d_condition import level_options, mask_to_bias
 from .unet_blocks import get_down_block, get_mid_block, run_down_blocks
 
-# The Stable Diffusion block types; Diffusers' other ControlNet variants (SDXL, class-conditioned) are not implemented.
+# The Stable Diffusion (1.x, 2.x, XL) block types; class-conditioned ControlNets are not implemented.
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 
@@ -69,7 +76,7 @@ class ControlNetConfig(Config):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     num_class_embeds: int | None = None
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False
     resnet_time_scale_shift: str = "default"
     projection_class_embeddings_input_dim: int | None = None
     controlnet_conditioning_channel_order: str = "rgb"
@@ -84,17 +91,17 @@ class ControlNetConfig(Config):
         self.check_choice("act_fn", tuple(ACTIVATIONS))
         self.check_choice("resnet_time_scale_shift", ("default", "scale_shift"))
         self.check_choice("controlnet_conditioning_channel_order", ("rgb", "bgr"))
-        # Conditioning of SDXL / class-conditioned ControlNets: not implemented.
-        for key in (
-            "encoder_hid_dim",
-            "encoder_hid_dim_type",
-            "class_embed_type",
-            "addition_embed_type",
-            "addition_time_embed_dim",
-            "num_class_embeds",
-            "projection_class_embeddings_input_dim",
-        ):
+        # Conditioning of class-conditioned / text-projected ControlNets: not implemented.
+        for key in ("encoder_hid_dim", "encoder_hid_dim_type", "class_embed_type", "num_class_embeds"):
             self.check_choice(key, (None,))
+        self.check_choice("addition_embed_type", (None, "text_time"))  # SDXL's
+        if self.addition_embed_type == "text_time" and (
+            self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
+        ):
+            raise ConfigError(
+                f"{name}: addition_embed_type='text_time' (SDXL) needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
         for key in ("layers_per_block", "cross_attention_dim", "norm_num_groups"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -171,6 +178,10 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
         self.time_proj = Timesteps(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         self.time_embedding = TimestepEmbedding(ch[0], time_dim, cfg.act_fn)
+        self.add_time_proj = self.add_embedding = None
+        if cfg.addition_embed_type == "text_time":  # SDXL: the UNet's pooled-text + micro-conditioning embedding
+            self.add_time_proj = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_dim)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             ch[0], cfg.conditioning_channels, cfg.conditioning_embedding_out_channels
         )
@@ -207,8 +218,9 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
             conditioning_channels=conditioning_channels,
         )
         if load_weights_from_unet:
-            for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
-                getattr(model, name).load_state_dict(getattr(unet, name).state_dict())
+            for name in ("conv_in", "time_proj", "time_embedding", "add_embedding", "down_blocks", "mid_block"):
+                if getattr(model, name, None) is not None:
+                    getattr(model, name).load_state_dict(getattr(unet, name).state_dict())
         return model
 
     @classmethod
@@ -223,15 +235,8 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         """An original-layout ControlNet file (`control_model.*`, e.g. control_v11p_sd15_canny.pth), offline; the
         config from `config=` (a local folder) or the SD 1.x ControlNet preset; `quantization_config=` a
         `TorchAoConfig`, as in from_pretrained."""
-        from ..loaders.single_file import controlnet_from_single_file
-
         return controlnet_from_single_file(
-            cls,
-            pretrained_model_link_or_path,
-            config=config,
-            torch_dtype=torch_dtype,
-            dtype=dtype,
-            quantization_config=quantization_config,
+            cls, pretrained_model_link_or_path, config, torch_dtype, dtype, quantization_config
         )
 
     def forward(
@@ -253,11 +258,11 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
 
         conditioning_scale: a number or a 0-d tensor (a tensor keeps a compiled model from recompiling when the scale
         changes). guess_mode: scale the residuals from 0.1 (first skip) up to 1 (mid), for prompt-free control.
-        class_labels, timestep_cond and added_cond_kwargs (class-conditioned / SDXL ControlNets) must be None.
+        added_cond_kwargs: SDXL ControlNets' {"text_embeds", "time_ids"}, as the UNet's; else None. class_labels and
+        timestep_cond (class-conditioned / LCM ControlNets) must be None.
         """
-        self._check_inputs(
-            sample, encoder_hidden_states, controlnet_cond, class_labels, timestep_cond, added_cond_kwargs
-        )
+        self._check_inputs(sample, encoder_hidden_states, controlnet_cond, class_labels, timestep_cond)
+        check_added_cond_kwargs(self.config, added_cond_kwargs, sample.shape[0])
         cfg = self.config
         if cfg.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])
@@ -268,6 +273,8 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         )
         t_emb = self.time_proj(batch_timesteps(timestep, sample.shape[0], sample.device)).to(sample.dtype)
         emb = self.time_embedding(t_emb)
+        if self.add_time_proj is not None:
+            emb = emb + self.add_embedding(text_time_features(self.add_time_proj, added_cond_kwargs, emb.dtype))
 
         hidden = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
         hidden, skips = run_down_blocks(self.down_blocks, hidden, emb, **attn_kwargs)
@@ -295,12 +302,9 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         controlnet_cond: torch.Tensor,
         class_labels: Any,
         timestep_cond: Any,
-        added_cond_kwargs: Any,
     ) -> None:
         cfg = self.config
-        unsupported = dict(
-            class_labels=class_labels, timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs or None
-        )
+        unsupported = dict(class_labels=class_labels, timestep_cond=timestep_cond)
         for key, value in unsupported.items():
             if value is not None:
                 raise ValueError(f"{key} is not supported by rapiddiff's ControlNetModel; pass None")

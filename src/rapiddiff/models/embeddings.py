@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +148,47 @@ class TextTimeEmbedding(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.proj(self.pool(self.norm1(hidden_states))))
+
+
+def text_time_features(
+    time_proj: Timesteps, added_cond_kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """SDXL's added conditioning (`addition_embed_type="text_time"`): the pooled text embedding (B, P) next to the
+    sinusoidal features of each micro-conditioning number (`time_ids` (B, N): sizes and crop offsets), (B, P + N*D)
+    in `dtype`, for the `add_embedding` MLP."""
+    text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+    time_embeds = time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+    return torch.cat([text_embeds.to(time_embeds.dtype), time_embeds], dim=-1).to(dtype)
+
+
+def check_added_cond_kwargs(config: Any, added_cond_kwargs: Any, batch: int) -> None:
+    """`added_cond_kwargs` against a UNet / ControlNet config: SDXL's two tensors, of widths that fill the
+    `add_embedding` input (pooled width + len(time_ids) x addition_time_embed_dim), for text_time models; None (or
+    empty) for the others."""
+    name = type(config).__name__.removesuffix("Config")
+    if config.addition_embed_type != "text_time":
+        if added_cond_kwargs:
+            raise ValueError(
+                f"added_cond_kwargs={sorted(added_cond_kwargs)!r} given, but this {name} has "
+                f"addition_embed_type={config.addition_embed_type!r}; they are SDXL's (text_time) inputs: pass None"
+            )
+        return
+    if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+        got = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else added_cond_kwargs
+        raise ValueError(
+            f"added_cond_kwargs must hold 'text_embeds' and 'time_ids' for this {name} "
+            f"(addition_embed_type='text_time'), got {got!r}"
+        )
+    text, ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+    for key, value in (("text_embeds", text), ("time_ids", ids)):
+        if not torch.is_tensor(value) or value.ndim != 2 or value.shape[0] != batch:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"added_cond_kwargs[{key!r}] must be a (batch={batch}, n) tensor, got {shape}")
+    width = text.shape[1] + ids.shape[1] * config.addition_time_embed_dim
+    if width != config.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"added_cond_kwargs: text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} give "
+            f"{text.shape[1]} + {ids.shape[1]} x {config.addition_time_embed_dim} = {width} features; this {name} "
+            f"takes projection_class_embeddings_input_dim={config.projection_class_embeddings_input_dim} "
+            "(SDXL base: 1280 pooled + 6 ids; the refiner: 1280 + 5 ids with the aesthetic score)"
+        )

@@ -16,7 +16,14 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
-from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps, batch_timesteps
+from .embeddings import (
+    TextTimeEmbedding,
+    TimestepEmbedding,
+    Timesteps,
+    batch_timesteps,
+    check_added_cond_kwargs,
+    text_time_features,
+)
 from .fused_projections import FusedProjectionsMixin
 from .lora_adapter import LoraModelMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
@@ -80,7 +87,7 @@ class UNet2DConditionConfig(Config):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     num_class_embeds: int | None = None
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # None (SDXL's files): False, as in Diffusers
     resnet_time_scale_shift: str = "default"
     resnet_skip_time_act: bool = False
     resnet_out_scale_factor: float = 1.0
@@ -110,15 +117,21 @@ class UNet2DConditionConfig(Config):
         self.check_choice("resnet_time_scale_shift", ("default", "scale_shift"))
         self.check_choice("time_embedding_type", ("positional",))
         self.check_choice("class_embed_type", (None, *CLASS_EMBED_TYPES))
-        self.check_choice("addition_embed_type", (None, "text"))
+        self.check_choice("addition_embed_type", (None, "text", "text_time"))
         self.check_choice("encoder_hid_dim_type", (None, "text_proj"))
         self.check_choice("cross_attention_norm", (None, "group_norm"))
         self.check_choice("attention_type", ("default",))
         self.check_choice("dual_cross_attention", (False,))
         self.check_choice("class_embeddings_concat", (False,))
-        # Features of other Diffusers models (SDXL, LCM, asymmetric UNets): not implemented.
-        for key in ("reverse_transformer_layers_per_block", "addition_time_embed_dim"):
-            self.check_choice(key, (None,))
+        # Asymmetric UNets (a separate up-path layer count): not implemented.
+        self.check_choice("reverse_transformer_layers_per_block", (None,))
+        if self.addition_embed_type == "text_time" and (
+            self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
+        ):
+            raise ConfigError(
+                f"{name}: addition_embed_type='text_time' (SDXL) needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
         if self.class_embed_type in ("projection", "simple_projection") and (
             self.projection_class_embeddings_input_dim is None
         ):
@@ -160,7 +173,9 @@ class UNet2DConditionConfig(Config):
             object.__setattr__(self, "encoder_hid_dim_type", "text_proj")
         if self.encoder_hid_dim_type is not None and self.encoder_hid_dim is None:
             raise ConfigError(f"{name}: encoder_hid_dim_type={self.encoder_hid_dim_type!r} needs encoder_hid_dim")
-        if (self.encoder_hid_dim_type or self.addition_embed_type) and not isinstance(self.cross_attention_dim, int):
+        if (self.encoder_hid_dim_type or self.addition_embed_type == "text") and not isinstance(
+            self.cross_attention_dim, int
+        ):
             raise ConfigError(
                 f"{name}: cross_attention_dim={self.cross_attention_dim!r} must be one int with "
                 "encoder_hid_dim_type / addition_embed_type"
@@ -205,7 +220,7 @@ def level_options(cfg: Any, temb_channels: int) -> list[BlockOptions]:
             transformer_layers=layers[i],
             use_linear_projection=cfg.use_linear_projection,
             only_cross_attention=only_cross[i],
-            upcast_attention=cfg.upcast_attention,
+            upcast_attention=bool(cfg.upcast_attention),
             cross_attention_norm=getattr(cfg, "cross_attention_norm", None),
         )
         for i in range(n)
@@ -259,9 +274,13 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             self.class_embedding = nn.Embedding(cfg.num_class_embeds, time_dim)
         else:
             self.class_embedding = None
+        self.add_time_proj = None
         if cfg.addition_embed_type == "text":
             text_dim = cfg.encoder_hid_dim or cfg.cross_attention_dim
             self.add_embedding = TextTimeEmbedding(text_dim, time_dim, num_heads=cfg.addition_embed_type_num_heads)
+        elif cfg.addition_embed_type == "text_time":  # SDXL: pooled text + sinusoidal size/crop micro-conditioning
+            self.add_time_proj = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_dim)
         else:
             self.add_embedding = None
         self.time_embed_act = activation(cfg.time_embedding_act_fn) if cfg.time_embedding_act_fn else None
@@ -325,6 +344,7 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         class_labels: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor,
         timestep_cond: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The (B, time_embed_dim) embedding every resnet receives."""
         batch = sample.shape[0]
@@ -334,7 +354,9 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(batch_timesteps(class_labels, batch, sample.device)).to(sample.dtype)
             emb = emb + self.class_embedding(class_labels).to(sample.dtype)
-        if self.add_embedding is not None:
+        if self.add_time_proj is not None:
+            emb = emb + self.add_embedding(text_time_features(self.add_time_proj, added_cond_kwargs, emb.dtype))
+        elif self.add_embedding is not None:
             emb = emb + self.add_embedding(encoder_hidden_states)  # the raw text, before encoder_hid_proj
         return self.time_embed_act(emb) if self.time_embed_act is not None else emb
 
@@ -361,8 +383,9 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         embedding. attention_mask / encoder_attention_mask: (B, S) keep(1)/discard(0). down_block_additional_residuals
         (one per skip) and mid_block_additional_residual: ControlNet outputs, added to the skips and the mid output.
         timestep_cond: (B, time_cond_proj_dim), for an LCM-distilled UNet (time_cond_proj_dim set): the guidance-scale
-        embedding (`guidance_scale_embedding`), added to the time features. Argument order as Diffusers;
-        added_cond_kwargs and down_intrablock_additional_residuals (SDXL / T2I-Adapter features) must be None.
+        embedding (`guidance_scale_embedding`), added to the time features. added_cond_kwargs: for SDXL UNets
+        (`addition_embed_type="text_time"`) {"text_embeds": (B, pooled width), "time_ids": (B, N)}, else None.
+        Argument order as Diffusers; down_intrablock_additional_residuals (T2I-Adapter) must be None.
         """
         self._check_inputs(
             sample,
@@ -371,11 +394,9 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
             down_block_additional_residuals,
             mid_block_additional_residual,
             timestep_cond,
-            unsupported=dict(
-                added_cond_kwargs=added_cond_kwargs or None,
-                down_intrablock_additional_residuals=down_intrablock_additional_residuals,
-            ),
+            unsupported=dict(down_intrablock_additional_residuals=down_intrablock_additional_residuals),
         )
+        check_added_cond_kwargs(self.config, added_cond_kwargs, sample.shape[0])
         attention_mask = mask_to_bias(attention_mask, sample.dtype)
         encoder_attention_mask = mask_to_bias(encoder_attention_mask, sample.dtype)
         attn_kwargs = dict(
@@ -386,7 +407,9 @@ class UNet2DConditionModel(LoraModelMixin, AttentionSlicingMixin, ModelMixin, Fu
         )
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = self.embed_conditions(sample, timestep, class_labels, encoder_hidden_states, timestep_cond)
+        emb = self.embed_conditions(
+            sample, timestep, class_labels, encoder_hidden_states, timestep_cond, added_cond_kwargs
+        )
         if self.encoder_hid_proj is not None:
             attn_kwargs["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
 

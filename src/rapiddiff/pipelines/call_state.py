@@ -31,6 +31,9 @@ class CallState:
     guidance_rescale: float = 0.0
     clip_skip: int | None = None
     cross_attention_kwargs: Mapping[str, Any] | None = None
+    # SDXL's share of the schedule (Diffusers' `pipe.denoising_start` / `pipe.denoising_end`)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
     num_timesteps: int | None = None
     interrupt: bool = False
     scheduler: Any = None

@@ -89,6 +89,9 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             feature_extractor=feature_extractor,
             image_encoder=image_encoder,
         )
+        self.make_control_processors()
+
+    def make_control_processors(self) -> None:
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
         self.control_image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
@@ -208,7 +211,14 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             else:
                 scale = step_scales[i, 0]
             down, mid = self.controlnet(
-                x_control, t, embeds, cond["image"], scale, guess_mode=guess_mode, return_dict=False
+                x_control,
+                t,
+                embeds,
+                cond["image"],
+                scale,
+                guess_mode=guess_mode,
+                return_dict=False,
+                **self.controlnet_kwargs(cond, split),
             )
             if split:  # zero residuals for the unconditional half
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
@@ -220,6 +230,11 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             return x, {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
         return LoopStart(latents, model_inputs=control_residuals, conditioning={"image": control_image})
+
+    def controlnet_kwargs(self, conditioning: Conditioning, conditional_half: bool) -> dict[str, Any]:
+        """Further keyword arguments of the ControlNets at a step (SDXL: `added_cond_kwargs`), of the conditional
+        half of the guidance batch only in guess mode."""
+        return {}
 
     # --- checks -------------------------------------------------------------------------------------------------
     def check_models(self, nets: list[ControlNetModel]) -> None:

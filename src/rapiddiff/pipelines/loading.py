@@ -40,7 +40,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TRANSFORMERS_ALIASES = {"CLIPFeatureExtractor": "CLIPImageProcessor"}
 # `DiffusionPipeline.from_pretrained(checkpoint, controlnet=...)` loads a text-to-image checkpoint into its ControlNet
 # pipeline (what Diffusers' AutoPipelineForText2Image does with a `controlnet` argument).
-CONTROLNET_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionControlNetPipeline"}
+CONTROLNET_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLControlNetPipeline",
+}
 
 
 # --- class lookup --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def _batch_of(value: str | list[str]) -> int:
     return 1 if isinstance(value, str) else len(value)
 
 
-def _check_text(name: str, value: Any) -> None:
+def check_text(name: str, value: Any) -> None:
     ok = isinstance(value, str) or (
         isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
     )
@@ -48,7 +48,7 @@ def check_prompt_inputs(
         given = "both" if prompt is not None else "neither"
         raise ValueError(f"pass exactly one of prompt and prompt_embeds, got {given}")
     if prompt is not None:
-        _check_text("prompt", prompt)
+        check_text("prompt", prompt)
         batch = _batch_of(prompt)
     else:
         _check_embeds("prompt_embeds", prompt_embeds)
@@ -56,7 +56,7 @@ def check_prompt_inputs(
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds, got both")
     if negative_prompt is not None:
-        _check_text("negative_prompt", negative_prompt)
+        check_text("negative_prompt", negative_prompt)
         if prompt is not None and type(prompt) is not type(negative_prompt):
             raise TypeError(
                 f"negative_prompt must have the type of prompt ({type(prompt).__name__}), "
@@ -107,11 +107,7 @@ def encode_text(
     DeepFloyd IF's T5 always gets it.
     argument: the call argument `texts` came from, named by the truncation warning.
     """
-    max_length = max_length or tokenizer.model_max_length
-    # transformers' tokenizers set their padding / truncation on a shared backend for each call: one call at a time
-    with concurrency.call_lock(tokenizer):
-        tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        _warn_if_truncated(tokenizer, texts, tokens.input_ids, argument)
+    tokens = tokenize(tokenizer, texts, max_length, argument)
     ids = tokens.input_ids
     if attention_mask is None:
         attention_mask = getattr(text_encoder.config, "use_attention_mask", False)
@@ -123,6 +119,33 @@ def encode_text(
     hidden = text_encoder(ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states
     final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
     return final_layer_norm(hidden[-(clip_skip + 1)])
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int | None, argument: str) -> Any:
+    """`texts` padded / cut to max_length (tokenizer.model_max_length if None); a cut text is logged."""
+    max_length = max_length or tokenizer.model_max_length
+    # transformers' tokenizers set their padding / truncation on a shared backend for each call: one call at a time
+    with concurrency.call_lock(tokenizer):
+        tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        _warn_if_truncated(tokenizer, texts, tokens.input_ids, argument)
+    return tokens
+
+
+def encode_hidden(
+    tokenizer: Any,
+    text_encoder: Any,
+    texts: list[str],
+    device: torch.device,
+    *,
+    layer: int,
+    max_length: int | None = None,
+    argument: str = "prompt",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_states[layer], the encoder's first output) of `texts`, no final layer norm and no padding mask: SDXL's
+    text features (the penultimate layer, -2) and, from a CLIPTextModelWithProjection, its pooled projection."""
+    ids = tokenize(tokenizer, texts, max_length, argument).input_ids
+    out = text_encoder(ids.to(device), output_hidden_states=True)
+    return out.hidden_states[layer], out[0]
 
 
 TRUNCATED_SHOWN = 80  # characters of the cut text a truncation warning shows

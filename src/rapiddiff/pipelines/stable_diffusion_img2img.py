@@ -76,6 +76,12 @@ class InpaintArgs(Img2ImgArgs):
 class ImageToImageBase(StableDiffusionBase):
     """What img2img and inpainting share: the call runs the last `strength` share of the schedule."""
 
+    def encode_image_latents(
+        self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """Pixels -> scaled latents, in the VAE's dtype (as Diffusers' SD pipelines)."""
+        return encode_image_latents(self.vae, image, generator)
+
     def prepare_timesteps(self, args: Img2ImgArgs, device: torch.device) -> tuple[torch.Tensor, int]:
         """A call with a `strength` (img2img, inpainting) runs the last `strength` share of the schedule."""
         return strength_timesteps(

@@ -11,70 +11,27 @@ from .checks import batch_repeats, check_finite, check_unet_in_channels, require
 from .denoise import Conditioning, StepEndCallback
 from .image_processor import PipelineImageInput, VaeImageProcessor
 from .stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
-from .stable_diffusion_img2img import ImageToImageBase, InpaintArgs, encode_image_latents
+from .stable_diffusion_img2img import ImageToImageBase, InpaintArgs
 from .template import LoopStart
 
 
-class StableDiffusionInpaintPipeline(ImageToImageBase):
-    """Inpainting with Stable Diffusion: Diffusers' `StableDiffusionInpaintPipeline`.
+class InpaintingMixin:
+    """What SD and SDXL inpainting share: image and mask checks, the initial latents (noise, or the noised image below
+    strength 1), the mask channels of a 9-channel inpainting UNet or the known region pasted back after each step of
+    a plain 4-channel one. Its pipelines supply `encode_image_latents` and `start_noised`."""
 
-    White mask pixels are repainted, black ones kept. A 9-channel inpainting UNet sees the mask and the masked image's
-    latents next to the noisy latents; a plain 4-channel UNet is used by pasting the (re-noised) known region back
-    after every step.
-    """
-
-    __init__ = StableDiffusionPipeline.__init__
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
-    _legacy_scheduler_fixes = ("steps_offset", "skip_prk_steps", "clip_sample")
-
-    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
-        super()._register(requires_safety_checker, **components)
+    def make_mask_processor(self) -> None:
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: PipelineImageInput | None = None,
-        mask_image: PipelineImageInput | None = None,
-        masked_image_latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        padding_mask_crop: int | None = None,
-        strength: float = 1.0,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
-        **kwargs: Any,
-    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
-        """Repaint the white region of `mask_image` in `image` (both resized to height x width, the UNet's size by
-        default) following `prompt`.
+    def start_noised(self, args: InpaintArgs) -> bool:
+        """Whether the loop starts from noise (or the noised image); SDXL's `denoising_start` starts from the image's
+        latents as they are."""
+        return True
 
-        strength < 1 starts from the noised image instead of pure noise. masked_image_latents: (B, 4, h, w) latents of
-        the masked image, instead of encoding it. padding_mask_crop is not supported (must be None).
-        """
-        return self.generate(InpaintArgs.from_locals(locals()))
-
-    def check_inputs(self, args: InpaintArgs) -> None:
-        super().check_inputs(args)
+    def check_inpaint_inputs(self, args: InpaintArgs) -> None:
+        """The checks after the family's: sizes, UNet channels, latents, image and mask, masked image latents."""
         self.resolve_size(args)
         channels = self.vae.config.latent_channels
         check_unet_in_channels(
@@ -102,12 +59,20 @@ class StableDiffusionInpaintPipeline(ImageToImageBase):
         # Generators are consumed in Diffusers' order: image latents, noise, masked image latents.
         start = timesteps[:1].repeat(args.batch_size)
         latents, noise, image_latents = self.prepare_inpaint_latents(
-            args.image, start, args.strength, plain_unet, dtype, device, args.generator, args.latents
+            args.image,
+            start,
+            args.strength,
+            plain_unet,
+            dtype,
+            device,
+            args.generator,
+            args.latents,
+            add_noise=self.start_noised(args),
         )
         masked_image_latents = args.masked_image_latents
         if masked_image_latents is None:
             masked_image = (args.image * (args.mask_image < 0.5)).to(device=device, dtype=dtype)
-            masked_image_latents = encode_image_latents(self.vae, masked_image, args.generator)
+            masked_image_latents = self.encode_image_latents(masked_image, args.generator)
         mask_latents = self.prepare_mask_latents(args.mask_image, masked_image_latents, args.batch_size, dtype, device)
 
         def with_mask_channels(
@@ -136,19 +101,23 @@ class StableDiffusionInpaintPipeline(ImageToImageBase):
         device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
+        add_noise: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(initial latents, noise, image latents or None). Strength 1: pure noise; below 1: the image's latents
-        noised to `timestep`; given `latents` are taken as the noise (Diffusers' rule, whatever the strength)."""
+        noised to `timestep`; given `latents` are taken as the noise (Diffusers' rule, whatever the strength).
+        add_noise=False (SDXL's denoising_start): the image's latents as they are (noise is still drawn)."""
         batch_size = timestep.shape[0]
         channels = self.vae.config.latent_channels
         given_latents = image.shape[1] == channels  # `image` given as latents: used as they are, not encoded
         image_latents = None
-        if need_image_latents or (latents is None and strength < 1):
+        if need_image_latents or not add_noise or (latents is None and strength < 1):
             image = image.to(device=device, dtype=dtype)
-            image_latents = image if given_latents else encode_image_latents(self.vae, image, generator)
+            image_latents = image if given_latents else self.encode_image_latents(image, generator)
             image_latents = image_latents.repeat(batch_repeats("image", image_latents.shape[0], batch_size), 1, 1, 1)
         height, width = (s * self.vae_scale_factor if given_latents else s for s in image.shape[-2:])
         noise = self.draw_noise(batch_size, channels, height, width, dtype, device, generator, latents)
+        if not add_noise:
+            return image_latents, noise, image_latents
         if latents is None and strength < 1:
             return self.scheduler.add_noise(image_latents, noise, timestep), noise, image_latents
         return noise * self.scheduler.init_noise_sigma, noise, image_latents
@@ -222,3 +191,64 @@ class StableDiffusionInpaintPipeline(ImageToImageBase):
         masked = masked.repeat(batch_repeats("masked_image_latents", masked.shape[0], batch_size), 1, 1, 1)
         copies = 2 if self.do_classifier_free_guidance else 1
         return {"mask": torch.cat([mask] * copies), "masked_image_latents": torch.cat([masked] * copies)}
+
+
+class StableDiffusionInpaintPipeline(InpaintingMixin, ImageToImageBase):
+    """Inpainting with Stable Diffusion: Diffusers' `StableDiffusionInpaintPipeline`.
+
+    White mask pixels are repainted, black ones kept. A 9-channel inpainting UNet sees the mask and the masked image's
+    latents next to the noisy latents; a plain 4-channel UNet is used by pasting the (re-noised) known region back
+    after every step.
+    """
+
+    __init__ = StableDiffusionPipeline.__init__
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+    _legacy_scheduler_fixes = ("steps_offset", "skip_prk_steps", "clip_sample")
+
+    def _register(self, requires_safety_checker: bool, **components: Any) -> None:
+        super()._register(requires_safety_checker, **components)
+        self.make_mask_processor()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        masked_image_latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - Diffusers' default
+        **kwargs: Any,
+    ) -> StableDiffusionPipelineOutput | tuple[Any, list[bool] | None]:
+        """Repaint the white region of `mask_image` in `image` (both resized to height x width, the UNet's size by
+        default) following `prompt`.
+
+        strength < 1 starts from the noised image instead of pure noise. masked_image_latents: (B, 4, h, w) latents of
+        the masked image, instead of encoding it. padding_mask_crop is not supported (must be None).
+        """
+        return self.generate(InpaintArgs.from_locals(locals()))
+
+    def check_inputs(self, args: InpaintArgs) -> None:
+        super().check_inputs(args)
+        self.check_inpaint_inputs(args)

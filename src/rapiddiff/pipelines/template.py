@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -84,14 +84,22 @@ class LoopStart(NamedTuple):
     conditioning: Mapping[str, Any] = MappingProxyType({})
 
 
-def with_model_extras(hook: ModelInputs | None, extras: Mapping[str, Any]) -> ModelInputs | None:
-    """`hook` with `extras` added to the keyword arguments of every model call."""
-    if not extras:
+# from_conditioning(conditioning) -> model keyword arguments made from the step's conditioning tensors.
+ConditioningKwargs = Callable[[Conditioning], dict[str, Any]]
+
+
+def with_model_extras(
+    hook: ModelInputs | None, extras: Mapping[str, Any], from_conditioning: ConditioningKwargs | None = None
+) -> ModelInputs | None:
+    """`hook` with `extras`, and what `from_conditioning` makes of each step's conditioning, added to the keyword
+    arguments of every model call."""
+    if not extras and from_conditioning is None:
         return hook
 
     def model_inputs(x: torch.Tensor, t: torch.Tensor, i: int, conditioning: Conditioning) -> tuple[Any, dict]:
         x, extra = hook(x, t, i, conditioning) if hook is not None else (x, {})
-        return x, {**extra, **extras}
+        made = from_conditioning(conditioning) if from_conditioning is not None else {}
+        return x, {**extra, **extras, **made}
 
     return model_inputs
 
@@ -218,6 +226,9 @@ class DenoisingPipeline(DiffusionPipeline):
     strict_non_finite: bool = False
     # Whether the `model_inputs` hook runs before the scheduler scales the model input (see `DenoisingStep`).
     hook_before_scaling: ClassVar[bool] = False
+    # Model keyword arguments made at each step from the step's conditioning tensors, which a step-end callback may
+    # replace (SDXL's `added_cond_kwargs`); None: the family has none. A family defines it as a method.
+    model_kwargs_from_conditioning: ClassVar[ConditioningKwargs | None] = None
 
     # --- the scheduler: the configured one, or inside a call that call's own copy ------------------------------------
     @property
@@ -342,7 +353,9 @@ class DenoisingPipeline(DiffusionPipeline):
             scheduler=state.scheduler,
             guidance=self.guidance(state),
             step_kwargs=extra_step_kwargs(state.scheduler, args.generator, args.eta),
-            model_inputs=with_model_extras(start.model_inputs, self.model_extras(state, conditioning)),
+            model_inputs=with_model_extras(
+                start.model_inputs, self.model_extras(state, conditioning), self.model_kwargs_from_conditioning
+            ),
             hook_before_scaling=self.hook_before_scaling,
             after_step=start.after_step,
         )

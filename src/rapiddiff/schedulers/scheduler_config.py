@@ -29,7 +29,8 @@ SC = TypeVar("SC", bound="SchedulerConfig")
 # --- config --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig(Config):
-    """Keys every scheduler has. Subclasses add theirs and list allowed values in `choices`.
+    """Keys every scheduler has. Subclasses add theirs and list the allowed values of their own keys in `choices`
+    (merged along the class hierarchy: a subclass's entry replaces its base's for the same key).
 
     Besides its fields a scheduler config carries two things Diffusers' does: `hidden`, the keys of other schedulers
     it was given (kept for later swaps, and saved), and `defaulted`, the fields not given (`_use_default_values`:
@@ -59,13 +60,21 @@ class SchedulerConfig(Config):
             raise ConfigError(f"{name}: num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
         if self.num_train_timesteps < 2:
             raise ConfigError(f"{name}: num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
-        for key, allowed in self.choices.items():
+        for key, allowed in self._choices().items():
             self.check_choice(key, allowed)
         on = [key for key in SIGMA_SPACINGS if self.own(key)]
         if len(on) > 1:
             raise ConfigError(f"{name}: only one of {', '.join(SIGMA_SPACINGS)} can be True, got {', '.join(on)}")
         if self.own("use_beta_sigmas"):
             _scipy_stats(f"{name}: use_beta_sigmas=True")
+
+    @classmethod
+    def _choices(cls) -> dict[str, tuple[Any, ...]]:
+        """`choices` of the class and its bases, the nearest class's entry for each key."""
+        merged: dict[str, tuple[Any, ...]] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("choices", {}))
+        return merged
 
     @property
     def hidden(self) -> dict[str, Any]:
@@ -113,3 +122,56 @@ class SchedulerConfig(Config):
 
     def replace(self: SC, **changes: Any) -> SC:
         return super().replace(**changes).with_extras(self.hidden, [k for k in self.defaulted if k not in changes])
+
+
+# --- key groups: each declared once, by the configs of the schedulers that have them -------------------------------
+@dataclasses.dataclass(frozen=True)
+class ThresholdingConfig(SchedulerConfig):
+    """Dynamic thresholding of the predicted x0 (Imagen, arXiv:2205.11487): DDPM, DDIM, the consistency schedulers and
+    the exponential-integrator solvers."""
+
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSampleConfig(ThresholdingConfig):
+    """... and clipping of x0 (`_clip_x0`), with zero-terminal-SNR betas: DDPM, DDIM, LCM, TCD."""
+
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmaSpacingConfig(SchedulerConfig):
+    """Respaced sigmas (Karras, exponential or beta, see `SIGMA_SPACINGS`), and "linspace" timesteps by default: the
+    sigma schedulers and the exponential-integrator solvers."""
+
+    use_karras_sigmas: bool | None = False
+    use_exponential_sigmas: bool | None = False
+    use_beta_sigmas: bool | None = False
+    timestep_spacing: str = "linspace"
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig(SigmaSpacingConfig, ThresholdingConfig):
+    """The exponential-integrator solvers' keys (DPM-Solver multistep and single-step, DEIS, UniPC). The flow-matching
+    and dynamic-shifting keys of newer Diffusers versions allow only "off".
+
+    (Of two bases the first one's defaults win, as its attributes would: "linspace" over the base's "leading".)"""
+
+    solver_order: int = 2
+    lower_order_final: bool = True
+    use_flow_sigmas: bool | None = False
+    flow_shift: float = 1.0  # only read with use_flow_sigmas
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+
+    choices: ClassVar = {
+        "solver_order": (1, 2, 3),
+        "use_flow_sigmas": (False, None),
+        "use_dynamic_shifting": (False,),
+        "time_shift_type": ("exponential",),
+    }

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .schedule_tables import spaced_timesteps
-from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .scheduler_config import ClipSampleConfig
+from .scheduling_utils import SchedulerMixin
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIMSchedulerConfig(SchedulerConfig):
-    clip_sample: bool = True
+class DDIMSchedulerConfig(ClipSampleConfig):
     set_alpha_to_one: bool = True
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    rescale_betas_zero_snr: bool = False
 
 
 class DDIMCoeffs(NamedTuple):
@@ -35,12 +29,7 @@ class DDIMCoeffs(NamedTuple):
 class DDIMScheduler(SchedulerMixin):
     config_class: ClassVar[type[DDIMSchedulerConfig]] = DDIMSchedulerConfig
 
-    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        if not self.config.set_alpha_to_one:
-            self.final_alpha_cumprod = self.alphas_cumprod[0]
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         cfg = self.config
         timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
@@ -65,29 +54,19 @@ class DDIMScheduler(SchedulerMixin):
 
         A timestep outside the schedule is stepped from its own value, as Diffusers' DDIM computes every step; the
         position in the schedule does not move."""
-        self._require_schedule()
-        off_schedule = self._off_schedule_value(timestep)
-        if off_schedule is not None:
-            plan = self._plan_at(
-                self._step_index or 0,
-                int(off_schedule),
-                sample,
-                eta=eta,
-                use_clipped_model_output=use_clipped_model_output,
-                generator=generator,
-                variance_noise=variance_noise,
-            )
-            prev_sample, x0, _ = self.apply_plan(model_output, sample, plan)
-            return self._output(prev_sample, x0, return_dict)
-        plan = self.plan_step(
-            timestep,
-            sample,
+        options = dict(
             eta=eta,
             use_clipped_model_output=use_clipped_model_output,
             generator=generator,
             variance_noise=variance_noise,
         )
-        return self._run_plan(model_output, sample, plan, return_dict)
+        self._require_schedule()
+        off_schedule = self._off_schedule_value(timestep)
+        if off_schedule is not None:
+            plan = self._plan_at(self._step_index or 0, int(off_schedule), sample, **options)
+            prev_sample, x0, _ = self.apply_plan(model_output, sample, plan)
+            return self._output(prev_sample, x0, return_dict)
+        return self._step(model_output, timestep, sample, return_dict, **options)
 
     def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan[DDIMCoeffs]:
         return self._plan_at(i, self._timestep_values[i], sample, **step_kwargs)
@@ -97,10 +76,10 @@ class DDIMScheduler(SchedulerMixin):
         i: int,
         t: int,
         sample: torch.Tensor,
-        eta: float = 0.0,
-        use_clipped_model_output: bool = False,
-        generator: Generator | None = None,
-        variance_noise: torch.Tensor | None = None,
+        eta: float,
+        use_clipped_model_output: bool,
+        generator: Generator | None,
+        variance_noise: torch.Tensor | None,
     ) -> StepPlan[DDIMCoeffs]:
         """Step i of the schedule, at training timestep t."""
         if variance_noise is not None and generator is not None:

@@ -9,24 +9,18 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .schedule_tables import spaced_timesteps
-from .scheduling_utils import SchedulerConfig, SchedulerMixin
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from .scheduler_config import ClipSampleConfig
+from .scheduling_utils import GeneratorStepMixin
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
-class DDPMSchedulerConfig(SchedulerConfig):
+class DDPMSchedulerConfig(ClipSampleConfig):
     variance_type: str | None = "fixed_small"  # None: fixed_small, as in Diffusers
-    clip_sample: bool = True
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    rescale_betas_zero_snr: bool = False
 
     choices: ClassVar = {
-        **SchedulerConfig.choices,
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"),
     }
 
@@ -37,14 +31,14 @@ class DDPMCoeffs(NamedTuple):
     adds_noise: torch.Tensor  # 1 on every step but the last (t = 0), else 0
 
 
-class DDPMScheduler(SchedulerMixin):
+class DDPMScheduler(GeneratorStepMixin):
+    """x_{t-1} ~ q(x_{t-1} | x_t, x0): the posterior mean (formula 7) plus noise of the chosen variance."""
+
     config_class: ClassVar[type[DDPMSchedulerConfig]] = DDPMSchedulerConfig
+    _steps_without_set_timesteps: ClassVar[bool] = True
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: Sequence[int] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, timesteps: Sequence[int] | None = None
     ) -> None:
         """Evenly spaced timesteps per `timestep_spacing`, or the custom descending `timesteps`."""
         n = self._resolve_steps(num_inference_steps, timesteps)
@@ -72,18 +66,7 @@ class DDPMScheduler(SchedulerMixin):
             return frac * torch.log(beta_t) + (1 - frac) * torch.log(variance)
         return variance
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        """x_{t-1} ~ q(x_{t-1} | x_t, x0): the posterior mean (formula 7) plus noise of the chosen variance."""
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
-
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[DDPMCoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[DDPMCoeffs]:
         """The last step gets zeros for noise, without drawing: the generator ends where Diffusers' does."""
         t = self._timestep_values[i]
         prev_t = self._timestep_values[i + 1] if i + 1 < len(self._timestep_values) else -1

@@ -10,41 +10,20 @@ import dataclasses
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
-import numpy as np
 import torch
 
-from .scheduling_utils import SchedulerConfig
+from ..utils.torch_utils import Device
+from .scheduler_config import SolverConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_alpha_sigma, vp_lambda
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
-class DEISMultistepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class DEISMultistepSchedulerConfig(SolverConfig):
     algorithm_type: str = "deis"
     solver_type: str = "logrho"
-    lower_order_final: bool = True
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0  # only read with use_flow_sigmas
-    timestep_spacing: str = "linspace"
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
 
-    choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
-        "algorithm_type": ("deis",),
-        "solver_type": ("logrho",),
-        "use_flow_sigmas": (False, None),
-        "use_dynamic_shifting": (False,),
-        "time_shift_type": ("exponential",),
-    }
+    choices: ClassVar = {"algorithm_type": ("deis",), "solver_type": ("logrho",)}
 
     def __post_init__(self) -> None:
         # Diffusers maps DPM-Solver's and UniPC's names (when swapping from their configs) onto DEIS's.
@@ -92,15 +71,9 @@ def _weights(ind: Callable[..., torch.Tensor], rho_t: torch.Tensor, rhos: list[t
 class DEISMultistepScheduler(VPSolverMixin):
     config_class: ClassVar[type[DEISMultistepSchedulerConfig]] = DEISMultistepSchedulerConfig
 
-    def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None
-    ) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None, mu: float | None = None) -> None:
         self._check_mu(mu)
-        n, timesteps, sigmas, respaced = self._multistep_schedule(num_inference_steps)
-        last = sigmas[-1] if respaced else self._train_sigmas()[0]
-        self._set_schedule(timesteps.astype(np.int64), device, n)
-        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
-        self._reset_history()
+        self._install_multistep_schedule(num_inference_steps, device)
 
     def _order(self, i: int) -> int:
         cfg = self.config
@@ -111,12 +84,6 @@ class DEISMultistepScheduler(VPSolverMixin):
         if cfg.solver_order == 2 or self.lower_order_nums < 2 or (i == n - 2 and few_steps):
             return 2
         return 3
-
-    def step(
-        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
 
     def _plan(self, i: int, sample: torch.Tensor) -> StepPlan[DEISCoeffs]:
         """history: the solver_order - 1 earlier noise predictions, newest first (zeros, weighted 0, while missing)."""

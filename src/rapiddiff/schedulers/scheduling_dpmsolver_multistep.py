@@ -8,7 +8,6 @@ SDE, "DPM++ 2M SDE") solve the reverse SDE instead: the same updates with fresh 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -17,59 +16,18 @@ import torch
 from ..configuration import ConfigError
 from ..utils.torch_utils import Generator, randn_tensor
 from .schedule_tables import sigma_to_t
-from .scheduling_utils import SchedulerConfig
-from .scheduling_vp_solver import VPSolverMixin, dpm_phi, solver_timesteps, vp_lambda
+from .scheduling_vp_solver import DPMSolverConfig, DPMSolverMixin, dpm_phi, vp_lambda
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"
-    lower_order_final: bool = True
+class DPMSolverMultistepSchedulerConfig(DPMSolverConfig):
     euler_at_final: bool = False
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
     use_lu_lambdas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0  # only read with use_flow_sigmas
-    final_sigmas_type: str = "zero"
-    lambda_min_clipped: float = -float("inf")
-    variance_type: str | None = None
-    timestep_spacing: str = "linspace"
     rescale_betas_zero_snr: bool = False
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
-
-    choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
-        "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"),
-        "solver_type": ("midpoint", "heun"),
-        "use_flow_sigmas": (False, None),
-        "final_sigmas_type": ("zero", "sigma_min"),
-        "variance_type": (None, "learned", "learned_range"),
-        "use_dynamic_shifting": (False,),
-        "time_shift_type": ("exponential",),
-    }
 
     def __post_init__(self) -> None:
-        # Diffusers maps the names of DEIS / UniPC configs (when swapping from them) onto DPM-Solver++'s.
-        if self.algorithm_type == "deis":
-            object.__setattr__(self, "algorithm_type", "dpmsolver++")
-        if self.solver_type in ("logrho", "bh1", "bh2"):
-            object.__setattr__(self, "solver_type", "midpoint")
         super().__post_init__()
-        if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
-            raise ConfigError(
-                f"DPMSolverMultistepSchedulerConfig: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type; "
-                f"use final_sigmas_type='sigma_min' with algorithm_type={self.algorithm_type!r}"
-            )
         if self.algorithm_type == "sde-dpmsolver" and self.solver_order == 3:
             raise ConfigError(
                 "DPMSolverMultistepSchedulerConfig: solver_order=3 has no algorithm_type='sde-dpmsolver' update "
@@ -88,51 +46,25 @@ class DPMSolverCoeffs(NamedTuple):
     noise_std: torch.Tensor  # the SDE variants' fresh noise (0 for the ODE ones)
 
 
-class DPMSolverMultistepScheduler(VPSolverMixin):
+class DPMSolverMultistepScheduler(DPMSolverMixin):
     config_class: ClassVar[type[DPMSolverMultistepSchedulerConfig]] = DPMSolverMultistepSchedulerConfig
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        mu: float | None = None,
-        timesteps: Sequence[int] | None = None,
-    ) -> None:
+    def _respaced_schedule(
+        self, timesteps: np.ndarray, n: int, round_karras: bool
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """As the base's, and Lu et al.'s schedule with use_lu_lambdas: uniform in log-sigma between the training ends
+        (Diffusers' `_convert_to_lu`). Diffusers rounds Karras and Lu timesteps (not exponential / beta ones) except
+        under the cosine schedule."""
         cfg = self.config
-        self._check_mu(mu)
-        if timesteps is not None:
-            self._check_no_respacing("custom timesteps")
-            if cfg.use_lu_lambdas:
-                raise ValueError("DPMSolverMultistepScheduler: custom timesteps cannot be combined with use_lu_lambdas")
-        n = self._resolve_steps(num_inference_steps, timesteps)
-        if timesteps is None:
-            timesteps = self._spaced_timesteps(n)
-        timesteps = np.array(timesteps).astype(np.int64)
-        train_sigmas = self._train_sigmas()
-        log_sigmas = np.log(train_sigmas)
         if cfg.use_lu_lambdas and not cfg.use_karras_sigmas:
-            # Lu et al.'s schedule: uniform in log-sigma between the training ends (Diffusers' `_convert_to_lu`)
+            log_sigmas = np.log(self._train_sigmas())
             sigmas = np.exp(np.linspace(log_sigmas[-1].item(), log_sigmas[0].item(), n))
+            timesteps, respaced = sigma_to_t(sigmas, log_sigmas), True
         else:
-            sigmas = self._respaced_sigmas(train_sigmas[::-1], n)
-        if sigmas is not None:
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-            # Diffusers rounds Karras and Lu timesteps (not exponential / beta ones) except under the cosine schedule
-            if (cfg.use_karras_sigmas or cfg.use_lu_lambdas) and cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
-        last = train_sigmas[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        self._set_schedule(timesteps.astype(np.int64), device, len(timesteps))
-        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
-        self._reset_history()
-
-    def _spaced_timesteps(self, n: int) -> np.ndarray:
-        """`solver_timesteps` up to the lambda_min_clipped limit."""
-        cfg = self.config
-        clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped).item()
-        last_timestep = cfg.num_train_timesteps - clipped
-        return solver_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, last_timestep)
+            timesteps, sigmas, respaced = super()._respaced_schedule(timesteps, n, round_karras=False)
+        if respaced and (cfg.use_karras_sigmas or cfg.use_lu_lambdas) and cfg.beta_schedule != "squaredcos_cap_v2":
+            timesteps = timesteps.round()
+        return timesteps, sigmas, respaced
 
     def _lambdas(self, i: int, order: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:
         """(alpha, sigma, lambda) at the target sigma_{i+1}, then at sigma_i, sigma_{i-1}, ... (`order` of them)."""
@@ -184,16 +116,12 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """One multistep update; the order drops near the end (lower_order_final, euler_at_final) as in Diffusers.
         The SDE variants draw their noise with `generator` (float32, as Diffusers), or take `variance_noise`."""
-        self._require_schedule()
-        plan = self.plan_step(timestep, sample, generator=generator, variance_noise=variance_noise)
-        return self._run_plan(model_output, sample, plan, return_dict)
+        return self._step(
+            model_output, timestep, sample, return_dict, generator=generator, variance_noise=variance_noise
+        )
 
     def _plan(
-        self,
-        i: int,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        variance_noise: torch.Tensor | None = None,
+        self, i: int, sample: torch.Tensor, generator: Generator | None, variance_noise: torch.Tensor | None
     ) -> StepPlan[DPMSolverCoeffs]:
         """history: the solver_order - 1 previous converted outputs, newest first (zeros, with zero coefficients,
         before there are any)."""

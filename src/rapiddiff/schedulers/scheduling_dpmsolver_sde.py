@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from ..utils.optional import import_optional
-from ..utils.torch_utils import to_device
+from ..utils.torch_utils import Device, to_device
 from .schedule_tables import sigma_to_t, spaced_timesteps
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig
+from .scheduling_heun_discrete import SecondOrderSchedulerConfig
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 
@@ -72,16 +72,10 @@ class BrownianTreeNoiseSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSDESchedulerConfig(SchedulerConfig):
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
+class DPMSolverSDESchedulerConfig(SecondOrderSchedulerConfig):
     noise_sampler_seed: int | tuple[int, ...] | None = None
-    timestep_spacing: str = "linspace"
 
-    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+    choices: ClassVar = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 class DPMSolverSDECoeffs(NamedTuple):
@@ -124,10 +118,7 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         return self.sample is None
 
     def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: str | torch.device | None = None,
-        num_train_timesteps: int | None = None,
+        self, num_inference_steps: int, device: Device = None, num_train_timesteps: int | None = None
     ) -> None:
         self._install_schedule(num_inference_steps, device, num_train_timesteps)
         # every step's numbers, by (interval, first call?): the loop reads no tensor value
@@ -141,9 +132,7 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         if len(self.betas) == self.config.num_train_timesteps:
             self._install_schedule(self.config.num_train_timesteps, None, None)
 
-    def _install_schedule(
-        self, num_inference_steps: int, device: str | torch.device | None, num_train_timesteps: int | None
-    ) -> None:
+    def _install_schedule(self, num_inference_steps: int, device: Device, num_train_timesteps: int | None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         cfg = self.config
         num_train = num_train_timesteps or cfg.num_train_timesteps
@@ -221,10 +210,9 @@ class DPMSolverSDEScheduler(EulerSchedulerMixin):
         return_dict: bool = True,
         s_noise: float = 1.0,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, s_noise=s_noise), return_dict)
+        return self._step(model_output, timestep, sample, return_dict, s_noise=s_noise)
 
-    def _plan(self, i: int, sample: torch.Tensor, s_noise: float = 1.0) -> StepPlan[DPMSolverSDECoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, s_noise: float) -> StepPlan[DPMSolverSDECoeffs]:
         """Noise for every step: the Brownian increment (zeros on the final Euler step, which draws none); history:
         the sample saved at the interval's first call (zeros while there is none)."""
         if self.noise_sampler is None:

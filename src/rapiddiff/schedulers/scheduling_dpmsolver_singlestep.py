@@ -9,52 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
-from ..configuration import ConfigError
-from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig
-from .scheduling_vp_solver import VPSolverMixin, dpm_phi, vp_lambda
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from ..utils.torch_utils import Device, Generator, randn_tensor
+from .scheduling_utils import GeneratorStepMixin
+from .scheduling_vp_solver import DPMSolverConfig, DPMSolverMixin, dpm_phi, vp_lambda
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSinglestepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"
+class DPMSolverSinglestepSchedulerConfig(DPMSolverConfig):
     lower_order_final: bool = False
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0  # only read with use_flow_sigmas
-    final_sigmas_type: str = "zero"
-    lambda_min_clipped: float = -float("inf")
-    variance_type: str | None = None
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
 
-    choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
-        "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"),
-        "solver_type": ("midpoint", "heun"),
-        "use_flow_sigmas": (False, None),
-        "final_sigmas_type": ("zero", "sigma_min"),
-        "variance_type": (None, "learned", "learned_range"),
-        "use_dynamic_shifting": (False,),
-        "time_shift_type": ("exponential",),
-    }
+    choices: ClassVar = {"algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")}
     # Diffusers' single-step solver has no timestep_spacing / steps_offset keys (it spaces like "linspace"): other
     # schedulers' values are kept aside, as for any key the class does not have.
     _not_keys: ClassVar[tuple[str, ...]] = ("timestep_spacing", "steps_offset")
@@ -62,19 +34,6 @@ class DPMSolverSinglestepSchedulerConfig(SchedulerConfig):
     @classmethod
     def _field_names(cls) -> tuple[str, ...]:
         return tuple(name for name in super()._field_names() if name not in cls._not_keys)
-
-    def __post_init__(self) -> None:
-        # Diffusers maps the names of DEIS / UniPC configs (when swapping from them) onto DPM-Solver++'s.
-        if self.algorithm_type == "deis":
-            object.__setattr__(self, "algorithm_type", "dpmsolver++")
-        if self.solver_type in ("logrho", "bh1", "bh2"):
-            object.__setattr__(self, "solver_type", "midpoint")
-        super().__post_init__()
-        if self.algorithm_type == "dpmsolver" and self.final_sigmas_type == "zero":
-            raise ConfigError(
-                "DPMSolverSinglestepSchedulerConfig: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type; "
-                "use final_sigmas_type='sigma_min' with algorithm_type='dpmsolver'"
-            )
 
 
 class DPMSolverSinglestepCoeffs(NamedTuple):
@@ -91,36 +50,16 @@ class DPMSolverSinglestepCoeffs(NamedTuple):
     noise_std: torch.Tensor
 
 
-class DPMSolverSinglestepScheduler(VPSolverMixin):
+class DPMSolverSinglestepScheduler(GeneratorStepMixin, DPMSolverMixin):
     config_class: ClassVar[type[DPMSolverSinglestepSchedulerConfig]] = DPMSolverSinglestepSchedulerConfig
 
     def _reset_history(self) -> None:
         super()._reset_history()
         self.sample: torch.Tensor | None = None  # the sample at the current group's first step
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        mu: float | None = None,
-        timesteps: Sequence[int] | None = None,
-    ) -> None:
-        """`num_inference_steps` linspace timesteps (up to the lambda_min_clipped limit), or custom `timesteps`."""
-        cfg = self.config
-        self._check_mu(mu)
-        if timesteps is not None:
-            self._check_no_respacing("custom timesteps")
-        n = self._resolve_steps(num_inference_steps, timesteps)
-        if timesteps is None:
-            clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped).item()
-            timesteps = np.linspace(0, cfg.num_train_timesteps - 1 - clipped, n + 1).round()[::-1][:-1].copy()
-        n = len(timesteps)
-        timesteps, sigmas, _ = self._respaced_schedule(np.array(timesteps).astype(np.int64), n, round_karras=True)
-        last = self._train_sigmas()[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        self._set_schedule(timesteps.astype(np.int64), device, n)
-        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
-        self._reset_history()
-        self.order_list = self.get_order_list(n)
+    def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, last: float, device: Device) -> None:
+        super()._install(timesteps, sigmas, last, device)
+        self.order_list = self.get_order_list(len(timesteps))
 
     def get_order_list(self, num_inference_steps: int) -> list[int]:
         """The solver order of each step: groups 1, 2, ..., solver_order; shorter groups at the end with
@@ -181,22 +120,10 @@ class DPMSolverSinglestepScheduler(VPSolverMixin):
             w_b = d1 * r0 / (r1 * (r0 - r1)) - d2 * 2.0 / (r1 * (r0 - r1))
         return c_x, c_0, w_b, c_0 - w_a - w_b, noise_std
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        """One step of the current group; sde-dpmsolver++ draws its noise with `generator`."""
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[DPMSolverSinglestepCoeffs]:
+        """One step of the current group; sde-dpmsolver++ draws its noise with `generator`.
 
-    def _plan(
-        self, i: int, sample: torch.Tensor, generator: Generator | None = None
-    ) -> StepPlan[DPMSolverSinglestepCoeffs]:
-        """history: the solver_order - 1 earlier converted outputs, newest first, then the group's saved sample
+        history: the solver_order - 1 earlier converted outputs, newest first, then the group's saved sample
         (zeros, weighted 0, while missing)."""
         order = self._order(i)
         noise = None

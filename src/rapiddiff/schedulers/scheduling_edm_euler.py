@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..utils.torch_utils import Device
 from .schedule_tables import karras_sigmas
 from .scheduling_euler_discrete import EulerDiscreteScheduler
 from .scheduling_utils import SchedulerConfig
@@ -58,7 +59,7 @@ class EDMEulerScheduler(EulerDiscreteScheduler):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         sigmas: Sequence[float] | torch.Tensor | float | None = None,
     ) -> None:
         """`num_inference_steps` sigmas of the schedule, or the schedule at the custom ramp points `sigmas` in [0, 1]
@@ -74,7 +75,7 @@ class EDMEulerScheduler(EulerDiscreteScheduler):
                 raise ValueError(f"sigmas must be ramp points in [0, 1], got {ramp.tolist()}")
         self._install(ramp, device, num_inference_steps if sigmas is None else ramp.numel())
 
-    def _install(self, ramp: torch.Tensor, device: str | torch.device | None, n: int | None) -> None:
+    def _install(self, ramp: torch.Tensor, device: Device, n: int | None) -> None:
         cfg = self.config
         if cfg.sigma_schedule == "karras":
             sigmas = torch.from_numpy(karras_sigmas(cfg.sigma_min, cfg.sigma_max, len(ramp), cfg.rho, ramp.numpy()))

@@ -8,10 +8,10 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import GeneratorStepMixin, SchedulerConfig
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +19,7 @@ class EulerAncestralDiscreteSchedulerConfig(SchedulerConfig):
     timestep_spacing: str = "linspace"
     rescale_betas_zero_snr: bool = False
 
-    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+    choices: ClassVar = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 class EulerAncestralCoeffs(NamedTuple):
@@ -27,26 +27,17 @@ class EulerAncestralCoeffs(NamedTuple):
     sigma_to: torch.Tensor  # sigma_{i+1}
 
 
-class EulerAncestralDiscreteScheduler(EulerSchedulerMixin):
+class EulerAncestralDiscreteScheduler(GeneratorStepMixin, EulerSchedulerMixin):
     _refuses_int_timesteps = True
+    _steps_without_set_timesteps: ClassVar[bool] = True
     config_class: ClassVar[type[EulerAncestralDiscreteSchedulerConfig]] = EulerAncestralDiscreteSchedulerConfig
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         timesteps = self._spaced_timesteps(self._check_num_inference_steps(num_inference_steps))
         self._set_schedule(timesteps, device, len(timesteps))
         self._set_sigmas(np.concatenate([self._spaced_sigmas(timesteps), [0.0]]).astype(np.float32))
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
-
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[EulerAncestralCoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[EulerAncestralCoeffs]:
         """Noise for every step."""
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         return StepPlan(i, make_coeffs(EulerAncestralCoeffs, sigma=self.sigmas[i], sigma_to=self.sigmas[i + 1]), noise)

@@ -13,10 +13,32 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
 from .schedule_tables import sigma_to_t, spaced_timesteps
-from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from .scheduler_config import SigmaSpacingConfig
+from .scheduling_utils import SchedulerMixin
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+
+
+def check_custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
+    """Custom `set_timesteps(sigmas=...)`: the noise levels of the schedule, the last one the level after the final
+    step; finite, non-negative and strictly decreasing (so only the final one may be 0), as `timesteps=` must be
+    strictly descending. Diffusers takes any list; an ascending or negative one runs without a word there."""
+    try:
+        values = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas must be a list of numbers, got {sigmas!r}") from None
+    shown = values.tolist() if values.size <= 20 else f"{values[:20].tolist()}... ({values.size} values)"
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"sigmas must list at least 2 noise levels, got {shown}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"sigmas must be finite numbers, got {shown}")
+    if (values < 0).any():
+        raise ValueError(f"sigmas must be non-negative (the final one may be 0), got {shown}")
+    values = values.astype(np.float32)
+    if (np.diff(values) >= 0).any():
+        raise ValueError(f"sigmas must be strictly decreasing (highest noise level first), got {shown}")
+    return values
 
 
 class EulerSchedulerMixin(SchedulerMixin):
@@ -101,20 +123,15 @@ class EulerSchedulerMixin(SchedulerMixin):
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerDiscreteSchedulerConfig(SchedulerConfig):
+class EulerDiscreteSchedulerConfig(SigmaSpacingConfig):
     interpolation_type: str = "linear"
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
     sigma_min: float | None = None
     sigma_max: float | None = None
-    timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"
     rescale_betas_zero_snr: bool = False
     final_sigmas_type: str = "zero"
 
     choices: ClassVar = {
-        **SchedulerConfig.choices,
         "interpolation_type": ("linear", "log_linear"),
         "timestep_type": ("discrete", "continuous"),
         "final_sigmas_type": ("zero", "sigma_min"),
@@ -131,12 +148,13 @@ class EulerCoeffs(NamedTuple):
 
 class EulerDiscreteScheduler(EulerSchedulerMixin):
     _refuses_int_timesteps = True
+    _steps_without_set_timesteps: ClassVar[bool] = True
     config_class: ClassVar[type[EulerDiscreteSchedulerConfig]] = EulerDiscreteSchedulerConfig
 
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         timesteps: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
     ) -> None:
@@ -153,7 +171,7 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         if sigmas is not None:
             if num_inference_steps is not None or timesteps is not None:
                 raise ValueError("pass only one of num_inference_steps, timesteps or sigmas to set_timesteps")
-            sigmas = self._check_custom_sigmas(sigmas)
+            sigmas = check_custom_sigmas(sigmas)
             timesteps = sigma_to_t(sigmas[:-1], np.log(self._train_sigmas()))
             steps = len(timesteps)
         else:
@@ -189,20 +207,18 @@ class EulerDiscreteScheduler(EulerSchedulerMixin):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
         """One Euler step from sigma_i to sigma_{i+1}, optionally "churned" up to sigma_hat with fresh noise."""
-        plan = self.plan_step(
-            timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator
-        )
-        return self._run_plan(model_output, sample, plan, return_dict)
+        churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+        return self._step(model_output, timestep, sample, return_dict, **churn, generator=generator)
 
     def _plan(
         self,
         i: int,
         sample: torch.Tensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: Generator | None = None,
+        s_churn: float,
+        s_tmin: float,
+        s_tmax: float,
+        s_noise: float,
+        generator: Generator | None,
     ) -> StepPlan[EulerCoeffs]:
         """With s_churn > 0 every step gets a noise tensor (zeros, not drawn, outside [s_tmin, s_tmax])."""
         sigma = self.sigmas[i]

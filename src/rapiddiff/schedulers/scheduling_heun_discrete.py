@@ -16,10 +16,11 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Device, Generator, randn_tensor
+from .scheduler_config import SchedulerConfig, SigmaSpacingConfig
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from .scheduling_utils import GeneratorStepMixin
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 class SecondOrderCoeffs(NamedTuple):
@@ -31,7 +32,7 @@ class SecondOrderCoeffs(NamedTuple):
     noise_std: torch.Tensor  # std of the fresh noise added (KDPM2 ancestral's second evaluations), else 0
 
 
-class SecondOrderSchedulerMixin(EulerSchedulerMixin):
+class SecondOrderSchedulerMixin(GeneratorStepMixin, EulerSchedulerMixin):
     """Two evaluations per interval; see the module docstring. Subclasses give `_coeffs` (and the tables)."""
 
     order: ClassVar[int] = 2
@@ -82,18 +83,7 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
     def _model_input_scale(self, i: int) -> torch.Tensor:
         return 1 / (self._input_sigma(i) ** 2 + 1) ** 0.5
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, generator=generator), return_dict)
-
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[SecondOrderCoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[SecondOrderCoeffs]:
         """history: the first evaluation's derivative and sample (distinct zeros at a first evaluation). KDPM2
         ancestral gets noise on every step (drawn at second evaluations, as Diffusers draws it; zeros otherwise)."""
         first = self.state_in_first_order
@@ -130,15 +120,12 @@ class SecondOrderSchedulerMixin(EulerSchedulerMixin):
 
 
 @dataclasses.dataclass(frozen=True)
-class SecondOrderSchedulerConfig(SchedulerConfig):
-    """The keys Heun and the KDPM2 schedulers share (with their defaults, which differ from the base's)."""
+class SecondOrderSchedulerConfig(SigmaSpacingConfig):
+    """The keys the schedulers with two model evaluations per interval share (Heun, KDPM2, KDPM2 ancestral,
+    DPM-Solver SDE), with their defaults, which differ from the base's."""
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    timestep_spacing: str = "linspace"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +133,7 @@ class HeunDiscreteSchedulerConfig(SecondOrderSchedulerConfig):
     clip_sample: bool | None = False
     clip_sample_range: float = 1.0
 
-    choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "beta_schedule": (*SchedulerConfig.choices["beta_schedule"], "exp"),
-    }
+    choices: ClassVar = {"beta_schedule": (*SchedulerConfig.choices["beta_schedule"], "exp")}
 
 
 def doubled(values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -163,10 +147,7 @@ class HeunDiscreteScheduler(SecondOrderSchedulerMixin):
     config_class: ClassVar[type[HeunDiscreteSchedulerConfig]] = HeunDiscreteSchedulerConfig
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: Sequence[float] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, timesteps: Sequence[float] | None = None
     ) -> None:
         """Spaced (or custom descending) timesteps t_0..t_{n-1}; `timesteps` lists t_0, t_1, t_1, ..., t_{n-1},
         t_{n-1}: the Euler evaluation of each interval, then its correction at the interval's end."""

@@ -10,14 +10,14 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..utils.torch_utils import Device
 from .schedule_tables import sigma_to_t
 from .scheduling_heun_discrete import SecondOrderSchedulerConfig, SecondOrderSchedulerMixin, doubled
-from .scheduling_utils import SchedulerConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class KDPM2DiscreteSchedulerConfig(SecondOrderSchedulerConfig):
-    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+    choices: ClassVar = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class KDPM2DiscreteScheduler(SecondOrderSchedulerMixin):
     config_class: ClassVar[type[KDPM2DiscreteSchedulerConfig]] = KDPM2DiscreteSchedulerConfig
     _ancestral: ClassVar[bool] = False
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         """`timesteps` lists t_0, then for each later t_k the midpoint's (fractional) timestep and t_k."""
         n = self._check_num_inference_steps(num_inference_steps)
         timesteps, sigmas = self._respaced_schedule(n)

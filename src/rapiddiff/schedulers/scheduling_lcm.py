@@ -16,27 +16,23 @@ import numpy as np
 import torch
 
 from ..utils.outputs import BaseOutput
-from ..utils.torch_utils import Generator, randn_tensor
-from .scheduling_utils import SchedulerConfig, SchedulerMixin
+from ..utils.torch_utils import Device, Generator, randn_tensor
+from .scheduler_config import ClipSampleConfig
+from .scheduling_utils import GeneratorStepMixin, SchedulerMixin
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class ConsistencySchedulerConfig(SchedulerConfig):
+class ConsistencySchedulerConfig(ClipSampleConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     original_inference_steps: int = 50
     clip_sample: bool = False
-    clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     timestep_scaling: float = 10.0
-    rescale_betas_zero_snr: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +48,6 @@ class ConsistencySchedulerMixin(SchedulerMixin):
 
     def __init__(self, config: dict | None = None, **kwargs: object) -> None:
         super().__init__(config, **kwargs)
-        if not self.config.set_alpha_to_one:
-            self.final_alpha_cumprod = self.alphas_cumprod[0]
         self.custom_timesteps = False
 
     def _origin_timesteps(self, original_inference_steps: int | None, strength: float) -> np.ndarray:
@@ -75,7 +69,7 @@ class ConsistencySchedulerMixin(SchedulerMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         original_inference_steps: int | None = None,
         timesteps: Sequence[int] | None = None,
         strength: float = 1.0,
@@ -138,6 +132,17 @@ class ConsistencySchedulerMixin(SchedulerMixin):
         """Every step but the last one re-noises its estimate (Diffusers compares with num_inference_steps)."""
         return i != self.num_inference_steps - 1
 
+    def _renoise(
+        self, i: int, sample: torch.Tensor, generator: Generator | None, alpha_ratio: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Step i's noise and the scales of prev = sample_coeff * estimate + noise_coeff * noise, which noises the
+        estimate back up by `alpha_ratio`: drawn on every step but the last, which gets zeros and scales 1 and 0
+        without drawing (the generator ends where Diffusers' does)."""
+        if self._draws_noise(i):
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            return noise, {"sample_coeff": alpha_ratio.sqrt(), "noise_coeff": (1 - alpha_ratio).sqrt()}
+        return torch.zeros_like(sample), {"sample_coeff": 1.0, "noise_coeff": 0.0}
+
 
 @dataclasses.dataclass
 class LCMSchedulerOutput(BaseOutput):
@@ -155,8 +160,9 @@ class LCMCoeffs(NamedTuple):
     noise_coeff: torch.Tensor
 
 
-class LCMScheduler(ConsistencySchedulerMixin):
+class LCMScheduler(GeneratorStepMixin, ConsistencySchedulerMixin):
     config_class: ClassVar[type[LCMSchedulerConfig]] = LCMSchedulerConfig
+    output_class: ClassVar[type[LCMSchedulerOutput]] = LCMSchedulerOutput
 
     def get_scalings_for_boundary_condition_discrete(self, timestep: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out) of the consistency parameterisation at `timestep` (float32, as for a tensor timestep)."""
@@ -166,38 +172,12 @@ class LCMScheduler(ConsistencySchedulerMixin):
         c_out = scaled / (scaled**2 + self.sigma_data**2) ** 0.5
         return c_skip, c_out
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator | None = None,
-        return_dict: bool = True,
-    ) -> LCMSchedulerOutput | tuple[torch.Tensor, ...]:
-        self._require_schedule()
-        plan = self.plan_step(timestep, sample, generator=generator)
-        prev_sample, denoised, _ = self.apply_plan(model_output, sample, plan)
-        self.commit_plan(plan, ())
-        return LCMSchedulerOutput(prev_sample, denoised) if return_dict else (prev_sample, denoised)
-
-    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None = None) -> StepPlan[LCMCoeffs]:
-        """Noise for every step: drawn, except on the last one (zeros; the generator ends where Diffusers' does)."""
+    def _plan(self, i: int, sample: torch.Tensor, generator: Generator | None) -> StepPlan[LCMCoeffs]:
+        """Noise for every step (see `_renoise`)."""
         t = int(self._timestep_values[i])
-        alpha_prod_t_prev = self._prev_alpha(i, last=t)
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)
-        if self._draws_noise(i):
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            sample_coeff, noise_coeff = alpha_prod_t_prev.sqrt(), (1 - alpha_prod_t_prev).sqrt()
-        else:
-            noise, sample_coeff, noise_coeff = torch.zeros_like(sample), 1.0, 0.0
-        coeffs = make_coeffs(
-            LCMCoeffs,
-            alpha_prod_t=self.alphas_cumprod[t],
-            c_skip=c_skip,
-            c_out=c_out,
-            sample_coeff=sample_coeff,
-            noise_coeff=noise_coeff,
-        )
+        noise, scales = self._renoise(i, sample, generator, self._prev_alpha(i, last=t))
+        coeffs = make_coeffs(LCMCoeffs, alpha_prod_t=self.alphas_cumprod[t], c_skip=c_skip, c_out=c_out, **scales)
         return StepPlan(i, coeffs, noise)
 
     def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[LCMCoeffs]) -> PlanUpdate:

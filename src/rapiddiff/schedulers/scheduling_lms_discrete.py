@@ -10,20 +10,18 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..utils.torch_utils import Device
 from .schedule_tables import karras_sigmas
+from .scheduler_config import SigmaSpacingConfig
 from .scheduling_euler_discrete import EulerSchedulerMixin
-from .scheduling_utils import SchedulerConfig
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 
 MAX_ORDER = 4  # the history a plan carries (Diffusers' default order)
 
 
 @dataclasses.dataclass(frozen=True)
-class LMSDiscreteSchedulerConfig(SchedulerConfig):
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    timestep_spacing: str = "linspace"
+class LMSDiscreteSchedulerConfig(SigmaSpacingConfig):
+    pass
 
 
 class LMSCoeffs(NamedTuple):
@@ -79,7 +77,7 @@ class LMSDiscreteScheduler(EulerSchedulerMixin):
         self.derivatives: list[torch.Tensor] = []
         self._schedule_training_timesteps()
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         timesteps, sigmas = self._respaced_schedule(n)
         self._set_schedule(timesteps, device, n, dtype=torch.float32)
@@ -103,10 +101,9 @@ class LMSDiscreteScheduler(EulerSchedulerMixin):
         order: int = 4,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, order=order), return_dict)
+        return self._step(model_output, timestep, sample, return_dict, order=order)
 
-    def _plan(self, i: int, sample: torch.Tensor, order: int = 4) -> StepPlan[LMSCoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, order: int) -> StepPlan[LMSCoeffs]:
         """history: the three previous derivatives, newest first (distinct zeros while missing).
 
         As in Diffusers the formula's order is min(i + 1, order), and only as many weights are used as there are

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..utils.torch_utils import Device
 from .schedule_tables import spaced_timesteps
 from .scheduling_utils import SchedulerConfig, SchedulerMixin
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
@@ -23,7 +24,7 @@ class PNDMSchedulerConfig(SchedulerConfig):
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
 
-    choices: ClassVar = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
+    choices: ClassVar = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 class PLMSCoeffs(NamedTuple):
@@ -42,8 +43,6 @@ class PNDMScheduler(SchedulerMixin):
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        if not self.config.set_alpha_to_one:
-            self.final_alpha_cumprod = self.alphas_cumprod[0]
         self.timesteps = None
         self._reset_history()
 
@@ -53,7 +52,7 @@ class PNDMScheduler(SchedulerMixin):
         self.cur_model_output: float | torch.Tensor = 0  # PRK: weighted sum of the 4 evaluations
         self.cur_sample: torch.Tensor | None = None  # sample at the start of the current multi-evaluation step
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Device = None) -> None:
         n = self._check_num_inference_steps(num_inference_steps)
         cfg = self.config
         ascending = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)[::-1]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..utils.outputs import BaseOutput
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Generator
 from .scheduling_lcm import ConsistencySchedulerConfig, ConsistencySchedulerMixin
 from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
@@ -40,6 +40,7 @@ class TCDCoeffs(NamedTuple):
 
 class TCDScheduler(ConsistencySchedulerMixin):
     config_class: ClassVar[type[TCDSchedulerConfig]] = TCDSchedulerConfig
+    output_class: ClassVar[type[TCDSchedulerOutput]] = TCDSchedulerOutput
 
     def _origin_timesteps(self, original_inference_steps: int | None, strength: float) -> np.ndarray:
         """As LCM's, except that an explicit `original_inference_steps` picks from every training timestep (as
@@ -58,16 +59,9 @@ class TCDScheduler(ConsistencySchedulerMixin):
         return_dict: bool = True,
     ) -> TCDSchedulerOutput | tuple[torch.Tensor, ...]:
         """eta in [0, 1]: 0 is deterministic (the ODE), 1 a full re-noising (like LCM)."""
-        self._require_schedule()
-        plan = self.plan_step(timestep, sample, eta=eta, generator=generator)
-        prev_sample, pred_noised_sample, _ = self.apply_plan(model_output, sample, plan)
-        self.commit_plan(plan, ())
-        out = TCDSchedulerOutput(prev_sample, pred_noised_sample)
-        return out if return_dict else (prev_sample, pred_noised_sample)
+        return self._step(model_output, timestep, sample, return_dict, eta=eta, generator=generator)
 
-    def _plan(
-        self, i: int, sample: torch.Tensor, eta: float = 0.3, generator: Generator | None = None
-    ) -> StepPlan[TCDCoeffs]:
+    def _plan(self, i: int, sample: torch.Tensor, eta: float, generator: Generator | None) -> StepPlan[TCDCoeffs]:
         """With eta > 0 every step gets noise: drawn, except on the last one (zeros)."""
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
             raise ValueError(f"TCDScheduler.step: eta must be a number in [0, 1], got {eta!r}")
@@ -77,20 +71,11 @@ class TCDScheduler(ConsistencySchedulerMixin):
         # s = floor((1 - eta) * t_prev) in float32, as Diffusers computes it on the timestep tensor
         timestep_s = int(np.floor(np.float32(1 - eta) * np.float32(prev_t)))
         alpha_prod_t_prev, alpha_prod_s = self._alpha_prod(prev_t), self.alphas_cumprod[timestep_s]
-        noise, sample_coeff, noise_coeff = None, 1.0, 0.0
-        if eta > 0 and self._draws_noise(i):
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            sample_coeff = (alpha_prod_t_prev / alpha_prod_s).sqrt()
-            noise_coeff = (1 - alpha_prod_t_prev / alpha_prod_s).sqrt()
-        elif eta > 0:
-            noise = torch.zeros_like(sample)
-        coeffs = make_coeffs(
-            TCDCoeffs,
-            alpha_prod_t=self.alphas_cumprod[t],
-            alpha_prod_s=alpha_prod_s,
-            sample_coeff=sample_coeff,
-            noise_coeff=noise_coeff,
-        )
+        if eta > 0:  # from s forward to t_prev (see `_renoise`)
+            noise, scales = self._renoise(i, sample, generator, alpha_prod_t_prev / alpha_prod_s)
+        else:
+            noise, scales = None, {"sample_coeff": 1.0, "noise_coeff": 0.0}
+        coeffs = make_coeffs(TCDCoeffs, alpha_prod_t=self.alphas_cumprod[t], alpha_prod_s=alpha_prod_s, **scales)
         return StepPlan(i, coeffs, noise)
 
     def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan[TCDCoeffs]) -> PlanUpdate:

@@ -11,49 +11,31 @@ import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
-import numpy as np
 import torch
 
 from ..configuration import ConfigError
-from .scheduling_utils import SchedulerConfig
+from ..utils.torch_utils import Device
+from .scheduler_config import SolverConfig
 from .scheduling_vp_solver import VPSolverMixin, vp_lambda
-from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
+from .step_plan import PlanUpdate, StepPlan, make_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPCMultistepSchedulerConfig(SchedulerConfig):
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class UniPCMultistepSchedulerConfig(SolverConfig):
     predict_x0: bool = True
     solver_type: str = "bh2"
-    lower_order_final: bool = True
     disable_corrector: tuple[int, ...] = ()
     solver_p: None = None
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0  # only read with use_flow_sigmas
-    timestep_spacing: str = "linspace"
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
     sigma_min: float | None = None
     sigma_max: float | None = None
     shift_terminal: float | None = None
 
     choices: ClassVar = {
-        **SchedulerConfig.choices,
-        "solver_order": (1, 2, 3),
         "solver_type": ("bh1", "bh2"),
         "solver_p": (None,),
-        "use_flow_sigmas": (False, None),
         "final_sigmas_type": ("zero", "sigma_min"),
-        "use_dynamic_shifting": (False,),
-        "time_shift_type": ("exponential",),
         "shift_terminal": (None,),
     }
 
@@ -110,7 +92,7 @@ class UniPCMultistepScheduler(VPSolverMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         sigmas: Sequence[float] | None = None,
         mu: float | None = None,
     ) -> None:
@@ -119,14 +101,7 @@ class UniPCMultistepScheduler(VPSolverMixin):
                 "UniPCMultistepScheduler: custom sigmas need use_flow_sigmas, which rapiddiff does not support"
             )
         self._check_mu(mu)
-        n, timesteps, sigmas, respaced = self._multistep_schedule(num_inference_steps)
-        if self.config.final_sigmas_type == "zero":
-            last = 0.0
-        else:  # the last respaced sigma, else the training schedule's smallest
-            last = sigmas[-1] if respaced else self._train_sigmas()[0]
-        self._set_schedule(timesteps.astype(np.int64), device, n)
-        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
-        self._reset_history()
+        self._install_multistep_schedule(num_inference_steps, device)
 
     # --- the step ---------------------------------------------------------------------------------------------
     def _order(self, i: int) -> int:
@@ -172,15 +147,10 @@ class UniPCMultistepScheduler(VPSolverMixin):
             weights = [-scale * rho / rk for rho, rk in zip(rhos, rks)]
         return c_x, c_m0, weights
 
-    def step(
-        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        """Correct the previous step with this model output (UniC, unless disabled), then predict (UniP)."""
-        self._require_schedule()
-        return self._run_plan(model_output, sample, self.plan_step(timestep, sample), return_dict)
-
     def _plan(self, i: int, sample: torch.Tensor) -> StepPlan[UniPCCoeffs]:
-        """history: the solver_order earlier converted outputs, newest first, then the previous corrected sample
+        """Correct the previous step with this model output (UniC, unless disabled), then predict (UniP).
+
+        history: the solver_order earlier converted outputs, newest first, then the previous corrected sample
         (zeros, weighted 0, while missing)."""
         use_corrector = i > 0 and (i - 1) not in self.config.disable_corrector and self.last_sample is not None
         cc = [0.0] * 5

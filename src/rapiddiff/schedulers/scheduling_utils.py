@@ -27,6 +27,8 @@ one class per scheduler, read by name), the model-input scale, the noise drawn w
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
 import os
@@ -38,7 +40,8 @@ import numpy as np
 import torch
 
 from ..configuration import Config, ConfigError, ConfigMixin
-from ..utils.torch_utils import to_device
+from ..utils.outputs import BaseOutput
+from ..utils.torch_utils import Device, Generator, to_device
 from .schedule_tables import SIGMA_SPACINGS, _broadcast_to, make_betas, match_timesteps
 from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, SchedulerConfig
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, owned
@@ -68,6 +71,10 @@ class SchedulerMixin(ConfigMixin):
     init_noise_sigma: ClassVar[float] = 1.0  # std of the initial noise (the Euler schedulers compute theirs)
     # Sigma schedulers pin the last alphas_cumprod at 2**-24 under rescale_betas_zero_snr (a zero gives sigma = inf).
     _pin_zero_snr: ClassVar[bool] = False
+    # Whether `step` runs before any set_timesteps, over the training timesteps (DDPM, Euler, as in Diffusers).
+    _steps_without_set_timesteps: ClassVar[bool] = False
+    # What `step` returns (LCM and TCD name their second field otherwise).
+    output_class: ClassVar[type[BaseOutput]] = SchedulerOutput
     # Names of the schedulers this one can be swapped for, as Diffusers lists them (see `compatibles`).
     _compatibles: ClassVar[tuple[str, ...]] = KARRAS_SCHEDULERS
 
@@ -78,7 +85,9 @@ class SchedulerMixin(ConfigMixin):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         if self._pin_zero_snr and self.config.own("rescale_betas_zero_snr", False):
             self.alphas_cumprod[-1] = 2**-24
-        self.final_alpha_cumprod = torch.tensor(1.0)  # alphas_cumprod "before" timestep 0
+        # alphas_cumprod "before" timestep 0: 1, or (set_alpha_to_one=False: DDIM, PNDM, LCM, TCD) the first one
+        alpha_to_one = self.config.own("set_alpha_to_one", True)
+        self.final_alpha_cumprod = torch.tensor(1.0) if alpha_to_one else self.alphas_cumprod[0]
         self.sigmas: torch.Tensor | None = None
         n = self.config.num_train_timesteps
         self._set_schedule(np.arange(n - 1, -1, -1), None, None)
@@ -216,30 +225,10 @@ class SchedulerMixin(ConfigMixin):
             )
         return None
 
-    def _check_custom_sigmas(self, sigmas: Sequence[float]) -> np.ndarray:
-        """Custom `set_timesteps(sigmas=...)`: the noise levels of the schedule, the last one the level after the final
-        step; finite, non-negative and strictly decreasing (so only the final one may be 0), as `timesteps=` must be
-        strictly descending. Diffusers takes any list; an ascending or negative one runs without a word there."""
-        try:
-            values = np.asarray(sigmas, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"sigmas must be a list of numbers, got {sigmas!r}") from None
-        shown = values.tolist() if values.size <= 20 else f"{values[:20].tolist()}... ({values.size} values)"
-        if values.ndim != 1 or len(values) < 2:
-            raise ValueError(f"sigmas must list at least 2 noise levels, got {shown}")
-        if not np.isfinite(values).all():
-            raise ValueError(f"sigmas must be finite numbers, got {shown}")
-        if (values < 0).any():
-            raise ValueError(f"sigmas must be non-negative (the final one may be 0), got {shown}")
-        values = values.astype(np.float32)
-        if (np.diff(values) >= 0).any():
-            raise ValueError(f"sigmas must be strictly decreasing (highest noise level first), got {shown}")
-        return values
-
     def _set_schedule(
         self,
         timesteps: np.ndarray,
-        device: str | torch.device | None,
+        device: Device,
         num_inference_steps: int | None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -272,7 +261,7 @@ class SchedulerMixin(ConfigMixin):
         return spacing(sigma_min, sigma_max, n)
 
     def _check_no_respacing(self, what: str) -> None:
-        on = [key for key in SIGMA_SPACINGS if self.config.own(key)]
+        on = [key for key in (*SIGMA_SPACINGS, "use_lu_lambdas") if self.config.own(key)]
         if on:
             raise ValueError(f"{type(self).__name__}: {what} cannot be combined with {on[0]}=True")
 
@@ -339,7 +328,7 @@ class SchedulerMixin(ConfigMixin):
         return self._step_index
 
     def _require_schedule(self) -> None:
-        if self.num_inference_steps is None:
+        if self.num_inference_steps is None and not self._steps_without_set_timesteps:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
 
     # --- shared math --------------------------------------------------------------------------------------------
@@ -417,18 +406,45 @@ class SchedulerMixin(ConfigMixin):
         return _broadcast_to(sigmas[to_device(indices, like.device)], like)
 
     # --- the step protocol (see the module docstring) -------------------------------------------------------------
+    def step(
+        self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> BaseOutput | tuple[torch.Tensor, ...]:
+        """One step from `timestep` to the next one of the schedule (schedulers whose step takes no options)."""
+        return self._step(model_output, timestep, sample, return_dict)
+
+    def _step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool,
+        **step_kwargs: Any,
+    ) -> BaseOutput | tuple[torch.Tensor, ...]:
+        """An eager `step` with the scheduler's options `step_kwargs`: plan, apply, commit."""
+        self._require_schedule()
+        return self._run_plan(model_output, sample, self.plan_step(timestep, sample, **step_kwargs), return_dict)
+
     def plan_step(self, timestep: float | torch.Tensor, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
         """Prepare the next step on the host; `step_kwargs` are the scheduler's `step` options (eta, generator...)."""
         i = self._index(timestep)
-        plan = self._plan(i, sample, **step_kwargs)
+        plan = self._plan(i, sample, **{**self._step_defaults(), **step_kwargs})
         plan.model_input_scale = self._model_input_scale(i)
         return plan
+
+    @classmethod
+    @functools.cache
+    def _step_defaults(cls) -> dict[str, Any]:
+        """`step`'s options (its parameters after `sample`, but `return_dict`) and their defaults, declared there once:
+        `plan_step` fills in the ones a caller leaves out before `_plan` sees them."""
+        params = list(inspect.signature(cls.step).parameters.values())[4:]
+        return {p.name: p.default for p in params if p.name != "return_dict"}
 
     def _model_input_scale(self, i: int) -> torch.Tensor | None:
         """What step i's model input is multiplied by (see `StepPlan.model_input_scale`); None: not scaled."""
         return None
 
     def _plan(self, i: int, sample: torch.Tensor, **step_kwargs: Any) -> StepPlan:
+        """Step i's plan; `step_kwargs` are all of `step`'s options."""
         raise NotImplementedError(f"{type(self).__name__} does not split its step into plan / apply / commit")
 
     def apply_plan(self, model_output: torch.Tensor, sample: torch.Tensor, plan: StepPlan) -> PlanUpdate:
@@ -449,6 +465,22 @@ class SchedulerMixin(ConfigMixin):
 
     def _output(
         self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool
-    ) -> SchedulerOutput | tuple[torch.Tensor, ...]:
-        out = SchedulerOutput(prev_sample, pred_original_sample)
+    ) -> BaseOutput | tuple[torch.Tensor, ...]:
+        out = self.output_class(prev_sample, pred_original_sample)
         return out if return_dict else out.to_tuple()
+
+
+class GeneratorStepMixin(SchedulerMixin):
+    """Schedulers whose `step` takes one option, the generator of the noise it draws (DDPM, Euler ancestral, Heun,
+    KDPM2, DPM-Solver single-step, LCM)."""
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: Generator | None = None,
+        return_dict: bool = True,
+    ) -> BaseOutput | tuple[torch.Tensor, ...]:
+        """One step from `timestep` to the next one of the schedule, its noise drawn with `generator`."""
+        return self._step(model_output, timestep, sample, return_dict, generator=generator)

@@ -8,14 +8,49 @@ model outputs (x0 or epsilon predictions), newest last.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from ..configuration import ConfigError
+from ..utils.torch_utils import Device
 from .schedule_tables import sigma_to_t
+from .scheduler_config import SolverConfig
 from .scheduling_utils import SchedulerMixin
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverConfig(SolverConfig):
+    """The keys both DPM-Solvers (multistep and single-step) have."""
+
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -float("inf")
+    variance_type: str | None = None
+
+    choices: ClassVar = {
+        "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"),
+        "solver_type": ("midpoint", "heun"),
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "variance_type": (None, "learned", "learned_range"),
+    }
+
+    def __post_init__(self) -> None:
+        # Diffusers maps the names of DEIS / UniPC configs (when swapping from them) onto DPM-Solver++'s.
+        if self.algorithm_type == "deis":
+            object.__setattr__(self, "algorithm_type", "dpmsolver++")
+        if self.solver_type in ("logrho", "bh1", "bh2"):
+            object.__setattr__(self, "solver_type", "midpoint")
+        super().__post_init__()
+        if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
+            raise ConfigError(
+                f"{type(self).__name__}: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type; "
+                f"use final_sigmas_type='sigma_min' with algorithm_type={self.algorithm_type!r}"
+            )
 
 
 def vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,15 +144,27 @@ class VPSolverMixin(SchedulerMixin):
         if mu is not None:
             raise ValueError(f"{type(self).__name__}: mu needs use_dynamic_shifting, which rapiddiff does not support")
 
-    def _multistep_schedule(self, num_inference_steps: int) -> tuple[int, np.ndarray, np.ndarray, bool]:
-        """(n, timesteps, sigmas, respaced) of UniPC and DEIS: `solver_timesteps` over the whole training range, then
-        `_respaced_schedule` (Karras timesteps rounded)."""
+    def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, last: float, device: Device) -> None:
+        """Install a schedule: `timesteps` (int64), their `sigmas` and the final one, `last`; a fresh history."""
+        self._set_schedule(timesteps.astype(np.int64), device, len(timesteps))
+        self._set_sigmas(np.concatenate([sigmas, [last]]).astype(np.float32))
+        self._reset_history()
+
+    def _install_multistep_schedule(self, num_inference_steps: int, device: Device) -> None:
+        """UniPC's and DEIS's schedule: `solver_timesteps` over the whole training range, then `_respaced_schedule`
+        (Karras timesteps rounded); the final sigma is 0 with final_sigmas_type="zero", else the last respaced sigma
+        or the training schedule's smallest."""
         cfg = self.config
         n = self._check_num_inference_steps(num_inference_steps)
         timesteps = solver_timesteps(
             cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, cfg.num_train_timesteps
         )
-        return (n, *self._respaced_schedule(timesteps, n, round_karras=True))
+        timesteps, sigmas, respaced = self._respaced_schedule(timesteps, n, round_karras=True)
+        if cfg.own("final_sigmas_type") == "zero":
+            last = 0.0
+        else:
+            last = sigmas[-1] if respaced else self._train_sigmas()[0]
+        self._install(timesteps, sigmas, last, device)
 
     def _respaced_schedule(
         self, timesteps: np.ndarray, n: int, round_karras: bool
@@ -177,3 +224,34 @@ class VPSolverMixin(SchedulerMixin):
         """alpha_t * original + sigma_t * noise at the sigma `_sigma_for_noise` picks."""
         alpha_t, sigma_t = vp_alpha_sigma(self._sigma_for_noise(timesteps, original_samples))
         return alpha_t * original_samples + sigma_t * noise
+
+
+class DPMSolverMixin(VPSolverMixin):
+    """The schedule both DPM-Solvers (multistep, single-step) share."""
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: Device = None,
+        mu: float | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
+        """Spaced timesteps up to the lambda_min_clipped limit (respaced sigmas as configured), or custom descending
+        `timesteps`."""
+        self._check_mu(mu)
+        if timesteps is not None:
+            self._check_no_respacing("custom timesteps")
+        n = self._resolve_steps(num_inference_steps, timesteps)
+        if timesteps is None:
+            timesteps = self._spaced_timesteps(n)
+        timesteps = np.array(timesteps).astype(np.int64)
+        timesteps, sigmas, _ = self._respaced_schedule(timesteps, len(timesteps), round_karras=True)
+        last = self._train_sigmas()[0] if self.config.final_sigmas_type == "sigma_min" else 0.0
+        self._install(timesteps, sigmas, last, device)
+
+    def _spaced_timesteps(self, n: int) -> np.ndarray:
+        """`solver_timesteps` up to the lambda_min_clipped limit (the single-step solver spaces like "linspace")."""
+        cfg = self.config
+        clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped).item()
+        spacing, offset = cfg.own("timestep_spacing", "linspace"), cfg.own("steps_offset", 0)
+        return solver_timesteps(spacing, cfg.num_train_timesteps, n, offset, cfg.num_train_timesteps - clipped)

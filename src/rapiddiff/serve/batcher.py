@@ -321,7 +321,9 @@ class Batcher:
         loaded pipeline's own scheduler is never replaced."""
         if scheduler not in self._pipes:
             fresh = getattr(rapiddiff, scheduler).from_config(self.pipe.scheduler.config)
-            self._pipes[scheduler] = type(self.pipe).from_pipe(self.pipe, scheduler=fresh)
+            view = type(self.pipe).from_pipe(self.pipe, scheduler=fresh)
+            view.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))  # from_pipe drops it
+            self._pipes[scheduler] = view
         return self._pipes[scheduler]
 
 

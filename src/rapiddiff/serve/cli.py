@@ -2,6 +2,7 @@
 
 rapiddiff serve --model ./sd15
 rapiddiff serve --model runwayml/stable-diffusion-v1-5 --compile --max-batch-size 8 --batch-wait-ms 20 --port 8000
+rapiddiff serve --model ./sd15 --engine ray --replicas 4 --host 0.0.0.0     # Ray Serve: one replica per GPU
 
 POST /v1/images/generations (OpenAI's Images API, b64_json), GET / (a small page), /health, /ready, /metrics.
 SIGTERM: /ready turns 503, new requests get 503, accepted requests finish, then the process exits 0.
@@ -15,19 +16,16 @@ import logging
 import sys
 from typing import Any
 
+ENGINES = ("uvicorn", "ray")
 DEFAULTS = {"max_batch_size": 4, "batch_wait_ms": 10.0, "max_queue": 64, "request_timeout": 300.0}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..batch.checks import positive_int
+    from ..cli import add_model_argument, subcommand_parser
 
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve a model over HTTP",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="a checkpoint folder in Diffusers' layout, or a Hub id")
+    parser = subcommand_parser(subparsers, "serve", "serve a model over HTTP", __doc__)
+    add_model_argument(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
@@ -44,6 +42,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=_positive, default=DEFAULTS["request_timeout"],
                         help="seconds from arrival to answer; later is a 504, and queued work is skipped "
                              f"(default {DEFAULTS['request_timeout']:g})")  # fmt: skip
+    parser.add_argument("--engine", choices=ENGINES, default="uvicorn",
+                        help="uvicorn: one server in this process (default); ray: a Ray Serve deployment of "
+                             "--replicas copies of it (pip install 'rapiddiff[ray]')")  # fmt: skip
+    parser.add_argument("--replicas", type=positive_int, default=1,
+                        help="--engine ray: the number of replicas, each one process with one pipeline (one GPU)")  # fmt: skip
     parser.set_defaults(func=run)
     return parser
 
@@ -70,18 +73,19 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         print(f"rapiddiff serve: error: --port {args.port} must be in [1, 65535]", file=sys.stderr)
         return 2
-    import torch
+    if args.engine != "ray" and args.replicas != 1:
+        print(f"rapiddiff serve: error: --replicas {args.replicas} is for --engine ray; one uvicorn server runs one "
+              "pipeline", file=sys.stderr)  # fmt: skip
+        return 2
     import uvicorn
 
-    import rapiddiff
-
-    from ..batch import checks
-    from ..compile import compile_pipeline
     from .app import create_app
     from .batcher import ServeSettings
     from .server import DrainingServer
+    from .setup import PipelineSetup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup = PipelineSetup(args.model, compile=args.compile)
     settings = ServeSettings(
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
@@ -89,19 +93,24 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         pad_to_compiled=args.compile,
     )
+    if args.engine == "ray":
+        try:
+            from .ray_engine import run_ray
+
+            setup.check()  # here, not after Ray has retried each replica
+        except ImportError as e:  # Ray, or one of Ray Serve's own dependencies
+            print(f"rapiddiff serve: error: --engine ray needs Ray Serve: pip install 'rapiddiff[ray]' ({e})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        except (ValueError, OSError) as e:
+            print(f"rapiddiff serve: error: {e}", file=sys.stderr)
+            return 2
+        return run_ray(setup, settings, args.replicas, args.host, args.port)
     try:
-        device = checks.resolve_device(None)
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = rapiddiff.DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
-        if type(pipe) is not rapiddiff.StableDiffusionPipeline:
-            raise ValueError(f"--model {args.model} loads as {type(pipe).__name__}; this server runs text-to-image "
-                             "Stable Diffusion checkpoints (StableDiffusionPipeline)")  # fmt: skip
+        pipe = setup.load()
     except (ValueError, OSError) as e:
         print(f"rapiddiff serve: error: {e}", file=sys.stderr)
         return 2
-    pipe.set_progress_bar_config(disable=True)
-    if args.compile:
-        pipe = compile_pipeline(pipe)
     app = create_app(pipe, args.model, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.request_timeout)
     DrainingServer(config, app.state.batcher).run()

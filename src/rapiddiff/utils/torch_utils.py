@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 Generator = torch.Generator | Sequence[torch.Generator]
+Device = str | torch.device | None  # where tensors go: a device or its name (None: where they are, or the CPU)
 
 
 def first_non_finite(tensors: Mapping[str, Any]) -> tuple[str, int, int] | None:
@@ -25,7 +26,7 @@ def first_non_finite(tensors: Mapping[str, Any]) -> tuple[str, int, int] | None:
     return None
 
 
-def to_device(tensor: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: Device) -> torch.Tensor:
     """`tensor` on `device` (unchanged for None), copied without a host sync.
 
     A plain `.to("cuda")` of a CPU tensor waits for the copy (a sync that `torch.cuda.set_sync_debug_mode` reports);

@@ -1,4 +1,5 @@
-"""The key table between the original Stable Diffusion layout and Diffusers' (see single_file.py): for each model,
+"""The key table between the original Stable Diffusion layout and Diffusers' (see single_file.py here and in the
+loaders): for each model,
 `*_rules(config)` lists `Rule`s mapping a key prefix of the original layout to Diffusers' (block indices follow from
 the config), with renames below the prefix and a tensor transform; `to_diffusers` applies a table, `to_original`
 applies it backwards (to write original-layout files, e.g. in the tests)."""
@@ -18,6 +19,11 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: a Hugging Face CLIPTextModel
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: the OpenCLIP ViT-H text tower
 CONTROLNET_PREFIX = "control_model."
+# SDXL: `conditioner.embedders.N.`: the base's CLIP ViT-L (Hugging Face layout) then OpenCLIP bigG; the refiner's
+# embedder 0 is OpenCLIP bigG alone.
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+XL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+XL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
 # Which preset holds the configs of each detected architecture.
 
@@ -61,7 +67,11 @@ def _conv1x1_to_linear(t: torch.Tensor, forward: bool) -> torch.Tensor:
     return t[:, :, None, None] if t.ndim == 2 else t
 
 
-TRANSFORMS: dict[str, Callable[[torch.Tensor, bool], torch.Tensor]] = {"conv1x1_to_linear": _conv1x1_to_linear}
+TRANSFORMS: dict[str, Callable[[torch.Tensor, bool], torch.Tensor]] = {
+    "conv1x1_to_linear": _conv1x1_to_linear,
+    # OpenCLIP's text_projection multiplies from the right (x @ P): a Linear's weight is P transposed
+    "transpose": lambda t, forward: t.T.contiguous(),
+}
 
 
 def _blocks_with_attention(block_types: tuple[str, ...]) -> list[bool]:
@@ -82,6 +92,8 @@ def _unet_down_rules(config: Mapping[str, Any], prefix: str = "") -> tuple[list[
         Rule("middle_block.1.", "mid_block.attentions.0."),
         Rule("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET),
     ]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: the pooled-text + size embedding
+        rules += [Rule("label_emb.0.0.", "add_embedding.linear_1."), Rule("label_emb.0.2.", "add_embedding.linear_2.")]
     i = 1
     for b in range(n):
         for j in range(layers[b]):
@@ -158,14 +170,16 @@ def vae_rules(config: Mapping[str, Any]) -> list[Rule]:
     return rules
 
 
-def clip_rules(config: Mapping[str, Any]) -> list[Rule]:
-    """SD 1.x: the keys of a Hugging Face CLIPTextModel (older files lack the `text_model.` level)."""
-    return [Rule(CLIP_PREFIX + "text_model.", "text_model."), Rule(CLIP_PREFIX, "text_model.")]
+def clip_rules(config: Mapping[str, Any], prefix: str = CLIP_PREFIX) -> list[Rule]:
+    """SD 1.x (and SDXL's first encoder): the keys of a Hugging Face CLIPTextModel (older files lack the
+    `text_model.` level)."""
+    return [Rule(prefix + "text_model.", "text_model."), Rule(prefix, "text_model.")]
 
 
-def openclip_rules(config: Mapping[str, Any]) -> list[Rule]:
-    """SD 2.x: OpenCLIP's text tower; Diffusers keeps its first `num_hidden_layers` layers (SD 2 uses the penultimate)."""
-    p = OPENCLIP_PREFIX
+def openclip_rules(config: Mapping[str, Any], prefix: str = OPENCLIP_PREFIX) -> list[Rule]:
+    """SD 2.x: OpenCLIP's text tower; Diffusers keeps its first `num_hidden_layers` layers (SD 2 uses the penultimate).
+    SDXL's CLIPTextModelWithProjection (config `architectures`) also takes the text projection."""
+    p = prefix
     rules = [
         Rule(p + "token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
         Rule(p + "positional_embedding", "text_model.embeddings.position_embedding.weight"),
@@ -175,17 +189,20 @@ def openclip_rules(config: Mapping[str, Any]) -> list[Rule]:
         Rule(f"{p}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.", OPENCLIP_LAYER)
         for i in range(config["num_hidden_layers"])
     ]
+    if "CLIPTextModelWithProjection" in (config.get("architectures") or ()):
+        rules.append(Rule(p + "text_projection", "text_projection.weight", transform="transpose"))
     return rules
 
 
 # Keys of the original layout that no Diffusers model holds: dropped on purpose.
 DROPPED_ORIGINAL = (
     "position_ids",  # a buffer transformers rebuilds
-    OPENCLIP_PREFIX + "text_projection",
-    OPENCLIP_PREFIX + "logit_scale",
-    OPENCLIP_PREFIX + "attn_mask",
-    OPENCLIP_PREFIX + "visual.",
-    OPENCLIP_PREFIX + "transformer.resblocks.",  # layers past num_hidden_layers (matched rules come first)
+    # a projection SD 2 does not use, layers past num_hidden_layers (matched rules come first), OpenCLIP's extras
+    *(
+        p + k
+        for p in (OPENCLIP_PREFIX, XL_OPENCLIP_PREFIX, XL_REFINER_OPENCLIP_PREFIX)
+        for k in ("text_projection", "logit_scale", "attn_mask", "visual.", "transformer.resblocks.")
+    ),
 )
 
 

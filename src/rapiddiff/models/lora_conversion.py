@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.lora_layers import expected_shapes, lora_capable
 from ..utils.torch_utils import first_non_finite
+from .lora_layers import expected_shapes, lora_capable
 
 # Key suffix of one LoRA matrix -> which half of the pair (checked in this order: the longest first).
 MATRIX_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -102,16 +102,44 @@ def module_table(component: str, model: nn.Module) -> dict[str, str]:
     (transformers 5 dropped that level; LoRA files keep it).
     """
     table: dict[str, str] = {}
+    original = original_unet_names(model) if component == "unet" else {}
     for name, module in model.named_modules():
         if not name or not lora_capable(module):
             continue
         spellings = {name}
         if component.startswith("text_encoder"):
             spellings.add(name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}")
+        if name in original:
+            spellings.add(original[name])
         for s in spellings:
             table[s] = name
             table[s.replace(".", "_")] = name
     return table
+
+
+def original_unet_names(model: nn.Module) -> dict[str, str]:
+    """UNet module name -> its name in the original (SGM / LDM) layout (`input_blocks.4.1.proj_in`), which Kohya's
+    SDXL LoRAs use (`lora_unet_input_blocks_4_1_proj_in`); from the single-file key table, so it follows the config.
+    Empty for models without a UNet config."""
+    from .single_file_keys import UNET_PREFIX, unet_rules
+
+    config = getattr(model, "config", None)
+    if config is None or "down_block_types" not in config:
+        return {}
+    rules = sorted(unet_rules(config), key=lambda r: -len(r.diffusers))  # the most specific prefix first
+    names: dict[str, str] = {}
+    for name, _ in model.named_modules():
+        key = name + "."
+        rule = next((r for r in rules if key.startswith(r.diffusers)), None)
+        if rule is None:
+            continue
+        rest = key[len(rule.diffusers) :]
+        for orig, renamed in rule.inner.items():
+            if rest.startswith(renamed):
+                rest = orig + rest[len(renamed) :]
+                break
+        names[name] = (rule.original.removeprefix(UNET_PREFIX) + rest).rstrip(".")
+    return names
 
 
 def _split_suffix(rest: str) -> tuple[str, str] | None:
