@@ -345,3 +345,26 @@ def test_from_single_file_quantizes_as_from_pretrained(tiny_sd_dir, tmp_path):
     assert abs(a - b).max() < 2e-3
     default = rapiddiff.StableDiffusionPipeline.from_single_file(path, config=tiny_sd_dir, quantization_config=config())
     assert default.unet.dtype == torch.bfloat16 and default.vae.dtype == torch.float32
+
+
+def test_controlnet_from_single_file_quantized_as_from_pretrained(tmp_path):
+    """Diffusers 0.42.1's ControlNetModel.from_single_file takes a TorchAoConfig, loads bfloat16 and quantizes nothing;
+    rapiddiff quantizes the same layers as Diffusers' from_pretrained does."""
+    import safetensors.torch
+    from conftest import tiny_sd_components
+
+    from rapiddiff.models import single_file_keys as keys
+
+    torch.manual_seed(1)
+    net = diffusers.ControlNetModel.from_unet(tiny_sd_components()["unet"])
+    net_file = tmp_path / "control.safetensors"
+    safetensors.torch.save_file(keys.to_original(net.state_dict(), keys.controlnet_rules(net.config)), str(net_file))
+    net.save_pretrained(tmp_path / "net")
+    ours = rapiddiff.ControlNetModel.from_single_file(
+        net_file, config=tmp_path / "net", quantization_config=rapiddiff.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())
+    )
+    theirs = diffusers.ControlNetModel.from_pretrained(
+        tmp_path / "net", quantization_config=diffusers.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())
+    )
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert quantized_names(ours) == quantized_names(theirs) != set()
