@@ -25,6 +25,8 @@ What it measures (real architectures from rapiddiff.presets, random fp16 weights
             p50/p95 latency, the mean batch run and the shapes compiled (one per batch size when batches fill).
   levers    the UNet at batch 1 with each candidate lever on top of rapiddiff's default (docs/compile.md section 9):
             inductor freezing, fused Q/K/V, max-autotune, cudnn.benchmark (last: it is a process-wide switch).
+  precision `--precision`: the UNet table in fp16, bf16, int8 dynamic and float8 dynamic (torchao; float8 needs
+            compute capability >= 8.9), both libraries, batch 1/4/16 (docs/precision.md).
 Every job records inductor's cudagraph_skips, FX-graph cache hits/misses and dynamo's recompiles.
 
 Time: compiling is what costs (about 50 s per UNet graph on an H100). Phase 1 compiles every job in parallel worker
@@ -135,6 +137,45 @@ def jobs(dry: bool) -> list[str]:
     return unet + cached + pipes + sdxl + ["whole:rapiddiff:sd_txt2img"] + serve + levers
 
 
+def precision_jobs(dry: bool) -> list[str]:
+    """`--precision`: the UNet at batch 1/4/16 in fp16 (the plain unet rows), bf16, int8 dynamic and float8 dynamic
+    (torchao, on a bf16 model as Diffusers' TorchAoConfig loads it), both libraries."""
+    batches = UNET_BATCHES["dry" if dry else "real"]
+    kinds = [p for p in PRECISIONS if not (dry and PRECISIONS[p][1] == "Float8DynamicActivationFloat8WeightConfig")]
+    plain = [f"unet:{lib}:{b}" for b in batches for lib in ("diffusers", "rapiddiff")]
+    return plain + [f"unet:{lib}-{p}:{b}" for p in kinds for b in batches for lib in ("diffusers", "rapiddiff")]
+
+
+# precision -> (the model's dtype, the torchao config class applied to every nn.Linear; None: none)
+PRECISIONS: dict[str, tuple[torch.dtype, str | None]] = {
+    "bf16": (torch.bfloat16, None),
+    "int8dyn": (torch.bfloat16, "Int8DynamicActivationInt8WeightConfig"),
+    "fp8dyn": (torch.bfloat16, "Float8DynamicActivationFloat8WeightConfig"),  # compute capability >= 8.9
+}
+
+
+def split_precision(library: str) -> tuple[str, str | None]:
+    """ "rapiddiff-int8dyn" -> ("rapiddiff", "int8dyn"); "rapiddiff" -> ("rapiddiff", None); levers stay whole."""
+    base, _, precision = library.partition("-")
+    return (base, precision) if precision in PRECISIONS else (library, None)
+
+
+def quantize(library: str, model: torch.nn.Module, config_name: str) -> None:
+    """Diffusers' TorchAoConfig transform (quantize_ on each nn.Linear); rapiddiff's through its TorchAoConfig."""
+    import torchao.quantization as ao
+
+    import rapiddiff
+    from rapiddiff.quantization.torchao_quant import quantize_model
+
+    config = getattr(ao, config_name)()
+    if library == "rapiddiff":
+        quantize_model(model, rapiddiff.TorchAoConfig(config))
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            ao.quantize_(module, config)
+
+
 def unet_config(run: Run, model: str = "sd") -> dict[str, Any]:
     from rapiddiff.bench.presets import preset_config
 
@@ -194,8 +235,13 @@ def compile_unet(run: Run, library: str, model: torch.nn.Module) -> Any:
 
 
 def unet_job(run: Run, library: str, batch: int, measure: bool, unet: str = "sd") -> dict[str, Any]:
-    model = compile_unet(run, library, build_unet(run, library, model=unet))
-    inputs, extra = unet_inputs(run, batch, run.dtype, unet)
+    library, precision = split_precision(library)
+    dtype, torchao_config = PRECISIONS[precision] if precision else (run.dtype, None)
+    model = build_unet(run, library, dtype, model=unet)
+    if torchao_config:
+        quantize(library, model, torchao_config)
+    model = compile_unet(run, library, model)
+    inputs, extra = unet_inputs(run, batch, dtype, unet)
 
     def step() -> torch.Tensor:
         return model(*inputs, return_dict=False, **extra)[0]
@@ -394,6 +440,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=6, help="parallel compile processes (phase 1)")
     parser.add_argument("--budget", type=float, default=520, help="seconds; later jobs are skipped past it")
     parser.add_argument("--jobs", nargs="+", help="run only these (names as in the JSON)")
+    parser.add_argument("--precision", action="store_true", help="the precision table only (see precision_jobs)")
     parser.add_argument("--compile-job", help=argparse.SUPPRESS)  # a phase-1 worker
     args = parser.parse_args()
     run = Run(args.dry_run)
@@ -409,7 +456,7 @@ def main() -> None:
         (OUT / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
         print(json.dumps(row, default=str), flush=True)
 
-    names = args.jobs or jobs(args.dry_run)
+    names = args.jobs or (precision_jobs if args.precision else jobs)(args.dry_run)
     compile_in_workers(run, names, args.workers, record)
     for job in names:
         if time.perf_counter() - start > args.budget:
@@ -457,6 +504,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             ours, theirs = unet.get(f"{kind}:rapiddiff:{batch}"), unet.get(f"{kind}:diffusers:{batch}")
             if ours and theirs:
                 print(f"{label} batch {batch}: rapiddiff / Diffusers-with-recipe = {ours / theirs:.2f}x")
+            for p in PRECISIONS:
+                ours_p, theirs_p = unet.get(f"{kind}:rapiddiff-{p}:{batch}"), unet.get(f"{kind}:diffusers-{p}:{batch}")
+                if ours_p and theirs_p and theirs:
+                    print(f"{label} batch {batch}, {p}: rapiddiff / Diffusers-{p} = {ours_p / theirs_p:.2f}x; "
+                          f"rapiddiff-{p} / Diffusers-fp16 = {ours_p / theirs:.2f}x")  # fmt: skip
     cached = {j: r.get("call_s") for j, r in measured.items() if j.startswith("cached:")}
     for batch in sorted({j.split(":")[2] for j in cached}, key=int):
         ours = cached.get(f"cached:rapiddiff:{batch}")

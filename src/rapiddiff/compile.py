@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .frozen import FrozenWeightsCall, default_freezes
 from .pipelines.denoise import DenoisingStep, StepInput, run_step
+from .quantization.torchao_quant import TORCHAO_INDUCTOR_OPTIONS, is_torchao_quantized
 from .schedulers.scheduling_utils import SchedulerMixin
 from .schedulers.step_plan import StepPlan
 from .utils.offload import check_compilable, check_whole_step_compilable
@@ -84,7 +85,8 @@ def compile_pipeline(
         reference recipe's speed on an AMX Xeon (docs/compile.md); off on accelerators until measured there. True:
         on for every module. False: off (the reference recipe). Inductor only; the whole-step graph never freezes.
     options: more inductor options (torch.compile's `options=`, on top of the mode's), e.g. {"conv_1x1_as_mm": True};
-        `scripts/compile_levers.py` measures them. Inductor only.
+        `scripts/compile_levers.py` measures them. Inductor only. A module quantized with torchao (TorchAoConfig)
+        also gets the options torchao recommends for its kernels (`TORCHAO_INDUCTOR_OPTIONS`); `options` wins.
     """
     _check_args(mode, memory_format, dynamic, backend)
     if freezing not in (None, True, False):
@@ -101,6 +103,11 @@ def compile_pipeline(
     if whole_step:
         check_whole_step_compilable(pipe, DENOISERS)
     for name, module in _targets(pipe, components):
+        if getattr(getattr(module, "_compiled_call_impl", None), "quantized_static", False):
+            raise ValueError(
+                f"compile_pipeline: {name} runs the compiled int8 graph quantize_pipeline installed; compile the "
+                "other components by name (components=['vae.decoder'])"
+            )
         if memory_format is not None:
             module.to(memory_format=memory_format)
         # With whole_step the denoisers run inside the step's graph: compiling them alone too would only add guards.
@@ -109,8 +116,9 @@ def compile_pipeline(
         module_mode = mode if name in DENOISERS else _WITHOUT_CUDAGRAPHS.get(mode, mode)
         check_compilable(module)  # sequential CPU offload's hooks cannot run inside a graph
         kwargs = compile_kwargs(backend, module_mode)
-        if backend == "inductor" and (options or _freezes(freezing, module)):
-            kwargs = inductor_options(module_mode, dynamic, {**(options or {}), "freezing": _freezes(freezing, module)})
+        module_options = {**quantized_module_options(module), **(options or {})}
+        if backend == "inductor" and (module_options or _freezes(freezing, module)):
+            kwargs = inductor_options(module_mode, dynamic, {**module_options, "freezing": _freezes(freezing, module)})
         if kwargs.get("options", {}).get("freezing"):
             module._compiled_call_impl = FrozenWeightsCall(
                 module, cpu_only=freezing is None, fullgraph=fullgraph, dynamic=dynamic, **kwargs
@@ -183,6 +191,12 @@ def _resolve(obj: Any, path: str) -> Any:
 
 
 # --- frozen weights --------------------------------------------------------------------------------------------------
+def quantized_module_options(module: nn.Module) -> dict[str, Any]:
+    """The inductor options torchao recommends for its kernels, for a module holding torchao weights (torchao sets
+    them process-wide when it quantizes; here they travel with the module's compile)."""
+    return dict(TORCHAO_INDUCTOR_OPTIONS) if is_torchao_quantized(module) else {}
+
+
 def _freezes(freezing: bool | None, module: nn.Module) -> bool:
     if freezing is None:
         return default_freezes(module)

@@ -76,6 +76,10 @@ EXPORTS = {
     "DeepCacheSDHelper": "pipelines.deep_cache",
     # torch.compile recipe
     "compile_pipeline": "compile",
+    # lower precision
+    "TorchAoConfig": "quantization.config",
+    "PipelineQuantizationConfig": "quantization.config",
+    "quantize_pipeline": "quantization.static",
 }
 
 

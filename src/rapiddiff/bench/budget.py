@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 # the report's modes from most to least important when time is short
-MODE_IMPORTANCE = ("eager-sdpa", "compiled", "cached", "eager-vanilla")
+MODE_IMPORTANCE = ("eager-sdpa", "compiled", "compiled-bf16", "cached", "eager-vanilla")
 MIN_INTERVAL_ROUNDS = 2  # a 95 % interval needs two paired rounds
 
 

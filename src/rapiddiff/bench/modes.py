@@ -98,6 +98,31 @@ def cached(pipe: Any, figure: Figure, backend: Backend) -> Undo:
     return helper.disable
 
 
+def compiled_bf16(pipe: Any, figure: Figure, backend: Backend) -> Undo:
+    """The compiled column in bfloat16: the pipeline's models cast to bfloat16 (as `torch_dtype=torch.bfloat16`
+    loads them), then compiled as in `compiled`. The CPU preset has this column where the CPU computes bf16 natively
+    (`rapiddiff.quantization.cpu.cpu_precisions`). The undo casts back to the dtype the models had."""
+    dtype = next(getattr(pipe, figure.denoisers[0]).parameters()).dtype
+    pipe.to(dtype=torch.bfloat16)
+    undo_compiled = compiled(pipe, figure, backend)
+
+    def undo() -> None:
+        undo_compiled()
+        pipe.to(dtype=dtype)
+
+    return undo
+
+
+def is_compiled_mode(mode: str) -> bool:
+    """Modes that compile the denoisers (compiled batch sizes apply; `GRAPHS_PER_CELL` says how many compiles)."""
+    return mode in GRAPHS_PER_CELL
+
+
+# Compiles per cell, per figure: one per backend; the cached mode's rapiddiff two (full and shallow steps) and none
+# for Diffusers + DeepCache (eager).
+GRAPHS_PER_CELL = {"compiled": "backends", "compiled-bf16": "backends", "cached": 2}
+
+
 def compile_recipes(backends: Sequence[str]) -> dict[str, Any]:
     """What the compiled column runs, read now (not restated): per backend the call and its arguments (rapiddiff:
     `compile_pipeline`'s signature defaults, freezing included), the options the torch.compile mode adds, and
@@ -135,5 +160,6 @@ MODES: dict[str, Callable[[Any, Figure, Backend], Undo]] = {
     "eager-sdpa": eager_sdpa,
     "eager-vanilla": eager_vanilla,
     "compiled": compiled,
+    "compiled-bf16": compiled_bf16,
     "cached": cached,  # last: it compiles rapiddiff's pipeline in place too
 }

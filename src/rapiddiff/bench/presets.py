@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..presets import PRESETS_DIR
+from ..quantization.cpu import cpu_precisions
 
 # Checkpoint key (as in `--model KEY=PATH`) -> folder of its configs under PRESETS_DIR.
 CHECKPOINTS = {
@@ -207,12 +208,16 @@ PRESETS = {
 
 
 def resolve_preset(name: str, cuda_available: bool) -> Preset:
-    """`auto` is `gpu` where CUDA is available, else `cpu`."""
+    """`auto` is `gpu` where CUDA is available, else `cpu`. The `cpu` preset gains the compiled-bf16 column on a CPU
+    that computes bfloat16 natively (AVX512-BF16 or AMX, as torch.cpu's probes report: `cpu_precisions`)."""
     if name == "auto":
         name = "gpu" if cuda_available else "cpu"
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is not known; allowed: auto, {', '.join(PRESETS)}")
-    return PRESETS[name]
+    preset = PRESETS[name]
+    if name == "cpu" and cpu_precisions().bf16:
+        preset = dataclasses.replace(preset, modes=(*preset.modes, "compiled-bf16"))
+    return preset
 
 
 def preset_config(checkpoint: str, subfolder: str, filename: str, preset: Preset) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from .measure import (
     measure_interleaved,
     short_steps,
 )
-from .modes import CACHED_FIGURES, MODES, compile_recipes
+from .modes import CACHED_FIGURES, GRAPHS_PER_CELL, MODES, compile_recipes, is_compiled_mode
 from .report import cells_of, make_document
 from .settings import Settings
 from .workloads import FIGURES, Figure, build_pipeline, figures_of
@@ -70,7 +70,9 @@ def run(
             if not cell.done:
                 cell.run = len(prior_runs)
         budget = Budget(settings, cells, elapsed)
-        compiled = {"compiled": compile_recipes(settings.backends)} if "compiled" in settings.modes else {}
+        compiled = (
+            {"compiled": compile_recipes(settings.backends)} if any(map(is_compiled_mode, settings.modes)) else {}
+        )
 
         def document() -> dict[str, Any]:
             return make_document(settings, environment, cells, prior_runs, {"budget": budget.record(), **compiled})
@@ -103,9 +105,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-COMPILING_MODES = ("compiled", "cached")  # the modes that run at the preset's compiled_batch_sizes only
-
-
 def plan_cells(settings: Settings, done: Sequence[Cell] = ()) -> list[Cell]:
     """Every cell of the matrix: kept from `done` where its whole group finished, else pending (or skipped)."""
     kept = {_key(c): c for c in done if c.done}
@@ -121,7 +120,7 @@ def plan_cells(settings: Settings, done: Sequence[Cell] = ()) -> list[Cell]:
                 elif batch > 1 and not figure.batched:
                     for c in group:
                         c.status, c.summary = "skipped", "batch 1 only"
-                elif mode in COMPILING_MODES and batch not in (settings.compiled_batch_sizes or (batch,)):
+                elif is_compiled_mode(mode) and batch not in (settings.compiled_batch_sizes or (batch,)):
                     for c in group:
                         c.status, c.summary = "skipped", "not compiled at this batch size (preset)"
                 elif mode == "cached" and figure.name not in CACHED_FIGURES:
@@ -172,8 +171,8 @@ class Budget:
         preset_calls = short_steps(settings.preset.steps[figure]) + settings.preset.steps[figure]
         pair = e.pair_s[figure] * calls / preset_calls * (1 + e.batch_slope * (batch - 1))
         backends = len(settings.backends)
-        # compiled: one graph per backend; cached: rapiddiff's two (full and shallow steps), DeepCache runs eagerly
-        compile_s = {"compiled": backends, "cached": 2}.get(mode, 0) * e.compile_s[figure]
+        graphs = GRAPHS_PER_CELL.get(mode, 0)
+        compile_s = (backends if graphs == "backends" else graphs) * e.compile_s[figure]
         return backends * settings.warmup * pair / 2, compile_s, backends * pair
 
     def group(self, figure: str, batch: int, mode: str) -> Group:

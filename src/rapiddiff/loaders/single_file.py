@@ -37,6 +37,8 @@ from ..models.single_file_keys import (
     vae_rules,
 )
 from ..presets import PRESETS_DIR
+from ..quantization.config import pipeline_quantization
+from ..quantization.torchao_quant import quantize_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +179,15 @@ def pipeline_from_single_file(
     torch_dtype: Any = None,
     dtype: Any = None,
     prediction_type: str | None = None,
+    quantization_config: Any = None,
     **kwargs: Any,
 ) -> Any:
     """`Pipeline.from_single_file`: the converted UNet, VAE and text encoder, the other components from the config
-    folder; keyword arguments named after components replace them (those given are not read from the file)."""
-    load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{pipeline_cls.__name__}.from_single_file")
+    folder; keyword arguments named after components replace them (those given are not read from the file).
+    `quantization_config`: a PipelineQuantizationConfig, as in from_pretrained."""
+    where = f"{pipeline_cls.__name__}.from_single_file"
+    quantization = pipeline_quantization(quantization_config, where)
+    load_dtype = resolve_dtype_arg(torch_dtype, dtype, where)
     components = set(pipeline_cls.component_names())
     if not {"unet", "vae", "text_encoder"} <= components:
         raise TypeError(
@@ -198,6 +204,11 @@ def pipeline_from_single_file(
     kwargs.pop("local_files_only", None)  # always offline
     given = tuple(k for k in kwargs if k in components)
     folder, models, kind, step = convert_components(path, config, load_dtype, skip=given)
+    if quantization is not None:
+        quantization.check_components(components, where)
+        for name, model in models.items():
+            quantize_loaded(model, quantization._resolve_quant_config(module_name=name), torch_dtype or dtype, where)
+        kwargs["quantization_config"] = quantization  # for the components read from the config folder
     if "scheduler" not in kwargs:
         kwargs["scheduler"] = _scheduler(folder, prediction_type_for(kind, prediction_type, step))
     if (

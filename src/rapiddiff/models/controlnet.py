@@ -232,10 +232,14 @@ class ControlNetModel(AttentionSlicingMixin, ModelMixin):
         config: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
+        quantization_config: Any = None,
     ) -> ControlNetModel:
         """An original-layout ControlNet file (`control_model.*`, e.g. control_v11p_sd15_canny.pth), offline; the
-        config from `config=` (a local folder) or the SD 1.x ControlNet preset."""
-        return controlnet_from_single_file(cls, pretrained_model_link_or_path, config, torch_dtype, dtype)
+        config from `config=` (a local folder) or the SD 1.x ControlNet preset; `quantization_config=` a
+        `TorchAoConfig`, as in from_pretrained."""
+        return controlnet_from_single_file(
+            cls, pretrained_model_link_or_path, config, torch_dtype, dtype, quantization_config
+        )
 
     def forward(
         self,

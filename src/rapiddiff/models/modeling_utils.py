@@ -18,6 +18,13 @@ from torch import nn
 
 from ..configuration import ConfigMixin, read_json
 from ..hub import resolve_dir
+from ..quantization.torchao_quant import (
+    check_castable,
+    check_quantization_config,
+    quantize_model,
+    refuse_prequantized,
+    refuse_save,
+)
 from ..utils.atomic_io import atomic_folder, read_lock
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -40,6 +47,7 @@ LOADING_ARGS = (
     "token",
     "low_cpu_mem_usage",
     "device_map",
+    "quantization_config",
 )
 
 
@@ -251,14 +259,23 @@ class ModelMixin(nn.Module, ConfigMixin):
         token: str | bool | None = None,
         low_cpu_mem_usage: bool = True,  # always the case here: weights are loaded onto a meta-built model
         device_map: Any = None,
+        quantization_config: Any = None,
         **config_overrides: Any,
     ) -> M:
         """Load a model saved in Diffusers' layout. `dtype=` or `torch_dtype=` (float32 if neither; "auto": as stored).
 
+        quantization_config: a `rapiddiff.TorchAoConfig`: the linear layers' weights become torchao tensors once
+        loaded (on the target device), as Diffusers does; the dtype then defaults to bfloat16, as in Diffusers.
+
         Other keyword arguments override config values, as in Diffusers; a loading argument rapiddiff does not take
         is a TypeError naming it.
         """
-        load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_pretrained")
+        where = f"{cls.__name__}.from_pretrained"
+        if quantization_config is not None:
+            check_quantization_config(quantization_config, where)
+            if torch_dtype is None and dtype is None:
+                torch_dtype = torch.bfloat16
+        load_dtype = resolve_dtype_arg(torch_dtype, dtype, where)
         device = device_map_device(device_map, f"{cls.__name__}.from_pretrained")
         cls._check_overrides(config_overrides)
         hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token}
@@ -274,7 +291,9 @@ class ModelMixin(nn.Module, ConfigMixin):
             config_path = folder / cls.config_name
             if not config_path.is_file():
                 raise FileNotFoundError(f"{cls.config_name} not found in {folder}")
-            config = cls._parse_config(read_json(config_path), config_overrides, source=str(config_path))
+            raw_config = read_json(config_path)
+            refuse_prequantized(raw_config, str(config_path))
+            config = cls._parse_config(raw_config, config_overrides, source=str(config_path))
             files = find_weight_files(folder, variant=variant, use_safetensors=use_safetensors)
             with torch.device("meta"):
                 model = cls(config)
@@ -283,7 +302,8 @@ class ModelMixin(nn.Module, ConfigMixin):
                 state.update(load_state_dict_file(f, None if load_dtype == "auto" else load_dtype))
         source = str(files[0]) if len(files) == 1 else f"{folder} (shards {[f.name for f in files]})"
         model.load_checkpoint_state(state, source=source)
-        return model.eval() if device is None else model.to(device).eval()
+        model = model.eval() if device is None else model.to(device).eval()
+        return model if quantization_config is None else quantize_model(model, quantization_config)
 
     @classmethod
     def _check_overrides(cls, overrides: Mapping[str, Any]) -> None:
@@ -349,6 +369,7 @@ class ModelMixin(nn.Module, ConfigMixin):
     ) -> None:
         """Write config.json and the weights (sharded with an index above `max_shard_size`), atomically: the folder
         is replaced whole, so old weights of another variant or format do not survive."""
+        refuse_save(self, f"{type(self).__name__}.save_pretrained")
         with atomic_folder(save_directory, keep=_not_model_file) as tmp:
             self.save_config(tmp)
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
@@ -472,6 +493,11 @@ class ModelMixin(nn.Module, ConfigMixin):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.set_processor(m.default_processor())
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """nn.Module.to; a torchao-quantized model refuses a new dtype (Diffusers' rule: choose it at loading)."""
+        check_castable(self, torch._C._nn._parse_to(*args, **kwargs)[1], f"{type(self).__name__}.to")
+        return super().to(*args, **kwargs)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`nn.Module.compile`, keeping a model-offload hook (rapiddiff.pipelines.offload) outside the graph."""

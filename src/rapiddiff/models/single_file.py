@@ -14,6 +14,7 @@ import torch
 
 from ..configuration import read_json
 from ..presets import PRESETS_DIR
+from ..quantization.torchao_quant import check_quantization_config, quantize_loaded
 from .modeling_utils import load_state_dict_file, resolve_dtype_arg
 from .single_file_keys import CONTROLNET_PREFIX, controlnet_rules, to_diffusers
 
@@ -66,10 +67,18 @@ def load_model(
 
 
 def controlnet_from_single_file(
-    cls: type, path: str | os.PathLike, config: str | os.PathLike | None, torch_dtype: Any, dtype: Any
+    cls: type,
+    path: str | os.PathLike,
+    config: str | os.PathLike | None,
+    torch_dtype: Any,
+    dtype: Any,
+    quantization_config: Any = None,
 ) -> Any:
     """`ControlNetModel.from_single_file`: an original ControlNet file (`control_model.*` or bare keys)."""
-    load_dtype = resolve_dtype_arg(torch_dtype, dtype, f"{cls.__name__}.from_single_file")
+    where = f"{cls.__name__}.from_single_file"
+    if quantization_config is not None:
+        check_quantization_config(quantization_config, where)
+    load_dtype = resolve_dtype_arg(torch_dtype, dtype, where)
     state, source = read_checkpoint(path)["state"], str(path)
     prefix = CONTROLNET_PREFIX if any(k.startswith(CONTROLNET_PREFIX) for k in state) else ""
     if prefix + "input_hint_block.0.weight" not in state:
@@ -87,4 +96,5 @@ def controlnet_from_single_file(
         folder = PRESETS_DIR / CONTROLNET_PRESET
     net_config = read_model_config(folder, None)
     converted = cast_floats(to_diffusers(state, controlnet_rules(net_config, prefix), source, (prefix,)), load_dtype)
-    return load_model(cls, net_config, converted, f"{source} (ControlNet)")
+    model = load_model(cls, net_config, converted, f"{source} (ControlNet)")
+    return quantize_loaded(model, quantization_config, torch_dtype or dtype, where)

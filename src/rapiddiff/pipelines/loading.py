@@ -20,6 +20,8 @@ import torch
 from ..configuration import read_json
 from ..exports import exported_class
 from ..hub import IGNORED_REPO_PATTERNS, resolve_dir
+from ..quantization.config import TorchAoConfig
+from ..quantization.torchao_quant import quantize_model, refuse_save
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +148,9 @@ def _load_component(
     dtype: torch.dtype | None,
     variant: str | None,
     use_safetensors: bool | None,
+    quantization_config: Any = None,
 ) -> Any:
+    """One component from its folder; `quantization_config` (from a PipelineQuantizationConfig) quantizes it."""
     what = f"component {name!r} ([{library!r}, {class_name!r}])"
     if not isinstance(library, str) or not isinstance(class_name, str):
         raise ValueError(f"{root}/{MODEL_INDEX}: {what} must name a library and a class, or be [null, null]")
@@ -159,16 +163,25 @@ def _load_component(
         # transformers renamed `torch_dtype` to `dtype` in 4.56
         new_name = _is_transformers_model(cls) and _transformers_version() >= (4, 56)
         dtype_key = "dtype" if new_name else "torch_dtype"
-        kwargs[dtype_key] = dtype if dtype is not None else torch.float32
+        # a quantized component without a dtype loads in bfloat16 (Diffusers' default for torchao)
+        default = torch.bfloat16 if quantization_config is not None else torch.float32
+        kwargs[dtype_key] = dtype if dtype is not None else default
         kwargs["use_safetensors"] = use_safetensors
         if _folder_has_variant(folder, variant):  # else the plain weights, as Diffusers does
             kwargs["variant"] = variant
+    elif quantization_config is not None:
+        raise ValueError(f"quantization_config names {what}, which is not a torch model")
+    post_quantize = isinstance(quantization_config, TorchAoConfig) and library not in RAPIDDIFF_LIBRARIES
+    if quantization_config is not None and not post_quantize:
+        kwargs["quantization_config"] = quantization_config  # rapiddiff models; transformers' own configs
     if library in RAPIDDIFF_LIBRARIES:
         return cls.from_pretrained(folder, **kwargs)
     try:  # transformers' errors about a corrupt file rarely name it
-        return cls.from_pretrained(folder, **kwargs)
+        component = cls.from_pretrained(folder, **kwargs)
     except Exception as e:
         raise ValueError(f"could not load {what} from {folder}: {_corrupt_files(folder)}{type(e).__name__}: {e}") from e
+    # rapiddiff's TorchAoConfig on a transformers model: the same transform, applied once it is loaded
+    return quantize_model(component, quantization_config) if post_quantize else component
 
 
 def _corrupt_files(folder: Path) -> str:
@@ -189,6 +202,7 @@ def _save_component(
         raise TypeError(f"cannot save component {type(component).__name__} to {folder}: it has no save_pretrained")
     kwargs: dict[str, Any] = {}
     if isinstance(component, torch.nn.Module):
+        refuse_save(component, f"saving {type(component).__name__} to {folder}")
         # Diffusers passes each option only to a save_pretrained that names it: transformers >= 5 has no
         # safe_serialization (it always writes safetensors), so safe_serialization=False is not an error there.
         accepted = inspect.signature(component.save_pretrained).parameters

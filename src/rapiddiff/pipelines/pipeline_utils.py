@@ -22,6 +22,7 @@ from ..configuration import read_json
 from ..exports import DIFFUSERS_VERSION, exported_class
 from ..hub import _is_local, resolve_file
 from ..models.modeling_utils import device_map_device, dtype_argument
+from ..quantization.config import pipeline_quantization
 from ..utils.atomic_io import atomic_folder, read_lock
 from ..utils.outputs import BaseOutput  # noqa: F401 - re-exported: the pipelines' outputs derive from it
 from .checks import (  # noqa: F401 - re-exported: pipelines and tests import the checks from here
@@ -219,6 +220,7 @@ class DiffusionPipeline(MemoryMixin):
         after config values (`requires_safety_checker=False`) replace model_index.json's.
         """
         kwargs.pop("low_cpu_mem_usage", None)  # always the case: models are built on the meta device
+        quantization = pipeline_quantization(kwargs.pop("quantization_config", None), f"{cls.__name__}.from_pretrained")
         device_map = kwargs.pop("device_map", None)
         if device_map is not None and not isinstance(device_map, str):
             raise ValueError(f"{cls.__name__}.from_pretrained: device_map must be a string, got {device_map!r}")
@@ -235,6 +237,8 @@ class DiffusionPipeline(MemoryMixin):
         config = {k: v for k, v in index.items() if k in pipeline_cls.config_names()} | config
 
         to_load = {n: e for n, e in entries.items() if e != (None, None)}
+        if quantization is not None:
+            quantization.check_components(pipeline_cls.component_names(), f"{cls.__name__}.from_pretrained")
         if _is_local(pretrained_model_name_or_path):
             root = index_path.parent
         else:
@@ -248,8 +252,9 @@ class DiffusionPipeline(MemoryMixin):
                     if isinstance(torch_dtype, Mapping)
                     else torch_dtype
                 )
+                quant = None if quantization is None else quantization._resolve_quant_config(module_name=name)
                 loaded[name] = _load_component(
-                    root, name, library, class_name, component_dtype, variant, use_safetensors
+                    root, name, library, class_name, component_dtype, variant, use_safetensors, quant
                 )
         pipe = pipeline_cls(**loaded, **overrides, **config)
         pipe._name_or_path = source
