@@ -458,3 +458,10 @@ class Attention(nn.Module):
         if self.norm_cross is None:
             raise ValueError("norm_encoder_hidden_states: this layer has no norm_cross (cross_attention_norm=None)")
         return self.norm_context(encoder_hidden_states)
+
+
+def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Keep(1)/discard(0) mask (B, S) -> additive bias (B, 1, S), as Diffusers."""
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
+from .attention_processor import mask_to_bias
 from .embeddings import (
     TimestepEmbedding,
     Timesteps,
@@ -31,7 +32,7 @@ from .embeddings import (
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS
 from .single_file import controlnet_from_single_file
-from .unet_2d_condition import level_options, mask_to_bias
+from .unet_2d_condition import level_options
 from .unet_blocks import first_skips, get_down_block, get_mid_block, run_down_blocks
 
 # The Stable Diffusion (1.x, 2.x, XL) block types; class-conditioned ControlNets are not implemented.

@@ -295,3 +295,26 @@ def _one(value: Any, where: str) -> Any:
 
 
 # --- the pipeline mixin --------------------------------------------------------------------------------------------------
+
+
+class IPAdapterUNetMixin:
+    """The UNet's side of IP-Adapter: Diffusers' `_load_ip_adapter_weights` entry point, and the image embeddings
+    taken out of `added_cond_kwargs` in its forward."""
+
+    def _load_ip_adapter_weights(self, state_dicts: Any, low_cpu_mem_usage: bool = True) -> None:
+        """Diffusers' method: IP-Adapter state dicts ({"image_proj": ..., "ip_adapter": ...}, one or a list) into
+        this UNet, replacing those loaded before. `low_cpu_mem_usage` has no effect (weights are never initialised)."""
+        load_ip_adapter_weights(self, state_dicts)
+
+    def _image_embeds(self, added_cond_kwargs: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
+        """IP-Adapter's image embeddings out of added_cond_kwargs (required while IP-Adapters are loaded), and what
+        else it holds (None when nothing)."""
+        added = dict(added_cond_kwargs or {})
+        if self.config.encoder_hid_dim_type != "ip_image_proj":
+            return None, added or None
+        if "image_embeds" not in added:
+            raise ValueError(
+                'IP-Adapter weights are loaded (encoder_hid_dim_type="ip_image_proj"): pass the image embeddings as '
+                'added_cond_kwargs={"image_embeds": [one tensor per adapter]}'
+            )
+        return added.pop("image_embeds"), added or None

@@ -15,8 +15,9 @@ import torch
 from ..configuration import read_json
 from ..presets import PRESETS_DIR
 from ..quantization.torchao_quant import check_quantization_config, quantize_loaded
-from .modeling_utils import load_state_dict_file, resolve_dtype_arg
+from .modeling_utils import resolve_dtype_arg
 from .single_file_keys import CONTROLNET_PREFIX, controlnet_rules, to_diffusers
+from .weight_files import load_state_dict_file
 
 CONTROLNET_PRESET = "sd-controlnet-canny"  # the config of an SD 1.x ControlNet file when no config= is given
 

@@ -8,7 +8,6 @@ MLP, plus an optional class embedding (noise level) and an optional pooled-text 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..configuration import MODEL_MINIMUMS, Config, ConfigError, per_block
 from ..utils.outputs import BaseOutput
+from .attention_processor import mask_to_bias
 from .custom_diffusion import CustomDiffusionModelMixin
 from .deep_cache import DeepCacheMixin, DeepCacheStep, cached_forward
 from .embeddings import (
@@ -27,6 +27,7 @@ from .embeddings import (
     text_time_features,
 )
 from .fused_projections import FusedProjectionsMixin
+from .ip_adapter_weights import IPAdapterUNetMixin
 from .lora_adapter import LoraModelMixin
 from .modeling_utils import AttentionSlicingMixin, ModelMixin
 from .resnet import ACTIVATIONS, activation
@@ -36,12 +37,14 @@ from .unet_blocks import (
     MID_BLOCK_TYPES,
     UP_BLOCK_TYPES,
     BlockOptions,
+    FreeUMixin,
     UNetDownBlock,
     UNetMidBlock,
     UNetUpBlock,
     get_down_block,
     get_mid_block,
     get_up_block,
+    mid_only_cross_attention,
     run_down_blocks,
 )
 
@@ -233,22 +236,15 @@ def level_options(cfg: Any, temb_channels: int) -> list[BlockOptions]:
     ]
 
 
-def mid_only_cross_attention(cfg: Any) -> bool:
-    """Diffusers: mid_block_only_cross_attention, else a bool only_cross_attention, else False."""
-    if cfg.mid_block_only_cross_attention is not None:
-        return cfg.mid_block_only_cross_attention
-    return cfg.only_cross_attention if isinstance(cfg.only_cross_attention, bool) else False
-
-
-def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Keep(1)/discard(0) mask (B, S) -> additive bias (B, 1, S), as Diffusers."""
-    if mask is None:
-        return None
-    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
-
-
 class UNet2DConditionModel(
-    LoraModelMixin, CustomDiffusionModelMixin, AttentionSlicingMixin, ModelMixin, FusedProjectionsMixin, DeepCacheMixin
+    LoraModelMixin,
+    CustomDiffusionModelMixin,
+    IPAdapterUNetMixin,
+    FreeUMixin,
+    AttentionSlicingMixin,
+    ModelMixin,
+    FusedProjectionsMixin,
+    DeepCacheMixin,
 ):
     """Conditional UNet with Diffusers' config, state-dict keys and forward arguments."""
 
@@ -331,29 +327,6 @@ class UNet2DConditionModel(
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2)
-
-    # --- FreeU -------------------------------------------------------------------------------------------------------
-    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        """FreeU (https://huggingface.co/papers/2309.11497) as Diffusers: in the first two up levels, the backbone's
-        first half of channels times b1 / b2 and the skips' low frequencies times s1 / s2. Diffusers' rule applies:
-        a factor of 0 turns FreeU off; IF's up blocks ignore it. Changing the factors recompiles a compiled UNet."""
-        for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise TypeError(f"enable_freeu: {name} must be a float, got {value!r}")
-        for block in self.up_blocks:
-            block.s1, block.s2, block.b1, block.b2 = float(s1), float(s2), float(b1), float(b2)
-
-    def disable_freeu(self) -> None:
-        for block in self.up_blocks:
-            block.s1 = block.s2 = block.b1 = block.b2 = None
-
-    # --- IP-Adapter (Diffusers' model-level entry point; ip_adapter_weights reads and places them) -------
-    def _load_ip_adapter_weights(self, state_dicts: Any, low_cpu_mem_usage: bool = True) -> None:
-        """Diffusers' method: IP-Adapter state dicts ({"image_proj": ..., "ip_adapter": ...}, one or a list) into
-        this UNet, replacing those loaded before. `low_cpu_mem_usage` has no effect (weights are never initialised)."""
-        from .ip_adapter_weights import load_ip_adapter_weights
-
-        load_ip_adapter_weights(self, state_dicts)
 
     # --- conditioning -----------------------------------------------------------------------------------------------
     def embed_conditions(
@@ -471,19 +444,6 @@ class UNet2DConditionModel(
 
         out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
-
-    def _image_embeds(self, added_cond_kwargs: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
-        """IP-Adapter's image embeddings out of added_cond_kwargs (required while IP-Adapters are loaded), and what
-        else it holds (None when nothing)."""
-        added = dict(added_cond_kwargs or {})
-        if self.config.encoder_hid_dim_type != "ip_image_proj":
-            return None, added or None
-        if "image_embeds" not in added:
-            raise ValueError(
-                'IP-Adapter weights are loaded (encoder_hid_dim_type="ip_image_proj"): pass the image embeddings as '
-                'added_cond_kwargs={"image_embeds": [one tensor per adapter]}'
-            )
-        return added.pop("image_embeds"), added or None
 
     def _check_inputs(
         self,

@@ -12,6 +12,7 @@ Module names (`resnets.N`, `attentions.N`, `downsamplers.0`, `upsamplers.0`) are
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import torch
@@ -405,3 +406,28 @@ class UNetMidBlock(_Block):
             )
             hidden_states = resnet(hidden_states, temb)
         return hidden_states
+
+
+class FreeUMixin:
+    """Diffusers' `enable_freeu` / `disable_freeu` on a UNet: the factors live on its up blocks."""
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (https://huggingface.co/papers/2309.11497) as Diffusers: in the first two up levels, the backbone's
+        first half of channels times b1 / b2 and the skips' low frequencies times s1 / s2. Diffusers' rule applies:
+        a factor of 0 turns FreeU off; IF's up blocks ignore it. Changing the factors recompiles a compiled UNet."""
+        for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"enable_freeu: {name} must be a float, got {value!r}")
+        for block in self.up_blocks:
+            block.s1, block.s2, block.b1, block.b2 = float(s1), float(s2), float(b1), float(b2)
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.s1 = block.s2 = block.b1 = block.b2 = None
+
+
+def mid_only_cross_attention(cfg: Any) -> bool:
+    """Diffusers: mid_block_only_cross_attention, else a bool only_cross_attention, else False."""
+    if cfg.mid_block_only_cross_attention is not None:
+        return cfg.mid_block_only_cross_attention
+    return cfg.only_cross_attention if isinstance(cfg.only_cross_attention, bool) else False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -246,3 +247,15 @@ def check_denoising_fraction(name: str, value: Any, one_allowed: bool = True) ->
     if value == 0 or (value == 1 and not one_allowed):
         allowed = "(0, 1]" if one_allowed else "(0, 1)"
         raise ValueError(f"{name}={value} leaves no steps; allowed: None or a fraction in {allowed}")
+
+
+def warn_deprecated_callback_args(callback: Any, callback_steps: Any) -> None:
+    """Diffusers' FutureWarnings for the SD pipelines' old per-step callback arguments (they still run)."""
+    for name, value in (("callback", callback), ("callback_steps", callback_steps)):
+        if value is not None:
+            warnings.warn(
+                f"`{name}` is deprecated and will be removed in version 1.0.0. Passing `{name}` as an "
+                "input argument to `__call__` is deprecated, consider using `callback_on_step_end`",
+                FutureWarning,
+                stacklevel=4,
+            )

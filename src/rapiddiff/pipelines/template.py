@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import MappingProxyType
@@ -44,6 +43,7 @@ from .checks import (
     check_output_type,
     check_positive_int,
     python_scalars,
+    warn_deprecated_callback_args,
 )
 from .deep_cache import deep_cache_loop
 from .denoise import (
@@ -493,15 +493,3 @@ class DenoisingPipeline(DiffusionPipeline):
         if self.strict_non_finite:
             raise FloatingPointError(message)
         logger.warning(message)
-
-
-def warn_deprecated_callback_args(callback: Any, callback_steps: Any) -> None:
-    """Diffusers' FutureWarnings for the SD pipelines' old per-step callback arguments (they still run)."""
-    for name, value in (("callback", callback), ("callback_steps", callback_steps)):
-        if value is not None:
-            warnings.warn(
-                f"`{name}` is deprecated and will be removed in version 1.0.0. Passing `{name}` as an "
-                "input argument to `__call__` is deprecated, consider using `callback_on_step_end`",
-                FutureWarning,
-                stacklevel=4,
-            )

@@ -4,7 +4,9 @@ it with its own keys; the keys other schedulers use are kept aside for later swa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ..configuration import Config, ConfigError
@@ -175,3 +177,35 @@ class SolverConfig(SigmaSpacingConfig, ThresholdingConfig):
         "use_dynamic_shifting": (False,),
         "time_shift_type": ("exponential",),
     }
+
+
+# Diffusers' KarrasDiffusionSchedulers: what a Stable Diffusion pipeline's scheduler can be swapped for (`compatibles`).
+KARRAS_SCHEDULERS = tuple(
+    """DDIMScheduler DDPMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler HeunDiscreteScheduler
+    EulerAncestralDiscreteScheduler DPMSolverMultistepScheduler DPMSolverSinglestepScheduler KDPM2DiscreteScheduler
+    KDPM2AncestralDiscreteScheduler DEISMultistepScheduler UniPCMultistepScheduler DPMSolverSDEScheduler
+    EDMEulerScheduler""".split()
+)
+
+
+def with_config_signature(init: Callable[..., None], config_class: type[SchedulerConfig]) -> Callable[..., None]:
+    """`init` (which takes the config as keywords) with a signature naming each config key and its default, as
+    Diffusers' constructors have: `inspect.signature`, IDEs and tools that read it see the real arguments (an unknown
+    key is still refused by the config's parsing)."""
+
+    @functools.wraps(init)
+    def __init__(self: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        init(self, config, **kwargs)
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params.append(inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+    for field in dataclasses.fields(config_class):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return __init__

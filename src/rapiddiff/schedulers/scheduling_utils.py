@@ -27,14 +27,13 @@ one class per scheduler, read by name), the model-input scale, the noise drawn w
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
 import operator
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -44,47 +43,17 @@ from ..configuration import Config, ConfigError, ConfigMixin
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Device, Generator, to_device
 from .schedule_tables import SIGMA_SPACINGS, _broadcast_to, make_betas, match_timesteps
-from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, SchedulerConfig
+from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, KARRAS_SCHEDULERS, SchedulerConfig, with_config_signature
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, owned
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
-# Diffusers' KarrasDiffusionSchedulers: what a Stable Diffusion pipeline's scheduler can be swapped for (`compatibles`).
-KARRAS_SCHEDULERS = tuple(
-    """DDIMScheduler DDPMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler HeunDiscreteScheduler
-    EulerAncestralDiscreteScheduler DPMSolverMultistepScheduler DPMSolverSinglestepScheduler KDPM2DiscreteScheduler
-    KDPM2AncestralDiscreteScheduler DEISMultistepScheduler UniPCMultistepScheduler DPMSolverSDEScheduler
-    EDMEulerScheduler""".split()
-)
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
 
 S = TypeVar("S", bound="SchedulerMixin")
 
 
 # --- base ----------------------------------------------------------------------------------------------------------
-def with_config_signature(init: Callable[..., None], config_class: type[SchedulerConfig]) -> Callable[..., None]:
-    """`init` (which takes the config as keywords) with a signature naming each config key and its default, as
-    Diffusers' constructors have: `inspect.signature`, IDEs and tools that read it see the real arguments (an unknown
-    key is still refused by the config's parsing)."""
-
-    @functools.wraps(init)
-    def __init__(self: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        init(self, config, **kwargs)
-
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params.append(inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
-    for field in dataclasses.fields(config_class):
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        else:
-            default = inspect.Parameter.empty
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
-    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return __init__
-
-
 class SchedulerMixin(ConfigMixin):
     """Base of every rapiddiff scheduler (see the module docstring for the rules a step follows)."""
 
