@@ -197,18 +197,21 @@ def test_model_takes_only_a_torchao_config(unet_dir):
 
 # --- pipelines ---------------------------------------------------------------------------------------------------
 def test_pipeline_quant_mapping_matches_diffusers(tiny_sd_dir):
+    """Weight-only int8: the same weights quantize to the same int8 values, so the images agree to the pipelines'
+    2e-3. (Dynamic int8 also rounds each step's activations: the ~1e-6 differences between two float pipelines can
+    cross a rounding boundary and grow past 2e-3 over the steps, which the model-level tests above absorb.)"""
     ref = diffusers.StableDiffusionPipeline.from_pretrained(
         tiny_sd_dir,
         torch_dtype=torch.float32,
         quantization_config=diffusers.PipelineQuantizationConfig(
-            quant_mapping={"unet": diffusers.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())}
+            quant_mapping={"unet": diffusers.TorchAoConfig(QUANT_TYPES["int8-weight-only"]())}
         ),
     )
     ours = rapiddiff.DiffusionPipeline.from_pretrained(
         tiny_sd_dir,
         torch_dtype=torch.float32,
         quantization_config=rapiddiff.PipelineQuantizationConfig(
-            quant_mapping={"unet": rapiddiff.TorchAoConfig(QUANT_TYPES["int8-dynamic"]())}
+            quant_mapping={"unet": rapiddiff.TorchAoConfig(QUANT_TYPES["int8-weight-only"]())}
         ),
     )
     assert quantized_names(ours.unet) == quantized_names(ref.unet) != set()
