@@ -226,6 +226,22 @@ class StableDiffusionBase(
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {got}")
 
+    def prepare_denoising(
+        self, args: CallArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
+    ) -> LoopStart:
+        """Text-to-image's start, the family default: noise drawn as Diffusers draws it; no step hooks."""
+        latents = self.prepare_latents(
+            args.batch_size,
+            self.unet.config.in_channels,
+            args.height,
+            args.width,
+            conditioning["prompt_embeds"].dtype,
+            device,
+            args.generator,
+            args.latents,
+        )
+        return LoopStart(latents)
+
     def prepare_latents(
         self,
         batch_size: int,
@@ -368,18 +384,3 @@ class StableDiffusionPipeline(IPAdapterMixin, StableDiffusionBase):
         self.resolve_size(args)
         channels = self.unet.config.in_channels
         self.check_latents(args.latents, self.latent_shape(args.batch_size, channels, args.height, args.width))
-
-    def prepare_denoising(
-        self, args: CallArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
-    ) -> LoopStart:
-        latents = self.prepare_latents(
-            args.batch_size,
-            self.unet.config.in_channels,
-            args.height,
-            args.width,
-            conditioning["prompt_embeds"].dtype,
-            device,
-            args.generator,
-            args.latents,
-        )
-        return LoopStart(latents)

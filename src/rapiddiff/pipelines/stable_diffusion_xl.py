@@ -27,7 +27,7 @@ from .image_processor import VaeImageProcessor
 from .pipeline_utils import BaseOutput
 from .prompt import PromptInput, check_clip_skip, check_prompt_inputs, check_text, encode_hidden
 from .stable_diffusion import StableDiffusionBase
-from .template import CallArgs, LoopStart
+from .template import CallArgs
 from .watermark_xl import make_watermarker
 
 Size = tuple[int, int]
@@ -446,18 +446,3 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         # Diffusers' order: the (negative, positive) pair tiled over the batch, not one half after the other, so with
         # negative sizes and several images the halves mix them; kept for the same images.
         return ids.repeat(args.batch_size, 1)
-
-    def prepare_denoising(
-        self, args: XLArgs, timesteps: torch.Tensor, conditioning: Conditioning, device: torch.device
-    ) -> LoopStart:
-        latents = self.prepare_latents(
-            args.batch_size,
-            self.unet.config.in_channels,
-            args.height,
-            args.width,
-            conditioning["prompt_embeds"].dtype,
-            device,
-            args.generator,
-            args.latents,
-        )
-        return LoopStart(latents)
