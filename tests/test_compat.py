@@ -526,6 +526,43 @@ def test_scheduler_signatures_name_their_config_keys():
 
 
 @pytest.mark.parametrize("name", ["UNet2DConditionModel", "ControlNetModel", "AutoencoderKL"])
+def test_model_signatures_name_their_config_keys(name):
+    """Model constructors show their config keys as Diffusers' do: Diffusers' test_forward_with_norm_groups runs only
+    for a class whose signature has `norm_num_groups`, then builds it with 16 groups and runs it."""
+    import inspect
+
+    cls = getattr(rapiddiff, name)
+    params = inspect.signature(cls.__init__).parameters
+    theirs = inspect.signature(getattr(diffusers, name).__init__).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert set(params) - {"self", "config"} <= set(theirs), name
+    for key in ("norm_num_groups", "block_out_channels", "in_channels"):
+        assert params[key].default == theirs[key].default, key
+    blocks = {
+        "UNet2DConditionModel": dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
+        ),
+        "ControlNetModel": dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")),
+        "AutoencoderKL": dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    }[name]
+    model = cls(**blocks, norm_num_groups=16, block_out_channels=(16, 32), layers_per_block=1).eval()
+    assert model.config.norm_num_groups == 16 and cls.from_config(model.config).config == model.config
+    sample = torch.randn(1, 4 if name != "AutoencoderKL" else 3, 16, 16)
+    with torch.no_grad():
+        if name == "AutoencoderKL":
+            out = model(sample).sample
+        else:
+            cond = {"controlnet_cond": torch.randn(1, 3, 128, 128)} if name == "ControlNetModel" else {}
+            out = model(sample, 10, torch.randn(1, 4, model.config.cross_attention_dim), **cond)
+            out = out.mid_block_res_sample if name == "ControlNetModel" else out.sample
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
+    if name != "ControlNetModel":
+        assert out.shape == sample.shape
+    with pytest.raises(ValueError, match="not_a_key"):
+        cls(not_a_key=1)
+
+
+@pytest.mark.parametrize("name", ["UNet2DConditionModel", "ControlNetModel", "AutoencoderKL"])
 def test_same_seed_same_random_weights_as_diffusers(name):
     """Models are built in Diffusers' order: torch.manual_seed(s) then Model(**config) gives Diffusers' weights (user
     test suites hard-code output slices of such tiny models)."""

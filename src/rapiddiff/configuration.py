@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -283,12 +284,41 @@ def per_block(value: Any, n: int, name: str) -> tuple:
     return (value,) * n
 
 
+def with_config_signature(init: Callable[..., None], config_class: type[Config]) -> Callable[..., None]:
+    """`init` (which takes the config as keywords) with a signature naming each config key and its default, as
+    Diffusers' constructors have: `inspect.signature`, IDEs and tools that read it see the real arguments (an unknown
+    key is still refused by the config's parsing)."""
+
+    @functools.wraps(init)
+    def __init__(self: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        init(self, config, **kwargs)
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params.append(inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+    for field in dataclasses.fields(config_class):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return __init__
+
+
 class ConfigMixin:
     """Config loading and saving shared by models and schedulers."""
 
     config_class: ClassVar[type[Config]]
     config_name: ClassVar[str] = "config.json"
     config: Config
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class declaring its config (constructed as `Cls(config)` or `Cls(**keys)`) shows its keys as arguments.
+        if "config_class" in cls.__dict__:
+            cls.__init__ = with_config_signature(cls.__init__, cls.config_class)  # type: ignore[method-assign]
 
     @classmethod
     def load_config(

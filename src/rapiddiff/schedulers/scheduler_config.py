@@ -4,9 +4,7 @@ it with its own keys; the keys other schedulers use are kept aside for later swa
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ..configuration import Config, ConfigError
@@ -186,26 +184,3 @@ KARRAS_SCHEDULERS = tuple(
     KDPM2AncestralDiscreteScheduler DEISMultistepScheduler UniPCMultistepScheduler DPMSolverSDEScheduler
     EDMEulerScheduler""".split()
 )
-
-
-def with_config_signature(init: Callable[..., None], config_class: type[SchedulerConfig]) -> Callable[..., None]:
-    """`init` (which takes the config as keywords) with a signature naming each config key and its default, as
-    Diffusers' constructors have: `inspect.signature`, IDEs and tools that read it see the real arguments (an unknown
-    key is still refused by the config's parsing)."""
-
-    @functools.wraps(init)
-    def __init__(self: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        init(self, config, **kwargs)
-
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params.append(inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
-    for field in dataclasses.fields(config_class):
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        else:
-            default = inspect.Parameter.empty
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
-    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return __init__

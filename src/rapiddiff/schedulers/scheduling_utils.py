@@ -43,7 +43,7 @@ from ..configuration import Config, ConfigError, ConfigMixin
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Device, Generator, to_device
 from .schedule_tables import SIGMA_SPACINGS, _broadcast_to, make_betas, match_timesteps
-from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, KARRAS_SCHEDULERS, SchedulerConfig, with_config_signature
+from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, KARRAS_SCHEDULERS, SchedulerConfig
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, owned
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -74,11 +74,6 @@ class SchedulerMixin(ConfigMixin):
     # Diffusers' list of constructor arguments kept only for old configs: rapiddiff's constructors document exactly
     # their config keys (`__init_subclass__`), so none.
     _deprecated_kwargs: ClassVar[list[str]] = []
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "config_class" in cls.__dict__:
-            cls.__init__ = with_config_signature(cls.__init__, cls.config_class)  # type: ignore[method-assign]
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config = self._parse_config(config, kwargs, source=type(self).__name__)
