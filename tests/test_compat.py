@@ -466,6 +466,48 @@ def test_register_to_config_and_config_attributes(name, tmp_path):
         sched.register_to_config(beta_schedule="nope")
 
 
+@pytest.mark.parametrize("name", ["UNet2DConditionModel", "AutoencoderKL"])
+def test_model_register_to_config_and_config_attributes(name, tmp_path):
+    """Diffusers' test_getattr_is_correct for models: register_to_config, config keys read as model attributes with
+    Diffusers' FutureWarning, attributes, methods and submodules without one; an added key is saved, and a config
+    file with a key rapiddiff's config does not have is refused on load (strict configs)."""
+    import warnings
+
+    blocks = {
+        "UNet2DConditionModel": dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=8,
+            attention_head_dim=2,
+        ),
+        "AutoencoderKL": dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    }[name]
+    model = getattr(rapiddiff, name)(**blocks, block_out_channels=(4, 8), norm_num_groups=4, layers_per_block=1)
+    model.dummy_attribute = 5
+    model.register_to_config(test_attribute=5, sample_size=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.dummy_attribute == 5 and getattr(model, "dummy_attribute") == 5
+        assert model.save_pretrained == getattr(model, "save_pretrained")
+        child, module = next(iter(model.named_children()))
+        assert getattr(model, child) is module
+    assert model.config.test_attribute == 5 and model.config["test_attribute"] == 5 and model.config.sample_size == 24
+    with pytest.warns(FutureWarning, match="unet.config.test_attribute"):
+        assert model.test_attribute == 5
+    with pytest.warns(FutureWarning):
+        assert getattr(model, "in_channels") == model.config.in_channels
+    with pytest.raises(AttributeError) as error:
+        _ = model.does_not_exist
+    assert str(error.value) == f"'{name}' object has no attribute 'does_not_exist'"
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        model.register_to_config(norm_num_groups="many")
+    model.save_config(tmp_path)
+    saved = type(model).load_config(tmp_path)
+    assert saved["test_attribute"] == 5 and saved["sample_size"] == 24
+    with pytest.raises(ValueError, match="test_attribute"):
+        type(model).from_config(saved)
+
+
 def test_missing_variant_error_starts_as_diffusers(tiny_sd_dir):
     """Diffusers' pipeline tests (and users) match the first sentence of the missing-variant error."""
     with pytest.raises(ValueError, match=r"You are trying to load the model files of the `variant=fp16`"):

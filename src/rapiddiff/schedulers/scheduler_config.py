@@ -77,48 +77,32 @@ class SchedulerConfig(Config):
         return merged
 
     @property
-    def hidden(self) -> dict[str, Any]:
-        return self.__dict__.get("_hidden", {})
-
-    @property
     def defaulted(self) -> tuple[str, ...]:
         return self.__dict__.get("_defaulted", ())
 
     def with_extras(self: SC, hidden: Mapping[str, Any], defaulted: Sequence[str]) -> SC:
-        object.__setattr__(self, "_hidden", dict(hidden))
         object.__setattr__(self, "_defaulted", tuple(defaulted))
-        return self
+        return self.with_hidden(hidden)
 
     def own(self, name: str, default: Any = None) -> Any:
         """The class's own field `name`, or `default` when the class has no such field: never a hidden key (a PNDM
         built from a zero-SNR DDIM config must not rescale its betas, as in Diffusers)."""
         return getattr(self, name) if name in self._field_names() else default
 
-    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
-        hidden = self.__dict__.get("_hidden", {})
-        if name in hidden:  # e.g. `config.variance_type` of an Euler scheduler built from IF's DDPM config
-            return hidden[name]
-        raise AttributeError(f"{type(self).__name__} has no key {name!r}")
-
-    # Mapping view as Diffusers shows it: fields, then `_use_default_values`, then the hidden keys.
+    # Mapping view as Diffusers shows it: fields, then `_use_default_values`, then the hidden keys (e.g.
+    # `config.variance_type` of an Euler scheduler built from IF's DDPM config).
     def __getitem__(self, key: str) -> Any:
         if key == "_use_default_values" and self.defaulted:
             return list(self.defaulted)
-        if key in self.hidden:
-            return self.hidden[key]
         return super().__getitem__(key)
 
-    def __iter__(self) -> Iterator[str]:
-        yield from super().__iter__()
+    def _own_keys(self) -> Iterator[str]:
+        yield from super()._own_keys()
         if self.defaulted:
             yield "_use_default_values"
-        yield from self.hidden
 
     def __len__(self) -> int:
-        return super().__len__() + bool(self.defaulted) + len(self.hidden)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.hidden, **super().to_dict()}
+        return super().__len__() + bool(self.defaulted)
 
     def replace(self: SC, **changes: Any) -> SC:
         return super().replace(**changes).with_extras(self.hidden, [k for k in self.defaulted if k not in changes])
