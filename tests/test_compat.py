@@ -487,15 +487,15 @@ def test_model_register_to_config_and_config_attributes(name, tmp_path):
     model.register_to_config(test_attribute=5, sample_size=24)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert model.dummy_attribute == 5 and getattr(model, "dummy_attribute") == 5
-        assert model.save_pretrained == getattr(model, "save_pretrained")
+        assert model.dummy_attribute == 5 and hasattr(model, "dummy_attribute")
+        assert hasattr(model, "save_pretrained") and callable(model.save_pretrained)
         child, module = next(iter(model.named_children()))
         assert getattr(model, child) is module
     assert model.config.test_attribute == 5 and model.config["test_attribute"] == 5 and model.config.sample_size == 24
     with pytest.warns(FutureWarning, match="unet.config.test_attribute"):
         assert model.test_attribute == 5
     with pytest.warns(FutureWarning):
-        assert getattr(model, "in_channels") == model.config.in_channels
+        assert model.in_channels == model.config.in_channels
     with pytest.raises(AttributeError) as error:
         _ = model.does_not_exist
     assert str(error.value) == f"'{name}' object has no attribute 'does_not_exist'"

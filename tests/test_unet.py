@@ -363,6 +363,23 @@ def test_mid_block_variants(mid_block_type, save_diffusers):
     assert_close_rel(*run_models(ref, ours, **inputs(config)))
 
 
+@pytest.mark.parametrize("config", [SD1, IF_I, dict(SD1, mid_block_type="UNetMidBlock2D")], ids=["sd", "if", "mid"])
+def test_blocks_have_diffusers_class_names(config):
+    """Each block's class is named as Diffusers' class for its block type (tools match blocks by class name); the
+    state dict is the same."""
+    with torch.device("meta"):
+        ref, ours = DUNet(**config), UNet2DConditionModel(**config)
+    for attr in ("down_blocks", "up_blocks"):
+        assert [type(b).__name__ for b in getattr(ours, attr)] == [type(b).__name__ for b in getattr(ref, attr)]
+    assert (
+        type(ours.mid_block).__name__
+        == type(ref.mid_block).__name__
+        == config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    )
+    assert all(b.block_type == type(b).__name__ for b in ours.down_blocks)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+
+
 # --- real configs, built on the meta device ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, params",

@@ -1,6 +1,8 @@
 """UNet down / mid / up blocks: resnets, an optional attention after each resnet, an optional resampler.
 
-Diffusers has one class per combination; here there is one class per direction, and a block type is data:
+Diffusers has one class per combination; here the code is one class per direction (`UNetDownBlock`, `UNetUpBlock`,
+`UNetMidBlock`), and a block type is data; each block type is a bodiless subclass with Diffusers' class name
+(`CrossAttnDownBlock2D`...), so that `type(block).__name__` is what tools matching Diffusers' blocks by name expect:
     attention  "transformer": Transformer2DModel (Stable Diffusion)
                "added_kv":    Attention over its own pixels plus projected text tokens (DeepFloyd IF)
                None
@@ -154,7 +156,7 @@ def get_down_block(
         downsampler = make_resnet(o, out_channels, out_channels, down=True, **res)
     else:
         downsampler = Downsample2D(out_channels, padding=o.downsample_padding)
-    return UNetDownBlock(block_type, resnets, attentions, downsampler)
+    return BLOCK_CLASSES[block_type](resnets, attentions, downsampler)
 
 
 def get_up_block(
@@ -181,7 +183,7 @@ def get_up_block(
         upsampler = make_resnet(o, out_channels, out_channels, up=True, **res)
     else:
         upsampler = Upsample2D(out_channels)
-    return UNetUpBlock(block_type, resnets, attentions, upsampler)
+    return BLOCK_CLASSES[block_type](resnets, attentions, upsampler)
 
 
 def get_mid_block(
@@ -199,7 +201,7 @@ def get_mid_block(
     attentions = [make_attention(attention, o, channels)] if attention else None
     if attention:
         resnets.append(make_resnet(o, channels, channels, **res))
-    return UNetMidBlock(block_type, resnets, attentions)
+    return BLOCK_CLASSES[block_type](resnets, attentions)
 
 
 # --- running ----------------------------------------------------------------------------------------------------
@@ -261,16 +263,17 @@ def first_skips(
 
 
 class _Block(nn.Module):
-    def __init__(self, block_type: str, resnets: list[nn.Module], attentions: list[nn.Module] | None):
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] | None):
         super().__init__()
-        self.block_type = block_type
         self.resnets = nn.ModuleList(resnets)
         # empty, not None, when the block has none: tools that walk Diffusers' blocks iterate `attentions` (DeepCache)
         self.attentions = nn.ModuleList(attentions or [])
         self.has_cross_attention = attentions is not None  # Diffusers' flag, read by callers
 
-    def extra_repr(self) -> str:
-        return self.block_type
+    @property
+    def block_type(self) -> str:
+        """The config's block type: Diffusers' class name, which this block's class has."""
+        return type(self).__name__
 
 
 class UNetDownBlock(_Block):
@@ -278,12 +281,11 @@ class UNetDownBlock(_Block):
 
     def __init__(
         self,
-        block_type: str,
         resnets: list[nn.Module],
         attentions: list[nn.Module] | None,
         downsampler: nn.Module | None,
     ):
-        super().__init__(block_type, resnets, attentions)
+        super().__init__(resnets, attentions)
         self.downsamplers = nn.ModuleList([downsampler]) if downsampler is not None else None
 
     def forward(
@@ -322,12 +324,11 @@ class UNetUpBlock(_Block):
 
     def __init__(
         self,
-        block_type: str,
         resnets: list[nn.Module],
         attentions: list[nn.Module] | None,
         upsampler: nn.Module | None,
     ):
-        super().__init__(block_type, resnets, attentions)
+        super().__init__(resnets, attentions)
         self.upsamplers = nn.ModuleList([upsampler]) if upsampler is not None else None
         self.resolution_idx: int | None = None  # this block's index among the UNet's up blocks (FreeU's stage)
         # FreeU factors (Diffusers' attribute names), set by UNet2DConditionModel.enable_freeu; None: off.
@@ -406,6 +407,70 @@ class UNetMidBlock(_Block):
             )
             hidden_states = resnet(hidden_states, temb)
         return hidden_states
+
+
+# --- Diffusers' block classes (the block types of the tables above) ---------------------------------------------
+class DownBlock2D(UNetDownBlock):
+    """Resnets, stride-2 conv downsampler."""
+
+
+class CrossAttnDownBlock2D(UNetDownBlock):
+    """Resnet -> Transformer2DModel layers, stride-2 conv downsampler."""
+
+
+class ResnetDownsampleBlock2D(UNetDownBlock):
+    """Resnets, resnet downsampler (IF)."""
+
+
+class SimpleCrossAttnDownBlock2D(UNetDownBlock):
+    """Resnet -> added-KV attention layers, resnet downsampler (IF)."""
+
+
+class UpBlock2D(UNetUpBlock):
+    """Resnets, nearest x2 + conv upsampler."""
+
+
+class CrossAttnUpBlock2D(UNetUpBlock):
+    """Resnet -> Transformer2DModel layers, nearest x2 + conv upsampler."""
+
+
+class ResnetUpsampleBlock2D(UNetUpBlock):
+    """Resnets, resnet upsampler (IF)."""
+
+
+class SimpleCrossAttnUpBlock2D(UNetUpBlock):
+    """Resnet -> added-KV attention layers, resnet upsampler (IF)."""
+
+
+class UNetMidBlock2DCrossAttn(UNetMidBlock):
+    """Resnet, Transformer2DModel, resnet."""
+
+
+class UNetMidBlock2DSimpleCrossAttn(UNetMidBlock):
+    """Resnet, added-KV attention, resnet (IF)."""
+
+
+class UNetMidBlock2D(UNetMidBlock):
+    """One resnet (a UNet's mid block without attention)."""
+
+
+BLOCK_CLASSES: dict[str, type[_Block]] = {
+    cls.__name__: cls
+    for cls in (
+        DownBlock2D,
+        CrossAttnDownBlock2D,
+        ResnetDownsampleBlock2D,
+        SimpleCrossAttnDownBlock2D,
+        UpBlock2D,
+        CrossAttnUpBlock2D,
+        ResnetUpsampleBlock2D,
+        SimpleCrossAttnUpBlock2D,
+        UNetMidBlock2DCrossAttn,
+        UNetMidBlock2DSimpleCrossAttn,
+        UNetMidBlock2D,
+    )
+}
+assert set(BLOCK_CLASSES) == {*DOWN_BLOCK_TYPES, *UP_BLOCK_TYPES, *MID_BLOCK_TYPES}
 
 
 class FreeUMixin:
