@@ -363,6 +363,25 @@ def test_mid_block_variants(mid_block_type, save_diffusers):
     assert_close_rel(*run_models(ref, ours, **inputs(config)))
 
 
+@pytest.mark.parametrize(
+    "change, labels",
+    [
+        (dict(class_embed_type="simple_projection", projection_class_embeddings_input_dim=6), torch.randn(2, 6)),
+        (dict(num_class_embeds=10), torch.tensor([3, 9])),
+    ],
+    ids=["simple_projection", "num_class_embeds"],
+)
+def test_class_embeddings_concat(change, labels, save_diffusers):
+    """class_embeddings_concat=True: the class embedding is appended to the time embedding (the blocks take twice
+    its width), as Diffusers'."""
+    config = dict(SD1, **change, class_embeddings_concat=True)
+    ref, ours = make_pair(config, save_diffusers)
+    assert ours.down_blocks[0].resnets[0].time_emb_proj.in_features == 2 * ours.config.time_embed_dim
+    assert_close_rel(*run_models(ref, ours, **{**inputs(config), "class_labels": labels}))
+    with pytest.raises(ConfigError, match="class_embeddings_concat"):
+        UNet2DConditionModel(**SD1, class_embeddings_concat=True)  # nothing to append
+
+
 @pytest.mark.parametrize("config", [SD1, IF_I, dict(SD1, mid_block_type="UNetMidBlock2D")], ids=["sd", "if", "mid"])
 def test_blocks_have_diffusers_class_names(config):
     """Each block's class is named as Diffusers' class for its block type (tools match blocks by class name); the

@@ -131,7 +131,6 @@ class UNet2DConditionConfig(Config):
         self.check_choice("cross_attention_norm", (None, "group_norm"))
         self.check_choice("attention_type", ("default",))
         self.check_choice("dual_cross_attention", (False,))
-        self.check_choice("class_embeddings_concat", (False,))
         # Asymmetric UNets (a separate up-path layer count): not implemented.
         self.check_choice("reverse_transformer_layers_per_block", (None,))
         if self.addition_embed_type == "text_time" and (
@@ -146,6 +145,15 @@ class UNet2DConditionConfig(Config):
         ):
             raise ConfigError(
                 f"{name}: class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim"
+            )
+        if self.class_embeddings_concat and (
+            self.class_embed_type is None and self.num_class_embeds is None or self.addition_embed_type is not None
+        ):
+            raise ConfigError(
+                f"{name}: class_embeddings_concat=True appends the class embedding to the time embedding: it needs "
+                "class_embed_type or num_class_embeds, and no addition_embed_type (added to the time embedding, whose "
+                f"width it would not match); got class_embed_type={self.class_embed_type!r}, "
+                f"num_class_embeds={self.num_class_embeds!r}, addition_embed_type={self.addition_embed_type!r}"
             )
         if self.num_attention_heads is not None:
             raise ConfigError(
@@ -193,6 +201,11 @@ class UNet2DConditionConfig(Config):
     @property
     def time_embed_dim(self) -> int:
         return self.time_embedding_dim or self.block_out_channels[0] * 4
+
+    @property
+    def blocks_time_embed_dim(self) -> int:
+        """The width of the embedding the resnets receive: the class embedding appended doubles it."""
+        return self.time_embed_dim * 2 if self.class_embeddings_concat else self.time_embed_dim
 
 
 @dataclasses.dataclass
@@ -292,7 +305,7 @@ class UNet2DConditionModel(
             self.add_embedding = None
         self.time_embed_act = activation(cfg.time_embedding_act_fn) if cfg.time_embedding_act_fn else None
 
-        levels = level_options(cfg, time_dim)
+        levels = level_options(cfg, cfg.blocks_time_embed_dim)
         layers = per_block(cfg.layers_per_block, n, "layers_per_block")
         self.down_blocks = nn.ModuleList(
             get_down_block(block_type, levels[i], ch[max(i - 1, 0)], ch[i], layers[i], add_downsample=i < n - 1)
@@ -338,14 +351,15 @@ class UNet2DConditionModel(
         timestep_cond: torch.Tensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The (B, time_embed_dim) embedding every resnet receives."""
+        """The (B, blocks_time_embed_dim) embedding every resnet receives."""
         batch = sample.shape[0]
         t_emb = self.time_proj(batch_timesteps(timestep, batch, sample.device)).to(sample.dtype)
         emb = self.time_embedding(t_emb, timestep_cond)
         if self.class_embedding is not None:
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(batch_timesteps(class_labels, batch, sample.device)).to(sample.dtype)
-            emb = emb + self.class_embedding(class_labels).to(sample.dtype)
+            class_emb = self.class_embedding(class_labels).to(sample.dtype)
+            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
         if self.add_time_proj is not None:
             emb = emb + self.add_embedding(text_time_features(self.add_time_proj, added_cond_kwargs, emb.dtype))
         elif self.add_embedding is not None:
