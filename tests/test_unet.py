@@ -382,6 +382,36 @@ def test_class_embeddings_concat(change, labels, save_diffusers):
         UNet2DConditionModel(**SD1, class_embeddings_concat=True)  # nothing to append
 
 
+ASYMMETRIC = dict(
+    SD2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    transformer_layers_per_block=((1, 2), (2, 1), 1),  # per down block, a depth per layer; the mid block: 1
+    reverse_transformer_layers_per_block=(1, (3, 1, 2), (2, 1, 1, 9)),  # the up blocks', in up order
+)
+
+
+def test_asymmetric_transformer_depths(save_diffusers):
+    """Nested transformer_layers_per_block with reverse_transformer_layers_per_block (Diffusers' asymmetric UNets):
+    each layer's transformer depth as Diffusers builds it, same weights and output."""
+    ref, ours = make_pair(ASYMMETRIC, save_diffusers)
+    assert [len(a.transformer_blocks) for a in ours.up_blocks[1].attentions] == [3, 1, 2]
+    assert [len(a.transformer_blocks) for a in ours.down_blocks[0].attentions] == [1, 2]
+    assert_close_rel(*run_models(ref, ours, **inputs(ASYMMETRIC)))
+    built = []
+    for cls in (DUNet, UNet2DConditionModel):  # Diffusers' construction order: the same random weights
+        torch.manual_seed(0)
+        built.append(cls(**ASYMMETRIC).state_dict())
+    assert built[0].keys() == built[1].keys() and all(torch.equal(built[1][k], v) for k, v in built[0].items())
+    bad = [
+        (dict(reverse_transformer_layers_per_block=None), "needs reverse_transformer_layers_per_block"),
+        (dict(reverse_transformer_layers_per_block=(1, (3, 1), 1)), "one per layer, and it has 3"),
+        (dict(transformer_layers_per_block=((1,), 1, 1)), "one per layer, and it has 2"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            UNet2DConditionModel(**dict(ASYMMETRIC, **change))
+
+
 @pytest.mark.parametrize("config", [SD1, IF_I, dict(SD1, mid_block_type="UNetMidBlock2D")], ids=["sd", "if", "mid"])
 def test_blocks_have_diffusers_class_names(config):
     """Each block's class is named as Diffusers' class for its block type (tools match blocks by class name); the

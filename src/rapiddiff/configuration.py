@@ -52,6 +52,7 @@ MODEL_MINIMUMS: dict[str, float] = {
             "conditioning_embedding_out_channels",
             "layers_per_block",
             "transformer_layers_per_block",
+            "reverse_transformer_layers_per_block",
             "norm_num_groups",
             "cross_attention_dim",
             "attention_head_dim",

@@ -64,7 +64,9 @@ class BlockOptions:
     cross_attention_dim: int = 1280
     num_heads: int = 8  # transformer attention: number of heads, channels split among them
     head_dim: int = 64  # added-KV attention: channels per head
-    transformer_layers: int = 1
+    # Transformer depth: one for every layer of the block, or one per layer (Diffusers' asymmetric UNets; entries
+    # past the block's layer count are unused, as in Diffusers).
+    transformer_layers: int | tuple[int, ...] = 1
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
@@ -97,14 +99,16 @@ def make_resnet(
     )
 
 
-def make_attention(kind: str, o: BlockOptions, channels: int) -> nn.Module:
+def make_attention(kind: str, o: BlockOptions, channels: int, layer: int = 0) -> nn.Module:
+    """The attention of the block's `layer`-th layer."""
     if kind == "transformer":
+        depth = o.transformer_layers
         return Transformer2DModel(
             o.num_heads,
             channels // o.num_heads,
             channels,
             o.cross_attention_dim,
-            num_layers=o.transformer_layers,
+            num_layers=depth if isinstance(depth, int) else depth[layer],
             norm_num_groups=o.groups,
             use_linear_projection=o.use_linear_projection,
             only_cross_attention=o.only_cross_attention,
@@ -149,7 +153,7 @@ def get_down_block(
     for i in range(num_layers):  # resnet, attention, resnet...: Diffusers' construction (random-init) order
         resnets.append(make_resnet(o, in_channels if i == 0 else out_channels, out_channels, **res))
         if attention:
-            attentions.append(make_attention(attention, o, out_channels))
+            attentions.append(make_attention(attention, o, out_channels, i))
     if not add_downsample:
         downsampler = None
     elif resampler == "resnet":
@@ -176,7 +180,7 @@ def get_up_block(
         skip = in_channels if i == num_layers - 1 else out_channels
         resnets.append(make_resnet(o, (prev_output_channel if i == 0 else out_channels) + skip, out_channels, **res))
         if attention:
-            attentions.append(make_attention(attention, o, out_channels))
+            attentions.append(make_attention(attention, o, out_channels, i))
     if not add_upsample:
         upsampler = None
     elif resampler == "resnet":
