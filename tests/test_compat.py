@@ -466,6 +466,48 @@ def test_register_to_config_and_config_attributes(name, tmp_path):
         sched.register_to_config(beta_schedule="nope")
 
 
+@pytest.mark.parametrize("name", ["UNet2DConditionModel", "AutoencoderKL"])
+def test_model_register_to_config_and_config_attributes(name, tmp_path):
+    """Diffusers' test_getattr_is_correct for models: register_to_config, config keys read as model attributes with
+    Diffusers' FutureWarning, attributes, methods and submodules without one; an added key is saved, and a config
+    file with a key rapiddiff's config does not have is refused on load (strict configs)."""
+    import warnings
+
+    blocks = {
+        "UNet2DConditionModel": dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=8,
+            attention_head_dim=2,
+        ),
+        "AutoencoderKL": dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    }[name]
+    model = getattr(rapiddiff, name)(**blocks, block_out_channels=(4, 8), norm_num_groups=4, layers_per_block=1)
+    model.dummy_attribute = 5
+    model.register_to_config(test_attribute=5, sample_size=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.dummy_attribute == 5 and hasattr(model, "dummy_attribute")
+        assert hasattr(model, "save_pretrained") and callable(model.save_pretrained)
+        child, module = next(iter(model.named_children()))
+        assert getattr(model, child) is module
+    assert model.config.test_attribute == 5 and model.config["test_attribute"] == 5 and model.config.sample_size == 24
+    with pytest.warns(FutureWarning, match="unet.config.test_attribute"):
+        assert model.test_attribute == 5
+    with pytest.warns(FutureWarning):
+        assert model.in_channels == model.config.in_channels
+    with pytest.raises(AttributeError) as error:
+        _ = model.does_not_exist
+    assert str(error.value) == f"'{name}' object has no attribute 'does_not_exist'"
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        model.register_to_config(norm_num_groups="many")
+    model.save_config(tmp_path)
+    saved = type(model).load_config(tmp_path)
+    assert saved["test_attribute"] == 5 and saved["sample_size"] == 24
+    with pytest.raises(ValueError, match="test_attribute"):
+        type(model).from_config(saved)
+
+
 def test_missing_variant_error_starts_as_diffusers(tiny_sd_dir):
     """Diffusers' pipeline tests (and users) match the first sentence of the missing-variant error."""
     with pytest.raises(ValueError, match=r"You are trying to load the model files of the `variant=fp16`"):
@@ -523,6 +565,43 @@ def test_scheduler_signatures_name_their_config_keys():
         assert set(params) - {"self", "config"} <= set(theirs), name
         assert params["num_train_timesteps"].default == theirs["num_train_timesteps"].default
         assert getattr(rapiddiff, name)._deprecated_kwargs == []
+
+
+@pytest.mark.parametrize("name", ["UNet2DConditionModel", "ControlNetModel", "AutoencoderKL"])
+def test_model_signatures_name_their_config_keys(name):
+    """Model constructors show their config keys as Diffusers' do: Diffusers' test_forward_with_norm_groups runs only
+    for a class whose signature has `norm_num_groups`, then builds it with 16 groups and runs it."""
+    import inspect
+
+    cls = getattr(rapiddiff, name)
+    params = inspect.signature(cls.__init__).parameters
+    theirs = inspect.signature(getattr(diffusers, name).__init__).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert set(params) - {"self", "config"} <= set(theirs), name
+    for key in ("norm_num_groups", "block_out_channels", "in_channels"):
+        assert params[key].default == theirs[key].default, key
+    blocks = {
+        "UNet2DConditionModel": dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
+        ),
+        "ControlNetModel": dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")),
+        "AutoencoderKL": dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    }[name]
+    model = cls(**blocks, norm_num_groups=16, block_out_channels=(16, 32), layers_per_block=1).eval()
+    assert model.config.norm_num_groups == 16 and cls.from_config(model.config).config == model.config
+    sample = torch.randn(1, 4 if name != "AutoencoderKL" else 3, 16, 16)
+    with torch.no_grad():
+        if name == "AutoencoderKL":
+            out = model(sample).sample
+        else:
+            cond = {"controlnet_cond": torch.randn(1, 3, 128, 128)} if name == "ControlNetModel" else {}
+            out = model(sample, 10, torch.randn(1, 4, model.config.cross_attention_dim), **cond)
+            out = out.mid_block_res_sample if name == "ControlNetModel" else out.sample
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
+    if name != "ControlNetModel":
+        assert out.shape == sample.shape
+    with pytest.raises(ValueError, match="not_a_key"):
+        cls(not_a_key=1)
 
 
 @pytest.mark.parametrize("name", ["UNet2DConditionModel", "ControlNetModel", "AutoencoderKL"])

@@ -51,6 +51,19 @@ def test_same_gradients_and_recomputed(kind):
     assert all("forward" not in m.__dict__ for m in checkpointed.modules())
 
 
+@pytest.mark.parametrize("kind", ["unet", "vae"])
+def test_checkpointed_blocks_have_diffusers_class_names(kind):
+    """Diffusers' test_gradient_checkpointing_is_applied: the class names of the modules checkpointing is enabled on
+    (Diffusers' block classes: CrossAttnDownBlock2D..., the VAE's Encoder, Decoder, UNetMidBlock2D)."""
+    ref = tiny_sd_components()[kind]
+    ours = getattr(rapiddiff, type(ref).__name__)(**ref.config)
+    names = []
+    for model in (ref, ours):
+        model.enable_gradient_checkpointing()
+        names.append({type(m).__name__ for m in model.modules() if getattr(m, "gradient_checkpointing", False)})
+    assert names[1] == names[0] and len(names[0]) >= 3
+
+
 def test_unsupported_model_says_so():
     net = rapiddiff.ControlNetModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=(2, 4),

@@ -363,6 +363,72 @@ def test_mid_block_variants(mid_block_type, save_diffusers):
     assert_close_rel(*run_models(ref, ours, **inputs(config)))
 
 
+@pytest.mark.parametrize(
+    "change, labels",
+    [
+        (dict(class_embed_type="simple_projection", projection_class_embeddings_input_dim=6), torch.randn(2, 6)),
+        (dict(num_class_embeds=10), torch.tensor([3, 9])),
+    ],
+    ids=["simple_projection", "num_class_embeds"],
+)
+def test_class_embeddings_concat(change, labels, save_diffusers):
+    """class_embeddings_concat=True: the class embedding is appended to the time embedding (the blocks take twice
+    its width), as Diffusers'."""
+    config = dict(SD1, **change, class_embeddings_concat=True)
+    ref, ours = make_pair(config, save_diffusers)
+    assert ours.down_blocks[0].resnets[0].time_emb_proj.in_features == 2 * ours.config.time_embed_dim
+    assert_close_rel(*run_models(ref, ours, **{**inputs(config), "class_labels": labels}))
+    with pytest.raises(ConfigError, match="class_embeddings_concat"):
+        UNet2DConditionModel(**SD1, class_embeddings_concat=True)  # nothing to append
+
+
+ASYMMETRIC = dict(
+    SD2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    transformer_layers_per_block=((1, 2), (2, 1), 1),  # per down block, a depth per layer; the mid block: 1
+    reverse_transformer_layers_per_block=(1, (3, 1, 2), (2, 1, 1, 9)),  # the up blocks', in up order
+)
+
+
+def test_asymmetric_transformer_depths(save_diffusers):
+    """Nested transformer_layers_per_block with reverse_transformer_layers_per_block (Diffusers' asymmetric UNets):
+    each layer's transformer depth as Diffusers builds it, same weights and output."""
+    ref, ours = make_pair(ASYMMETRIC, save_diffusers)
+    assert [len(a.transformer_blocks) for a in ours.up_blocks[1].attentions] == [3, 1, 2]
+    assert [len(a.transformer_blocks) for a in ours.down_blocks[0].attentions] == [1, 2]
+    assert_close_rel(*run_models(ref, ours, **inputs(ASYMMETRIC)))
+    built = []
+    for cls in (DUNet, UNet2DConditionModel):  # Diffusers' construction order: the same random weights
+        torch.manual_seed(0)
+        built.append(cls(**ASYMMETRIC).state_dict())
+    assert built[0].keys() == built[1].keys() and all(torch.equal(built[1][k], v) for k, v in built[0].items())
+    bad = [
+        (dict(reverse_transformer_layers_per_block=None), "needs reverse_transformer_layers_per_block"),
+        (dict(reverse_transformer_layers_per_block=(1, (3, 1), 1)), "one per layer, and it has 3"),
+        (dict(transformer_layers_per_block=((1,), 1, 1)), "one per layer, and it has 2"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            UNet2DConditionModel(**dict(ASYMMETRIC, **change))
+
+
+@pytest.mark.parametrize("config", [SD1, IF_I, dict(SD1, mid_block_type="UNetMidBlock2D")], ids=["sd", "if", "mid"])
+def test_blocks_have_diffusers_class_names(config):
+    """Each block's class is named as Diffusers' class for its block type (tools match blocks by class name); the
+    state dict is the same."""
+    with torch.device("meta"):
+        ref, ours = DUNet(**config), UNet2DConditionModel(**config)
+    for attr in ("down_blocks", "up_blocks"):
+        assert [type(b).__name__ for b in getattr(ours, attr)] == [type(b).__name__ for b in getattr(ref, attr)]
+    assert (
+        type(ours.mid_block).__name__
+        == type(ref.mid_block).__name__
+        == config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    )
+    assert all(b.block_type == type(b).__name__ for b in ours.down_blocks)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+
+
 # --- real configs, built on the meta device ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, params",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
 import types
 import typing
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -50,6 +52,7 @@ MODEL_MINIMUMS: dict[str, float] = {
             "conditioning_embedding_out_channels",
             "layers_per_block",
             "transformer_layers_per_block",
+            "reverse_transformer_layers_per_block",
             "norm_num_groups",
             "cross_attention_dim",
             "attention_head_dim",
@@ -95,21 +98,44 @@ class Config(Mapping):
             return NotImplemented
         return _thaw(dict(self)) == _thaw(dict(other))
 
-    # Mapping interface over the dataclass fields, plus `_class_name` (the owner class) as Diffusers' configs have.
+    # Mapping interface over the dataclass fields, plus `_class_name` (the owner class) as Diffusers' configs have,
+    # and the hidden keys.
     def __getitem__(self, key: str) -> Any:
         if key == "_class_name" and self.class_name is not None:
             return self.class_name
+        if key in self.hidden:
+            return self.hidden[key]
         if key not in self._field_names():
             raise KeyError(key)
         return getattr(self, key)
 
     def __iter__(self) -> Iterator[str]:
+        yield from self._own_keys()
+        yield from self.hidden
+
+    def _own_keys(self) -> Iterator[str]:
         if self.class_name is not None:
             yield "_class_name"
         yield from self._field_names()
 
     def __len__(self) -> int:
-        return len(self._field_names()) + (self.class_name is not None)
+        return len(self._field_names()) + (self.class_name is not None) + len(self.hidden)
+
+    @property
+    def hidden(self) -> dict[str, Any]:
+        """Keys kept with the config that are not fields: those `register_to_config` added, and a scheduler's keys of
+        other schedulers. Read as keys and attributes, and saved; the model or scheduler does not use them."""
+        return self.__dict__.get("_hidden", {})
+
+    def with_hidden(self: C, hidden: Mapping[str, Any]) -> C:
+        object.__setattr__(self, "_hidden", dict(hidden))
+        return self
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
+        hidden = self.__dict__.get("_hidden", {})
+        if name in hidden:
+            return hidden[name]
+        raise AttributeError(f"{type(self).__name__} has no key {name!r}")
 
     @property
     def class_name(self) -> str | None:
@@ -178,11 +204,11 @@ class Config(Mapping):
     def replace(self: C, **changes: Any) -> C:
         frozen = {k: _freeze(v) for k, v in changes.items()}
         self.check_values(frozen, f"{type(self).__name__}.replace")
-        new = dataclasses.replace(self, **frozen)
+        new = dataclasses.replace(self, **frozen).with_hidden(self.hidden)
         return new.with_owner(self.class_name) if self.class_name else new
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _thaw(getattr(self, k)) for k in self._field_names()}
+        return {**self.hidden, **{k: _thaw(getattr(self, k)) for k in self._field_names()}}
 
     def check_choice(self, key: str, allowed: tuple[Any, ...]) -> None:
         """Raise ConfigError unless self.<key> is one of `allowed` (for __post_init__ validation)."""
@@ -283,12 +309,44 @@ def per_block(value: Any, n: int, name: str) -> tuple:
     return (value,) * n
 
 
+def with_config_signature(init: Callable[..., None], config_class: type[Config]) -> Callable[..., None]:
+    """`init` (which takes the config as keywords) with a signature naming each config key and its default, as
+    Diffusers' constructors have: `inspect.signature`, IDEs and tools that read it see the real arguments (an unknown
+    key is still refused by the config's parsing)."""
+
+    @functools.wraps(init)
+    def __init__(self: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        init(self, config, **kwargs)
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params.append(inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+    for field in dataclasses.fields(config_class):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return __init__
+
+
 class ConfigMixin:
     """Config loading and saving shared by models and schedulers."""
 
     config_class: ClassVar[type[Config]]
     config_name: ClassVar[str] = "config.json"
     config: Config
+
+    # The variable Diffusers' deprecation message names in its example (`unet.config.x`, `scheduler.config.x`).
+    _config_example: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class declaring its config (constructed as `Cls(config)` or `Cls(**keys)`) shows its keys as arguments.
+        if "config_class" in cls.__dict__:
+            cls.__init__ = with_config_signature(cls.__init__, cls.config_class)  # type: ignore[method-assign]
 
     @classmethod
     def load_config(
@@ -314,6 +372,31 @@ class ConfigMixin:
     def _accepts_config_of(cls, class_name: str) -> bool:
         """Whether a config written for `class_name` may be used (foreign keys dropped). Schedulers say yes."""
         return False
+
+    def register_to_config(self, **values: Any) -> None:
+        """Diffusers' ConfigMixin method: set config values after construction. A key of this class's config is
+        checked and replaced (what `__init__` built from it stays as it is, as in Diffusers); any other key is kept
+        with the config as a hidden key (`config.key`, `config["key"]`, saved with `save_pretrained`; a config file
+        with a key rapiddiff does not know is still refused on load)."""
+        fields = set(self.config_class._field_names())
+        config = self.config.replace(**{k: v for k, v in values.items() if k in fields})
+        extra = {k: v for k, v in values.items() if k not in fields}
+        self.config = config.with_hidden({**config.hidden, **extra})
+
+    def _config_attribute(self, name: str) -> Any:
+        """Diffusers' deprecated read of a config key as an attribute (`obj.key`): the value, with a FutureWarning;
+        for a name that is no key, the AttributeError Python gives."""
+        config = self.__dict__.get("config")
+        if config is not None and not name.startswith("_") and name in config:
+            warnings.warn(
+                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
+                f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
+                f"'{self._config_example}.config.{name}'.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            return config[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def save_config(self, save_directory: str | os.PathLike) -> Path:
         from .exports import DIFFUSERS_VERSION, __version__

@@ -141,8 +141,9 @@ class UpDecoderBlock2D(nn.Module):
         return self.upsamplers[0](x) if self.upsamplers is not None else x
 
 
-class MidBlock(nn.Module):
-    """Resnet, single-head self-attention over all pixels (with its own GroupNorm and residual), resnet."""
+class UNetMidBlock2D(nn.Module):
+    """Resnet, single-head self-attention over all pixels (with its own GroupNorm and residual), resnet: the VAE's
+    mid block, under Diffusers' class name."""
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
         super().__init__()
@@ -178,7 +179,7 @@ class Encoder(nn.Module):
             DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, act, i < len(ch) - 1)
             for i in range(len(ch))
         )
-        self.mid_block = MidBlock(ch[-1], groups, act, cfg.mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
         self.conv_act = nn.SiLU()  # SiLU whatever act_fn says, as in Diffusers
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
@@ -198,7 +199,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, groups, act = cfg.block_out_channels[::-1], cfg.norm_num_groups, cfg.act_fn
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], groups, act, cfg.mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(ch[0], groups, act, cfg.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, act, i < len(ch) - 1)
             for i in range(len(ch))
@@ -222,7 +223,7 @@ class AutoencoderKL(ModelMixin, FusedProjectionsMixin):
 
     config_class = AutoencoderKLConfig
     _supports_gradient_checkpointing = True
-    _checkpointed_blocks = (Encoder, Decoder, MidBlock)
+    _checkpointed_blocks = (Encoder, Decoder, UNetMidBlock2D)
     # Checkpoints from before Diffusers 0.14 name the mid-block attention projections like the original LDM code.
     _legacy_key_renames: ClassVar[dict[str, str]] = {
         ".query.": ".to_q.",

@@ -119,6 +119,16 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     # Old Diffusers checkpoints name some weights differently: {old substring: new substring}, applied on load.
     _legacy_key_renames: ClassVar[dict[str, str]] = {}
+    _config_example: ClassVar[str] = "unet"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names Python's lookup does not find; nn.Module's finds parameters, buffers and submodules
+        # (torch.compile reads those directly). Then a config key (Diffusers' deprecated `unet.in_channels`).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        return self._config_attribute(name)
 
     # --- construction ---------------------------------------------------------------------------------------------
     def _init_config(self, config: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> Any:

@@ -82,8 +82,10 @@ class UNet2DConditionConfig(Config):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple[int, ...] = 1280
-    transformer_layers_per_block: int | tuple[int, ...] = 1
-    reverse_transformer_layers_per_block: tuple[tuple[int, ...], ...] | None = None
+    # One depth for every block, one per block, or (asymmetric UNets) per block a depth per layer; the up blocks then
+    # take theirs from reverse_transformer_layers_per_block, in up order.
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None
     encoder_hid_dim: int | None = None
     encoder_hid_dim_type: str | None = None
     # Diffusers' naming quirk: for the transformer (SD) blocks this is the NUMBER of heads; for the added-KV (IF)
@@ -131,9 +133,6 @@ class UNet2DConditionConfig(Config):
         self.check_choice("cross_attention_norm", (None, "group_norm"))
         self.check_choice("attention_type", ("default",))
         self.check_choice("dual_cross_attention", (False,))
-        self.check_choice("class_embeddings_concat", (False,))
-        # Asymmetric UNets (a separate up-path layer count): not implemented.
-        self.check_choice("reverse_transformer_layers_per_block", (None,))
         if self.addition_embed_type == "text_time" and (
             self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
         ):
@@ -146,6 +145,15 @@ class UNet2DConditionConfig(Config):
         ):
             raise ConfigError(
                 f"{name}: class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim"
+            )
+        if self.class_embeddings_concat and (
+            self.class_embed_type is None and self.num_class_embeds is None or self.addition_embed_type is not None
+        ):
+            raise ConfigError(
+                f"{name}: class_embeddings_concat=True appends the class embedding to the time embedding: it needs "
+                "class_embed_type or num_class_embeds, and no addition_embed_type (added to the time embedding, whose "
+                f"width it would not match); got class_embed_type={self.class_embed_type!r}, "
+                f"num_class_embeds={self.num_class_embeds!r}, addition_embed_type={self.addition_embed_type!r}"
             )
         if self.num_attention_heads is not None:
             raise ConfigError(
@@ -164,7 +172,6 @@ class UNet2DConditionConfig(Config):
             layers_per_block=int,
             attention_head_dim=int,
             cross_attention_dim=int,
-            transformer_layers_per_block=int,
         )
         for key, kind in per_block_types.items():
             values = per_block(getattr(self, key), n, f"{name}: {key}")
@@ -172,6 +179,7 @@ class UNet2DConditionConfig(Config):
                 raise ConfigError(
                     f"{name}: {key}={getattr(self, key)!r}: expected one {kind.__name__} or one per block"
                 )
+        self._check_transformer_depths(name, n)
         if self.class_embed_type is not None and self.num_class_embeds is not None:
             raise ConfigError(
                 f"{name}: class_embed_type={self.class_embed_type!r} and num_class_embeds={self.num_class_embeds!r} "
@@ -190,9 +198,38 @@ class UNet2DConditionConfig(Config):
                 "encoder_hid_dim_type / addition_embed_type"
             )
 
+    def _check_transformer_depths(self, name: str, n: int) -> None:
+        """Each transformer block's depth list (asymmetric UNets) covers its layers (Diffusers indexes it per layer);
+        nested depths need the up blocks' own (`reverse_transformer_layers_per_block`), as in Diffusers."""
+        down = per_block(self.transformer_layers_per_block, n, f"{name}: transformer_layers_per_block")
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is None and any(isinstance(d, tuple) for d in down):
+            raise ConfigError(
+                f"{name}: transformer_layers_per_block={self.transformer_layers_per_block!r} gives per-layer depths "
+                "(an asymmetric UNet): it needs reverse_transformer_layers_per_block, the up blocks' depths"
+            )
+        up = per_block(reverse, n, f"{name}: reverse_transformer_layers_per_block") if reverse is not None else ()
+        layers = per_block(self.layers_per_block, n, f"{name}: layers_per_block")
+        blocks = [(self.down_block_types[i], down[i], layers[i], "transformer_layers_per_block") for i in range(n)]
+        blocks += [
+            (self.up_block_types[i], up[i], layers[n - 1 - i] + 1, "reverse_transformer_layers_per_block")
+            for i in range(len(up))
+        ]
+        for block_type, depths, count, key in blocks:
+            attention = (DOWN_BLOCK_TYPES | UP_BLOCK_TYPES)[block_type][0]
+            if attention == "transformer" and isinstance(depths, tuple) and len(depths) < count:
+                raise ConfigError(
+                    f"{name}: {key} gives {block_type} the depths {depths!r}: one per layer, and it has {count}"
+                )
+
     @property
     def time_embed_dim(self) -> int:
         return self.time_embedding_dim or self.block_out_channels[0] * 4
+
+    @property
+    def blocks_time_embed_dim(self) -> int:
+        """The width of the embedding the resnets receive: the class embedding appended doubles it."""
+        return self.time_embed_dim * 2 if self.class_embeddings_concat else self.time_embed_dim
 
 
 @dataclasses.dataclass
@@ -292,8 +329,9 @@ class UNet2DConditionModel(
             self.add_embedding = None
         self.time_embed_act = activation(cfg.time_embedding_act_fn) if cfg.time_embedding_act_fn else None
 
-        levels = level_options(cfg, time_dim)
+        levels = level_options(cfg, cfg.blocks_time_embed_dim)
         layers = per_block(cfg.layers_per_block, n, "layers_per_block")
+        up_depths = per_block(cfg.reverse_transformer_layers_per_block, n, "reverse_transformer_layers_per_block")
         self.down_blocks = nn.ModuleList(
             get_down_block(block_type, levels[i], ch[max(i - 1, 0)], ch[i], layers[i], add_downsample=i < n - 1)
             for i, block_type in enumerate(cfg.down_block_types)
@@ -309,6 +347,8 @@ class UNet2DConditionModel(
             # Diffusers' quirk, kept for weight compatibility: up blocks take every per-block option reversed except
             # attention_head_dim, which is indexed in down order.
             opts = dataclasses.replace(levels[j], head_dim=levels[i].head_dim)
+            if cfg.reverse_transformer_layers_per_block is not None:  # asymmetric UNet: the up blocks' own depths
+                opts = dataclasses.replace(opts, transformer_layers=up_depths[i])
             self.up_blocks.append(
                 get_up_block(
                     block_type,
@@ -338,14 +378,15 @@ class UNet2DConditionModel(
         timestep_cond: torch.Tensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The (B, time_embed_dim) embedding every resnet receives."""
+        """The (B, blocks_time_embed_dim) embedding every resnet receives."""
         batch = sample.shape[0]
         t_emb = self.time_proj(batch_timesteps(timestep, batch, sample.device)).to(sample.dtype)
         emb = self.time_embedding(t_emb, timestep_cond)
         if self.class_embedding is not None:
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(batch_timesteps(class_labels, batch, sample.device)).to(sample.dtype)
-            emb = emb + self.class_embedding(class_labels).to(sample.dtype)
+            class_emb = self.class_embedding(class_labels).to(sample.dtype)
+            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
         if self.add_time_proj is not None:
             emb = emb + self.add_embedding(text_time_features(self.add_time_proj, added_cond_kwargs, emb.dtype))
         elif self.add_embedding is not None:

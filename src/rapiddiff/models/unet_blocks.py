@@ -1,6 +1,8 @@
 """UNet down / mid / up blocks: resnets, an optional attention after each resnet, an optional resampler.
 
-Diffusers has one class per combination; here there is one class per direction, and a block type is data:
+Diffusers has one class per combination; here the code is one class per direction (`UNetDownBlock`, `UNetUpBlock`,
+`UNetMidBlock`), and a block type is data; each block type is a bodiless subclass with Diffusers' class name
+(`CrossAttnDownBlock2D`...), so that `type(block).__name__` is what tools matching Diffusers' blocks by name expect:
     attention  "transformer": Transformer2DModel (Stable Diffusion)
                "added_kv":    Attention over its own pixels plus projected text tokens (DeepFloyd IF)
                None
@@ -62,7 +64,9 @@ class BlockOptions:
     cross_attention_dim: int = 1280
     num_heads: int = 8  # transformer attention: number of heads, channels split among them
     head_dim: int = 64  # added-KV attention: channels per head
-    transformer_layers: int = 1
+    # Transformer depth: one for every layer of the block, or one per layer (Diffusers' asymmetric UNets; entries
+    # past the block's layer count are unused, as in Diffusers).
+    transformer_layers: int | tuple[int, ...] = 1
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
@@ -95,14 +99,16 @@ def make_resnet(
     )
 
 
-def make_attention(kind: str, o: BlockOptions, channels: int) -> nn.Module:
+def make_attention(kind: str, o: BlockOptions, channels: int, layer: int = 0) -> nn.Module:
+    """The attention of the block's `layer`-th layer."""
     if kind == "transformer":
+        depth = o.transformer_layers
         return Transformer2DModel(
             o.num_heads,
             channels // o.num_heads,
             channels,
             o.cross_attention_dim,
-            num_layers=o.transformer_layers,
+            num_layers=depth if isinstance(depth, int) else depth[layer],
             norm_num_groups=o.groups,
             use_linear_projection=o.use_linear_projection,
             only_cross_attention=o.only_cross_attention,
@@ -147,14 +153,14 @@ def get_down_block(
     for i in range(num_layers):  # resnet, attention, resnet...: Diffusers' construction (random-init) order
         resnets.append(make_resnet(o, in_channels if i == 0 else out_channels, out_channels, **res))
         if attention:
-            attentions.append(make_attention(attention, o, out_channels))
+            attentions.append(make_attention(attention, o, out_channels, i))
     if not add_downsample:
         downsampler = None
     elif resampler == "resnet":
         downsampler = make_resnet(o, out_channels, out_channels, down=True, **res)
     else:
         downsampler = Downsample2D(out_channels, padding=o.downsample_padding)
-    return UNetDownBlock(block_type, resnets, attentions, downsampler)
+    return BLOCK_CLASSES[block_type](resnets, attentions, downsampler)
 
 
 def get_up_block(
@@ -174,14 +180,14 @@ def get_up_block(
         skip = in_channels if i == num_layers - 1 else out_channels
         resnets.append(make_resnet(o, (prev_output_channel if i == 0 else out_channels) + skip, out_channels, **res))
         if attention:
-            attentions.append(make_attention(attention, o, out_channels))
+            attentions.append(make_attention(attention, o, out_channels, i))
     if not add_upsample:
         upsampler = None
     elif resampler == "resnet":
         upsampler = make_resnet(o, out_channels, out_channels, up=True, **res)
     else:
         upsampler = Upsample2D(out_channels)
-    return UNetUpBlock(block_type, resnets, attentions, upsampler)
+    return BLOCK_CLASSES[block_type](resnets, attentions, upsampler)
 
 
 def get_mid_block(
@@ -199,7 +205,7 @@ def get_mid_block(
     attentions = [make_attention(attention, o, channels)] if attention else None
     if attention:
         resnets.append(make_resnet(o, channels, channels, **res))
-    return UNetMidBlock(block_type, resnets, attentions)
+    return BLOCK_CLASSES[block_type](resnets, attentions)
 
 
 # --- running ----------------------------------------------------------------------------------------------------
@@ -261,16 +267,17 @@ def first_skips(
 
 
 class _Block(nn.Module):
-    def __init__(self, block_type: str, resnets: list[nn.Module], attentions: list[nn.Module] | None):
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] | None):
         super().__init__()
-        self.block_type = block_type
         self.resnets = nn.ModuleList(resnets)
         # empty, not None, when the block has none: tools that walk Diffusers' blocks iterate `attentions` (DeepCache)
         self.attentions = nn.ModuleList(attentions or [])
         self.has_cross_attention = attentions is not None  # Diffusers' flag, read by callers
 
-    def extra_repr(self) -> str:
-        return self.block_type
+    @property
+    def block_type(self) -> str:
+        """The config's block type: Diffusers' class name, which this block's class has."""
+        return type(self).__name__
 
 
 class UNetDownBlock(_Block):
@@ -278,12 +285,11 @@ class UNetDownBlock(_Block):
 
     def __init__(
         self,
-        block_type: str,
         resnets: list[nn.Module],
         attentions: list[nn.Module] | None,
         downsampler: nn.Module | None,
     ):
-        super().__init__(block_type, resnets, attentions)
+        super().__init__(resnets, attentions)
         self.downsamplers = nn.ModuleList([downsampler]) if downsampler is not None else None
 
     def forward(
@@ -322,12 +328,11 @@ class UNetUpBlock(_Block):
 
     def __init__(
         self,
-        block_type: str,
         resnets: list[nn.Module],
         attentions: list[nn.Module] | None,
         upsampler: nn.Module | None,
     ):
-        super().__init__(block_type, resnets, attentions)
+        super().__init__(resnets, attentions)
         self.upsamplers = nn.ModuleList([upsampler]) if upsampler is not None else None
         self.resolution_idx: int | None = None  # this block's index among the UNet's up blocks (FreeU's stage)
         # FreeU factors (Diffusers' attribute names), set by UNet2DConditionModel.enable_freeu; None: off.
@@ -406,6 +411,70 @@ class UNetMidBlock(_Block):
             )
             hidden_states = resnet(hidden_states, temb)
         return hidden_states
+
+
+# --- Diffusers' block classes (the block types of the tables above) ---------------------------------------------
+class DownBlock2D(UNetDownBlock):
+    """Resnets, stride-2 conv downsampler."""
+
+
+class CrossAttnDownBlock2D(UNetDownBlock):
+    """Resnet -> Transformer2DModel layers, stride-2 conv downsampler."""
+
+
+class ResnetDownsampleBlock2D(UNetDownBlock):
+    """Resnets, resnet downsampler (IF)."""
+
+
+class SimpleCrossAttnDownBlock2D(UNetDownBlock):
+    """Resnet -> added-KV attention layers, resnet downsampler (IF)."""
+
+
+class UpBlock2D(UNetUpBlock):
+    """Resnets, nearest x2 + conv upsampler."""
+
+
+class CrossAttnUpBlock2D(UNetUpBlock):
+    """Resnet -> Transformer2DModel layers, nearest x2 + conv upsampler."""
+
+
+class ResnetUpsampleBlock2D(UNetUpBlock):
+    """Resnets, resnet upsampler (IF)."""
+
+
+class SimpleCrossAttnUpBlock2D(UNetUpBlock):
+    """Resnet -> added-KV attention layers, resnet upsampler (IF)."""
+
+
+class UNetMidBlock2DCrossAttn(UNetMidBlock):
+    """Resnet, Transformer2DModel, resnet."""
+
+
+class UNetMidBlock2DSimpleCrossAttn(UNetMidBlock):
+    """Resnet, added-KV attention, resnet (IF)."""
+
+
+class UNetMidBlock2D(UNetMidBlock):
+    """One resnet (a UNet's mid block without attention)."""
+
+
+BLOCK_CLASSES: dict[str, type[_Block]] = {
+    cls.__name__: cls
+    for cls in (
+        DownBlock2D,
+        CrossAttnDownBlock2D,
+        ResnetDownsampleBlock2D,
+        SimpleCrossAttnDownBlock2D,
+        UpBlock2D,
+        CrossAttnUpBlock2D,
+        ResnetUpsampleBlock2D,
+        SimpleCrossAttnUpBlock2D,
+        UNetMidBlock2DCrossAttn,
+        UNetMidBlock2DSimpleCrossAttn,
+        UNetMidBlock2D,
+    )
+}
+assert set(BLOCK_CLASSES) == {*DOWN_BLOCK_TYPES, *UP_BLOCK_TYPES, *MID_BLOCK_TYPES}
 
 
 class FreeUMixin:

@@ -4,9 +4,7 @@ it with its own keys; the keys other schedulers use are kept aside for later swa
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ..configuration import Config, ConfigError
@@ -79,48 +77,32 @@ class SchedulerConfig(Config):
         return merged
 
     @property
-    def hidden(self) -> dict[str, Any]:
-        return self.__dict__.get("_hidden", {})
-
-    @property
     def defaulted(self) -> tuple[str, ...]:
         return self.__dict__.get("_defaulted", ())
 
     def with_extras(self: SC, hidden: Mapping[str, Any], defaulted: Sequence[str]) -> SC:
-        object.__setattr__(self, "_hidden", dict(hidden))
         object.__setattr__(self, "_defaulted", tuple(defaulted))
-        return self
+        return self.with_hidden(hidden)
 
     def own(self, name: str, default: Any = None) -> Any:
         """The class's own field `name`, or `default` when the class has no such field: never a hidden key (a PNDM
         built from a zero-SNR DDIM config must not rescale its betas, as in Diffusers)."""
         return getattr(self, name) if name in self._field_names() else default
 
-    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
-        hidden = self.__dict__.get("_hidden", {})
-        if name in hidden:  # e.g. `config.variance_type` of an Euler scheduler built from IF's DDPM config
-            return hidden[name]
-        raise AttributeError(f"{type(self).__name__} has no key {name!r}")
-
-    # Mapping view as Diffusers shows it: fields, then `_use_default_values`, then the hidden keys.
+    # Mapping view as Diffusers shows it: fields, then `_use_default_values`, then the hidden keys (e.g.
+    # `config.variance_type` of an Euler scheduler built from IF's DDPM config).
     def __getitem__(self, key: str) -> Any:
         if key == "_use_default_values" and self.defaulted:
             return list(self.defaulted)
-        if key in self.hidden:
-            return self.hidden[key]
         return super().__getitem__(key)
 
-    def __iter__(self) -> Iterator[str]:
-        yield from super().__iter__()
+    def _own_keys(self) -> Iterator[str]:
+        yield from super()._own_keys()
         if self.defaulted:
             yield "_use_default_values"
-        yield from self.hidden
 
     def __len__(self) -> int:
-        return super().__len__() + bool(self.defaulted) + len(self.hidden)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.hidden, **super().to_dict()}
+        return super().__len__() + bool(self.defaulted)
 
     def replace(self: SC, **changes: Any) -> SC:
         return super().replace(**changes).with_extras(self.hidden, [k for k in self.defaulted if k not in changes])
@@ -186,26 +168,3 @@ KARRAS_SCHEDULERS = tuple(
     KDPM2AncestralDiscreteScheduler DEISMultistepScheduler UniPCMultistepScheduler DPMSolverSDEScheduler
     EDMEulerScheduler""".split()
 )
-
-
-def with_config_signature(init: Callable[..., None], config_class: type[SchedulerConfig]) -> Callable[..., None]:
-    """`init` (which takes the config as keywords) with a signature naming each config key and its default, as
-    Diffusers' constructors have: `inspect.signature`, IDEs and tools that read it see the real arguments (an unknown
-    key is still refused by the config's parsing)."""
-
-    @functools.wraps(init)
-    def __init__(self: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        init(self, config, **kwargs)
-
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params.append(inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
-    for field in dataclasses.fields(config_class):
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        else:
-            default = inspect.Parameter.empty
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
-    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return __init__

@@ -32,7 +32,6 @@ import inspect
 import math
 import operator
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -43,7 +42,7 @@ from ..configuration import Config, ConfigError, ConfigMixin
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Device, Generator, to_device
 from .schedule_tables import SIGMA_SPACINGS, _broadcast_to, make_betas, match_timesteps
-from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, KARRAS_SCHEDULERS, SchedulerConfig, with_config_signature
+from .scheduler_config import DIFFUSERS_SCHEDULER_KEYS, KARRAS_SCHEDULERS, SchedulerConfig
 from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, owned
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -61,6 +60,7 @@ class SchedulerMixin(ConfigMixin):
     config_name: ClassVar[str] = SCHEDULER_CONFIG_NAME
     config: SchedulerConfig
     order: ClassVar[int] = 1
+    _config_example: ClassVar[str] = "scheduler"
     init_noise_sigma: ClassVar[float] = 1.0  # std of the initial noise (the Euler schedulers compute theirs)
     # Sigma schedulers pin the last alphas_cumprod at 2**-24 under rescale_betas_zero_snr (a zero gives sigma = inf).
     _pin_zero_snr: ClassVar[bool] = False
@@ -74,11 +74,6 @@ class SchedulerMixin(ConfigMixin):
     # Diffusers' list of constructor arguments kept only for old configs: rapiddiff's constructors document exactly
     # their config keys (`__init_subclass__`), so none.
     _deprecated_kwargs: ClassVar[list[str]] = []
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "config_class" in cls.__dict__:
-            cls.__init__ = with_config_signature(cls.__init__, cls.config_class)  # type: ignore[method-assign]
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.config = self._parse_config(config, kwargs, source=type(self).__name__)
@@ -153,28 +148,8 @@ class SchedulerMixin(ConfigMixin):
         """Write `scheduler_config.json` (readable by Diffusers) into `save_directory`."""
         self.save_config(save_directory)
 
-    def register_to_config(self, **values: Any) -> None:
-        """Diffusers' ConfigMixin method: set config values after construction. A key of this scheduler's config is
-        checked and replaced (the tables built in __init__ stay as they are, as in Diffusers); any other key is kept
-        with the config, as the keys of other schedulers are (`config.key`, `config["key"]`, saved)."""
-        fields = set(self.config_class._field_names())
-        config = self.config.replace(**{k: v for k, v in values.items() if k in fields})
-        extra = {k: v for k, v in values.items() if k not in fields}
-        self.config = config.with_extras({**config.hidden, **extra}, config.defaulted)
-
     def __getattr__(self, name: str) -> Any:  # only called for names that are not attributes
-        # Diffusers' ConfigMixin: a config key read as an attribute of the scheduler works, with a FutureWarning.
-        config = self.__dict__.get("config")
-        if config is not None and not name.startswith("_") and name in config:
-            warnings.warn(
-                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
-                f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
-                f"'scheduler.config.{name}'.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            return config[name]
-        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return self._config_attribute(name)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
