@@ -397,6 +397,7 @@ def test_custom_timesteps_and_sigmas_match_diffusers():
         ("DPMSolverMultistepScheduler", dict(timesteps=[999, 800, 600, 400, 200, 50])),
         ("EulerDiscreteScheduler", dict(timesteps=[999.0, 750.5, 500.0, 250.0, 10.0])),
         ("EulerDiscreteScheduler", dict(sigmas=[14.6, 6.0, 2.5, 1.0, 0.3, 0.0])),
+        ("EulerDiscreteScheduler", dict(sigmas=[14.6, 6.0, 2.5, 1.0, 0.3, 0.3])),  # final_sigmas_type="sigma_min"
         ("HeunDiscreteScheduler", dict(timesteps=[999.0, 750.5, 500.0, 250.0, 10.0])),
         ("EDMEulerScheduler", dict(sigmas=torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0]))),  # ramp points, as Diffusers
     ]:
@@ -413,6 +414,7 @@ def test_custom_timesteps_and_sigmas_match_diffusers():
     [
         ([1.0, 5.0, 14.0], "strictly decreasing"),  # ascending
         ([14.0, 5.0, 5.0, 0.0], "strictly decreasing"),
+        ([14.0, 5.0, 0.5, 0.6], "strictly decreasing"),
         ([14.0, -1.0], "non-negative"),
         ([14.0, float("nan"), 0.0], "finite"),
         ([float("inf"), 1.0, 0.0], "finite"),
@@ -426,6 +428,13 @@ def test_custom_sigmas_are_checked_like_timesteps(sigmas, problem):
         scheduler.set_timesteps(sigmas=sigmas)
     scheduler.set_timesteps(sigmas=[14.0, 3.0, 0.5, 0.0])  # valid, with the final 0
     assert scheduler.sigmas.tolist() == [14.0, 3.0, 0.5, 0.0]
+    own = rapiddiff.EulerDiscreteScheduler(**SD, final_sigmas_type="sigma_min")
+    own.set_timesteps(6)
+    assert own.sigmas[-1] == own.sigmas[-2]  # the final step keeps sigma_min
+    again = rapiddiff.EulerDiscreteScheduler(**SD, final_sigmas_type="sigma_min")
+    again.set_timesteps(sigmas=own.sigmas)  # a scheduler's own table is taken back
+    torch.testing.assert_close(again.timesteps, own.timesteps, rtol=1e-5, atol=1e-3)  # sigma -> t in float32
+    torch.testing.assert_close(again.sigmas, own.sigmas)
 
 
 @pytest.mark.parametrize("name", ["PNDMScheduler", "DPMSolverMultistepScheduler"])

@@ -23,7 +23,9 @@ from .step_plan import PlanUpdate, SchedulerOutput, StepPlan, make_coeffs
 def check_custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
     """Custom `set_timesteps(sigmas=...)`: the noise levels of the schedule, the last one the level after the final
     step; finite, non-negative and strictly decreasing (so only the final one may be 0), as `timesteps=` must be
-    strictly descending. Diffusers takes any list; an ascending or negative one runs without a word there."""
+    strictly descending, except that the final level may equal the one before it: a last step that keeps the noise
+    level, as the tables of `final_sigmas_type="sigma_min"` end (a scheduler's own `sigmas` are taken back). Diffusers
+    takes any list; an ascending or negative one runs without a word there."""
     try:
         values = np.asarray(sigmas, dtype=np.float64)
     except (TypeError, ValueError):
@@ -36,7 +38,7 @@ def check_custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
     if (values < 0).any():
         raise ValueError(f"sigmas must be non-negative (the final one may be 0), got {shown}")
     values = values.astype(np.float32)
-    if (np.diff(values) >= 0).any():
+    if (np.diff(values[:-1]) >= 0).any() or values[-1] > values[-2]:
         raise ValueError(f"sigmas must be strictly decreasing (highest noise level first), got {shown}")
     return values
 
