@@ -18,7 +18,11 @@ Rows (random weights seeded by tensor name, the same in both libraries; inputs: 
                      the schedule; the pipeline path calibrates on the pipeline's own steps), compiled with freezing;
                      the unquantized ops in bf16 under autocast where the CPU has native bf16 (torchao's
                      int8-mixed-bf16). Diffusers has no such path.
-  The step cache (DeepCache) row is not in this branch: `--rows` gains it when the cache lands (STEP_CACHE_ROW).
+  rapiddiff-bf16-deepcache  rapiddiff-bf16 with the step cache (DeepCache, --cache-interval 3, branch 0): each call
+                     runs a --cache-steps schedule of full and shallow UNet calls (DeepCache's placement); its
+                     seconds are per UNet call over the schedule. Its deviation is that of a shallow call on the
+                     feature of a full call at the same input (= bf16's): caching's own deviation builds up along a
+                     trajectory and is measured on images by scripts/cache_quality.py (docs/cache.md).
 
 Per row: seconds per UNet call (median of the rounds, each the mean of --iters calls) with the lowest-highest
 spread; the speed-up over diffusers-fp32 and over diffusers-bf16 (ratio of medians, lowest-highest ratio of a
@@ -40,7 +44,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -48,7 +52,7 @@ from rapiddiff.bench.components import random_model
 from rapiddiff.bench.presets import PRESETS, preset_config
 from rapiddiff.quantization.cpu import cpu_precisions
 
-# name -> (library, dtype, quantization)
+# name -> (library, dtype, technique: a quantization or the step cache)
 ROWS: dict[str, tuple[str, torch.dtype, str | None]] = {
     "diffusers-fp32": ("diffusers", torch.float32, None),
     "rapiddiff-fp32": ("rapiddiff", torch.float32, None),
@@ -57,6 +61,7 @@ ROWS: dict[str, tuple[str, torch.dtype, str | None]] = {
     "diffusers-int8dyn": ("diffusers", torch.bfloat16, "int8-dynamic"),
     "rapiddiff-int8dyn": ("rapiddiff", torch.bfloat16, "int8-dynamic"),
     "rapiddiff-int8static": ("rapiddiff", torch.float32, "int8-static"),
+    "rapiddiff-bf16-deepcache": ("rapiddiff", torch.bfloat16, "deepcache"),
 }
 # most important first: --budget skips the last ones
 DEFAULT_ROWS = [
@@ -64,11 +69,17 @@ DEFAULT_ROWS = [
     "rapiddiff-bf16",
     "rapiddiff-int8static",
     "diffusers-fp32",
+    "rapiddiff-bf16-deepcache",
     "rapiddiff-int8dyn",
     "diffusers-int8dyn",
 ]
-# bf16 + the step cache: the goal is >= 10x diffusers-fp32. Filled in when the cache is merged.
-STEP_CACHE_ROW = "rapiddiff-bf16-stepcache"
+
+
+class Run(NamedTuple):
+    """A built row: one call, and how many UNet calls it makes (the step cache's row runs a whole schedule)."""
+
+    call: Callable[[], torch.Tensor]
+    unet_calls: int = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=2, help="timed calls per row and round")
     p.add_argument("--calib", type=int, default=8, help="calibration calls of the int8 static row")
+    p.add_argument("--cache-interval", type=int, default=3, help="DeepCache's cache_interval (the cache row)")
+    p.add_argument("--cache-steps", type=int, default=9, help="steps of the cache row's schedule")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
@@ -97,8 +110,8 @@ def unet_config() -> dict[str, Any]:
     return preset_config("sd", "unet", "config.json", PRESET)
 
 
-def build(name: str, inputs: tuple[torch.Tensor, ...], calib: int) -> Callable[[], torch.Tensor]:
-    """Row `name`'s model, quantized and compiled as the row says; returns its call on `inputs` (cast)."""
+def build(name: str, inputs: tuple[torch.Tensor, ...], args: argparse.Namespace) -> Run:
+    """Row `name`'s model, quantized, cached and compiled as the row says; returns its call on `inputs` (cast)."""
     import types
 
     import diffusers
@@ -126,10 +139,10 @@ def build(name: str, inputs: tuple[torch.Tensor, ...], calib: int) -> Callable[[
         g = torch.Generator().manual_seed(1)
         calibration = [
             (torch.randn(sample.shape, generator=g), torch.tensor(float(t)), context)
-            for t in torch.linspace(999, 1, calib).round()
+            for t in torch.linspace(999, 1, args.calib).round()
         ]
         unet._compiled_call_impl = int8_static_call(unet, calibration)
-        return lambda: unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        return Run(lambda: unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0])
     if library == "diffusers":  # the reference recipe
         unet.to(memory_format=torch.channels_last)
         compiled = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
@@ -137,7 +150,30 @@ def build(name: str, inputs: tuple[torch.Tensor, ...], calib: int) -> Callable[[
         holder = types.SimpleNamespace(unet=unet)
         rapiddiff.compile_pipeline(holder, components=["unet"])
         compiled = holder.unet
-    return lambda: compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+    if quant == "deepcache":
+        return cached_schedule(compiled, unet, (sample, timestep, context), args)
+    return Run(lambda: compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0])
+
+
+def cached_schedule(compiled: Any, unet: Any, inputs: tuple[torch.Tensor, ...], args: argparse.Namespace) -> Run:
+    """One call: a --cache-steps schedule of the compiled UNet's full and shallow calls, placed as DeepCache places
+    them (what a cached pipeline's loop runs); the last call's output."""
+    from rapiddiff.models.deep_cache import DeepCacheConfig, DeepCacheStep, cache_point, full_steps
+
+    sample, timestep, context = inputs
+    point = cache_point(unet.down_blocks, 0)
+    full = full_steps(DeepCacheConfig(cache_interval=args.cache_interval), list(range(args.cache_steps)))
+
+    def run() -> torch.Tensor:
+        feature = None
+        for is_full in full:
+            step = DeepCacheStep(point, None if is_full else feature)
+            out, new = compiled(sample, timestep, encoder_hidden_states=context, deep_cache=step, return_dict=False)
+            if is_full:
+                feature = new.clone()  # owned, as the pipeline's loop keeps it (CUDA-graph replays reuse outputs)
+        return out
+
+    return Run(run, unet_calls=args.cache_steps)
 
 
 class Stop(Exception):
@@ -154,20 +190,20 @@ def _stop(*_: Any) -> None:
 
 
 def first_calls(
-    name: str, runs: dict[str, Callable[[], torch.Tensor]], inputs: tuple, reference: torch.Tensor, calib: int
+    name: str, runs: dict[str, Run], inputs: tuple, reference: torch.Tensor, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Build row `name` into `runs`, make its first two calls (the compile); its build and first-call seconds and
     its output's deviation from the fp32 reference."""
     before = graphs()
     start = time.perf_counter()
     with torch.inference_mode(ROWS[name][2] != "int8-static"):  # export traces outside inference mode
-        runs[name] = build(name, inputs, calib)
+        runs[name] = build(name, inputs, args)
     build_s = time.perf_counter() - start
     with torch.no_grad():
         start = time.perf_counter()
-        out = runs[name]().float()
+        out = runs[name].call().float()
         first_s = time.perf_counter() - start
-        runs[name]()
+        runs[name].call()
     if graphs() == before:
         raise RuntimeError(f"{name}: its first call compiled no graph (it would time another model's code)")
     return {"build_s": build_s, "first_call_s": first_s, "seconds": [], **deviation(out, reference)}
@@ -216,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{name}: {failed[name]}", flush=True)
             continue
         try:
-            results[name] = first_calls(name, runs, inputs, reference, args.calib)
+            results[name] = first_calls(name, runs, inputs, reference, args)
         except Exception as e:  # a row that cannot run is reported, the others still measured
             if STOPPED:
                 failed[name] = "interrupted (SIGTERM) while building or compiling"
@@ -238,8 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for name in order:
                     start = time.perf_counter()
                     for _ in range(args.iters):
-                        runs[name]()
-                    seconds[name] = (time.perf_counter() - start) / args.iters
+                        runs[name].call()
+                    seconds[name] = (time.perf_counter() - start) / (args.iters * runs[name].unet_calls)
                 for name, s in seconds.items():  # whole rounds only
                     results[name]["seconds"].append(s)
                 print(f"round {r + 1}/{args.rounds}", flush=True)
@@ -250,9 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{precisions.describe()}",
         "torch": torch.__version__,
         "latent": args.latent,
+        "cache": {"interval": args.cache_interval, "branch": 0, "steps": args.cache_steps},
         "rows": results,
         "failed": failed,
-        STEP_CACHE_ROW: "not measured: the step cache is not in this branch",
     }
     print(table(results, args) + "".join(f"\n{name}: FAILED {why}" for name, why in failed.items()))
     if args.json:
@@ -273,7 +309,8 @@ def ratio(results: dict[str, Any], name: str, base: str) -> str:
 def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"Full SD 1.5 UNet, {args.latent}x{args.latent} latents, batch 2 (guidance), compiled; torch {torch.__version__}"
-        f"; native: {cpu_precisions().describe()}; {args.rounds} rounds x {args.iters} calls",
+        f"; native: {cpu_precisions().describe()}; {args.rounds} rounds x {args.iters} calls; cache row: DeepCache "
+        f"interval {args.cache_interval}, branch 0, {args.cache_steps}-step schedule",
         "",
         "| row | s / UNet call (low-high) | vs diffusers-fp32 | vs diffusers-bf16 | first call s | max abs diff / scale "
         "| PSNR dB |",
@@ -286,7 +323,6 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {ratio(results, name, 'diffusers-bf16')} | {r['first_call_s']:.0f} | {r['rel_max_abs_diff']:.4f} "
             f"| {r['psnr_db']:.1f} |"
         )
-    lines.append(f"| {STEP_CACHE_ROW} | not measured: the step cache is not in this branch | | | | | |")
     return "\n".join(lines)
 
 
