@@ -324,7 +324,12 @@ def test_int8_static_quantizes_every_linear_layer():
     """SD 1.x's conv projections run on the tokens as F.linear of the conv's weight: the quantizer must see them as
     linear layers too (else they stay float, a matmul with a copy per transformer: ~7% of the SD 1.5 UNet)."""
     from rapiddiff.quantization.config import import_torchao
-    from rapiddiff.quantization.static import _linear_weights_as_parameters, _UNetCore
+    from rapiddiff.quantization.static import (
+        _dequantize_to_bf16,
+        _drop_dtype_asserts,
+        _linear_weights_as_parameters,
+        _UNetCore,
+    )
 
     pt2e = import_torchao("torchao.quantization.pt2e.quantize_pt2e")
     x86 = import_torchao("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
@@ -344,6 +349,20 @@ def test_int8_static_quantizes_every_linear_layer():
     linears = [n for n in converted.graph.nodes if n.target is torch.ops.aten.linear.default]
     float_weights = [n.name for n in linears if "dequantize" not in str(n.args[1].target)]
     assert linears and not float_weights
+
+    # int8-mixed-bf16: the dequantized activations that feed no int8 layer (residual adds, norms) become bf16
+    reference = converted(*args)
+    _drop_dtype_asserts(converted)  # as int8_static_call does: export recorded float32 dtypes
+    assert _dequantize_to_bf16(converted) > 0
+    for node in converted.graph.nodes:
+        if "dequantize_per_tensor" in str(node.target):
+            feeds_int8 = any(
+                u.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default) for u in node.users
+            )
+            assert (node.kwargs.get("out_dtype") == torch.bfloat16) != feeds_int8, node.name
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = converted(*args).float()
+    assert_close_rel(mixed, reference, rel=0.1)  # bf16's rounding on top of int8's
 
 
 def test_from_single_file_quantizes_as_from_pretrained(tiny_sd_dir, tmp_path):
