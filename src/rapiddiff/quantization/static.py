@@ -183,11 +183,12 @@ def _linear_weights_as_parameters(graph_module: torch.fx.GraphModule) -> int:
             source = source.args[0]
         if not chain or source.op != "get_attr":
             continue
-        weight = graph_module.get_parameter(source.target)
-        for op in reversed(chain):
-            weight = op.target(weight, *op.args[1:], **op.kwargs)
         name = f"{source.target.replace('.', '_')}_as_linear"
-        graph_module.register_parameter(name, nn.Parameter(weight.detach().clone(), requires_grad=False))
+        if not hasattr(graph_module, name):  # a weight several linear calls share is computed once
+            weight = graph_module.get_parameter(source.target)
+            for op in reversed(chain):
+                weight = op.target(weight, *op.args[1:], **op.kwargs)
+            graph_module.register_parameter(name, nn.Parameter(weight.detach().clone(), requires_grad=False))
         with graph.inserting_before(node):
             node.replace_input_with(node.args[1], graph.get_attr(name))
         node.meta["source_fn_stack"] = [(node.name, torch.nn.functional.linear)]

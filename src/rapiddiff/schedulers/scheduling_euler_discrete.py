@@ -39,7 +39,10 @@ def check_custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
         raise ValueError(f"sigmas must be non-negative (the final one may be 0), got {shown}")
     values = values.astype(np.float32)
     if (np.diff(values[:-1]) >= 0).any() or values[-1] > values[-2]:
-        raise ValueError(f"sigmas must be strictly decreasing (highest noise level first), got {shown}")
+        raise ValueError(
+            f"sigmas must be strictly decreasing (highest noise level first; only the final level may repeat the one "
+            f"before it), got {shown}"
+        )
     return values
 
 
